@@ -1,0 +1,89 @@
+/* The one allocator and byte copies between devices. */
+#include "core/core.h"
+#include "core/cuda_device.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static bool injected_failure(fq_ctx *ctx) {
+    if (!ctx || ctx->test_fail_alloc_in <= 0) return false;
+    return --ctx->test_fail_alloc_in == 0;
+}
+
+fq_status fq_buf_alloc(fq_ctx *ctx, fq_device dev, size_t bytes, fq_buffer *out) {
+    char dn[16];
+    fq_buffer b = {dev, NULL, bytes};
+    if (injected_failure(ctx))
+        return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes on %s (injected)",
+                      bytes, fq_device_name(dev, dn, sizeof dn));
+    if (dev.type == FQ_DEVICE_CPU) {
+        size_t n = bytes ? bytes : 1;
+        if (posix_memalign(&b.ptr, 64, n) != 0)
+            return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes on cpu", bytes);
+    } else {
+#ifdef FQ_HAVE_CUDA
+        FQ_TRY(fq_cuda_alloc(ctx, dev.index, bytes, &b.ptr));
+#else
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "cannot allocate on %s: built without CUDA",
+                      fq_device_name(dev, dn, sizeof dn));
+#endif
+    }
+    *out = b;
+    return FQ_OK;
+}
+
+void fq_buf_free(fq_buffer *b) {
+    if (!b || !b->ptr) return;
+    if (b->dev.type == FQ_DEVICE_CPU) free(b->ptr);
+#ifdef FQ_HAVE_CUDA
+    else fq_cuda_free(b->dev.index, b->ptr);
+#endif
+    b->ptr = NULL;
+    b->bytes = 0;
+}
+
+static fq_status range_check(fq_ctx *ctx, const fq_buffer *b, size_t off, size_t bytes) {
+    if (off > b->bytes || bytes > b->bytes - off)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "copy of %zu bytes at %zu is outside a %zu-byte buffer",
+                      bytes, off, b->bytes);
+    return FQ_OK;
+}
+
+fq_status fq_buf_copy(fq_ctx *ctx, const fq_buffer *dst, size_t dst_off, const fq_buffer *src,
+                      size_t src_off, size_t bytes) {
+    FQ_TRY(range_check(ctx, dst, dst_off, bytes));
+    FQ_TRY(range_check(ctx, src, src_off, bytes));
+    if (bytes == 0) return FQ_OK;
+    if (dst->dev.type == FQ_DEVICE_CPU && src->dev.type == FQ_DEVICE_CPU) {
+        memmove((char *)dst->ptr + dst_off, (const char *)src->ptr + src_off, bytes);
+        return FQ_OK;
+    }
+#ifdef FQ_HAVE_CUDA
+    return fq_cuda_copy(ctx, dst, dst_off, src, src_off, bytes);
+#else
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "device copy in a build without CUDA");
+#endif
+}
+
+fq_status fq_buf_write(fq_ctx *ctx, const fq_buffer *dst, size_t off, const void *src, size_t bytes) {
+    fq_buffer h = {FQ_CPU, (void *)src, bytes};
+    return fq_buf_copy(ctx, dst, off, &h, 0, bytes);
+}
+
+fq_status fq_buf_read(fq_ctx *ctx, const fq_buffer *src, size_t off, void *dst, size_t bytes) {
+    fq_buffer h = {FQ_CPU, dst, bytes};
+    return fq_buf_copy(ctx, &h, 0, src, off, bytes);
+}
+
+fq_status fq_buf_zero(fq_ctx *ctx, const fq_buffer *dst, size_t off, size_t bytes) {
+    FQ_TRY(range_check(ctx, dst, off, bytes));
+    if (dst->dev.type == FQ_DEVICE_CPU) {
+        memset((char *)dst->ptr + off, 0, bytes);
+        return FQ_OK;
+    }
+#ifdef FQ_HAVE_CUDA
+    return fq_cuda_zero(ctx, dst, off, bytes);
+#else
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "device memset in a build without CUDA");
+#endif
+}

@@ -1,0 +1,53 @@
+/* The CUDA side of the core: device guard, per-device state, device memory.
+ * Only cuda_device.c touches the CUDA current device or allocates device memory. */
+#ifndef FQ_CUDA_DEVICE_H
+#define FQ_CUDA_DEVICE_H
+
+#include "core/core.h"
+
+#ifdef FQ_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+/* Scoped guard: makes `device` current for the calls that follow and, on exit,
+ * restores the caller's device only if that device already had a live primary
+ * context (restoring blindly would create a context, ~500 MB, on cuda:0). */
+typedef struct {
+    int prev;
+    int target;
+    bool restore;
+} fq_cuda_guard;
+
+fq_status fq_cuda_guard_enter(fq_ctx *ctx, int device, fq_cuda_guard *g);
+void fq_cuda_guard_exit(fq_cuda_guard *g);
+
+/* Per-device state, created on first use (under the guard). */
+typedef struct fq_cuda_dev {
+    int index;
+    cudaStream_t stream; /* non-blocking stream all our work on this device runs on */
+    int sm_count;
+    int cc_major, cc_minor;
+    size_t smem_optin;
+} fq_cuda_dev;
+
+/* Returns the state of cuda:device (creating it), with the guard NOT left entered. */
+fq_status fq_cuda_dev_get(fq_ctx *ctx, int device, fq_cuda_dev **out);
+void fq_cuda_dev_release_all(fq_ctx *ctx);
+
+/* Turns a cudaError_t into a status with a message naming what failed and where. */
+fq_status fq_cuda_status(fq_ctx *ctx, cudaError_t e, const char *what, int device);
+#define FQ_CUDA_TRY(ctx, call, dev)                                         \
+    do {                                                                    \
+        cudaError_t fq_ce_ = (call);                                        \
+        if (fq_ce_ != cudaSuccess) return fq_cuda_status((ctx), fq_ce_, #call, (dev)); \
+    } while (0)
+
+/* Device memory (used by fq_buf_alloc / fq_buf_free only). */
+fq_status fq_cuda_alloc(fq_ctx *ctx, int device, size_t bytes, void **out);
+void fq_cuda_free(int device, void *p);
+/* Synchronous copies; the guard and stream are chosen from the buffers. */
+fq_status fq_cuda_copy(fq_ctx *ctx, const fq_buffer *dst, size_t dst_off, const fq_buffer *src,
+                       size_t src_off, size_t bytes);
+fq_status fq_cuda_zero(fq_ctx *ctx, const fq_buffer *dst, size_t off, size_t bytes);
+#endif
+
+#endif
