@@ -36,11 +36,14 @@ ifeq ($(CUDA),1)
 endif
 
 OBJ := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_S:%.S=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.o)
-CLI_C   := $(wildcard src/cli/*.c)
+# Benchmarks are linked into the fluxq command (`fluxq bench ...`) and also built
+# as standalone programs (compiled again with -DFQ_BENCH_MAIN, which adds main()).
+BENCH_C := $(wildcard bench/bench_*.c)
+CLI_C   := $(wildcard src/cli/*.c) $(BENCH_C)
 CLI_OBJ := $(CLI_C:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 TEST_SUPPORT := $(patsubst %.c,$(BUILD)/%.o,$(wildcard tests/support/*.c))
-BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/bench_*.c))
+BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_C))
 
 all: $(BUILD)/libfluxq.a $(BUILD)/libfluxq.so $(BUILD)/fluxq $(TESTS) $(BENCHES)
 
@@ -76,7 +79,7 @@ $(BUILD)/tests/%: tests/%.c $(TEST_SUPPORT) $(BUILD)/libfluxq.a
 
 $(BUILD)/bench/%: bench/%.c $(BUILD)/libfluxq.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libfluxq.a $(LDLIBS)
+	$(CC) $(CFLAGS) -DFQ_BENCH_MAIN $(LDFLAGS) -o $@ $< $(BUILD)/libfluxq.a $(LDLIBS)
 
 test: all
 	BUILD=$(BUILD) FLUXQ=$(BUILD)/fluxq tests/run.sh $(TESTS)
