@@ -210,6 +210,25 @@ fq_status fq_quantize_8bit_dynamic(fq_ctx *ctx, const fq_tensor *x, int64_t bloc
 fq_status fq_dequantize_8bit_dynamic(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *absmax,
                                      int64_t blocksize, fq_tensor *out);
 
+/* ---- 4-bit linear layers ------------------------------------------------- */
+
+/* y = x · Wᵀ (+ bias), accumulating in f32.
+ * x: [..., K] (f32/f16/bf16); w: quantized [N, K] (NF4/FP4, any blocksize, with or
+ * without double quant); bias: [N] (any float dtype) or NULL; y: [..., N]
+ * (f32/f16/bf16), preallocated, same leading dims as x. Every operand and every
+ * member of w's state must be on one device, where the op runs. */
+fq_status fq_linear_4bit(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                         fq_tensor *y);
+
+/* Which kernel fq_linear_4bit uses; AUTO picks by M, shape and architecture. */
+typedef enum {
+    FQ_LINEAR_AUTO = 0,
+    FQ_LINEAR_GEMV,        /* CUDA small-M streaming kernel                     */
+    FQ_LINEAR_GEMM,        /* CUDA tensor-core GEMM dequantizing tiles on chip  */
+    FQ_LINEAR_DEQUANT_BLAS /* reference: dequantize to a scratch + cuBLASLt/BLAS */
+} fq_linear_kernel;
+void fq_ctx_set_linear_kernel(fq_ctx *ctx, fq_linear_kernel k);
+
 /* The 256-entry signed dynamic map bitsandbytes uses (f32). */
 const float *fq_dynamic_map_signed(void);
 /* The 16-entry code tables as written to files (FP4 has +0.0 at index 8). */

@@ -120,3 +120,5 @@ char *fq_shape_str(int ndim, const int64_t *shape, char *buf, size_t n) {
     if (o < n) snprintf(buf + o, n - o, "]");
     return buf;
 }
+
+void fq_ctx_set_linear_kernel(fq_ctx *ctx, fq_linear_kernel k) { ctx->linear_kernel = (int)k; }

@@ -18,6 +18,7 @@ struct fq_ctx {
     fq_log_level log_min;
     int nthreads;                               /* CPU kernels; default: online cores */
     struct fq_cuda_dev *cuda[FQ_MAX_CUDA_DEVICES]; /* created on first use of cuda:N   */
+    int linear_kernel;                          /* fq_linear_kernel; 0 = auto      */
     /* Test hook: when > 0, counts allocations down and fails the one reaching 0. */
     int64_t test_fail_alloc_in;
 };
