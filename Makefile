@@ -15,14 +15,14 @@ CUDA_ARCHS ?= 80 86 89 90
 
 WARN     := -Wall -Wextra -Werror
 CFLAGS   := -std=c11 -D_GNU_SOURCE -O2 -g -fPIC -pthread $(WARN) -Iinclude -Isrc
-LDLIBS   := -lcjson -lm -lpthread
+LDLIBS   := -lcjson -lopenblas -lm -lpthread
 ifeq ($(SAN),1)
   SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
   CFLAGS   += $(SANFLAGS) -O1
   LDFLAGS  += $(SANFLAGS)
 endif
 
-LIB_C := $(wildcard src/core/*.c src/formats/*.c src/kernels/cpu/*.c src/ops/*.c src/io/*.c)
+LIB_C := $(wildcard src/core/*.c src/formats/*.c src/kernels/cpu/*.c src/ops/*.c src/io/*.c src/models/*.c)
 LIB_S := $(wildcard src/kernels/cpu/*.S)
 LIB_CU :=
 ifeq ($(CUDA),1)
