@@ -183,6 +183,13 @@ static void run_blockwise4(fq_ctx *ctx, const char *path, const char *fname) {
                 ok &= member_matches(ctx, q, FQ_QMEMBER_ABSMAX, &f, name, 4);
                 snprintf(name, sizeof name, "%s.dequant", qn);
                 ok &= dequant_matches(ctx, q, &f, name);
+                /* The scalar reference path gives the same bytes as the optimized one. */
+                size_t ob = (size_t)fq_tensor_numel(x) * fq_dtype_size(in.dtype);
+                void *ref = malloc(ob);
+                fq_cpu_dequantize4_ref(ctx, q->m[FQ_QMEMBER_PACKED].ptr, q->m[FQ_QMEMBER_ABSMAX].ptr,
+                                       fq_tensor_numel(x), bs, p.type, ref, in.dtype);
+                ok &= ref && same_as_golden(&f, name, ref, ob, fq_dtype_size(in.dtype));
+                free(ref);
             } else {
                 fq_qtensor_info info;
                 fq_qtensor_get_info(q, &info);

@@ -22,6 +22,9 @@ void fq_cpu_quantize4(fq_ctx *ctx, const void *x, fq_dtype dtype, int64_t n, int
  * reconstructed when the state is double-quantized). */
 void fq_cpu_dequantize4(fq_ctx *ctx, const uint8_t *packed, const float *absmax, int64_t n,
                         int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype);
+/* The same, always on the plain scalar path (the reference the SIMD path is tested against). */
+void fq_cpu_dequantize4_ref(fq_ctx *ctx, const uint8_t *packed, const float *absmax, int64_t n,
+                            int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype);
 /* torch.mean of float32 values on CUDA, in torch's reduction order (H100: 132 SMs). */
 float fq_cpu_torch_mean(const float *x, int64_t n);
 /* 8-bit dynamic blockwise quantization of (x - offset) with the 256-entry map. */

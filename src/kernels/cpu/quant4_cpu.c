@@ -64,12 +64,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline float load_elem(const void *x, fq_dtype dt, int64_t i) {
-    if (dt == FQ_F32) return ((const float *)x)[i];
-    uint16_t h = ((const uint16_t *)x)[i];
-    return dt == FQ_F16 ? f16_to_f32(h) : u2f((uint32_t)h << 16);
-}
-
 /* dQuantizeNF4: the number of thresholds strictly below p (a NaN gives 0),
  * found with four comparisons as bitsandbytes' decision tree does. */
 static inline unsigned nf4_code(float p, const float t[16]) {
@@ -102,22 +96,36 @@ typedef struct {
     float thr[16]; /* NF4 thresholds, thr[15] = +inf so the search never runs off */
 } q4_job;
 
-static void quantize_block(const q4_job *j, int64_t b) {
+/* Block values as f32, flushed to zero (the kernel's ftz on every operand). */
+static void load_block(const q4_job *j, int64_t start, int64_t len, float *v) {
+    if (j->dtype == FQ_F32) {
+        const float *x = (const float *)j->x + start;
+        for (int64_t i = 0; i < len; i++) v[i] = ftz(x[i]);
+    } else if (j->dtype == FQ_BF16) {
+        const uint16_t *x = (const uint16_t *)j->x + start;
+        for (int64_t i = 0; i < len; i++) v[i] = ftz(u2f((uint32_t)x[i] << 16));
+    } else {
+        const uint16_t *x = (const uint16_t *)j->x + start; /* f16 is never subnormal in f32 */
+        for (int64_t i = 0; i < len; i++) v[i] = f16_to_f32(x[i]);
+    }
+}
+
+static void quantize_block(const q4_job *j, int64_t b, float *v) {
     int64_t start = b * j->bs, len = j->n - start < j->bs ? j->n - start : j->bs;
-    /* absmax: fmaxf over ftz(|x|) starting from -FLT_MAX, so NaNs are ignored.
+    load_block(j, start, len, v);
+    if (len & 1) v[len] = 0.0f; /* the kernel pads the last byte with 0.0 */
+    /* absmax: fmaxf over |x| starting from -FLT_MAX, so NaNs are ignored.
      * A partial last block also sees the kernel's zero padding. */
     float amax = len == j->bs ? -FLT_MAX : 0.0f;
     for (int64_t i = 0; i < len; i++) {
-        float a = u2f(f2u(ftz(load_elem(j->x, j->dtype, start + i))) & 0x7fffffffu);
-        if (a > amax) amax = a;
+        float a = u2f(f2u(v[i]) & 0x7fffffffu);
+        amax = a > amax ? a : amax;
     }
     j->absmax[b] = amax;
     float r = fq_rcp_approx(amax);
     uint8_t *out = j->packed + start / 2;
     for (int64_t i = 0; i < len; i += 2) {
-        float v0 = load_elem(j->x, j->dtype, start + i);
-        float v1 = i + 1 < len ? load_elem(j->x, j->dtype, start + i + 1) : 0.0f; /* padding */
-        float p0 = ftz(ftz(v0) * r), p1 = ftz(ftz(v1) * r);
+        float p0 = ftz(v[i] * r), p1 = ftz(v[i + 1] * r);
         unsigned c0, c1;
         if (j->qt == FQ_QUANT_NF4) { c0 = nf4_code(p0, j->thr); c1 = nf4_code(p1, j->thr); }
         else { c0 = fp4_code(p0); c1 = fp4_code(p1); }
@@ -129,7 +137,8 @@ static void quantize_task(void *arg, int64_t task) {
     const q4_job *j = arg;
     int64_t b0 = task * j->blocks_per_task, b1 = b0 + j->blocks_per_task;
     if (b1 > j->nblocks) b1 = j->nblocks;
-    for (int64_t b = b0; b < b1; b++) quantize_block(j, b);
+    float v[4096 + 1];
+    for (int64_t b = b0; b < b1; b++) quantize_block(j, b, v);
 }
 
 /* Blocks per parallel task: about 64K elements, so tasks amortize the dispatch. */
@@ -137,6 +146,7 @@ static int64_t blocks_per_task(int64_t bs) { return bs >= 65536 ? 1 : 65536 / bs
 
 void fq_cpu_quantize4(fq_ctx *ctx, const void *x, fq_dtype dtype, int64_t n, int64_t blocksize,
                       fq_quant_type qt, uint8_t *packed, float *absmax) {
+    FQ_ASSERT(blocksize >= 2 && blocksize <= 4096 && blocksize % 2 == 0); /* the ops check it */
     q4_job j = {x, dtype, n, blocksize, blocks_per_task(blocksize), (n + blocksize - 1) / blocksize,
                 qt, packed, absmax, {0}};
     memcpy(j.thr, FQ_NF4_THRESH_BITS, 15 * sizeof(float));
@@ -144,18 +154,28 @@ void fq_cpu_quantize4(fq_ctx *ctx, const void *x, fq_dtype dtype, int64_t n, int
     fq_parallel_for(ctx, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, quantize_task, &j);
 }
 
-/* ---- dequantize ------------------------------------------------------------ */
+/* ---- dequantize ------------------------------------------------------------
+ * Per block, the 16 possible outputs are computed once (in the output's bits);
+ * each packed byte then selects two of them. The scalar path is the reference;
+ * on x86-64 with AVX2 + F16C the same tables are built and looked up with SSE
+ * byte shuffles (16 bytes -> 32 outputs per step). Both give identical bits. */
 
 typedef struct {
     const uint8_t *packed;
     const float *absmax;
     int64_t n, bs, blocks_per_task, nblocks;
-    const float *lut; /* the kernel's 16 values (FP4: -0.0 at index 8) */
+    float lut[16]; /* the kernel's 16 values (FP4: -0.0 at index 8) */
     void *out;
     fq_dtype dtype;
 } dq4_job;
 
-/* The 16 possible outputs of one block, already in the output's bits. */
+static void make_lut(fq_quant_type qt, float lut[16]) {
+    memcpy(lut, qt == FQ_QUANT_FP4 ? FQ_FP4_BITS : FQ_NF4_BITS, 16 * sizeof(float));
+    if (qt == FQ_QUANT_FP4) lut[8] = u2f(0x80000000u); /* kernel: 0.0f * sign(-1) = -0.0 */
+}
+
+/* The 16 possible outputs of one block: ftz(lut[q] * ftz(absmax)), rounded
+ * once to the output dtype; NaN (0 * inf) as the GPU writes it. */
 static void block_table(const dq4_job *j, int64_t b, uint32_t t[16]) {
     float a = ftz(j->absmax[b]);
     for (int q = 0; q < 16; q++) {
@@ -166,49 +186,187 @@ static void block_table(const dq4_job *j, int64_t b, uint32_t t[16]) {
     }
 }
 
-static void dequantize_task(void *arg, int64_t task) {
+/* Scalar lookups for elements [i0, i1) of block b (i0 even), table t. */
+static void dequant_range(const dq4_job *j, int64_t b, const uint32_t t[16], int64_t i0, int64_t i1) {
+    int64_t start = b * j->bs;
+    const uint8_t *in = j->packed + start / 2;
+    for (int64_t i = i0; i < i1; i += 2) {
+        uint8_t v = in[i / 2];
+        uint32_t h = t[v >> 4], l = t[v & 15];
+        if (j->dtype == FQ_F32) {
+            uint32_t *o = (uint32_t *)j->out + start;
+            o[i] = h;
+            if (i + 1 < i1) o[i + 1] = l;
+        } else {
+            uint16_t *o = (uint16_t *)j->out + start;
+            o[i] = (uint16_t)h;
+            if (i + 1 < i1) o[i + 1] = (uint16_t)l;
+        }
+    }
+}
+
+static void dequantize_task_scalar(void *arg, int64_t task) {
     const dq4_job *j = arg;
     int64_t b0 = task * j->blocks_per_task, b1 = b0 + j->blocks_per_task;
     if (b1 > j->nblocks) b1 = j->nblocks;
     uint32_t t[16];
     for (int64_t b = b0; b < b1; b++) {
         block_table(j, b, t);
-        int64_t start = b * j->bs, len = j->n - start < j->bs ? j->n - start : j->bs;
-        const uint8_t *in = j->packed + start / 2;
-        int64_t pairs = len / 2;
-        if (j->dtype == FQ_F32) {
-            uint32_t *o = (uint32_t *)j->out + start;
-            for (int64_t i = 0; i < pairs; i++) {
-                uint8_t v = in[i];
-                o[2 * i] = t[v >> 4];
-                o[2 * i + 1] = t[v & 15];
-            }
-            if (len & 1) o[len - 1] = t[in[pairs] >> 4];
+        int64_t len = j->n - b * j->bs < j->bs ? j->n - b * j->bs : j->bs;
+        dequant_range(j, b, t, 0, len);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define FQ_DQ4_SIMD 1
+#define SIMD_FN __attribute__((target("avx2,f16c")))
+
+/* Splits 16 u16 outputs (h0: 0-7, h1: 8-15) into low-byte and high-byte tables. */
+SIMD_FN static inline void split16(__m128i h0, __m128i h1, __m128i tb[4]) {
+    const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    h0 = _mm_shuffle_epi8(h0, split);
+    h1 = _mm_shuffle_epi8(h1, split);
+    tb[0] = _mm_unpacklo_epi64(h0, h1);
+    tb[1] = _mm_unpackhi_epi64(h0, h1);
+    tb[2] = tb[3] = _mm_setzero_si128(); /* unused for 16-bit outputs */
+}
+
+/* Splits 16 u32 outputs (four vectors of 4) into four byte tables. */
+SIMD_FN static inline void split32(const __m128i u[4], __m128i tb[4]) {
+    const __m128i tr = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m128i t0 = _mm_shuffle_epi8(u[0], tr), t1 = _mm_shuffle_epi8(u[1], tr);
+    __m128i t2 = _mm_shuffle_epi8(u[2], tr), t3 = _mm_shuffle_epi8(u[3], tr);
+    __m128i a01 = _mm_unpacklo_epi32(t0, t1), a23 = _mm_unpacklo_epi32(t2, t3);
+    __m128i b01 = _mm_unpackhi_epi32(t0, t1), b23 = _mm_unpackhi_epi32(t2, t3);
+    tb[0] = _mm_unpacklo_epi64(a01, a23);
+    tb[1] = _mm_unpackhi_epi64(a01, a23);
+    tb[2] = _mm_unpacklo_epi64(b01, b23);
+    tb[3] = _mm_unpackhi_epi64(b01, b23);
+}
+
+/* bf16 round-to-nearest-even of 8 non-NaN floats, in the low half of each lane. */
+SIMD_FN static inline __m256i bf16_rne8(__m256i u) {
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+}
+
+/* Byte tables for pshufb: tb[k] holds byte k of the 16 outputs (k < 2 for
+ * 16-bit outputs, k < 4 for f32). Same values as block_table(). */
+SIMD_FN static void block_tables_simd(const dq4_job *j, int64_t b, __m128i tb[4]) {
+    float a = ftz(j->absmax[b]);
+    uint32_t ae = f2u(a) >> 23; /* sign and exponent */
+    if (ae >= 9 && ae <= 254) {
+        /* Common case: 2^-118 <= absmax < inf, so every product is 0 or a normal
+         * finite float (the smallest nonzero |lut| is 2^-7.6): no ftz, no NaN. */
+        const __m256 A = _mm256_set1_ps(a);
+        __m256i y0 = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(j->lut), A));
+        __m256i y1 = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(j->lut + 8), A));
+        if (j->dtype == FQ_BF16) {
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne8(y0), bf16_rne8(y1)), 0xd8);
+            split16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1), tb);
+        } else if (j->dtype == FQ_F16) {
+            /* cvtps2ph rounds to nearest even, makes f16 subnormals and overflows
+             * to inf: f32_to_f16() exactly. */
+            split16(_mm256_cvtps_ph(_mm256_castsi256_ps(y0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                    _mm256_cvtps_ph(_mm256_castsi256_ps(y1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tb);
         } else {
-            /* Two 16-bit outputs per byte, stored as one little-endian 32-bit word. */
-            uint16_t *o = (uint16_t *)j->out + start;
-            uint32_t pair[256];
-            if (pairs >= 512) { /* big blocks: a byte -> two outputs table pays off */
-                for (int v = 0; v < 256; v++) pair[v] = t[v >> 4] | t[v & 15] << 16;
-                for (int64_t i = 0; i < pairs; i++) memcpy(o + 2 * i, &pair[in[i]], 4);
-            } else {
-                for (int64_t i = 0; i < pairs; i++) {
-                    uint8_t v = in[i];
-                    uint32_t w = t[v >> 4] | t[v & 15] << 16;
-                    memcpy(o + 2 * i, &w, 4);
-                }
-            }
-            if (len & 1) o[len - 1] = (uint16_t)t[in[pairs] >> 4];
+            __m128i u[4] = {_mm256_castsi256_si128(y0), _mm256_extracti128_si256(y0, 1),
+                            _mm256_castsi256_si128(y1), _mm256_extracti128_si256(y1, 1)};
+            split32(u, tb);
+        }
+        return;
+    }
+    /* Zero, subnormal, tiny, infinite or negative (all-NaN block) absmax: the
+     * scalar table, which handles every case. */
+    uint32_t t[16];
+    block_table(j, b, t);
+    if (j->dtype == FQ_F32) {
+        __m128i u[4];
+        for (int k = 0; k < 4; k++) u[k] = _mm_loadu_si128((const __m128i *)(t + 4 * k));
+        split32(u, tb);
+    } else {
+        __m128i h[2];
+        for (int k = 0; k < 2; k++)
+            h[k] = _mm_packus_epi32(_mm_loadu_si128((const __m128i *)(t + 8 * k)),
+                                    _mm_loadu_si128((const __m128i *)(t + 8 * k + 4)));
+        split16(h[0], h[1], tb);
+    }
+}
+
+/* 16 packed bytes -> 32 outputs. */
+SIMD_FN static inline void lookup16(const uint8_t *in, void *out, const __m128i tb[4], int f32) {
+    const __m128i m = _mm_set1_epi8(0x0f);
+    __m128i v = _mm_loadu_si128((const __m128i *)in);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m), lo = _mm_and_si128(v, m);
+    __m128i idx[2] = {_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)}; /* element order */
+    __m128i *o = out;
+    for (int h = 0; h < 2; h++) {
+        __m128i b0 = _mm_shuffle_epi8(tb[0], idx[h]), b1 = _mm_shuffle_epi8(tb[1], idx[h]);
+        if (!f32) {
+            _mm_storeu_si128(o++, _mm_unpacklo_epi8(b0, b1));
+            _mm_storeu_si128(o++, _mm_unpackhi_epi8(b0, b1));
+            continue;
+        }
+        __m128i b2 = _mm_shuffle_epi8(tb[2], idx[h]), b3 = _mm_shuffle_epi8(tb[3], idx[h]);
+        __m128i l01 = _mm_unpacklo_epi8(b0, b1), l23 = _mm_unpacklo_epi8(b2, b3);
+        __m128i u01 = _mm_unpackhi_epi8(b0, b1), u23 = _mm_unpackhi_epi8(b2, b3);
+        _mm_storeu_si128(o++, _mm_unpacklo_epi16(l01, l23));
+        _mm_storeu_si128(o++, _mm_unpackhi_epi16(l01, l23));
+        _mm_storeu_si128(o++, _mm_unpacklo_epi16(u01, u23));
+        _mm_storeu_si128(o++, _mm_unpackhi_epi16(u01, u23));
+    }
+}
+
+SIMD_FN static void dequantize_task_simd(void *arg, int64_t task) {
+    const dq4_job *j = arg;
+    int64_t b0 = task * j->blocks_per_task, b1 = b0 + j->blocks_per_task;
+    if (b1 > j->nblocks) b1 = j->nblocks;
+    int f32 = j->dtype == FQ_F32;
+    size_t esz = f32 ? 4 : 2;
+    __m128i tb[4];
+    for (int64_t b = b0; b < b1; b++) {
+        block_tables_simd(j, b, tb);
+        int64_t start = b * j->bs, len = j->n - start < j->bs ? j->n - start : j->bs, i = 0;
+        const uint8_t *in = j->packed + start / 2;
+        char *out = (char *)j->out + (size_t)start * esz;
+        for (; i + 32 <= len; i += 32) lookup16(in + i / 2, out + (size_t)i * esz, tb, f32);
+        if (i < len) { /* the partial last block */
+            uint32_t t[16];
+            block_table(j, b, t);
+            dequant_range(j, b, t, i, len);
         }
     }
 }
 
+/* AVX2 (which the builtin checks together with the OS's saving of ymm state) and F16C. */
+static int simd_available(void) {
+    unsigned a, b, c, d;
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
+static void dequantize4(fq_ctx *ctx, const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
+                        fq_quant_type qt, void *out, fq_dtype out_dtype, int allow_simd) {
+    dq4_job j = {packed, absmax, n, blocksize, blocks_per_task(blocksize), (n + blocksize - 1) / blocksize,
+                 {0}, out, out_dtype};
+    make_lut(qt, j.lut);
+    void (*task)(void *, int64_t) = dequantize_task_scalar;
+#ifdef FQ_DQ4_SIMD
+    if (allow_simd && simd_available()) task = dequantize_task_simd;
+#else
+    (void)allow_simd;
+#endif
+    fq_parallel_for(ctx, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, task, &j);
+}
+
 void fq_cpu_dequantize4(fq_ctx *ctx, const uint8_t *packed, const float *absmax, int64_t n,
                         int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype) {
-    float lut[16];
-    memcpy(lut, qt == FQ_QUANT_FP4 ? FQ_FP4_BITS : FQ_NF4_BITS, sizeof lut);
-    if (qt == FQ_QUANT_FP4) lut[8] = u2f(0x80000000u); /* kernel: 0.0f * sign(-1) = -0.0 */
-    dq4_job j = {packed, absmax, n, blocksize, blocks_per_task(blocksize),
-                 (n + blocksize - 1) / blocksize, lut, out, out_dtype};
-    fq_parallel_for(ctx, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, dequantize_task, &j);
+    dequantize4(ctx, packed, absmax, n, blocksize, qt, out, out_dtype, 1);
+}
+
+void fq_cpu_dequantize4_ref(fq_ctx *ctx, const uint8_t *packed, const float *absmax, int64_t n,
+                            int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype) {
+    dequantize4(ctx, packed, absmax, n, blocksize, qt, out, out_dtype, 0);
 }
