@@ -1,0 +1,415 @@
+/* The FluxTransformer2DModel forward: memory plan and one straight-line pass
+ * over backend-neutral ops (src/ops/nn_ops.h). Nothing here knows which device
+ * runs it; every op checks its operands and dispatches.
+ *
+ * Numerics follow diffusers' PyTorch code op by op; `cd` (the model's compute
+ * dtype) tells each op which rounding to reproduce. See docs/flux-traps.md. */
+#include "models/flux.h"
+
+#include "ops/nn_ops.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the plan: one arena, buffers at fixed offsets ------------------------------------ */
+
+enum {
+    B_T, B_G,            /* [B]        timestep*1000, guidance*1000                      */
+    B_IDS,               /* [S, 3]     txt ids then img ids                              */
+    B_COS, B_SIN,        /* [S, Dh]    RoPE tables                                       */
+    B_TPROJ,             /* [B, 256]   sinusoidal projection                             */
+    B_E1, B_E2, B_E3,    /* [B, D]     embedder temporaries                              */
+    B_TEMB, B_TACT,      /* [B, D]     temb and silu(temb)                               */
+    B_MODI, B_MODC,      /* [B, 6D]    AdaLN modulation (image / text; single: [B, 3D])  */
+    B_XIN,               /* [B, Si, Cin] input latents in the arena                      */
+    B_CIN,               /* [B, St, J] input text states                                 */
+    B_PIN,               /* [B, P]     pooled projection                                 */
+    B_H, B_NH, B_TI,     /* [B, Si, D] image stream, its normed copy, a temporary        */
+    B_C, B_NC, B_TC,     /* [B, St, D] text stream, its normed copy, a temporary         */
+    B_Q, B_K, B_V, B_O,  /* [B, S, D]  joint q, k, v, attention output                   */
+    B_X, B_NX,           /* [B, S, D]  single-stream residual and its normed copy        */
+    B_MLP,               /* [B, S, F]  MLP hidden                                        */
+    B_CAT,               /* [B, S, D+F] cat(attn, mlp) of a single block                 */
+    B_ATT,               /* attention scratch                                            */
+    B_LIN,               /* linear scratch (dense weights widened / 4-bit dequantized)   */
+    NBUF
+};
+
+static const char *const g_buf_names[NBUF] = {
+    "timestep", "guidance", "ids", "rope_cos", "rope_sin", "time_proj", "emb1", "emb2", "emb3", "temb",
+    "silu_temb", "mod", "mod_context", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
+    "norm_h", "tmp_h", "c", "norm_c", "tmp_c", "q", "k", "v", "attn_out", "x", "norm_x", "mlp", "cat",
+    "attn_scratch", "linear_scratch"};
+
+struct fq_flux_plan {
+    const fq_flux_model *m;   /* not owned; must outlive the plan */
+    int64_t B, St, Si, S;
+    fq_buffer arena;          /* owned */
+    size_t off[NBUF];
+    int64_t cap[NBUF];        /* floats per buffer */
+    int ndim[NBUF];
+    int64_t shape[NBUF][3];
+    fq_flux_tap_fn tap;
+    void *tap_user;
+};
+
+static void set_shape(fq_flux_plan *p, int id, int nd, int64_t a, int64_t b, int64_t c) {
+    p->ndim[id] = nd;
+    p->shape[id][0] = a;
+    p->shape[id][1] = b;
+    p->shape[id][2] = c;
+    p->cap[id] = nd == 1 ? a : nd == 2 ? a * b : a * b * c;
+}
+
+static int64_t lin_scratch(const fq_flux_linear *l) {
+    if (!l->w && !l->qw) return 0;
+    return l->qw ? fq_nn_linear_q4_scratch(l->qw, l->b) : fq_nn_linear_scratch(l->w, l->b);
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* The largest scratch any linear of the model needs. */
+static int64_t model_lin_scratch(const fq_flux_model *m) {
+    const fq_flux_linear *top[] = {&m->time_l1, &m->time_l2, &m->guid_l1, &m->guid_l2, &m->text_l1, &m->text_l2,
+                                   &m->context_embedder, &m->x_embedder, &m->norm_out, &m->proj_out};
+    int64_t n = 0;
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) n = max64(n, lin_scratch(top[i]));
+    for (int64_t i = 0; i < m->cfg.num_layers; i++) {
+        const fq_flux_double *b = &m->blocks[i];
+        const fq_flux_linear *l[] = {&b->norm1, &b->norm1_context, &b->to_q, &b->to_k, &b->to_v, &b->add_q, &b->add_k,
+                                     &b->add_v, &b->to_out, &b->to_add_out, &b->ff1, &b->ff2, &b->ff_ctx1, &b->ff_ctx2};
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(l[j]));
+    }
+    for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
+        const fq_flux_single *s = &m->single[i];
+        const fq_flux_linear *l[] = {&s->norm, &s->to_q, &s->to_k, &s->to_v, &s->proj_mlp, &s->proj_out};
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(l[j]));
+    }
+    return n;
+}
+
+fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch, int64_t txt_tokens,
+                              int64_t img_tokens, fq_flux_plan **out) {
+    if (!m || !out) return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_plan: NULL model or output");
+    const int64_t lim = (int64_t)1 << 24;
+    if (batch < 1 || batch > lim || txt_tokens < 0 || img_tokens < 1 || txt_tokens > lim || img_tokens > lim)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_plan: bad sizes: batch %lld, %lld text and %lld image tokens",
+                      (long long)batch, (long long)txt_tokens, (long long)img_tokens);
+    fq_flux_plan *p = calloc(1, sizeof *p);
+    if (!p) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux_plan: out of host memory");
+    const fq_flux_config *c = &m->cfg;
+    const int64_t B = batch, St = txt_tokens, Si = img_tokens, S = St + Si, D = c->inner_dim, F = c->mlp_dim;
+    p->m = m;
+    p->B = B, p->St = St, p->Si = Si, p->S = S;
+    set_shape(p, B_T, 1, B, 0, 0);
+    set_shape(p, B_G, 1, B, 0, 0);
+    set_shape(p, B_IDS, 2, S, 3, 0);
+    set_shape(p, B_COS, 2, S, c->attention_head_dim, 0);
+    set_shape(p, B_SIN, 2, S, c->attention_head_dim, 0);
+    set_shape(p, B_TPROJ, 2, B, 256, 0);
+    for (int id = B_E1; id <= B_TACT; id++) set_shape(p, id, 2, B, D, 0);
+    set_shape(p, B_MODI, 2, B, 6 * D, 0);
+    set_shape(p, B_MODC, 2, B, 6 * D, 0);
+    set_shape(p, B_XIN, 3, B, Si, c->in_channels);
+    set_shape(p, B_CIN, 3, B, St, c->joint_attention_dim);
+    set_shape(p, B_PIN, 2, B, c->pooled_projection_dim, 0);
+    for (int id = B_H; id <= B_TI; id++) set_shape(p, id, 3, B, Si, D);
+    for (int id = B_C; id <= B_TC; id++) set_shape(p, id, 3, B, St, D);
+    for (int id = B_Q; id <= B_NX; id++) set_shape(p, id, 3, B, S, D);
+    set_shape(p, B_MLP, 3, B, S, F);
+    set_shape(p, B_CAT, 3, B, S, D + F);
+    set_shape(p, B_ATT, 1, fq_nn_attention_scratch(S), 0, 0);
+    set_shape(p, B_LIN, 1, model_lin_scratch(m), 0, 0);
+    size_t off = 0;
+    for (int id = 0; id < NBUF; id++) {
+        p->off[id] = off;
+        off += ((size_t)p->cap[id] * sizeof(float) + 63) & ~(size_t)63; /* 64-byte aligned views */
+    }
+    fq_status s = fq_buf_alloc(ctx, m->device, off, &p->arena);
+    if (s != FQ_OK) {
+        free(p);
+        return fq_err_prefix(ctx, s, "flux_plan (%zu bytes of activations)", off);
+    }
+    *out = p;
+    return FQ_OK;
+}
+
+void fq_flux_plan_free(fq_flux_plan *p) {
+    if (!p) return;
+    fq_buf_free(&p->arena);
+    free(p);
+}
+
+size_t fq_flux_plan_bytes(const fq_flux_plan *p) { return p ? p->arena.bytes : 0; }
+
+void fq_flux_plan_set_tap(fq_flux_plan *p, fq_flux_tap_fn fn, void *user) {
+    p->tap = fn;
+    p->tap_user = user;
+}
+
+/* A buffer with its planned shape. */
+static fq_tensor V(const fq_flux_plan *p, int id) {
+    return fq_view(&p->arena, p->off[id], FQ_F32, p->ndim[id], p->shape[id], g_buf_names[id]);
+}
+
+/* A buffer seen with another shape of at most its planned size. */
+static fq_tensor V2(const fq_flux_plan *p, int id, int64_t a, int64_t b) {
+    int64_t sh[2] = {a, b};
+    FQ_ASSERT(a * b <= p->cap[id]);
+    return fq_view(&p->arena, p->off[id], FQ_F32, 2, sh, g_buf_names[id]);
+}
+
+static fq_tensor V3(const fq_flux_plan *p, int id, int64_t a, int64_t b, int64_t c) {
+    int64_t sh[3] = {a, b, c};
+    FQ_ASSERT(a * b * c <= p->cap[id]);
+    return fq_view(&p->arena, p->off[id], FQ_F32, 3, sh, g_buf_names[id]);
+}
+
+static void tap(const fq_flux_plan *p, const fq_tensor *t, const char *fmt, ...) {
+    if (!p->tap) return;
+    char name[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    p->tap(p->tap_user, name, t);
+}
+
+/* ---- the forward ------------------------------------------------------------------------- */
+
+/* Modulation chunk order of AdaLayerNormZero (double blocks); single blocks use
+ * the first three; AdaLayerNormContinuous (norm_out) is (scale, shift). */
+enum { MSA_SHIFT = 0, MSA_SCALE, MSA_GATE, MLP_SHIFT, MLP_SCALE, MLP_GATE };
+enum { OUT_SCALE = 0, OUT_SHIFT = 1 };
+
+static const float LN_EPS = 1e-6f, RMS_EPS = 1e-6f;
+
+/* y = l(x): dense or 4-bit. */
+static fq_status lin(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x, fq_tensor *y) {
+    fq_tensor scratch = V(p, B_LIN);
+    fq_dtype cd = p->m->compute_dtype;
+    return l->qw ? fq_nn_linear_q4(ctx, x, l->qw, l->b, y, &scratch, cd)
+                 : fq_nn_linear(ctx, x, l->w, l->b, y, &scratch, cd);
+}
+
+/* An embedder MLP: out = l2(silu(l1(x))), using tmp. */
+static fq_status mlp2(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l1, const fq_flux_linear *l2,
+                      const fq_tensor *x, fq_tensor *tmp, fq_tensor *out) {
+    fq_dtype cd = p->m->compute_dtype;
+    FQ_TRY(lin(ctx, p, l1, x, tmp));
+    FQ_TRY(fq_nn_silu(ctx, tmp, tmp, cd));
+    return lin(ctx, p, l2, tmp, out);
+}
+
+/* q|k|v of the joint attention: text rows first, then image rows, per batch. */
+static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
+                            const fq_tensor *wn_img, const fq_tensor *wn_txt, fq_tensor *out) {
+    fq_dtype cd = p->m->compute_dtype;
+    fq_tensor ti = V(p, B_TI), tc = V(p, B_TC), nh = V(p, B_NH), nc = V(p, B_NC);
+    FQ_TRY(lin(ctx, p, img, &nh, &ti));
+    FQ_TRY(lin(ctx, p, txt, &nc, &tc));
+    if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
+    if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
+    return fq_nn_concat(ctx, &tc, &ti, 1, out);
+}
+
+static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, int64_t i) {
+    const fq_flux_model *m = p->m;
+    const fq_dtype cd = m->compute_dtype;
+    const int64_t heads = m->cfg.num_attention_heads, B = p->B, F = m->cfg.mlp_dim;
+    fq_tensor h = V(p, B_H), nh = V(p, B_NH), ti = V(p, B_TI), c = V(p, B_C), nc = V(p, B_NC), tc = V(p, B_TC);
+    fq_tensor q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O), att = V(p, B_ATT);
+    fq_tensor tact = V(p, B_TACT), mi = V(p, B_MODI), mc = V(p, B_MODC), cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
+    fq_tensor mlp_i = V3(p, B_MLP, B, p->Si, F), mlp_c = V3(p, B_MLP, B, p->St, F);
+
+    /* AdaLN-Zero of both streams */
+    FQ_TRY(lin(ctx, p, &bl->norm1, &tact, &mi));
+    FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
+    FQ_TRY(lin(ctx, p, &bl->norm1_context, &tact, &mc));
+    FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
+    tap(p, &mi, "transformer_blocks.%lld.norm1.emb", (long long)i);
+    tap(p, &nh, "transformer_blocks.%lld.norm1.x", (long long)i);
+    tap(p, &mc, "transformer_blocks.%lld.norm1_context.emb", (long long)i);
+    tap(p, &nc, "transformer_blocks.%lld.norm1_context.x", (long long)i);
+
+    /* joint attention over [text; image] with RMS-normed q, k and RoPE */
+    FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, &q));
+    FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, &k));
+    FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, &v));
+    FQ_TRY(fq_nn_rope(ctx, &q, &cos_t, &sin_t, heads, cd));
+    FQ_TRY(fq_nn_rope(ctx, &k, &cos_t, &sin_t, heads, cd));
+    FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
+    FQ_TRY(fq_nn_split(ctx, &o, 1, &tc, &ti));
+    FQ_TRY(lin(ctx, p, &bl->to_out, &ti, &nh));
+    FQ_TRY(lin(ctx, p, &bl->to_add_out, &tc, &nc));
+    tap(p, &nh, "transformer_blocks.%lld.attn.hidden_states", (long long)i);
+    tap(p, &nc, "transformer_blocks.%lld.attn.encoder_hidden_states", (long long)i);
+
+    /* image stream: gated attention residual, then the gated MLP */
+    FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MSA_GATE, &nh, cd));
+    FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MLP_SHIFT, MLP_SCALE, LN_EPS, &nh, cd));
+    FQ_TRY(lin(ctx, p, &bl->ff1, &nh, &mlp_i));
+    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp_i, &mlp_i, cd));
+    FQ_TRY(lin(ctx, p, &bl->ff2, &mlp_i, &ti));
+    tap(p, &ti, "transformer_blocks.%lld.ff", (long long)i);
+    FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MLP_GATE, &ti, cd));
+
+    /* text stream: the same with its own weights */
+    FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MSA_GATE, &nc, cd));
+    FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MLP_SHIFT, MLP_SCALE, LN_EPS, &nc, cd));
+    FQ_TRY(lin(ctx, p, &bl->ff_ctx1, &nc, &mlp_c));
+    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp_c, &mlp_c, cd));
+    FQ_TRY(lin(ctx, p, &bl->ff_ctx2, &mlp_c, &tc));
+    tap(p, &tc, "transformer_blocks.%lld.ff_context", (long long)i);
+    FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MLP_GATE, &tc, cd));
+    if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &c, -65504.0f, 65504.0f)); /* diffusers clips the text stream */
+    tap(p, &h, "transformer_blocks.%lld.hidden_states", (long long)i);
+    tap(p, &c, "transformer_blocks.%lld.encoder_hidden_states", (long long)i);
+    return FQ_OK;
+}
+
+static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_single *sb, int64_t i) {
+    const fq_flux_model *m = p->m;
+    const fq_dtype cd = m->compute_dtype;
+    const int64_t heads = m->cfg.num_attention_heads, B = p->B, D = m->cfg.inner_dim;
+    fq_tensor x = V(p, B_X), nx = V(p, B_NX), q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O);
+    fq_tensor att = V(p, B_ATT), mlp = V(p, B_MLP), cat = V(p, B_CAT), tact = V(p, B_TACT);
+    fq_tensor mod = V2(p, B_MODI, B, 3 * D), cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
+
+    FQ_TRY(lin(ctx, p, &sb->norm, &tact, &mod));
+    FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
+    tap(p, &mod, "single_transformer_blocks.%lld.norm.emb", (long long)i);
+    tap(p, &nx, "single_transformer_blocks.%lld.norm.x", (long long)i);
+    FQ_TRY(lin(ctx, p, &sb->proj_mlp, &nx, &mlp));
+    tap(p, &mlp, "single_transformer_blocks.%lld.proj_mlp", (long long)i);
+    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp, &mlp, cd));
+
+    FQ_TRY(lin(ctx, p, &sb->to_q, &nx, &q));
+    FQ_TRY(fq_nn_rmsnorm_heads(ctx, &q, sb->norm_q, RMS_EPS, &q, cd));
+    FQ_TRY(lin(ctx, p, &sb->to_k, &nx, &k));
+    FQ_TRY(fq_nn_rmsnorm_heads(ctx, &k, sb->norm_k, RMS_EPS, &k, cd));
+    FQ_TRY(lin(ctx, p, &sb->to_v, &nx, &v));
+    FQ_TRY(fq_nn_rope(ctx, &q, &cos_t, &sin_t, heads, cd));
+    FQ_TRY(fq_nn_rope(ctx, &k, &cos_t, &sin_t, heads, cd));
+    FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
+    tap(p, &o, "single_transformer_blocks.%lld.attn", (long long)i);
+
+    /* proj_out(cat(attn, mlp)) gated into the residual; q is free again */
+    FQ_TRY(fq_nn_concat(ctx, &o, &mlp, 2, &cat));
+    FQ_TRY(lin(ctx, p, &sb->proj_out, &cat, &q));
+    tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
+    FQ_TRY(fq_nn_gated_add(ctx, &x, &mod, MSA_GATE, &q, cd));
+    if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &x, -65504.0f, 65504.0f));
+    tap(p, &x, "single_transformer_blocks.%lld", (long long)i);
+    return FQ_OK;
+}
+
+/* Checks one input against its expected shape; names it. */
+static fq_status want(fq_ctx *ctx, const char *role, const fq_tensor *t, int nd, int64_t a, int64_t b, int64_t c) {
+    int64_t sh[3] = {a, b, c};
+    char got[96], exp[96];
+    if (!t) return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_forward: input '%s' is NULL", role);
+    if (t->ndim == nd && memcmp(t->shape, sh, sizeof(int64_t) * (size_t)nd) == 0) return FQ_OK;
+    return fq_err(ctx, FQ_ERR_SHAPE, "flux_forward: input '%s' has shape %s; the plan expects %s", role,
+                  fq_shape_str(t->ndim, t->shape, got, sizeof got), fq_shape_str(nd, sh, exp, sizeof exp));
+}
+
+static fq_status check_inputs(fq_ctx *ctx, const fq_flux_model *m, const fq_flux_plan *p, const fq_flux_inputs *in,
+                              const fq_tensor *out) {
+    const fq_flux_config *c = &m->cfg;
+    if (p->m != m) return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_forward: the plan was made for another model");
+    FQ_TRY(want(ctx, "hidden_states", in->hidden_states, 3, p->B, p->Si, c->in_channels));
+    FQ_TRY(want(ctx, "encoder_hidden_states", in->encoder_hidden_states, 3, p->B, p->St, c->joint_attention_dim));
+    FQ_TRY(want(ctx, "pooled_projections", in->pooled_projections, 2, p->B, c->pooled_projection_dim, 0));
+    FQ_TRY(want(ctx, "timestep", in->timestep, 1, p->B, 0, 0));
+    FQ_TRY(want(ctx, "img_ids", in->img_ids, 2, p->Si, 3, 0));
+    FQ_TRY(want(ctx, "txt_ids", in->txt_ids, 2, p->St, 3, 0));
+    FQ_TRY(want(ctx, "out", out, 3, p->B, p->Si, c->out_dim));
+    if (c->guidance_embeds && !in->guidance)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_forward: this model has guidance_embeds and needs 'guidance'");
+    if (!c->guidance_embeds && in->guidance)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG,
+                      "flux_forward: 'guidance' given but this model has no guidance embedder (guidance_embeds false)");
+    if (in->guidance) FQ_TRY(want(ctx, "guidance", in->guidance, 1, p->B, 0, 0));
+    return FQ_OK;
+}
+
+fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, const fq_flux_inputs *in,
+                          fq_tensor *out) {
+    if (!m || !p || !in) return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_forward: NULL model, plan or inputs");
+    FQ_TRY(check_inputs(ctx, m, p, in, out));
+    const fq_flux_config *c = &m->cfg;
+    const fq_dtype cd = m->compute_dtype;
+    const int64_t B = p->B, D = c->inner_dim;
+    fq_tensor xin = V(p, B_XIN), cin = V(p, B_CIN), pin = V(p, B_PIN), ids = V(p, B_IDS);
+    fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN), tt = V(p, B_T), gg = V(p, B_G), tproj = V(p, B_TPROJ);
+    fq_tensor e1 = V(p, B_E1), e2 = V(p, B_E2), e3 = V(p, B_E3), temb = V(p, B_TEMB), tact = V(p, B_TACT);
+    fq_tensor h = V(p, B_H), c_ = V(p, B_C), x = V(p, B_X), nh = V(p, B_NH);
+
+    /* Inputs enter in the compute dtype (a bf16 pipeline hands bf16 tensors). */
+    FQ_TRY(fq_nn_cast(ctx, in->hidden_states, &xin, cd));
+    FQ_TRY(fq_nn_cast(ctx, in->encoder_hidden_states, &cin, cd));
+    FQ_TRY(fq_nn_cast(ctx, in->pooled_projections, &pin, cd));
+
+    /* RoPE over cat(txt_ids, img_ids): positions as f32, angles in f64. */
+    fq_tensor ids_t = fq_view_rows(&ids, 0, p->St), ids_i = fq_view_rows(&ids, p->St, p->Si);
+    FQ_TRY(fq_nn_cast(ctx, in->txt_ids, &ids_t, FQ_F32));
+    FQ_TRY(fq_nn_cast(ctx, in->img_ids, &ids_i, FQ_F32));
+    FQ_TRY(fq_nn_rope_table(ctx, &ids, c->axes_dims_rope, 10000.0, &cos_t, &sin_t));
+    tap(p, &cos_t, "pos_embed.cos");
+    tap(p, &sin_t, "pos_embed.sin");
+
+    FQ_TRY(lin(ctx, p, &m->x_embedder, &xin, &h));
+    tap(p, &h, "x_embedder");
+
+    /* temb = timestep_emb + guidance_emb + pooled_emb. The timestep (and the
+     * guidance) is cast to the compute dtype BEFORE the *1000 (bf16: 3.5 -> 3504). */
+    FQ_TRY(fq_nn_cast(ctx, in->timestep, &tt, cd));
+    FQ_TRY(fq_nn_scale(ctx, &tt, 1000.0f, &tt, cd));
+    FQ_TRY(fq_nn_timestep_proj(ctx, &tt, &tproj));
+    tap(p, &tproj, "time_text_embed.time_proj");
+    FQ_TRY(fq_nn_cast(ctx, &tproj, &tproj, cd));
+    FQ_TRY(mlp2(ctx, p, &m->time_l1, &m->time_l2, &tproj, &e1, &e2));
+    tap(p, &e2, "time_text_embed.timestep_embedder");
+    if (c->guidance_embeds) {
+        FQ_TRY(fq_nn_cast(ctx, in->guidance, &gg, cd));
+        FQ_TRY(fq_nn_scale(ctx, &gg, 1000.0f, &gg, cd));
+        FQ_TRY(fq_nn_timestep_proj(ctx, &gg, &tproj));
+        tap(p, &tproj, "time_text_embed.time_proj@call1");
+        FQ_TRY(fq_nn_cast(ctx, &tproj, &tproj, cd));
+        FQ_TRY(mlp2(ctx, p, &m->guid_l1, &m->guid_l2, &tproj, &e1, &e3));
+        tap(p, &e3, "time_text_embed.guidance_embedder");
+        FQ_TRY(fq_nn_add(ctx, &e2, &e3, &e2, cd));
+    }
+    FQ_TRY(mlp2(ctx, p, &m->text_l1, &m->text_l2, &pin, &e1, &e3));
+    tap(p, &e3, "time_text_embed.text_embedder");
+    FQ_TRY(fq_nn_add(ctx, &e2, &e3, &temb, cd));
+    tap(p, &temb, "time_text_embed");
+    /* every AdaLN computes linear(silu(temb)); silu once here */
+    FQ_TRY(fq_nn_silu(ctx, &temb, &tact, cd));
+
+    FQ_TRY(lin(ctx, p, &m->context_embedder, &cin, &c_));
+    tap(p, &c_, "context_embedder");
+
+    for (int64_t i = 0; i < c->num_layers; i++) {
+        fq_status s = double_block(ctx, p, &m->blocks[i], i);
+        if (s != FQ_OK) return fq_err_prefix(ctx, s, "transformer_blocks.%lld", (long long)i);
+    }
+    FQ_TRY(fq_nn_concat(ctx, &c_, &h, 1, &x)); /* text first */
+    for (int64_t i = 0; i < c->num_single_layers; i++) {
+        fq_status s = single_block(ctx, p, &m->single[i], i);
+        if (s != FQ_OK) return fq_err_prefix(ctx, s, "single_transformer_blocks.%lld", (long long)i);
+    }
+    FQ_TRY(fq_nn_split(ctx, &x, 1, &c_, &h));
+
+    /* norm_out (AdaLayerNormContinuous: SCALE first, then shift) and proj_out */
+    fq_tensor mod = V2(p, B_MODI, B, 2 * D);
+    FQ_TRY(lin(ctx, p, &m->norm_out, &tact, &mod));
+    FQ_TRY(fq_nn_adaln(ctx, &h, &mod, OUT_SHIFT, OUT_SCALE, LN_EPS, &nh, cd));
+    tap(p, &nh, "norm_out");
+    FQ_TRY(lin(ctx, p, &m->proj_out, &nh, out));
+    tap(p, out, "proj_out");
+    return FQ_OK;
+}

@@ -1,0 +1,462 @@
+/* Transformer ops: operand checks, then dispatch to a backend (see nn_ops.h). */
+#include "ops/nn_ops.h"
+
+#include "kernels/cpu/nn_cpu.h"
+#include "kernels/kernels.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* ---- views -------------------------------------------------------------------- */
+
+fq_tensor fq_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
+                  const char *name) {
+    fq_tensor t;
+    memset(&t, 0, sizeof t);
+    t.dtype = dtype;
+    t.ndim = ndim;
+    for (int i = 0; i < ndim; i++) t.shape[i] = shape[i];
+    t.numel = fq_shape_numel(ndim, shape);
+    t.buf.dev = base->dev;
+    t.buf.ptr = (char *)base->ptr + off;
+    t.buf.bytes = (size_t)t.numel * fq_dtype_size(dtype);
+    t.name = (char *)name; /* never freed: views are not passed to fq_tensor_free */
+    return t;
+}
+
+fq_tensor fq_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows) {
+    fq_tensor v = *t;
+    int64_t row = t->ndim > 1 ? t->numel / t->shape[0] : 1;
+    v.shape[0] = nrows;
+    v.numel = nrows * row;
+    v.buf.ptr = (char *)t->buf.ptr + (size_t)(r0 * row) * fq_dtype_size(t->dtype);
+    v.buf.bytes = (size_t)v.numel * fq_dtype_size(t->dtype);
+    return v;
+}
+
+/* ---- checks ------------------------------------------------------------------- */
+
+static const char *tname(const fq_tensor *t, const char *role) {
+    return t->name && t->name[0] ? t->name : role;
+}
+
+/* Operand `t` (role) of op: present, on dev, of dtype f32 when want_f32, else any float. */
+static fq_status check(fq_ctx *ctx, const char *op, const char *role, const fq_tensor *t, fq_device dev,
+                       int want_f32) {
+    FQ_TRY(fq_check_tensor(ctx, op, role, t, dev));
+    if (want_f32 && t->dtype != FQ_F32)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: tensor '%s' (%s) has dtype %s; activations must be f32", op,
+                      tname(t, role), role, fq_dtype_name(t->dtype));
+    if (!want_f32) FQ_TRY(fq_check_float(ctx, op, role, t));
+    return FQ_OK;
+}
+
+static fq_status shape_err(fq_ctx *ctx, const char *op, const char *role, const fq_tensor *t,
+                           const char *want) {
+    char s[96];
+    return fq_err(ctx, FQ_ERR_SHAPE, "%s: tensor '%s' (%s) has shape %s; expected %s", op, tname(t, role),
+                  role, fq_shape_str(t->ndim, t->shape, s, sizeof s), want);
+}
+
+static fq_status same_shape(fq_ctx *ctx, const char *op, const char *role, const fq_tensor *t,
+                            const fq_tensor *ref) {
+    char s[96];
+    if (t->ndim == ref->ndim && memcmp(t->shape, ref->shape, sizeof(int64_t) * (size_t)t->ndim) == 0)
+        return FQ_OK;
+    return shape_err(ctx, op, role, t, fq_shape_str(ref->ndim, ref->shape, s, sizeof s));
+}
+
+static fq_status rnd_ok(fq_ctx *ctx, const char *op, fq_dtype rnd) {
+    if (rnd == FQ_F32 || rnd == FQ_BF16 || rnd == FQ_F16) return FQ_OK;
+    return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: compute dtype %s is not f32, bf16 or f16", op,
+                  fq_dtype_name(rnd));
+}
+
+/* Every op runs where its output lives. A device tensor has no kernels yet. */
+static fq_status backend(fq_ctx *ctx, const char *op, fq_device dev) {
+    if (dev.type == FQ_DEVICE_CPU) return FQ_OK;
+#ifdef FQ_HAVE_CUDA
+    char dn[16];
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: not yet on CUDA (operands on %s)", op,
+                  fq_device_name(dev, dn, sizeof dn));
+#else
+    char dn[16];
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: built without CUDA (operands on %s)", op,
+                  fq_device_name(dev, dn, sizeof dn));
+#endif
+}
+
+static float *F(const fq_tensor *t) { return (float *)t->buf.ptr; }
+
+/* ---- elementwise -------------------------------------------------------------- */
+
+fq_status fq_nn_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
+    const char *op = "cast";
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 0));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (x->numel != y->numel) return shape_err(ctx, op, "x", x, "as many elements as y");
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    fq_cpu_to_f32(x->buf.ptr, x->dtype, x->numel, F(y));
+    fq_cpu_round(F(y), y->numel, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_scale(fq_ctx *ctx, const fq_tensor *x, float alpha, fq_tensor *y, fq_dtype rnd) {
+    const char *op = "scale";
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "x", x, y));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    fq_cpu_scale(F(x), alpha, F(y), y->numel, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_tensor *y, fq_dtype rnd) {
+    const char *op = "add";
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "a", a, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "b", b, y->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "a", a, y));
+    FQ_TRY(same_shape(ctx, op, "b", b, y));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    fq_cpu_add(F(a), F(b), F(y), y->numel, rnd);
+    return FQ_OK;
+}
+
+static fq_status unary(fq_ctx *ctx, const char *op, const fq_tensor *x, fq_tensor *y, fq_dtype rnd,
+                       void (*fn)(const float *, float *, int64_t, fq_dtype)) {
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "x", x, y));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    fn(F(x), F(y), y->numel, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_silu(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
+    return unary(ctx, "silu", x, y, rnd, fq_cpu_silu);
+}
+
+fq_status fq_nn_gelu_tanh(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
+    return unary(ctx, "gelu_tanh", x, y, rnd, fq_cpu_gelu_tanh);
+}
+
+fq_status fq_nn_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi) {
+    FQ_TRY(check(ctx, "clamp", "x", x, x->buf.dev, 1));
+    FQ_TRY(backend(ctx, "clamp", x->buf.dev));
+    fq_cpu_clamp(F(x), x->numel, lo, hi);
+    return FQ_OK;
+}
+
+/* Shared checks of concat/split: whole = cat(a, b) along dim. */
+static fq_status cat_shapes(fq_ctx *ctx, const char *op, const fq_tensor *whole, const fq_tensor *a,
+                            const fq_tensor *b, int dim, int64_t *outer, size_t *ia, size_t *ib) {
+    FQ_TRY(check(ctx, op, "whole", whole, whole->buf.dev, 0));
+    FQ_TRY(fq_check_tensor(ctx, op, "a", a, whole->buf.dev));
+    FQ_TRY(fq_check_tensor(ctx, op, "b", b, whole->buf.dev));
+    if (dim < 0 || dim >= whole->ndim)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: dim %d out of range for rank %d", op, dim, whole->ndim);
+    if (a->dtype != whole->dtype || b->dtype != whole->dtype)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: dtypes differ (%s, %s, %s)", op, fq_dtype_name(a->dtype),
+                      fq_dtype_name(b->dtype), fq_dtype_name(whole->dtype));
+    if (a->ndim != whole->ndim || b->ndim != whole->ndim)
+        return shape_err(ctx, op, "a", a, "the rank of the concatenation");
+    for (int i = 0; i < whole->ndim; i++) {
+        int ok = i == dim ? a->shape[i] + b->shape[i] == whole->shape[i]
+                          : a->shape[i] == whole->shape[i] && b->shape[i] == whole->shape[i];
+        if (!ok) return shape_err(ctx, op, "a", a, "the concatenation's shape but at dim");
+    }
+    int64_t o = 1, in = 1;
+    for (int i = 0; i < dim; i++) o *= whole->shape[i];
+    for (int i = dim + 1; i < whole->ndim; i++) in *= whole->shape[i];
+    *outer = o;
+    *ia = (size_t)(a->shape[dim] * in) * fq_dtype_size(whole->dtype);
+    *ib = (size_t)(b->shape[dim] * in) * fq_dtype_size(whole->dtype);
+    return backend(ctx, op, whole->buf.dev);
+}
+
+fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int dim, fq_tensor *out) {
+    int64_t outer;
+    size_t ia, ib;
+    FQ_TRY(cat_shapes(ctx, "concat", out, a, b, dim, &outer, &ia, &ib));
+    char *o = out->buf.ptr;
+    for (int64_t i = 0; i < outer; i++) {
+        memcpy(o + (size_t)i * (ia + ib), (const char *)a->buf.ptr + (size_t)i * ia, ia);
+        memcpy(o + (size_t)i * (ia + ib) + ia, (const char *)b->buf.ptr + (size_t)i * ib, ib);
+    }
+    return FQ_OK;
+}
+
+fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq_tensor *b) {
+    int64_t outer;
+    size_t ia, ib;
+    FQ_TRY(cat_shapes(ctx, "split", x, a, b, dim, &outer, &ia, &ib));
+    const char *s = x->buf.ptr;
+    for (int64_t i = 0; i < outer; i++) {
+        memcpy((char *)a->buf.ptr + (size_t)i * ia, s + (size_t)i * (ia + ib), ia);
+        memcpy((char *)b->buf.ptr + (size_t)i * ib, s + (size_t)i * (ia + ib) + ia, ib);
+    }
+    return FQ_OK;
+}
+
+/* ---- linear layers ------------------------------------------------------------ */
+
+int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias) {
+    int64_t n = 0;
+    if (w->dtype != FQ_F32) n += w->numel;
+    if (bias && bias->dtype != FQ_F32) n += bias->numel;
+    return n;
+}
+
+int64_t fq_nn_linear_q4_scratch(const fq_qtensor *w, const fq_tensor *bias) {
+    /* the dequantized weight, the reconstructed absmax, the widened bias */
+    int64_t n = w->info.numel + (w->info.double_quant ? w->info.nblocks : 0);
+    if (bias && bias->dtype != FQ_F32) n += bias->numel;
+    return n;
+}
+
+/* Checks x [..., K] -> y [..., N] against a weight [N, K]; *m = rows. */
+static fq_status linear_shapes(fq_ctx *ctx, const char *op, const fq_tensor *x, int64_t n, int64_t k,
+                               const fq_tensor *bias, fq_tensor *y, const char *wname, int64_t *m) {
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    if (bias) FQ_TRY(check(ctx, op, "bias", bias, y->buf.dev, 0));
+    char want[96];
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != k) {
+        snprintf(want, sizeof want, "[..., %lld] for weight '%s'", (long long)k, wname);
+        return shape_err(ctx, op, "x", x, want);
+    }
+    int64_t rows = k ? x->numel / k : 0;
+    if (y->ndim != x->ndim || y->shape[y->ndim - 1] != n || (n ? y->numel / n : 0) != rows ||
+        memcmp(y->shape, x->shape, sizeof(int64_t) * (size_t)(x->ndim - 1)) != 0) {
+        snprintf(want, sizeof want, "x's leading dims and %lld for weight '%s'", (long long)n, wname);
+        return shape_err(ctx, op, "y", y, want);
+    }
+    if (bias && (bias->ndim != 1 || bias->shape[0] != n)) {
+        snprintf(want, sizeof want, "[%lld]", (long long)n);
+        return shape_err(ctx, op, "bias", bias, want);
+    }
+    *m = rows;
+    return FQ_OK;
+}
+
+static fq_status scratch_check(fq_ctx *ctx, const char *op, const fq_tensor *scratch, int64_t need,
+                               fq_device dev) {
+    if (need == 0) return FQ_OK;
+    if (!scratch) return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: needs %lld scratch floats, got none", op,
+                                (long long)need);
+    FQ_TRY(check(ctx, op, "scratch", scratch, dev, 1));
+    if (scratch->numel < need)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: scratch holds %lld floats, needs %lld", op,
+                      (long long)scratch->numel, (long long)need);
+    return FQ_OK;
+}
+
+/* The bias as f32: itself, or widened into *spare (advancing it). */
+static const float *bias_f32(const fq_tensor *bias, float **spare) {
+    if (!bias) return NULL;
+    if (bias->dtype == FQ_F32) return F(bias);
+    float *b = *spare;
+    fq_cpu_to_f32(bias->buf.ptr, bias->dtype, bias->numel, b);
+    *spare += bias->numel;
+    return b;
+}
+
+fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_tensor *bias,
+                       fq_tensor *y, fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "linear";
+    int64_t m;
+    FQ_TRY(check(ctx, op, "w", w, y->buf.dev, 0));
+    if (w->ndim != 2) return shape_err(ctx, op, "w", w, "[out_features, in_features]");
+    FQ_TRY(linear_shapes(ctx, op, x, w->shape[0], w->shape[1], bias, y, tname(w, "w"), &m));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch(w, bias), y->buf.dev));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    float *spare = scratch ? F(scratch) : NULL;
+    const float *wf = F(w);
+    if (w->dtype != FQ_F32) {
+        fq_cpu_to_f32(w->buf.ptr, w->dtype, w->numel, spare);
+        wf = spare;
+        spare += w->numel;
+    }
+    const float *bf = bias_f32(bias, &spare);
+    fq_cpu_linear(m, w->shape[0], w->shape[1], F(x), wf, bf, F(y), rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                          fq_tensor *y, fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "linear_4bit";
+    const fq_qtensor_info *wi = &w->info;
+    int64_t m;
+    FQ_TRY(fq_check_qtensor(ctx, op, w, y->buf.dev));
+    if (wi->ndim != 2) {
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: weight '%s' has rank %d; expected [out_features, in_features]",
+                      op, fq_qtensor_name(w), wi->ndim);
+    }
+    FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), &m));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch(w, bias), y->buf.dev));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    /* bitsandbytes' Linear4bit with M > 1 rows dequantizes the weight to the
+     * compute dtype (f32 code*absmax, one rounding) and runs a dense GEMM; doing
+     * the same here reproduces its numerics exactly for every compute dtype. */
+    float *wf = F(scratch), *spare = wf + wi->numel;
+    const float *absmax = w->m[FQ_QMEMBER_ABSMAX].ptr;
+    if (wi->double_quant) {
+        fq_cpu_dequantize8(w->m[FQ_QMEMBER_ABSMAX].ptr, w->m[FQ_QMEMBER_NESTED_ABSMAX].ptr,
+                           w->m[FQ_QMEMBER_NESTED_QUANT_MAP].ptr, wi->offset, wi->nblocks, 256, spare);
+        absmax = spare;
+        spare += wi->nblocks;
+    }
+    fq_cpu_dequantize4(ctx, w->m[FQ_QMEMBER_PACKED].ptr, absmax, wi->numel, wi->blocksize, wi->type, wf,
+                       FQ_F32);
+    fq_cpu_round(wf, wi->numel, rnd);
+    const float *bf = bias_f32(bias, &spare);
+    fq_cpu_linear(m, wi->shape[0], wi->shape[1], F(x), wf, bf, F(y), rnd);
+    return FQ_OK;
+}
+
+/* ---- normalization ------------------------------------------------------------ */
+
+/* mod [B, n*D] for x [B, S, D]: checks and returns n. */
+static fq_status mod_shape(fq_ctx *ctx, const char *op, const fq_tensor *mod, const fq_tensor *x,
+                           int c0, int c1, int64_t *nchunks) {
+    FQ_TRY(check(ctx, op, "mod", mod, x->buf.dev, 1));
+    if (x->ndim != 3) return shape_err(ctx, op, "x", x, "[batch, tokens, dim]");
+    int64_t d = x->shape[2];
+    if (mod->ndim != 2 || mod->shape[0] != x->shape[0] || d == 0 || mod->shape[1] % d != 0)
+        return shape_err(ctx, op, "mod", mod, "[batch, chunks*dim]");
+    int64_t n = mod->shape[1] / d;
+    if (c0 < 0 || c0 >= n || c1 < 0 || c1 >= n)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: chunk index out of range (mod has %lld chunks)", op,
+                      (long long)n);
+    *nchunks = n;
+    return FQ_OK;
+}
+
+fq_status fq_nn_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int shift_chunk,
+                      int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd) {
+    const char *op = "adaln";
+    int64_t n;
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "y", y, x));
+    FQ_TRY(mod_shape(ctx, op, mod, x, shift_chunk, scale_chunk, &n));
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    int64_t d = x->shape[2];
+    fq_cpu_adaln(F(x), F(y), x->shape[0], x->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d,
+                 n * d, eps, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk,
+                          const fq_tensor *a, fq_dtype rnd) {
+    const char *op = "gated_add";
+    int64_t n;
+    FQ_TRY(check(ctx, op, "h", h, h->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "a", a, h->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "a", a, h));
+    FQ_TRY(mod_shape(ctx, op, mod, h, gate_chunk, gate_chunk, &n));
+    FQ_TRY(backend(ctx, op, h->buf.dev));
+    int64_t d = h->shape[2];
+    fq_cpu_gated_add(F(h), F(mod) + gate_chunk * d, n * d, F(a), h->shape[0], h->shape[1], d, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps,
+                              fq_tensor *y, fq_dtype rnd) {
+    const char *op = "rmsnorm";
+    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "weight", weight, y->buf.dev, 0));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "y", y, x));
+    int64_t dh = weight->ndim == 1 ? weight->shape[0] : 0;
+    if (dh <= 0 || dh > 4096 || x->ndim < 1 || x->shape[x->ndim - 1] % dh != 0)
+        return shape_err(ctx, op, "weight", weight, "[head_dim] dividing x's last dim (head_dim <= 4096)");
+    FQ_TRY(backend(ctx, op, y->buf.dev));
+    float w[4096]; /* one head's weights widened to f32 */
+    fq_cpu_to_f32(weight->buf.ptr, weight->dtype, dh, w);
+    fq_cpu_rmsnorm(F(x), w, F(y), x->numel / dh, dh, eps, rnd);
+    return FQ_OK;
+}
+
+/* ---- positions, time, attention ------------------------------------------------ */
+
+fq_status fq_nn_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
+                           fq_tensor *cos_t, fq_tensor *sin_t) {
+    const char *op = "rope_table";
+    FQ_TRY(check(ctx, op, "cos", cos_t, cos_t->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "sin", sin_t, cos_t->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "ids", ids, cos_t->buf.dev, 1));
+    int64_t dh = axes[0] + axes[1] + axes[2];
+    for (int a = 0; a < 3; a++)
+        if (axes[a] < 0 || axes[a] % 2)
+            return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: axis width %lld is not even", op, (long long)axes[a]);
+    if (ids->ndim != 2 || ids->shape[1] != 3) return shape_err(ctx, op, "ids", ids, "[tokens, 3]");
+    if (cos_t->ndim != 2 || cos_t->shape[0] != ids->shape[0] || cos_t->shape[1] != dh)
+        return shape_err(ctx, op, "cos", cos_t, "[tokens, sum(axes_dims_rope)]");
+    FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
+    FQ_TRY(backend(ctx, op, cos_t->buf.dev));
+    fq_cpu_rope_table(F(ids), ids->shape[0], axes, theta, F(cos_t), F(sin_t), dh);
+    return FQ_OK;
+}
+
+fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t,
+                     int64_t heads, fq_dtype rnd) {
+    const char *op = "rope";
+    FQ_TRY(check(ctx, op, "x", x, x->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "cos", cos_t, x->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "sin", sin_t, x->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (x->ndim != 3 || heads <= 0 || x->shape[2] % heads != 0)
+        return shape_err(ctx, op, "x", x, "[batch, tokens, heads*head_dim]");
+    int64_t dh = x->shape[2] / heads;
+    if (cos_t->ndim != 2 || cos_t->shape[0] != x->shape[1] || cos_t->shape[1] != dh || dh % 2)
+        return shape_err(ctx, op, "cos", cos_t, "[tokens, head_dim] with an even head_dim");
+    FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
+    FQ_TRY(backend(ctx, op, x->buf.dev));
+    fq_cpu_rope(F(x), F(cos_t), F(sin_t), x->shape[0], x->shape[1], heads, dh, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {
+    const char *op = "timestep_proj";
+    FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "t", t, out->buf.dev, 1));
+    if (t->ndim != 1) return shape_err(ctx, op, "t", t, "[batch]");
+    if (out->ndim != 2 || out->shape[0] != t->shape[0] || out->shape[1] % 2)
+        return shape_err(ctx, op, "out", out, "[batch, even channels]");
+    FQ_TRY(backend(ctx, op, out->buf.dev));
+    fq_cpu_timestep_proj(F(t), t->shape[0], out->shape[1] / 2, F(out));
+    return FQ_OK;
+}
+
+int64_t fq_nn_attention_scratch(int64_t s) { return fq_cpu_attention_scratch(s); }
+
+fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                          int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "attention";
+    FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "q", q, out->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "k", k, out->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "v", v, out->buf.dev, 1));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (q->ndim != 3 || heads <= 0 || q->shape[2] % heads != 0)
+        return shape_err(ctx, op, "q", q, "[batch, tokens, heads*head_dim]");
+    FQ_TRY(same_shape(ctx, op, "k", k, q));
+    FQ_TRY(same_shape(ctx, op, "v", v, q));
+    FQ_TRY(same_shape(ctx, op, "out", out, q));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_attention_scratch(q->shape[1]), out->buf.dev));
+    FQ_TRY(backend(ctx, op, out->buf.dev));
+    fq_cpu_attention(F(q), F(k), F(v), F(out), q->shape[0], q->shape[1], heads, q->shape[2] / heads,
+                     F(scratch), rnd);
+    return FQ_OK;
+}

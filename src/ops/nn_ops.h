@@ -1,0 +1,99 @@
+/* Backend-neutral transformer ops (internal API of the models layer).
+ *
+ * Each op checks that every operand is on the device of its output (the
+ * executing device), has the dtype the op needs and a shape that fits, and
+ * then dispatches to a backend (CPU now: src/kernels/cpu/nn_cpu.c; a CUDA
+ * build returns FQ_ERR_UNSUPPORTED for device tensors until the CUDA kernels
+ * exist). Errors name the op, the operand role and the tensor's name.
+ *
+ * Activations are f32 tensors. `rnd` is the dtype whose rounding the op
+ * reproduces (FQ_F32: none; FQ_BF16/FQ_F16: emulate a PyTorch model of that
+ * dtype, see nn_cpu.h). Ops never allocate: scratch space comes from the
+ * caller, sized with the *_scratch functions below.
+ *
+ * Modulation tensors ("mod") are the outputs of AdaLN linears, [B, n*D]; an
+ * op that uses a chunk takes its index (chunk c of row b starts at b*n*D + c*D). */
+#ifndef FQ_NN_OPS_H
+#define FQ_NN_OPS_H
+
+#include "core/qtensor.h"
+
+/* ---- views -------------------------------------------------------------------- */
+
+/* A non-owning tensor over bytes [off, off + numel*size) of `base` (the
+ * activation arena). Never pass a view to fq_tensor_free. `name` (a string that
+ * outlives the view, e.g. a literal) is what error messages call it. The caller
+ * guarantees that the range lies inside base (the plan that sized the arena). */
+fq_tensor fq_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
+                  const char *name);
+/* A view of rows [r0, r0 + nrows) of a contiguous tensor, as [nrows, rest...]. */
+fq_tensor fq_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows);
+
+/* ---- elementwise -------------------------------------------------------------- */
+
+/* y = rnd(x) (x of any float dtype; converts f16/bf16 inputs to f32 storage). */
+fq_status fq_nn_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd);
+/* y = rnd(x * alpha). */
+fq_status fq_nn_scale(fq_ctx *ctx, const fq_tensor *x, float alpha, fq_tensor *y, fq_dtype rnd);
+/* y = rnd(a + b), same shapes. */
+fq_status fq_nn_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_tensor *y, fq_dtype rnd);
+fq_status fq_nn_silu(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd);
+fq_status fq_nn_gelu_tanh(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd);
+/* x = min(max(x, lo), hi) in place (NaN stays NaN). */
+fq_status fq_nn_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi);
+
+/* out = cat(a, b) along dimension dim; split is the inverse. All contiguous,
+ * same dtype, shapes equal except at dim. */
+fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int dim, fq_tensor *out);
+fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq_tensor *b);
+
+/* ---- linear layers ------------------------------------------------------------ */
+
+/* Scratch floats fq_nn_linear / fq_nn_linear_q4 need for a weight [n, k]
+ * (0 when the weight and bias are f32 and dense). */
+int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias);
+int64_t fq_nn_linear_q4_scratch(const fq_qtensor *w, const fq_tensor *bias);
+
+/* y[..., N] = rnd(x[..., K] · w[N,K]ᵀ + bias[N]) with f32 accumulation. w and
+ * bias (may be NULL) in any float dtype; f16/bf16 values are widened exactly
+ * into scratch (f32, at least fq_nn_linear_scratch floats; may be NULL when
+ * that is 0). */
+fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_tensor *bias,
+                       fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
+/* The same with a 4-bit weight (every member of its state on y's device). With
+ * rnd = bf16/f16 the dequantized weight is rounded to that dtype first, as
+ * bitsandbytes dequantizes to the compute dtype before its GEMM. */
+fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                          fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
+
+/* ---- normalization ------------------------------------------------------------ */
+
+/* y = rnd(rnd(rnd(LN(x)) * rnd(1 + scale)) + shift), LN without affine over the
+ * last dim. x, y: [B, S, D]; mod: [B, n*D]; shift/scale: chunk indices. */
+fq_status fq_nn_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int shift_chunk,
+                      int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd);
+/* h = rnd(h + rnd(gate * a)); h, a: [B, S, D]; gate: chunk of mod [B, n*D]. */
+fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk,
+                          const fq_tensor *a, fq_dtype rnd);
+/* RMSNorm of every head: x, y [..., H*dh], weight [dh] (any float dtype, widened on
+ * the fly: it is tiny). */
+fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps,
+                              fq_tensor *y, fq_dtype rnd);
+
+/* ---- positions, time, attention ------------------------------------------------ */
+
+/* RoPE tables for ids [S, 3] (f32 positions): cos, sin [S, dh], dh = sum(axes). */
+fq_status fq_nn_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
+                           fq_tensor *cos_t, fq_tensor *sin_t);
+/* Applies RoPE in place to x [B, S, H*dh] with tables [S, dh]. */
+fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t,
+                     int64_t heads, fq_dtype rnd);
+/* Sinusoidal projection (flip_sin_to_cos, shift 0) of t [B] into out [B, 2*half]. */
+fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
+/* Scratch floats fq_nn_attention needs for sequence length s. */
+int64_t fq_nn_attention_scratch(int64_t s);
+/* out = softmax(q·kᵀ/sqrt(dh))·v per batch and head; q, k, v, out: [B, S, H*dh]. */
+fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                          int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd);
+
+#endif
