@@ -159,7 +159,9 @@ typedef struct {
     double act_tol;
 } run_spec;
 
-/* Runs the model on the case's inputs; returns the output (caller frees) or NULL. */
+/* Runs the model on the case's inputs; returns the output (caller frees) or NULL.
+ * keep: NULL, or receives the model (caller frees); if *keep is already a
+ * model, that model runs instead of loading one (and stays the caller's). */
 static float *run(fq_ctx *ctx, const run_spec *rs, tapper *tp, int64_t *numel, fq_flux_model **keep) {
     char path[512], cfg[512], inp[512];
     if (rs->model[0] == '/') snprintf(path, sizeof path, "%s", rs->model);
@@ -171,13 +173,19 @@ static float *run(fq_ctx *ctx, const run_spec *rs, tapper *tp, int64_t *numel, f
         snprintf(cfg, sizeof cfg, FIX "/%s/%s", rs->dir, rs->config);
         lp.config_path = cfg;
     }
-    fq_flux_model *m = NULL;
-    fq_status s = fq_flux_load(ctx, path, &lp, &m);
-    CHECK(s == FQ_OK, "load %s: %s", path, fq_ctx_error(ctx));
-    if (s != FQ_OK) return NULL;
+    fq_flux_model *m = keep ? *keep : NULL;
+    fq_status s = FQ_OK;
+    if (!m) {
+        s = fq_flux_load(ctx, path, &lp, &m);
+        CHECK(s == FQ_OK, "load %s: %s", path, fq_ctx_error(ctx));
+        if (s != FQ_OK) return NULL;
+    }
     fq_st_file *in = NULL;
     CHECK_OK(ctx, fq_st_open(ctx, inp, &in));
-    if (!in) { fq_flux_free(m); return NULL; }
+    if (!in) {
+        if (!keep) fq_flux_free(m);
+        return NULL;
+    }
     const char *pre = rs->bf16_inputs ? "bf16." : "";
     char nm[7][64];
     const char *keys[7] = {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
@@ -321,6 +329,36 @@ static void test_batch_item(fq_ctx *ctx, const float *y32) {
     free(y);
 }
 
+/* Replaces every 4-bit weight of m by its dequantization (f32); returns how many. */
+static int densify_one(fq_ctx *ctx, fq_flux_linear *l) {
+    if (!l->qw) return 0;
+    fq_tensor *w = NULL;
+    if (fq_dequantize_4bit(ctx, l->qw, FQ_F32, &w) != FQ_OK) return 0;
+    fq_qtensor_free(l->qw);
+    l->qw = NULL;
+    l->w = w;
+    return 1;
+}
+
+static int densify(fq_ctx *ctx, fq_flux_model *m) {
+    fq_flux_linear *top[] = {&m->time_l1, &m->time_l2, &m->guid_l1, &m->guid_l2, &m->text_l1, &m->text_l2,
+                             &m->context_embedder, &m->x_embedder, &m->norm_out, &m->proj_out};
+    int n = 0;
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) n += densify_one(ctx, top[i]);
+    for (int64_t i = 0; i < m->cfg.num_layers; i++) {
+        fq_flux_double *b = &m->blocks[i];
+        fq_flux_linear *l[] = {&b->norm1, &b->norm1_context, &b->to_q, &b->to_k, &b->to_v, &b->add_q, &b->add_k,
+                               &b->add_v, &b->to_out, &b->to_add_out, &b->ff1, &b->ff2, &b->ff_ctx1, &b->ff_ctx2};
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n += densify_one(ctx, l[j]);
+    }
+    for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
+        fq_flux_single *s = &m->single[i];
+        fq_flux_linear *l[] = {&s->norm, &s->to_q, &s->to_k, &s->to_v, &s->proj_mlp, &s->proj_out};
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n += densify_one(ctx, l[j]);
+    }
+    return n;
+}
+
 /* The compute dtype can be chosen at load: f16 rounding on the f32 model, plain
  * f32 on the NF4 model. */
 static void test_compute_override(fq_ctx *ctx) {
@@ -333,8 +371,9 @@ static void test_compute_override(fq_ctx *ctx) {
         CHECK(e >= 0 && e < 5e-2, "f16 compute: rel L2 %.3g vs f64", e);
     }
     free(y);
-    run_spec rq = {"flux", "model_nf4", NULL, 1, FQ_F32, -1, NULL, 0};
-    y = run(ctx, &rq, NULL, &n, NULL);
+    run_spec rq = {"flux", "model_nf4_dq", NULL, 1, FQ_F32, -1, NULL, 0};
+    fq_flux_model *mq = NULL;
+    y = run(ctx, &rq, NULL, &n, &mq);
     if (y) {
         /* No diffusers run computes NF4 in f32; the 4-bit rounding of the weights
          * alone puts this tiny random model ~0.3 from the float64 output (its bf16
@@ -343,6 +382,23 @@ static void test_compute_override(fq_ctx *ctx) {
         printf("flux nf4 weights, f32 compute: rel L2 vs float64 (dense weights) %.3g\n", e);
         CHECK(e >= 0 && e < 0.45, "nf4 with f32 compute: rel L2 %.3g vs f64", e);
     }
+    /* The fused 4-bit kernels (f32 compute) against the same model with every
+     * 4-bit weight dequantized to a dense f32 tensor. */
+    if (mq && y) {
+        int nq = densify(ctx, mq);
+        int64_t n2 = 0;
+        float *y2 = run(ctx, &rq, NULL, &n2, &mq);
+        double num = 0, den = 0;
+        for (int64_t i = 0; y2 && i < n; i++) {
+            num += ((double)y[i] - y2[i]) * ((double)y[i] - y2[i]);
+            den += (double)y2[i] * y2[i];
+        }
+        printf("flux nf4-dq, f32 compute: 4-bit kernels vs dequantized dense weights (%d linears): rel L2 %.3g\n", nq,
+               sqrt(num / den));
+        CHECK(nq == 56 && y2 && n2 == n && sqrt(num / den) < 1e-5, "4-bit kernels vs dense: %.3g", sqrt(num / den));
+        free(y2);
+    }
+    fq_flux_free(mq);
     free(y);
 }
 

@@ -63,29 +63,36 @@ static void set_shape(fq_flux_plan *p, int id, int nd, int64_t a, int64_t b, int
     p->cap[id] = nd == 1 ? a : nd == 2 ? a * b : a * b * c;
 }
 
-static int64_t lin_scratch(const fq_flux_linear *l) {
+/* Scratch of one linear for any row count the forward uses (rows[0..3]). */
+static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t rows[4], fq_dtype cd) {
     if (!l->w && !l->qw) return 0;
-    return l->qw ? fq_nn_linear_q4_scratch(l->qw, l->b) : fq_nn_linear_scratch(l->w, l->b);
+    if (!l->qw) return fq_nn_linear_scratch(l->w, l->b);
+    int64_t n = 0;
+    for (int i = 0; i < 4; i++) {
+        int64_t s = fq_nn_linear_q4_scratch(ctx, l->qw, l->b, rows[i], cd);
+        n = s > n ? s : n;
+    }
+    return n;
 }
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* The largest scratch any linear of the model needs. */
-static int64_t model_lin_scratch(const fq_flux_model *m) {
+/* The largest scratch any linear of the model needs for these row counts. */
+static int64_t model_lin_scratch(fq_ctx *ctx, const fq_flux_model *m, const int64_t rows[4]) {
     const fq_flux_linear *top[] = {&m->time_l1, &m->time_l2, &m->guid_l1, &m->guid_l2, &m->text_l1, &m->text_l2,
                                    &m->context_embedder, &m->x_embedder, &m->norm_out, &m->proj_out};
     int64_t n = 0;
-    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) n = max64(n, lin_scratch(top[i]));
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) n = max64(n, lin_scratch(ctx, top[i], rows, m->compute_dtype));
     for (int64_t i = 0; i < m->cfg.num_layers; i++) {
         const fq_flux_double *b = &m->blocks[i];
         const fq_flux_linear *l[] = {&b->norm1, &b->norm1_context, &b->to_q, &b->to_k, &b->to_v, &b->add_q, &b->add_k,
                                      &b->add_v, &b->to_out, &b->to_add_out, &b->ff1, &b->ff2, &b->ff_ctx1, &b->ff_ctx2};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(l[j]));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, m->compute_dtype));
     }
     for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
         const fq_flux_single *s = &m->single[i];
         const fq_flux_linear *l[] = {&s->norm, &s->to_q, &s->to_k, &s->to_v, &s->proj_mlp, &s->proj_out};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(l[j]));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, m->compute_dtype));
     }
     return n;
 }
@@ -121,7 +128,8 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     set_shape(p, B_MLP, 3, B, S, F);
     set_shape(p, B_CAT, 3, B, S, D + F);
     set_shape(p, B_ATT, 1, fq_nn_attention_scratch(S), 0, 0);
-    set_shape(p, B_LIN, 1, model_lin_scratch(m), 0, 0);
+    const int64_t rows[4] = {B, B * St, B * Si, B * S};
+    set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
     size_t off = 0;
     for (int id = 0; id < NBUF; id++) {
         p->off[id] = off;

@@ -1,6 +1,7 @@
 /* Transformer ops: operand checks, then dispatch to a backend (see nn_ops.h). */
 #include "ops/nn_ops.h"
 
+#include "kernels/cpu/linear4_cpu.h"
 #include "kernels/cpu/nn_cpu.h"
 #include "kernels/kernels.h"
 
@@ -212,7 +213,20 @@ int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias) {
     return n;
 }
 
-int64_t fq_nn_linear_q4_scratch(const fq_qtensor *w, const fq_tensor *bias) {
+/* The CPU 4-bit kernel fq_nn_linear_q4 runs for f32 compute (m rows). */
+static fq_linear_kernel q4_kernel(fq_ctx *ctx, int64_t m, const fq_qtensor *w, fq_cpu_isa isa) {
+    fq_linear_kernel k = ctx ? (fq_linear_kernel)ctx->linear_kernel : FQ_LINEAR_AUTO;
+    if (k == FQ_LINEAR_AUTO || k > FQ_LINEAR_DEQUANT_BLAS) k = fq_cpu_linear4_pick(m, w->info.shape[0], w->info.shape[1], isa);
+    return k;
+}
+
+int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd) {
+    if (w->info.ndim != 2) return 0;
+    if (rnd == FQ_F32) {
+        fq_cpu_linear4_args a = {NULL, FQ_F32, NULL, bias ? bias->dtype : FQ_F32, NULL, FQ_F32, m, fq_w4_view_of(w)};
+        fq_cpu_isa isa = fq_cpu_isa_best();
+        return (int64_t)((fq_cpu_linear4_scratch_bytes(q4_kernel(ctx, m, w, isa), isa, &a) + 3) / 4);
+    }
     /* the dequantized weight, the reconstructed absmax, the widened bias */
     int64_t n = w->info.numel + (w->info.double_quant ? w->info.nblocks : 0);
     if (bias && bias->dtype != FQ_F32) n += bias->numel;
@@ -300,11 +314,21 @@ fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, 
     }
     FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch(w, bias), y->buf.dev));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch(ctx, w, bias, m, rnd), y->buf.dev));
     FQ_TRY(backend(ctx, op, y->buf.dev));
-    /* bitsandbytes' Linear4bit with M > 1 rows dequantizes the weight to the
-     * compute dtype (f32 code*absmax, one rounding) and runs a dense GEMM; doing
-     * the same here reproduces its numerics exactly for every compute dtype. */
+    if (m == 0 || wi->shape[0] == 0) return FQ_OK;
+    if (rnd == FQ_F32) {
+        /* f32 compute: the fused 4-bit CPU kernels of fq_linear_4bit, with the
+         * caller's (planned) scratch instead of a per-call allocation. */
+        fq_cpu_linear4_args a = {x->buf.ptr, FQ_F32, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : FQ_F32,
+                                 y->buf.ptr, FQ_F32, m, fq_w4_view_of(w)};
+        fq_cpu_isa isa = fq_cpu_isa_best();
+        fq_cpu_linear4(ctx, q4_kernel(ctx, m, w, isa), isa, &a, scratch ? scratch->buf.ptr : NULL);
+        return FQ_OK;
+    }
+    /* bf16/f16 compute: bitsandbytes' Linear4bit with M > 1 rows dequantizes the
+     * weight to the compute dtype (f32 code*absmax, one rounding) and runs a
+     * dense GEMM; doing the same here reproduces its numerics exactly. */
     float *wf = F(scratch), *spare = wf + wi->numel;
     const float *absmax = w->m[FQ_QMEMBER_ABSMAX].ptr;
     if (wi->double_quant) {

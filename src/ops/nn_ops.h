@@ -49,10 +49,11 @@ fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq
 
 /* ---- linear layers ------------------------------------------------------------ */
 
-/* Scratch floats fq_nn_linear / fq_nn_linear_q4 need for a weight [n, k]
- * (0 when the weight and bias are f32 and dense). */
+/* Scratch floats fq_nn_linear needs for a weight [n, k] (0 when the weight and
+ * bias are f32 and dense), and fq_nn_linear_q4 for m rows of x with compute
+ * dtype rnd (it depends on the kernel the context's setting picks). */
 int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias);
-int64_t fq_nn_linear_q4_scratch(const fq_qtensor *w, const fq_tensor *bias);
+int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd);
 
 /* y[..., N] = rnd(x[..., K] · w[N,K]ᵀ + bias[N]) with f32 accumulation. w and
  * bias (may be NULL) in any float dtype; f16/bf16 values are widened exactly
@@ -60,9 +61,10 @@ int64_t fq_nn_linear_q4_scratch(const fq_qtensor *w, const fq_tensor *bias);
  * that is 0). */
 fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_tensor *bias,
                        fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
-/* The same with a 4-bit weight (every member of its state on y's device). With
- * rnd = bf16/f16 the dequantized weight is rounded to that dtype first, as
- * bitsandbytes dequantizes to the compute dtype before its GEMM. */
+/* The same with a 4-bit weight (every member of its state on y's device).
+ * rnd = f32 runs the fused 4-bit kernels of fq_linear_4bit (fq_ctx_set_linear_kernel
+ * applies); rnd = bf16/f16 dequantizes the weight rounded to that dtype and runs a
+ * dense GEMM, as bitsandbytes does, so its outputs are reproduced exactly. */
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
 
