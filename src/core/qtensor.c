@@ -157,7 +157,7 @@ fq_status fq_qtensor_copy_to(fq_ctx *ctx, const fq_qtensor *q, fq_device dev, fq
 
 fq_status fq_qtensor_move(fq_ctx *ctx, fq_qtensor *q, fq_device dev) {
     if (fq_device_equal(q->info.device, dev)) return fq_check_qtensor(ctx, "move", q, dev);
-    fq_qtensor *c;
+    fq_qtensor *c = NULL;
     FQ_TRY(clone_onto(ctx, q, dev, &c));
     /* Swap: q takes the new allocation; the old one is freed with c. */
     fq_qtensor tmp = *q;
