@@ -5,6 +5,7 @@
  * broken checkpoints (built at test time in a temporary folder). */
 #include "check.h"
 #include "core/core.h"
+#include "core/qtensor.h"
 #include "io/safetensors.h"
 #include "models/flux.h"
 #include "ops/nn_ops.h"
@@ -434,6 +435,17 @@ static char *replace(const char *s, const char *from, const char *to) {
     return r;
 }
 
+static int copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb"), *b = fopen(to, "wb");
+    int ok = a && b;
+    char buf[65536];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
+    if (a) fclose(a);
+    if (b && fclose(b) != 0) ok = 0;
+    return ok;
+}
+
 typedef enum { EDIT_NONE, EDIT_DROP, EDIT_RESHAPE, EDIT_EXTRA } edit_kind;
 
 /* Writes a copy of the f32 model's tensors into folder dir (one file, or two
@@ -585,7 +597,21 @@ static void test_bad_checkpoints(fq_ctx *ctx, const float *ref, int64_t nref) {
     set_config(dir, "\"axes_dims_rope\": [\n    4,", "\"axes_dims_rope\": [\n    6,");
     expect_fail(ctx, "config: rope axes", dir, FQ_ERR_FORMAT, "axes_dims_rope");
     rm_folder(dir);
+
+    /* 4-bit weights with a config.json that has no quantization_config */
+    snprintf(dir, sizeof dir, "%s/nf4_nocfg", base);
+    mkdir(dir, 0700);
+    char p[600];
+    snprintf(p, sizeof p, "%s/diffusion_pytorch_model.safetensors", dir);
+    CHECK(copy_file(FIX "/flux/model_nf4/diffusion_pytorch_model.safetensors", p), "copy nf4");
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    CHECK(copy_file(FIX "/flux/model_fp32/config.json", p), "copy config");
+    expect_fail(ctx, "4-bit, no quant config", dir, FQ_ERR_FORMAT, "quantization_config");
+    rm_folder(dir);
     rmdir(base);
+
+    /* a BFL file needs a config.json: none beside it and none given */
+    expect_fail(ctx, "BFL without config", FIX "/flux/model_bfl_fp32.safetensors", FQ_ERR_IO, "config.json");
 }
 
 /* Forward input checks name the input. */
@@ -627,6 +653,45 @@ static void test_bad_inputs(fq_ctx *ctx) {
     fq_flux_free(m);
 }
 
+/* diffusers#10798 in this model: one member of one 4-bit weight's state left on
+ * another device makes the forward fail with an error naming weight, member and
+ * devices, before any kernel runs. */
+static void test_misplaced_member(fq_ctx *ctx) {
+    fq_flux_load_params lp = fq_flux_load_default_params();
+    fq_flux_model *m = NULL;
+    CHECK_OK(ctx, fq_flux_load(ctx, FIX "/flux/model_nf4", &lp, &m));
+    if (!m) return;
+    CHECK(m->quantized && m->blocks[1].to_k.qw, "4-bit to_k");
+    CHECK_OK(ctx, fq_test_misplace_member(ctx, m->blocks[1].to_k.qw, FQ_QMEMBER_QUANT_MAP, FQ_CUDA(1)));
+    /* run() CHECKs success; call the pieces here to expect the failure instead */
+    fq_flux_plan *p = NULL;
+    CHECK_OK(ctx, fq_flux_plan_create(ctx, m, 2, 7, 48, &p));
+    fq_st_file *in = NULL;
+    CHECK_OK(ctx, fq_st_open(ctx, FIX "/flux/inputs.safetensors", &in));
+    if (p && in) {
+        fq_tensor *t[7];
+        const char *k[7] = {"bf16.hidden_states", "bf16.encoder_hidden_states", "bf16.pooled_projections",
+                            "bf16.timestep", "bf16.guidance", "bf16.img_ids", "bf16.txt_ids"};
+        for (int i = 0; i < 7; i++) t[i] = input(ctx, in, k[i]);
+        fq_flux_inputs fi = {t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
+        int64_t osh[3] = {2, 48, 8};
+        fq_tensor *out = NULL;
+        fq_tensor_create(ctx, FQ_CPU, FQ_F32, 3, osh, &out);
+        fq_status s = fq_flux_forward(ctx, m, p, &fi, out);
+        const char *e = fq_ctx_error(ctx);
+        printf("misplaced quant_map -> %s: %s\n", fq_status_str(s), e);
+        CHECK(s == FQ_ERR_DEVICE_MISMATCH, "misplaced member: %s", fq_status_str(s));
+        CHECK(strstr(e, "transformer_blocks.1.attn.to_k.weight") && strstr(e, "quant_map") && strstr(e, "cuda:1") &&
+                  strstr(e, "cpu"),
+              "message names weight, member and devices: %s", e);
+        fq_tensor_free(out);
+        for (int i = 0; i < 7; i++) fq_tensor_free(t[i]);
+    }
+    fq_st_close(in);
+    fq_flux_plan_free(p);
+    fq_flux_free(m);
+}
+
 int main(void) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
@@ -648,6 +713,7 @@ int main(void) {
     test_compute_override(ctx);
     test_bad_checkpoints(ctx, y32, 2 * 48 * 8);
     test_bad_inputs(ctx);
+    test_misplaced_member(ctx);
     free(y32);
     free(y32s);
     fq_ctx_free(ctx);

@@ -23,7 +23,7 @@ static fq_status cfg_int(fq_ctx *ctx, const cJSON *j, const char *key, int64_t *
     const cJSON *n = cJSON_GetObjectItemCaseSensitive(j, key);
     if (!n || (allow_null && cJSON_IsNull(n))) return FQ_OK;
     if (!cJSON_IsNumber(n) || !fq_json_get_int64(n, v))
-        return fq_err(ctx, FQ_ERR_FORMAT, "config.json: '%s' is not an integer", key);
+        return fq_err(ctx, FQ_ERR_FORMAT, "'%s' is not an integer", key);
     return FQ_OK;
 }
 
@@ -37,7 +37,7 @@ fq_status fq_flux_config_from_json(fq_ctx *ctx, const struct cJSON *json, fq_flu
                         .axes_dims_rope = {16, 56, 56}};
     const cJSON *cls = cJSON_GetObjectItemCaseSensitive(j, "_class_name");
     if (cls && (!cJSON_IsString(cls) || strcmp(cls->valuestring, "FluxTransformer2DModel") != 0))
-        return fq_err(ctx, FQ_ERR_FORMAT, "config.json: '_class_name' is %s%s%s, not FluxTransformer2DModel",
+        return fq_err(ctx, FQ_ERR_FORMAT, "'_class_name' is %s%s%s, not FluxTransformer2DModel",
                       cJSON_IsString(cls) ? "'" : "", cJSON_IsString(cls) ? cls->valuestring : "not a string",
                       cJSON_IsString(cls) ? "'" : "");
     FQ_TRY(cfg_int(ctx, j, "patch_size", &d.patch_size, 0));
@@ -51,17 +51,17 @@ fq_status fq_flux_config_from_json(fq_ctx *ctx, const struct cJSON *json, fq_flu
     FQ_TRY(cfg_int(ctx, j, "pooled_projection_dim", &d.pooled_projection_dim, 0));
     const cJSON *g = cJSON_GetObjectItemCaseSensitive(j, "guidance_embeds");
     if (g) {
-        if (!cJSON_IsBool(g)) return fq_err(ctx, FQ_ERR_FORMAT, "config.json: 'guidance_embeds' is not a boolean");
+        if (!cJSON_IsBool(g)) return fq_err(ctx, FQ_ERR_FORMAT, "'guidance_embeds' is not a boolean");
         d.guidance_embeds = cJSON_IsTrue(g);
     }
     const cJSON *ax = cJSON_GetObjectItemCaseSensitive(j, "axes_dims_rope");
     if (ax) {
         if (!cJSON_IsArray(ax) || cJSON_GetArraySize(ax) != 3)
-            return fq_err(ctx, FQ_ERR_FORMAT, "config.json: 'axes_dims_rope' is not a list of 3 integers");
+            return fq_err(ctx, FQ_ERR_FORMAT, "'axes_dims_rope' is not a list of 3 integers");
         int i = 0;
         for (const cJSON *e = ax->child; e; e = e->next, i++)
             if (!fq_json_get_int64(e, &d.axes_dims_rope[i]))
-                return fq_err(ctx, FQ_ERR_FORMAT, "config.json: 'axes_dims_rope' is not a list of 3 integers");
+                return fq_err(ctx, FQ_ERR_FORMAT, "'axes_dims_rope' is not a list of 3 integers");
     }
     const int64_t lim = (int64_t)1 << 24; /* sizes beyond this are nonsense, and keep products in range */
     struct { const char *k; int64_t v, lo; } f[] = {
@@ -72,21 +72,21 @@ fq_status fq_flux_config_from_json(fq_ctx *ctx, const struct cJSON *json, fq_flu
         {"pooled_projection_dim", d.pooled_projection_dim, 1}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].v < f[i].lo || f[i].v > lim)
-            return fq_err(ctx, FQ_ERR_FORMAT, "config.json: '%s' = %lld is out of range", f[i].k, (long long)f[i].v);
+            return fq_err(ctx, FQ_ERR_FORMAT, "'%s' = %lld is out of range", f[i].k, (long long)f[i].v);
     if (d.num_layers > 4096 || d.num_single_layers > 4096 || d.attention_head_dim > 4096)
-        return fq_err(ctx, FQ_ERR_FORMAT, "config.json: layer counts or head dim out of range");
+        return fq_err(ctx, FQ_ERR_FORMAT, "layer counts or head dim out of range");
     int64_t sum = 0;
     for (int i = 0; i < 3; i++) {
         if (d.axes_dims_rope[i] < 0 || d.axes_dims_rope[i] % 2)
-            return fq_err(ctx, FQ_ERR_FORMAT, "config.json: 'axes_dims_rope' entries must be even and >= 0");
+            return fq_err(ctx, FQ_ERR_FORMAT, "'axes_dims_rope' entries must be even and >= 0");
         sum += d.axes_dims_rope[i];
     }
     if (sum != d.attention_head_dim)
-        return fq_err(ctx, FQ_ERR_FORMAT, "config.json: 'axes_dims_rope' sums to %lld but 'attention_head_dim' is %lld",
+        return fq_err(ctx, FQ_ERR_FORMAT, "'axes_dims_rope' sums to %lld but 'attention_head_dim' is %lld",
                       (long long)sum, (long long)d.attention_head_dim);
     if (d.out_channels == 0) d.out_channels = d.in_channels;
     d.inner_dim = d.num_attention_heads * d.attention_head_dim;
-    if (d.inner_dim > lim) return fq_err(ctx, FQ_ERR_FORMAT, "config.json: inner dim out of range");
+    if (d.inner_dim > lim) return fq_err(ctx, FQ_ERR_FORMAT, "inner dim out of range");
     d.mlp_dim = 4 * d.inner_dim; /* int(dim * mlp_ratio) with mlp_ratio = 4.0 */
     d.out_dim = d.patch_size * d.patch_size * d.out_channels;
     *c = d;
@@ -446,6 +446,10 @@ static fq_status load_all(loader *L, const char *path, const fq_flux_load_params
     L->bfl = p->layout == FQ_FLUX_LAYOUT_BFL || (p->layout == FQ_FLUX_LAYOUT_AUTO && !folder);
     char cfgp[4096];
     FQ_TRY(config_file(ctx, path, folder, p->config_path, cfgp, sizeof cfgp));
+    struct stat sb;
+    if (L->bfl && !p->config_path && stat(cfgp, &sb) != 0)
+        return fq_err(ctx, FQ_ERR_IO, "flux: %s is a BFL single file, which holds no config; no %s beside it "
+                      "(pass the diffusers transformer config.json as config_path)", path, cfgp);
     cJSON *cfg = NULL;
     FQ_TRY(fq_config_read(ctx, cfgp, &cfg));
     fq_status s = fq_flux_config_from_json(ctx, cfg, &L->m->cfg);
