@@ -199,7 +199,7 @@ static float *run(fq_ctx *ctx, const run_spec *rs, tapper *tp, int64_t *numel, f
     /* one item of the batch: views of rows of the batched inputs */
     fq_tensor v[5];
     for (int i = 0; i < 5; i++)
-        if (t[i] && rs->batch_item >= 0) v[i] = fq_view_rows(t[i], rs->batch_item, 1);
+        if (t[i] && rs->batch_item >= 0) v[i] = fq_nn_view_rows(t[i], rs->batch_item, 1);
     fq_tensor *u[5];
     for (int i = 0; i < 5; i++) u[i] = t[i] && rs->batch_item >= 0 ? &v[i] : t[i];
     fq_flux_inputs fi = {u[0], u[1], u[2], u[3], u[4], t[5], t[6]};
@@ -401,6 +401,34 @@ static void test_compute_override(fq_ctx *ctx) {
     }
     fq_flux_free(mq);
     free(y);
+}
+
+/* A BFL file as ComfyUI saves it ("model.diffusion_model." on every key) loads too. */
+static void test_bfl_prefixed(fq_ctx *ctx, const float *ref, int64_t nref) {
+    char tmpl[] = "/tmp/fluxq_test_bfl_XXXXXX";
+    char *dir = mkdtemp(tmpl);
+    if (!dir || !ref) return;
+    char path[600], name[300];
+    snprintf(path, sizeof path, "%s/flux1-tiny.safetensors", dir);
+    fq_st_file *src = NULL;
+    fq_st_writer *w = NULL;
+    CHECK_OK(ctx, fq_st_open(ctx, FIX "/flux_schnell/model_bfl_fp32.safetensors", &src));
+    CHECK_OK(ctx, fq_st_writer_create(ctx, &w));
+    for (int64_t i = 0; src && w && i < fq_st_count(src); i++) {
+        const fq_st_tensor *t = fq_st_get(src, i);
+        snprintf(name, sizeof name, "model.diffusion_model.%s", t->name);
+        CHECK_OK(ctx, fq_st_writer_add(ctx, w, name, t->dtype, t->ndim, t->shape, t->data, t->nbytes, 0));
+    }
+    if (w) CHECK_OK(ctx, fq_st_writer_commit(ctx, w, path));
+    fq_st_writer_free(w);
+    fq_st_close(src);
+    run_spec rs = {"flux_schnell", path, "model_fp32", 0, -1, -1, NULL, 0};
+    int64_t n = 0;
+    float *y = run(ctx, &rs, NULL, &n, NULL);
+    CHECK(y && n == nref && memcmp(y, ref, sizeof(float) * (size_t)n) == 0, "prefixed BFL file: same output");
+    free(y);
+    unlink(path);
+    rmdir(dir);
 }
 
 /* ---- broken checkpoints ------------------------------------------------------------------ */
@@ -647,6 +675,24 @@ static void test_bad_inputs(fq_ctx *ctx) {
         s = fq_flux_forward(ctx, m, p, &in, out);
         CHECK(s == FQ_ERR_INVALID_ARG && strstr(fq_ctx_error(ctx), "guidance"), "missing guidance: %s", fq_ctx_error(ctx));
     }
+    /* no text tokens at all: a valid (if odd) call */
+    fq_flux_plan *p0 = NULL;
+    CHECK_OK(ctx, fq_flux_plan_create(ctx, m, 1, 0, 4, &p0));
+    int64_t s_ctx0[3] = {1, 0, 32}, s_txt0[2] = {0, 3};
+    fq_tensor *cx0 = NULL, *txt0 = NULL;
+    fq_tensor_create(ctx, FQ_CPU, FQ_F32, 3, s_ctx0, &cx0);
+    fq_tensor_create(ctx, FQ_CPU, FQ_F32, 2, s_txt0, &txt0);
+    fq_flux_inputs in0 = {hs, cx0, pool, t, g, img, txt0};
+    if (p0) {
+        CHECK_OK(ctx, fq_flux_forward(ctx, m, p0, &in0, out));
+        const float *o = fq_tensor_host_data(out);
+        int finite = 1;
+        for (int64_t i = 0; i < fq_tensor_numel(out); i++) finite &= isfinite(o[i]) != 0;
+        CHECK(finite, "finite output with 0 text tokens");
+    }
+    fq_tensor_free(cx0);
+    fq_tensor_free(txt0);
+    fq_flux_plan_free(p0);
     fq_tensor_free(bad);
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) fq_tensor_free(all[i]);
     fq_flux_plan_free(p);
@@ -705,6 +751,7 @@ int main(void) {
     test_f32(ctx, "flux_schnell", "activations_fp32_cuda.safetensors", &y32s);
     test_bfl(ctx, "flux", y32, 2 * 48 * 8);
     test_bfl(ctx, "flux_schnell", y32s, 1 * 16 * 4);
+    test_bfl_prefixed(ctx, y32s, 1 * 16 * 4);
     test_bf16_like(ctx, "model_bf16", "out.bf16_cuda", "activations_bf16_cuda.safetensors", 0.05);
     test_bf16_like(ctx, "model_nf4", "out.model_nf4", NULL, 0.05);
     test_bf16_like(ctx, "model_nf4_dq", "out.model_nf4_dq", NULL, 0.05);

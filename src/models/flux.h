@@ -124,7 +124,10 @@ void fq_flux_free(fq_flux_model *m);
 /* ---- forward ------------------------------------------------------------------------ */
 
 /* The activation arena for one (batch, St, Si), allocated once on the model's
- * device; a forward allocates nothing. Owned by the caller (fq_flux_plan_free). */
+ * device; a forward allocates nothing. Its linear scratch is sized for the
+ * context's fq_ctx_set_linear_kernel setting at plan time (a later change can
+ * make a forward fail with a scratch-size error, never overrun). The model must
+ * outlive the plan. Owned by the caller (fq_flux_plan_free). */
 typedef struct fq_flux_plan fq_flux_plan;
 
 fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch, int64_t txt_tokens,

@@ -159,20 +159,20 @@ void fq_flux_plan_set_tap(fq_flux_plan *p, fq_flux_tap_fn fn, void *user) {
 
 /* A buffer with its planned shape. */
 static fq_tensor V(const fq_flux_plan *p, int id) {
-    return fq_view(&p->arena, p->off[id], FQ_F32, p->ndim[id], p->shape[id], g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], FQ_F32, p->ndim[id], p->shape[id], g_buf_names[id]);
 }
 
 /* A buffer seen with another shape of at most its planned size. */
 static fq_tensor V2(const fq_flux_plan *p, int id, int64_t a, int64_t b) {
     int64_t sh[2] = {a, b};
     FQ_ASSERT(a * b <= p->cap[id]);
-    return fq_view(&p->arena, p->off[id], FQ_F32, 2, sh, g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], FQ_F32, 2, sh, g_buf_names[id]);
 }
 
 static fq_tensor V3(const fq_flux_plan *p, int id, int64_t a, int64_t b, int64_t c) {
     int64_t sh[3] = {a, b, c};
     FQ_ASSERT(a * b * c <= p->cap[id]);
-    return fq_view(&p->arena, p->off[id], FQ_F32, 3, sh, g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], FQ_F32, 3, sh, g_buf_names[id]);
 }
 
 static void tap(const fq_flux_plan *p, const fq_tensor *t, const char *fmt, ...) {
@@ -362,7 +362,7 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     FQ_TRY(fq_nn_cast(ctx, in->pooled_projections, &pin, cd));
 
     /* RoPE over cat(txt_ids, img_ids): positions as f32, angles in f64. */
-    fq_tensor ids_t = fq_view_rows(&ids, 0, p->St), ids_i = fq_view_rows(&ids, p->St, p->Si);
+    fq_tensor ids_t = fq_nn_view_rows(&ids, 0, p->St), ids_i = fq_nn_view_rows(&ids, p->St, p->Si);
     FQ_TRY(fq_nn_cast(ctx, in->txt_ids, &ids_t, FQ_F32));
     FQ_TRY(fq_nn_cast(ctx, in->img_ids, &ids_i, FQ_F32));
     FQ_TRY(fq_nn_rope_table(ctx, &ids, c->axes_dims_rope, 10000.0, &cos_t, &sin_t));

@@ -101,6 +101,7 @@ typedef struct {
     const char *path;
     fq_device dev;
     int bfl;
+    const char *prefix;            /* "" or ComfyUI's "model.diffusion_model." (BFL) */
     fq_flux_model *m;
     int have_bnb;                  /* config has a quantization_config */
     fq_bnb_config bnb;
@@ -177,7 +178,9 @@ static fq_status load_rows(loader *L, const char *key, int64_t file_rows, int nd
 
 static fq_status load_vec(loader *L, const char *key, int64_t n, fq_tensor **out) {
     piece all = {0, n};
-    return load_rows(L, key, n, 1, &n, &all, 1, out);
+    char full[256];
+    snprintf(full, sizeof full, "%s%s", L->prefix, key);
+    return load_rows(L, full, n, 1, &n, &all, 1, out);
 }
 
 /* A linear layer whose weight is `base`.weight (rows as pieces of file_rows) and
@@ -185,8 +188,8 @@ static fq_status load_vec(loader *L, const char *key, int64_t n, fq_tensor **out
 static fq_status load_linear_rows(loader *L, const char *base, int64_t file_rows, int64_t in, const piece *pc,
                                   int npc, fq_flux_linear *out) {
     char wk[256], bk[256];
-    snprintf(wk, sizeof wk, "%s.weight", base);
-    snprintf(bk, sizeof bk, "%s.bias", base);
+    snprintf(wk, sizeof wk, "%s%s.weight", L->prefix, base);
+    snprintf(bk, sizeof bk, "%s%s.bias", L->prefix, base);
     int64_t rows = 0;
     for (int i = 0; i < npc; i++) rows += pc[i].nrows;
     fq_quant_type qt;
@@ -472,6 +475,8 @@ static fq_status load_all(loader *L, const char *path, const fq_flux_load_params
     } else {
         for (int64_t i = 0; i < L->n; i++) L->names[i] = fq_st_set_get(set, i)->name;
         qsort(L->names, (size_t)L->n, sizeof *L->names, cmp_str);
+        /* BFL checkpoints saved by ComfyUI carry this prefix on every key */
+        L->prefix = L->bfl && fq_st_set_find(set, "model.diffusion_model.img_in.weight") ? "model.diffusion_model." : "";
         s = L->bfl ? load_bfl(L) : load_diffusers(L);
         if (s == FQ_OK) s = check_leftovers(L);
         if (s == FQ_OK && L->have_bnb && !L->m->quantized)
@@ -496,7 +501,7 @@ fq_status fq_flux_load(fq_ctx *ctx, const char *path, const fq_flux_load_params 
     if (!m) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux: out of host memory");
     m->device = p.device;
     m->weight_dtype = FQ_DTYPE_COUNT; /* "none seen yet" */
-    loader L = {.ctx = ctx, .path = path, .dev = p.device, .m = m};
+    loader L = {.ctx = ctx, .path = path, .dev = p.device, .m = m, .prefix = ""};
     fq_status s = load_all(&L, path, &p);
     if (L.have_bnb) fq_bnb_config_clear(&L.bnb);
     if (s != FQ_OK) {

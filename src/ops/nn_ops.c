@@ -10,7 +10,7 @@
 
 /* ---- views -------------------------------------------------------------------- */
 
-fq_tensor fq_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
+fq_tensor fq_nn_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
                   const char *name) {
     fq_tensor t;
     memset(&t, 0, sizeof t);
@@ -25,7 +25,7 @@ fq_tensor fq_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, c
     return t;
 }
 
-fq_tensor fq_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows) {
+fq_tensor fq_nn_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows) {
     fq_tensor v = *t;
     int64_t row = t->ndim > 1 ? t->numel / t->shape[0] : 1;
     v.shape[0] = nrows;

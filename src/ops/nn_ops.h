@@ -24,10 +24,10 @@
  * activation arena). Never pass a view to fq_tensor_free. `name` (a string that
  * outlives the view, e.g. a literal) is what error messages call it. The caller
  * guarantees that the range lies inside base (the plan that sized the arena). */
-fq_tensor fq_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
+fq_tensor fq_nn_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim, const int64_t *shape,
                   const char *name);
 /* A view of rows [r0, r0 + nrows) of a contiguous tensor, as [nrows, rest...]. */
-fq_tensor fq_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows);
+fq_tensor fq_nn_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows);
 
 /* ---- elementwise -------------------------------------------------------------- */
 
