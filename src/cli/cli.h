@@ -32,5 +32,7 @@ int cmd_dequantize(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+int cmd_forward(int argc, char **argv);
+int cmd_audit(int argc, char **argv);
 
 #endif

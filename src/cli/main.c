@@ -15,7 +15,9 @@ static void usage(FILE *f) {
             "  quantize     IN OUT: quantize a safetensors file or diffusers folder to NF4/FP4\n"
             "  dequantize   IN OUT: turn a bitsandbytes 4-bit checkpoint back into floats\n"
             "  inspect      PATH: list tensors, quantization states, totals and problems\n"
-            "  bench        quant|linear: benchmarks against a copy / cuBLAS baseline\n"
+            "  forward      one FLUX transformer forward from a safetensors of inputs\n"
+            "  audit        list every buffer of a loaded model with its device\n"
+            "  bench        quant|linear|flux: benchmarks against a copy / cuBLAS baseline\n"
             "  devices      list the devices fluxq can use\n"
             "  version      print the version\n"
             "\n"
@@ -42,6 +44,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "demo")) return cmd_demo(argc - 1, argv + 1);
+    if (!strcmp(cmd, "forward")) return cmd_forward(argc - 1, argv + 1);
+    if (!strcmp(cmd, "audit")) return cmd_audit(argc - 1, argv + 1);
     fprintf(stderr, "fluxq: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return EXIT_USAGE;
