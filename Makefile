@@ -16,6 +16,10 @@ CUDA_ARCHS ?= 80 86 89 90
 WARN     := -Wall -Wextra -Werror
 CFLAGS   := -std=c11 -D_GNU_SOURCE -O2 -g -fPIC -pthread $(WARN) -Iinclude -Isrc
 LDLIBS   := -lcjson -lopenblas -lm -lpthread
+# Extra include/library directories for machines where a dependency is unpacked
+# by hand (scripts/gpu-run.sh): make EXTRA_CFLAGS=-I... EXTRA_LDFLAGS=-L...
+CFLAGS   += $(EXTRA_CFLAGS)
+LDFLAGS  += $(EXTRA_LDFLAGS)
 ifeq ($(SAN),1)
   SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
   CFLAGS   += $(SANFLAGS) -O1
@@ -33,6 +37,8 @@ ifeq ($(CUDA),1)
              $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
              --expt-relaxed-constexpr
   LDLIBS  += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static -ldl -lrt -Wl,-rpath,$(CUDA_HOME)/lib64
+  # nvcc's kernel launch stubs use guarded statics and EH personality (libstdc++).
+  LDLIBS  += -lstdc++
 endif
 
 OBJ := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_S:%.S=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.o)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Build, test and benchmark fluxq on the lent GPU machine in one run, writing
+# logs and result tables under $OUT (at most 8 files).
+#
+#   scripts/gpu-run.sh [all|build|test|bench|multi]     (default: all)
+#     build  unpack .deps/*.deb (cJSON is not installed there) and build for sm_90
+#     test   build, then `make test` (every test; the CUDA ones run on each GPU)
+#     bench  build, then bench_quant on the CPU and every GPU (table + JSON)
+#     all    build + test + bench
+#     multi  for the 2-GPU machine: build, test_multi_gpu (with its
+#            --only-cuda1 NVML / context check), test_cuda_quant --quick on both
+#            GPUs, bench_quant on each GPU
+#
+# Files: build.log, test.log, bench_quant.txt, bench_quant.json, multi.log,
+# summary.txt. Exit status: 0 when every step that ran succeeded.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+WHAT="${1:-all}"
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+JOBS="$(nproc 2>/dev/null || echo 8)"
+DEPS=/tmp/deps
+SUMMARY="$OUT/summary.txt"
+STATUS=0
+
+note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
+
+case "$WHAT" in all|build|test|bench|multi) ;; *) echo "usage: $0 [all|build|test|bench|multi]" >&2; exit 2 ;; esac
+
+: > "$SUMMARY"
+note "fluxq gpu-run: $WHAT, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=index,name,pci.bus_id,driver_version,memory.used,memory.total --format=csv 2>&1 | tee -a "$SUMMARY"
+else
+    note "nvidia-smi: not available"
+fi
+
+# ---- dependencies carried as .deb files: unpack under /tmp, never into / ----
+if ls .deps/*.deb >/dev/null 2>&1; then
+    mkdir -p "$DEPS"
+    for d in .deps/*.deb; do dpkg -x "$d" "$DEPS" || note "dpkg -x $d failed"; done
+fi
+LIBDIR="$DEPS/usr/lib/x86_64-linux-gnu"
+export LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+MAKEVARS=(CUDA_ARCHS=90 "EXTRA_CFLAGS=-I$DEPS/usr/include" "EXTRA_LDFLAGS=-L$LIBDIR -Wl,-rpath,$LIBDIR")
+
+# ---- build ----
+start=$(date +%s)
+if make -j"$JOBS" "${MAKEVARS[@]}" > "$OUT/build.log" 2>&1; then
+    note "build: ok ($(( $(date +%s) - start )) s)"
+else
+    note "build: FAILED (see build.log):"
+    grep -E 'error|undefined' "$OUT/build.log" | head -n 20 | tee -a "$SUMMARY"
+    exit 1
+fi
+[ "$WHAT" = build ] && exit 0
+
+# ---- tests ----
+if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
+    start=$(date +%s)
+    if make "${MAKEVARS[@]}" test > "$OUT/test.log" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
+    note "make test: $r ($(( $(date +%s) - start )) s): $(tail -n 1 "$OUT/test.log")"
+    # the lines worth recording: golden counts, CPU==CUDA counts, rcp table, 2^31, multi-GPU
+    grep -E '^(cuda:[0-9]+:|golden:|multi-gpu|only-cuda1|FAIL|CRASH)' "$OUT/test.log" | head -n 60 | tee -a "$SUMMARY"
+fi
+
+# ---- benchmarks ----
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+    if build/bench/bench_quant --json "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
+    note "bench_quant: $r"
+    cat "$OUT/bench_quant.txt" >> "$SUMMARY"
+fi
+
+# ---- two GPUs ----
+if [ "$WHAT" = multi ]; then
+    {
+        echo "== test_multi_gpu"
+        build/tests/test_multi_gpu; echo "exit $?"
+        echo "== nvidia-smi after the run (nothing of ours should remain)"
+        nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv 2>&1
+        echo "== test_cuda_quant --quick (every GPU)"
+        build/tests/test_cuda_quant --quick; echo "exit $?"
+    } > "$OUT/multi.log" 2>&1
+    grep -q '^test_multi_gpu: .* 0 failed' "$OUT/multi.log" && grep -q '^test_cuda_quant: .* 0 failed' "$OUT/multi.log" \
+        && r=ok || { r=FAILED; STATUS=1; }
+    note "multi: $r"
+    grep -E '^(only-cuda1|multi-gpu|cuda:[0-9]+:|test_multi_gpu|test_cuda_quant|FAIL|CRASH|skip)' "$OUT/multi.log" | tee -a "$SUMMARY"
+    if build/bench/bench_quant --device cuda --json "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
+    note "bench_quant (every GPU): $r"
+    cat "$OUT/bench_quant.txt" >> "$SUMMARY"
+fi
+exit $STATUS
