@@ -81,16 +81,19 @@ template <> struct fq_vec<__nv_bfloat16> {
     }
 };
 
-/* Persistent-grid size: enough CTAs to fill every SM of the stream's device
- * (queried per call: no process-wide cache of device attributes). */
+/* Persistent-grid size: at most what fills every SM of the stream's device
+ * (queried per call: no process-wide cache of device attributes), then
+ * trimmed so that every CTA walks the same number of tiles (no tail round in
+ * which a few CTAs work alone; the bytes in flight stay ample). */
 static inline cudaError_t fq_grid_for(cudaStream_t stream, int64_t tiles, int ctas_per_sm, int *grid) {
     int dev = 0, sms = 0;
     cudaError_t e = cudaStreamGetDevice(stream, &dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return e;
-    int64_t g = (int64_t)(sms > 0 ? sms : 1) * ctas_per_sm;
-    if (tiles < g) g = tiles;
-    *grid = (int)(g > 0 ? g : 1);
+    int64_t maxg = (int64_t)(sms > 0 ? sms : 1) * ctas_per_sm;
+    if (tiles < 1) tiles = 1;
+    int64_t per = (tiles + maxg - 1) / maxg; /* tiles per CTA */
+    *grid = (int)((tiles + per - 1) / per);
     return cudaSuccess;
 }
 
