@@ -147,7 +147,7 @@ static int pci_bus_id(int dev, char *buf, size_t n) {
         cudaDeviceGetAttribute(&bus, cudaDevAttrPciBusId, dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&slot, cudaDevAttrPciDeviceId, dev) != cudaSuccess)
         return 0;
-    snprintf(buf, n, "%08x:%02x:%02x.0", dom, bus, slot);
+    snprintf(buf, n, "%08X:%02X:%02X.0", dom, bus, slot); /* NVML's own spelling */
     return 1;
 }
 
@@ -221,7 +221,11 @@ static int only_cuda1(void) {
             printf("only-cuda1: NVML does not list our pid on GPU 1 either (pid namespace?): the driver's "
                    "context state above is the evidence\n");
     }
-    if (nvml) dlclose(nvml);
+    if (nvml) {
+        int (*shutdown)(void) = (int (*)(void))dlsym(nvml, "nvmlShutdown");
+        if (init && shutdown) (void)shutdown();
+        dlclose(nvml);
+    }
     fq_qtensor_free(qg);
     fq_qtensor_free(qc);
     fq_tensor_free(xg);
