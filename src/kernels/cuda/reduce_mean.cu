@@ -119,42 +119,48 @@ __device__ __forceinline__ float cta_sum(const float *__restrict__ x, const Mean
         return block_tree(leaf, P.w);
     }
     /* n >= 128: thread t reads vectors t + c*w, stepping w*ctas, one
-     * accumulator per vector lane. Each pass walks the steps for 8 of this
-     * lane's threads (8 vector loads in flight per step). */
+     * accumulator per vector lane. A pass handles 4 of this lane's threads
+     * and loads 4 steps of each at once (16 vector loads in flight); the
+     * adds then run in each thread's own order. */
     const int K = (int)(P.w / 32);
     const int64_t step = P.w * P.ctas;
-    float acc[16][4];
+    const int64_t tail = P.n % 4;
 #pragma unroll
-    for (int k = 0; k < 16; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.0f;
+    for (int h = 0; h < 16; h += 4) {
+        float acc[4][4];
 #pragma unroll
-    for (int h = 0; h < 16; h += 8) {
-        if (h >= K) break;
-        for (int64_t j0 = c * P.w; j0 * 4 + 3 < P.n; j0 += step) {
-            float4 v[8];
+        for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.0f;
+        if (h < K) {
+            for (int64_t j0 = c * P.w; j0 * 4 + 3 < P.n; j0 += 4 * step) {
+                float4 v[4][4];
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int64_t idx = j0 + lane + 32 * (h + k);
-                if (h + k < K && idx * 4 + 3 < P.n) v[k] = *reinterpret_cast<const float4 *>(x + idx * 4);
-                else v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
+                for (int u = 0; u < 4; u++)
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int64_t idx = j0 + lane + 32 * (h + k);
-                if (h + k < K && idx * 4 + 3 < P.n) {
-                    acc[h + k][0] = __fadd_rn(acc[h + k][0], v[k].x);
-                    acc[h + k][1] = __fadd_rn(acc[h + k][1], v[k].y);
-                    acc[h + k][2] = __fadd_rn(acc[h + k][2], v[k].z);
-                    acc[h + k][3] = __fadd_rn(acc[h + k][3], v[k].w);
-                }
+                    for (int k = 0; k < 4; k++) {
+                        const int64_t idx = j0 + u * step + lane + 32 * (h + k);
+                        v[u][k] = (h + k < K && idx * 4 + 3 < P.n) ? *reinterpret_cast<const float4 *>(x + idx * 4)
+                                                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        const int64_t idx = j0 + u * step + lane + 32 * (h + k);
+                        if (h + k < K && idx * 4 + 3 < P.n) {
+                            acc[k][0] = __fadd_rn(acc[k][0], v[u][k].x);
+                            acc[k][1] = __fadd_rn(acc[k][1], v[u][k].y);
+                            acc[k][2] = __fadd_rn(acc[k][2], v[u][k].z);
+                            acc[k][3] = __fadd_rn(acc[k][3], v[u][k].w);
+                        }
+                    }
             }
         }
-    }
-    /* The n % 4 tail goes to threads 0.. of CTA 0, after the vector loop. */
-    const int64_t tail = P.n % 4;
-    if (c == 0 && lane < tail) acc[0][0] = __fadd_rn(acc[0][0], x[P.n - tail + lane]);
+        /* The n % 4 tail goes to threads 0.. of CTA 0, after the vector loop. */
+        if (h == 0 && c == 0 && lane < tail) acc[0][0] = __fadd_rn(acc[0][0], x[P.n - tail + lane]);
 #pragma unroll
-    for (int k = 0; k < 16; k++)
-        leaf[k] = __fadd_rn(__fadd_rn(__fadd_rn(acc[k][0], acc[k][1]), acc[k][2]), acc[k][3]);
+        for (int k = 0; k < 4; k++)
+            leaf[h + k] = __fadd_rn(__fadd_rn(__fadd_rn(acc[k][0], acc[k][1]), acc[k][2]), acc[k][3]);
+    }
     return block_tree(leaf, P.w);
 }
 
@@ -232,7 +238,7 @@ extern "C" int fq_cuda_torch_mean(const float *x, int64_t n, float *out, cudaStr
     cudaError_t e = cudaStreamGetDevice(stream, &dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     if (e != cudaSuccess) return (int)e;
-    if (major >= 9 && P.ctas >= 2 * kWarps) {
+    if (major >= 9 && P.ctas >= 2) {
         /* Hopper and later: a cluster of 8 CTAs reads the input. */
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr[1];
