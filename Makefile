@@ -69,6 +69,18 @@ $(BUILD)/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
 
+# Hopper warpgroup-MMA kernels (*_sm90.cu) need sm_90a: compiled for that target
+# only, and only when 90 is among CUDA_ARCHS (otherwise they build as host stubs).
+ifneq ($(filter 90,$(CUDA_ARCHS)),)
+  NVFLAGS_SM90 := $(filter-out -gencode arch=compute_%,$(NVFLAGS)) \
+                  -gencode arch=compute_90a,code=sm_90a -DFQ_BUILD_SM90A
+else
+  NVFLAGS_SM90 := $(NVFLAGS)
+endif
+$(BUILD)/%_sm90.o: %_sm90.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS_SM90) -MMD -MP -c $< -o $@
+
 $(BUILD)/libfluxq.a: $(OBJ)
 	@rm -f $@
 	ar rcs $@ $^

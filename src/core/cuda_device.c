@@ -4,6 +4,7 @@
 #ifdef FQ_HAVE_CUDA
 #include "core/cuda_device.h"
 
+#include <cublasLt.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,12 +92,31 @@ void fq_cuda_dev_release_all(fq_ctx *ctx) {
         fq_cuda_guard g;
         if (fq_cuda_guard_enter(NULL, i, &g) == FQ_OK) {
             (void)cudaStreamSynchronize(d->stream);
+            fq_buf_free(&d->lin_scratch);
+            fq_buf_free(&d->lin_workspace);
+            if (d->blaslt) (void)cublasLtDestroy(d->blaslt);
             (void)cudaStreamDestroy(d->stream);
             fq_cuda_guard_exit(&g);
         }
         free(d);
         ctx->cuda[i] = NULL;
     }
+}
+
+fq_status fq_cuda_dev_blaslt(fq_ctx *ctx, fq_cuda_dev *d, struct cublasLtContext **out) {
+    if (!d->blaslt) {
+        fq_cuda_guard g;
+        FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
+        cublasLtHandle_t h = NULL;
+        cublasStatus_t st = cublasLtCreate(&h);
+        fq_cuda_guard_exit(&g);
+        if (st != CUBLAS_STATUS_SUCCESS)
+            return fq_err(ctx, st == CUBLAS_STATUS_ALLOC_FAILED ? FQ_ERR_OUT_OF_MEMORY : FQ_ERR_CUDA,
+                          "cuda:%d: cublasLtCreate failed: %s", d->index, cublasLtGetStatusString(st));
+        d->blaslt = h;
+    }
+    *out = d->blaslt;
+    return FQ_OK;
 }
 
 fq_status fq_cuda_alloc(fq_ctx *ctx, int device, size_t bytes, void **out) {

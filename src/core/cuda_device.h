@@ -20,6 +20,15 @@ typedef struct {
 fq_status fq_cuda_guard_enter(fq_ctx *ctx, int device, fq_cuda_guard *g);
 void fq_cuda_guard_exit(fq_cuda_guard *g);
 
+struct cublasLtContext; /* cublasLtHandle_t, without pulling cublasLt.h in here */
+
+/* One cached cuBLASLt algorithm choice (the 4-bit linear fallback). */
+typedef struct {
+    int64_t m, n, k;
+    int types; /* packed operand dtypes; 0 = empty slot */
+    uint64_t algo[8]; /* cublasLtMatmulAlgo_t */
+} fq_cuda_lin_algo;
+
 /* Per-device state, created on first use (under the guard). */
 typedef struct fq_cuda_dev {
     int index;
@@ -27,11 +36,21 @@ typedef struct fq_cuda_dev {
     int sm_count;
     int cc_major, cc_minor;
     size_t smem_optin;
+    /* 4-bit linear layers (src/ops/linear_cuda.c): created on first use on this
+     * device, released by fq_cuda_dev_release_all. */
+    struct cublasLtContext *blaslt; /* see fq_cuda_dev_blaslt                        */
+    fq_buffer lin_workspace;        /* cuBLASLt workspace                            */
+    fq_buffer lin_scratch;          /* dequantized weight and f32 results (fallback) */
+    unsigned lin_prepared;          /* bit i: kernel family i has its attributes set */
+    fq_cuda_lin_algo lin_algo[8];   /* cuBLASLt heuristic results, round robin       */
+    int lin_algo_next;
 } fq_cuda_dev;
 
 /* Returns the state of cuda:device (creating it), with the guard NOT left entered. */
 fq_status fq_cuda_dev_get(fq_ctx *ctx, int device, fq_cuda_dev **out);
 void fq_cuda_dev_release_all(fq_ctx *ctx);
+/* The cuBLASLt handle of d's device, created on first use (under its guard). */
+fq_status fq_cuda_dev_blaslt(fq_ctx *ctx, fq_cuda_dev *d, struct cublasLtContext **out);
 
 /* Turns a cudaError_t into a status with a message naming what failed and where. */
 fq_status fq_cuda_status(fq_ctx *ctx, cudaError_t e, const char *what, int device);

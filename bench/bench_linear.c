@@ -1,0 +1,745 @@
+/* Benchmark of the 4-bit linear layer y = x . W^T (x bf16 [M, K], W NF4 [N, K],
+ * blocksize 64, double quant by default, as in the FLUX.1 checkpoints) at the
+ * FLUX.1 shapes, with the baselines measured in the same run on the same card:
+ *
+ *   ours      fq_linear_4bit with the automatic kernel choice (the kernel is named)
+ *   cublas    cuBLASLt bf16 on a bf16 copy of W of the same shape
+ *   dq+blas   fq_linear_4bit forced to FQ_LINEAR_DEQUANT_BLAS (dequantize + cuBLASLt)
+ *   copy      a device-to-device cudaMemcpyAsync of 512 MiB (GB/s = read + written)
+ *
+ * Columns: times in microseconds; "x blas" = cublas time / ours (> 1: we are
+ * faster); TFLOP/s = 2MNK / time; "W GB/s" = bytes of the weight as stored (packed
+ * nibbles + absmax state for ours, bf16 for cuBLAS) / time; "W/copy" = ours' W GB/s
+ * over the copy's GB/s; "target" = the goal for this M (issue 3): M=1 W/copy >= 0.85
+ * and x blas >= 3; M=2,16,256,512 x blas > 1; M=4608 x blas >= 0.97.
+ *
+ * Timing: each measurement captures --iters calls into a CUDA graph on the
+ * device's stream and reports the median over --reps replays of (replay time /
+ * iters). The weights (ours and the bf16 copy) are rotated over enough copies to
+ * exceed 256 MiB, so that small-M runs read DRAM rather than L2; --no-rotate
+ * turns this off. --sweep also times every implementation and tile/split
+ * configuration that can run each case (for tuning the dispatcher).
+ *
+ * --device cpu runs fq_linear_4bit on the CPU instead (host clock, median of
+ * --iters calls, default M 1,16,256) with a memcpy bandwidth line.
+ *
+ * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
+ *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
+ *                     [--no-rotate] [--sweep] [--quick]
+ * (also: fluxq bench linear ...) */
+#include "core/core.h"
+#include "core/qtensor.h"
+#ifdef FQ_HAVE_CUDA
+#include "core/cuda_device.h"
+#include "kernels/cuda/linear_cuda.h"
+#include "ops/linear_internal.h"
+
+#include <cublasLt.h>
+#endif
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    int64_t n, k;
+} bl_shape;
+
+static const bl_shape k_shapes[] = {{3072, 3072},  {12288, 3072}, {3072, 12288}, {3072, 15360},
+                                    {18432, 3072}, {21504, 3072}, {3072, 4096}};
+static const int64_t k_ms[] = {1, 2, 16, 256, 512, 4608};
+
+typedef struct {
+    int64_t n, k, m;
+    char impl[48];
+    double us, us_blas, us_dq, tflops, wgbps, ratio, w_copy;
+    int target_ok; /* -1: no target */
+} bl_row;
+
+typedef struct {
+    bl_row *r;
+    int n, cap;
+    char card[264], device[16];
+    double copy_gbps;
+} bl_rows;
+
+static void add_row(bl_rows *rs, const bl_row *r) {
+    if (rs->n == rs->cap) {
+        int cap = rs->cap ? rs->cap * 2 : 64;
+        bl_row *nr = realloc(rs->r, (size_t)cap * sizeof *nr);
+        if (!nr) return;
+        rs->r = nr;
+        rs->cap = cap;
+    }
+    rs->r[rs->n++] = *r;
+}
+
+static uint64_t g_bl_rng = 0x8badf00ddeadbeefull;
+static uint32_t bl_rnd(void) {
+    g_bl_rng ^= g_bl_rng << 13;
+    g_bl_rng ^= g_bl_rng >> 7;
+    g_bl_rng ^= g_bl_rng << 17;
+    return (uint32_t)(g_bl_rng >> 16);
+}
+static float bl_unit(void) { return (float)(bl_rnd() >> 8) / 16777216.0f; }
+
+static uint16_t bl_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n ? v[n / 2] : 0.0;
+}
+
+/* A random 4-bit weight [n, k] on dev (random nibbles and scales: the kernels'
+ * speed does not depend on the values). */
+static fq_status bl_weight(fq_ctx *ctx, fq_device dev, int64_t n, int64_t k, int fp4, int dq, fq_qtensor **out) {
+    fq_qtensor_info info;
+    memset(&info, 0, sizeof info);
+    info.type = fp4 ? FQ_QUANT_FP4 : FQ_QUANT_NF4;
+    info.blocksize = 64;
+    info.double_quant = dq;
+    info.orig_dtype = FQ_BF16;
+    info.ndim = 2;
+    info.shape[0] = n;
+    info.shape[1] = k;
+    info.offset = 0.01f;
+    const int64_t numel = n * k, nb = (numel + 63) / 64, nnb = (nb + 255) / 256;
+    uint8_t *packed = malloc((size_t)(numel + 1) / 2);
+    uint8_t *q = malloc((size_t)nb * 4);
+    float *nabs = malloc((size_t)nnb * 4 + 4);
+    fq_status s = FQ_ERR_OUT_OF_MEMORY;
+    if (packed && q && nabs) {
+        for (int64_t i = 0; i < (numel + 1) / 2; i++) packed[i] = (uint8_t)bl_rnd();
+        if (dq) {
+            for (int64_t i = 0; i < nb; i++) q[i] = (uint8_t)bl_rnd();
+        } else {
+            float *a = (float *)q;
+            for (int64_t i = 0; i < nb; i++) a[i] = 0.01f + 0.02f * bl_unit();
+        }
+        for (int64_t i = 0; i < nnb; i++) nabs[i] = 0.01f + 0.01f * bl_unit();
+        const void *members[FQ_QMEMBER_COUNT] = {packed, q, fq_quant_map(info.type), dq ? nabs : NULL,
+                                                 dq ? fq_dynamic_map_signed() : NULL};
+        s = fq_qtensor_from_members(ctx, dev, &info, members, out);
+    }
+    free(packed);
+    free(q);
+    free(nabs);
+    return s;
+}
+
+static size_t bl_weight_bytes(const fq_qtensor *q) {
+    size_t b = 0;
+    for (int i = 0; i < FQ_QMEMBER_COUNT; i++) b += fq_qtensor_member_bytes(q, (fq_qmember)i);
+    return b;
+}
+
+static fq_status bl_tensor_random(fq_ctx *ctx, fq_device dev, fq_dtype dt, int64_t r, int64_t c, fq_tensor **out) {
+    const int64_t n = r * c;
+    const size_t es = fq_dtype_size(dt);
+    unsigned char *h = malloc((size_t)n * es + 8);
+    if (!h) return FQ_ERR_OUT_OF_MEMORY;
+    for (int64_t i = 0; i < n; i++) {
+        float v = 2.0f * bl_unit() - 1.0f;
+        if (dt == FQ_BF16) {
+            uint16_t b = bl_bf16(v);
+            memcpy(h + 2 * i, &b, 2);
+        } else {
+            memcpy(h + 4 * i, &v, 4);
+        }
+    }
+    int64_t shape[2] = {r, c};
+    fq_status s = fq_tensor_from_host(ctx, dev, dt, 2, shape, h, out);
+    free(h);
+    return s;
+}
+
+static const char *target_text(int ok) { return ok < 0 ? "" : ok ? "met" : "MISSED"; }
+
+/* A JSON number, or null for NaN/Inf (n/a). */
+static const char *jnum(char *buf, size_t n, double v, int prec) {
+    if (!isfinite(v)) snprintf(buf, n, "null");
+    else snprintf(buf, n, "%.*f", prec, v);
+    return buf;
+}
+
+static void write_json(const char *path, const bl_rows *rs) {
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "bench_linear: cannot write %s\n", path);
+        return;
+    }
+    fprintf(f, "{\n  \"card\": \"%s\",\n  \"device\": \"%s\",\n  \"copy_gbps\": %.1f,\n  \"rows\": [\n", rs->card,
+            rs->device, rs->copy_gbps);
+    for (int i = 0; i < rs->n; i++) {
+        const bl_row *r = &rs->r[i];
+        char b[8][32];
+        fprintf(f,
+                "    {\"n\": %lld, \"k\": %lld, \"m\": %lld, \"impl\": \"%s\", \"us\": %s, \"us_cublas_bf16\": %s, "
+                "\"us_dequant_cublas\": %s, \"x_cublas\": %s, \"tflops\": %s, \"weight_gbps\": %s, "
+                "\"weight_over_copy\": %s, \"target\": \"%s\"}%s\n",
+                (long long)r->n, (long long)r->k, (long long)r->m, r->impl, jnum(b[0], 32, r->us, 3),
+                jnum(b[1], 32, r->us_blas, 3), jnum(b[2], 32, r->us_dq, 3), jnum(b[3], 32, r->ratio, 4),
+                jnum(b[4], 32, r->tflops, 3), jnum(b[5], 32, r->wgbps, 2), jnum(b[6], 32, r->w_copy, 4),
+                target_text(r->target_ok), i + 1 < rs->n ? "," : "");
+    }
+    fprintf(f, "  ]\n}\n");
+    fclose(f);
+}
+
+/* ---- CPU ------------------------------------------------------------------------- */
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+static int bench_cpu(fq_ctx *ctx, const bl_shape *shapes, int nshapes, const int64_t *ms, int nms, int iters, int fp4,
+                     int dq, bl_rows *rs) {
+    snprintf(rs->card, sizeof rs->card, "cpu (%d threads)", ctx->nthreads);
+    snprintf(rs->device, sizeof rs->device, "cpu");
+    {
+        const size_t bytes = (size_t)256 << 20;
+        char *a = malloc(bytes), *b = malloc(bytes);
+        if (a && b) {
+            memset(a, 1, bytes);
+            memset(b, 2, bytes);
+            double t[5];
+            for (int i = 0; i < 5; i++) {
+                double t0 = now_us();
+                memcpy(b, a, bytes);
+                t[i] = now_us() - t0;
+            }
+            rs->copy_gbps = 2.0 * (double)bytes / (median(t, 5) * 1e3);
+        }
+        free(a);
+        free(b);
+    }
+    printf("card: %s   memcpy: %.1f GB/s (read + written)\n", rs->card, rs->copy_gbps);
+    printf("%-12s %6s %12s %12s %9s %9s\n", "W (NxK)", "M", "ours us", "dq+blas us", "TFLOP/s", "W GB/s");
+    for (int si = 0; si < nshapes; si++) {
+        fq_qtensor *w = NULL;
+        if (bl_weight(ctx, FQ_CPU, shapes[si].n, shapes[si].k, fp4, dq, &w) != FQ_OK) {
+            fprintf(stderr, "bench_linear: weight: %s\n", fq_ctx_error(ctx));
+            return 1;
+        }
+        const size_t wb = bl_weight_bytes(w);
+        for (int mi = 0; mi < nms; mi++) {
+            const int64_t m = ms[mi], n = shapes[si].n, k = shapes[si].k;
+            fq_tensor *x = NULL, *y = NULL;
+            int64_t ys[2] = {m, n};
+            if (bl_tensor_random(ctx, FQ_CPU, FQ_BF16, m, k, &x) != FQ_OK ||
+                fq_tensor_create(ctx, FQ_CPU, FQ_BF16, 2, ys, &y) != FQ_OK) {
+                fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+                fq_tensor_free(x);
+                fq_qtensor_free(w);
+                return 1;
+            }
+            double tt[2] = {0, 0};
+            for (int kind = 0; kind < 2; kind++) {
+                fq_ctx_set_linear_kernel(ctx, kind ? FQ_LINEAR_DEQUANT_BLAS : FQ_LINEAR_AUTO);
+                double *t = malloc(sizeof(double) * (size_t)(iters + 1));
+                int n_ok = 0;
+                for (int i = 0; t && i <= iters; i++) {
+                    double t0 = now_us();
+                    fq_status s = fq_linear_4bit(ctx, x, w, NULL, y);
+                    double dt = now_us() - t0;
+                    if (s != FQ_OK) {
+                        fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+                        break;
+                    }
+                    if (i) t[n_ok++] = dt; /* first call: warm-up */
+                }
+                tt[kind] = n_ok ? median(t, n_ok) : NAN;
+                free(t);
+            }
+            fq_ctx_set_linear_kernel(ctx, FQ_LINEAR_AUTO);
+            bl_row r;
+            memset(&r, 0, sizeof r);
+            r.n = n;
+            r.k = k;
+            r.m = m;
+            snprintf(r.impl, sizeof r.impl, "cpu auto");
+            r.us = tt[0];
+            r.us_dq = tt[1];
+            r.us_blas = NAN;
+            r.ratio = NAN;
+            r.tflops = 2.0 * (double)m * (double)n * (double)k / (r.us * 1e6);
+            r.wgbps = (double)wb / (r.us * 1e3);
+            r.w_copy = rs->copy_gbps > 0 ? r.wgbps / rs->copy_gbps : 0;
+            r.target_ok = -1;
+            add_row(rs, &r);
+            char sh[32];
+            snprintf(sh, sizeof sh, "%lldx%lld", (long long)n, (long long)k);
+            printf("%-12s %6lld %12.1f %12.1f %9.3f %9.1f\n", sh, (long long)m, r.us, r.us_dq, r.tflops, r.wgbps);
+            fflush(stdout);
+            fq_tensor_free(x);
+            fq_tensor_free(y);
+        }
+        fq_qtensor_free(w);
+    }
+    return 0;
+}
+
+#ifdef FQ_HAVE_CUDA
+/* ---- GPU ------------------------------------------------------------------------- */
+
+typedef struct bl_gpu bl_gpu;
+typedef fq_status (*bl_body)(bl_gpu *g, void *arg, int i);
+
+struct bl_gpu {
+    fq_ctx *ctx;
+    int dev;
+    fq_cuda_dev *d;
+    cudaEvent_t ev0, ev1;
+};
+
+/* Median microseconds per body call: `iters` calls captured into a graph, replayed
+ * `reps` times. Falls back to a plain loop if capture is impossible. NAN on error. */
+static double bl_time(bl_gpu *g, int iters, int reps, bl_body body, void *arg) {
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) != FQ_OK) return NAN;
+    cudaStream_t st = g->d->stream;
+    double result = NAN;
+    /* warm-up outside any capture: module load, scratch growth, heuristics */
+    fq_status s = body(g, arg, 0);
+    if (s != FQ_OK || cudaStreamSynchronize(st) != cudaSuccess) {
+        fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(g->ctx));
+        fq_cuda_guard_exit(&gd);
+        return NAN;
+    }
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    int captured = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+    for (int i = 0; captured && i < iters; i++)
+        if (body(g, arg, i) != FQ_OK) captured = 0;
+    if (cudaStreamEndCapture(st, &graph) != cudaSuccess) captured = 0;
+    if (captured && cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) captured = 0;
+    (void)cudaGetLastError();
+    double *t = malloc(sizeof(double) * (size_t)(reps + 1));
+    int n_ok = 0;
+    for (int r = 0; t && r <= reps; r++) {
+        cudaError_t e = cudaEventRecord(g->ev0, st);
+        if (captured) {
+            if (e == cudaSuccess) e = cudaGraphLaunch(exec, st);
+        } else {
+            for (int i = 0; e == cudaSuccess && i < iters; i++)
+                if (body(g, arg, i) != FQ_OK) e = cudaErrorUnknown;
+        }
+        if (e == cudaSuccess) e = cudaEventRecord(g->ev1, st);
+        if (e == cudaSuccess) e = cudaEventSynchronize(g->ev1);
+        float ms = 0;
+        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+        if (e != cudaSuccess) {
+            fprintf(stderr, "bench_linear: timing failed: %s\n", cudaGetErrorString(e));
+            n_ok = 0;
+            break;
+        }
+        if (r) t[n_ok++] = (double)ms * 1e3 / iters; /* replay 0: warm-up */
+    }
+    if (n_ok) result = median(t, n_ok);
+    free(t);
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    fq_cuda_guard_exit(&gd);
+    return result;
+}
+
+typedef struct {
+    fq_qtensor **w;
+    int nw;
+    fq_tensor *x, *y;
+    int sel; /* fq_linear_kernel, or FQ_LIN4_SELECT(...) through fq_linear4_cuda */
+} ours_arg;
+
+static fq_status body_ours(bl_gpu *g, void *arg, int i) {
+    ours_arg *a = arg;
+    g->ctx->linear_kernel = a->sel;
+    fq_status s = a->sel >= FQ_LIN4_EXACT
+                      ? fq_linear4_cuda(g->ctx, a->x, a->w[i % a->nw], NULL, a->y, a->x->shape[0])
+                      : fq_linear_4bit(g->ctx, a->x, a->w[i % a->nw], NULL, a->y);
+    g->ctx->linear_kernel = FQ_LINEAR_AUTO;
+    return s;
+}
+
+typedef struct {
+    cublasLtHandle_t h;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+    fq_buffer *wb; /* bf16 [n, k] copies */
+    int nw;
+    fq_tensor *x, *y;
+    void *ws;
+    size_t ws_bytes;
+} blas_arg;
+
+static fq_status body_blas(bl_gpu *g, void *arg, int i) {
+    blas_arg *a = arg;
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasStatus_t st = cublasLtMatmul(a->h, a->op, &alpha, a->wb[i % a->nw].ptr, a->la, a->x->buf.ptr, a->lb, &beta,
+                                       a->y->buf.ptr, a->lc, a->y->buf.ptr, a->lc, &a->algo, a->ws, a->ws_bytes,
+                                       g->d->stream);
+    if (st != CUBLAS_STATUS_SUCCESS)
+        return fq_err(g->ctx, FQ_ERR_CUDA, "cublasLtMatmul: %s", cublasLtGetStatusString(st));
+    return FQ_OK;
+}
+
+static fq_status blas_setup(bl_gpu *g, blas_arg *a, int64_t m, int64_t n, int64_t k) {
+    struct cublasLtContext *h;
+    FQ_TRY(fq_cuda_dev_blaslt(g->ctx, g->d, &h));
+    a->h = h;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res;
+    int nres = 0;
+    const uint64_t wsz = a->ws_bytes;
+    cublasStatus_t st = cublasLtMatmulDescCreate(&a->op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (!st) st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    if (!st) st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    if (!st) st = cublasLtMatrixLayoutCreate(&a->la, CUDA_R_16BF, (uint64_t)k, (uint64_t)n, k);
+    if (!st) st = cublasLtMatrixLayoutCreate(&a->lb, CUDA_R_16BF, (uint64_t)k, (uint64_t)m, k);
+    if (!st) st = cublasLtMatrixLayoutCreate(&a->lc, CUDA_R_16BF, (uint64_t)n, (uint64_t)m, n);
+    if (!st) st = cublasLtMatmulPreferenceCreate(&pref);
+    if (!st)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof wsz);
+    if (!st) st = cublasLtMatmulAlgoGetHeuristic(a->h, a->op, a->la, a->lb, a->lc, a->lc, pref, 1, &res, &nres);
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (st || nres < 1)
+        return fq_err(g->ctx, FQ_ERR_CUDA, "cuBLASLt setup: %s", st ? cublasLtGetStatusString(st) : "no algorithm");
+    a->algo = res.algo;
+    return FQ_OK;
+}
+
+static void blas_teardown(blas_arg *a) {
+    if (a->lc) cublasLtMatrixLayoutDestroy(a->lc);
+    if (a->lb) cublasLtMatrixLayoutDestroy(a->lb);
+    if (a->la) cublasLtMatrixLayoutDestroy(a->la);
+    if (a->op) cublasLtMatmulDescDestroy(a->op);
+}
+
+static double copy_bandwidth(bl_gpu *g) {
+    const size_t bytes = (size_t)512 << 20;
+    fq_buffer a = {0}, b = {0};
+    double gbps = 0;
+    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &a) != FQ_OK ||
+        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &b) != FQ_OK) {
+        fq_buf_free(&a);
+        return 0;
+    }
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
+        double t[10];
+        int n = 0;
+        (void)cudaMemsetAsync(a.ptr, 1, bytes, g->d->stream);
+        for (int i = 0; i < 11; i++) {
+            float ms = 0;
+            cudaError_t e = cudaEventRecord(g->ev0, g->d->stream);
+            if (e == cudaSuccess) e = cudaMemcpyAsync(b.ptr, a.ptr, bytes, cudaMemcpyDeviceToDevice, g->d->stream);
+            if (e == cudaSuccess) e = cudaEventRecord(g->ev1, g->d->stream);
+            if (e == cudaSuccess) e = cudaEventSynchronize(g->ev1);
+            if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+            if (e != cudaSuccess) break;
+            if (i) t[n++] = ms * 1e3;
+        }
+        if (n) gbps = 2.0 * (double)bytes / (median(t, n) * 1e3);
+        fq_cuda_guard_exit(&gd);
+    }
+    fq_buf_free(&a);
+    fq_buf_free(&b);
+    return gbps;
+}
+
+static int target_for(int64_t m, double ratio, double w_copy) {
+    if (m == 1) return w_copy >= 0.85 && ratio >= 3.0;
+    if (m == 2 || m == 16 || m == 256 || m == 512) return ratio > 1.0;
+    if (m == 4608) return ratio >= 0.97;
+    return -1;
+}
+
+/* Every implementation x configuration that can run the case, for tuning. */
+static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
+                       int64_t k) {
+    static const int gemv_cfg[] = {1, 2, 4, 8};
+    static const int wg_splits[] = {1, 2, 3, 4, 6, 8, 12};
+    for (int impl = FQ_LIN4_GEMV_SIMPLE; impl < FQ_LIN4_COUNT; impl++) {
+        int cfgs[64], nc = 0;
+        cfgs[nc++] = 0;
+        if (impl == FQ_LIN4_GEMV_TC)
+            for (int i = 0; i < 4; i++) cfgs[nc++] = gemv_cfg[i];
+        if (impl == FQ_LIN4_GEMM_MMA)
+            for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
+        if (impl == FQ_LIN4_GEMM_WGMMA)
+            for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
+                for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
+        if (!fq_linear4_cuda_can_run(g->ctx, (fq_lin4_impl)impl, oa->x, oa->w[0], oa->y)) continue;
+        if (impl == FQ_LIN4_GEMV_SIMPLE && m * n * k > ((int64_t)1 << 33)) continue; /* too slow to matter */
+        for (int c = 0; c < nc; c++) {
+            oa->sel = FQ_LIN4_SELECT(impl, cfgs[c]);
+            double us = bl_time(g, iters, reps, body_ours, oa);
+            char name[64];
+            if (impl == FQ_LIN4_GEMM_MMA) snprintf(name, sizeof name, "%s", fq_cuda_gemm4_mma_config_name(cfgs[c]));
+            else if (impl == FQ_LIN4_GEMM_WGMMA)
+                snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_wgmma_config_name(cfgs[c]), cfgs[c] >> 4);
+            else snprintf(name, sizeof name, "%s cfg %d", fq_lin4_impl_name((fq_lin4_impl)impl), cfgs[c]);
+            printf("    sweep %-34s %10.2f us  x blas %6.3f  %8.1f TFLOP/s\n", name, us, us_blas / us,
+                   2.0 * (double)m * (double)n * (double)k / (us * 1e6));
+        }
+    }
+    oa->sel = FQ_LINEAR_AUTO;
+}
+
+static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, const int64_t *ms, int nms, int iters,
+                     int reps, int fp4, int dq, int rotate, int sweep, bl_rows *rs) {
+    bl_gpu g = {ctx, dev, NULL, NULL, NULL};
+    if (fq_cuda_dev_get(ctx, dev, &g.d) != FQ_OK) {
+        fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+        return 1;
+    }
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(ctx, dev, &gd) != FQ_OK) return 1;
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess) snprintf(rs->card, sizeof rs->card, "%s", prop.name);
+    int ok = cudaEventCreate(&g.ev0) == cudaSuccess && cudaEventCreate(&g.ev1) == cudaSuccess;
+    fq_cuda_guard_exit(&gd);
+    if (!ok) {
+        fprintf(stderr, "bench_linear: cudaEventCreate failed\n");
+        return 1;
+    }
+    snprintf(rs->device, sizeof rs->device, "cuda:%d", dev);
+    rs->copy_gbps = copy_bandwidth(&g);
+    printf("card: %s (%s, sm_%d%d, %d SMs)   D2D copy: %.1f GB/s (read + written)\n", rs->card, rs->device,
+           g.d->cc_major, g.d->cc_minor, g.d->sm_count, rs->copy_gbps);
+    printf("weights: %s, blocksize 64%s; x, y bf16; %d calls per graph, median of %d replays%s\n", fp4 ? "FP4" : "NF4",
+           dq ? ", double quant" : "", iters, reps, rotate ? ", weights rotated over >= 256 MiB" : "");
+    printf("%-12s %5s %-17s %10s %10s %10s %7s %8s %8s %7s %s\n", "W (NxK)", "M", "kernel", "ours us", "cublas us",
+           "dq+blas us", "x blas", "TFLOP/s", "W GB/s", "W/copy", "target");
+    int rc = 0;
+    const size_t ws_bytes = (size_t)32 << 20;
+    fq_buffer ws = {0};
+    if (fq_buf_alloc(ctx, FQ_CUDA(dev), ws_bytes, &ws) != FQ_OK) return 1;
+    for (int si = 0; si < nshapes && !rc; si++) {
+        const int64_t n = shapes[si].n, k = shapes[si].k;
+        fq_qtensor *w0 = NULL;
+        if (bl_weight(ctx, FQ_CUDA(dev), n, k, fp4, dq, &w0) != FQ_OK) {
+            fprintf(stderr, "bench_linear: weight %lldx%lld: %s\n", (long long)n, (long long)k, fq_ctx_error(ctx));
+            rc = 1;
+            break;
+        }
+        const size_t wbytes = bl_weight_bytes(w0), bbytes = (size_t)(n * k) * 2;
+        const int nq = rotate ? (int)((((size_t)256 << 20) + wbytes - 1) / wbytes) : 1;
+        const int nb = rotate ? (int)((((size_t)256 << 20) + bbytes - 1) / bbytes) : 1;
+        fq_qtensor **wq = calloc((size_t)nq, sizeof *wq);
+        fq_buffer *wb = calloc((size_t)nb, sizeof *wb);
+        int made = wq && wb;
+        if (made) wq[0] = w0;
+        else fq_qtensor_free(w0);
+        for (int i = 1; made && i < nq; i++) made = fq_qtensor_copy_to(ctx, wq[0], FQ_CUDA(dev), &wq[i]) == FQ_OK;
+        if (made) {
+            /* the bf16 weight: random values, then copies */
+            fq_tensor *t = NULL;
+            made = bl_tensor_random(ctx, FQ_CUDA(dev), FQ_BF16, n, k, &t) == FQ_OK;
+            for (int i = 0; made && i < nb; i++) {
+                made = fq_buf_alloc(ctx, FQ_CUDA(dev), bbytes, &wb[i]) == FQ_OK &&
+                       fq_buf_copy(ctx, &wb[i], 0, &t->buf, 0, bbytes) == FQ_OK;
+            }
+            fq_tensor_free(t);
+        }
+        if (!made) {
+            fprintf(stderr, "bench_linear: weights for %lldx%lld: %s\n", (long long)n, (long long)k, fq_ctx_error(ctx));
+            rc = 1;
+        }
+        for (int mi = 0; mi < nms && !rc; mi++) {
+            const int64_t m = ms[mi];
+            fq_tensor *x = NULL, *y = NULL;
+            int64_t ys[2] = {m, n};
+            if (bl_tensor_random(ctx, FQ_CUDA(dev), FQ_BF16, m, k, &x) != FQ_OK ||
+                fq_tensor_create(ctx, FQ_CUDA(dev), FQ_BF16, 2, ys, &y) != FQ_OK) {
+                fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+                fq_tensor_free(x);
+                rc = 1;
+                break;
+            }
+            ours_arg oa = {wq, nq, x, y, FQ_LINEAR_AUTO};
+            const fq_lin4_impl impl = fq_linear4_cuda_choice(ctx, x, wq[0], y);
+            const double us = bl_time(&g, iters, reps, body_ours, &oa);
+            oa.sel = FQ_LINEAR_DEQUANT_BLAS;
+            const double us_dq = bl_time(&g, iters, reps, body_ours, &oa);
+            oa.sel = FQ_LINEAR_AUTO;
+            blas_arg ba;
+            memset(&ba, 0, sizeof ba);
+            ba.wb = wb;
+            ba.nw = nb;
+            ba.x = x;
+            ba.y = y;
+            ba.ws = ws.ptr;
+            ba.ws_bytes = ws_bytes;
+            double us_blas = NAN;
+            if (blas_setup(&g, &ba, m, n, k) == FQ_OK) us_blas = bl_time(&g, iters, reps, body_blas, &ba);
+            else fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+            blas_teardown(&ba);
+            bl_row r;
+            memset(&r, 0, sizeof r);
+            r.n = n;
+            r.k = k;
+            r.m = m;
+            snprintf(r.impl, sizeof r.impl, "%s", fq_lin4_impl_name(impl));
+            r.us = us;
+            r.us_blas = us_blas;
+            r.us_dq = us_dq;
+            r.ratio = us_blas / us;
+            r.tflops = 2.0 * (double)m * (double)n * (double)k / (us * 1e6);
+            r.wgbps = (double)wbytes / (us * 1e3);
+            r.w_copy = rs->copy_gbps > 0 ? r.wgbps / rs->copy_gbps : 0;
+            r.target_ok = target_for(m, r.ratio, r.w_copy);
+            add_row(rs, &r);
+            char sh[32];
+            snprintf(sh, sizeof sh, "%lldx%lld", (long long)n, (long long)k);
+            printf("%-12s %5lld %-17s %10.2f %10.2f %10.2f %7.3f %8.1f %8.1f %7.3f %s   (cublas: %.1f TFLOP/s, W %.1f "
+                   "GB/s)\n",
+                   sh, (long long)m, r.impl, us, us_blas, us_dq, r.ratio, r.tflops, r.wgbps, r.w_copy,
+                   target_text(r.target_ok), 2.0 * (double)m * (double)n * (double)k / (us_blas * 1e6),
+                   (double)bbytes / (us_blas * 1e3));
+            fflush(stdout);
+            if (sweep) sweep_case(&g, &oa, iters, reps, us_blas, m, n, k);
+            fq_tensor_free(x);
+            fq_tensor_free(y);
+        }
+        for (int i = 0; wq && i < nq; i++) fq_qtensor_free(wq[i]);
+        for (int i = 0; wb && i < nb; i++) fq_buf_free(&wb[i]);
+        free(wq);
+        free(wb);
+    }
+    fq_buf_free(&ws);
+    if (fq_cuda_guard_enter(ctx, dev, &gd) == FQ_OK) {
+        (void)cudaEventDestroy(g.ev0);
+        (void)cudaEventDestroy(g.ev1);
+        fq_cuda_guard_exit(&gd);
+    }
+    /* summary of the targets */
+    int met = 0, missed = 0;
+    for (int i = 0; i < rs->n; i++) {
+        if (rs->r[i].target_ok == 1) met++;
+        if (rs->r[i].target_ok == 0) missed++;
+    }
+    printf("targets: %d met, %d missed\n", met, missed);
+    return rc;
+}
+#endif
+
+static int parse_list(const char *s, int64_t *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        long long v = strtoll(s, &end, 10);
+        if (end == s || v < 0) return -1;
+        out[n++] = v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static int parse_shapes(const char *s, bl_shape *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        long long a = strtoll(s, &end, 10);
+        if (end == s || *end != 'x') return -1;
+        s = end + 1;
+        long long b = strtoll(s, &end, 10);
+        if (end == s || a <= 0 || b <= 0) return -1;
+        out[n].n = a;
+        out[n].k = b;
+        n++;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+int fq_bench_linear(int argc, char **argv) {
+    const char *device = "cuda:0", *json = NULL;
+    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0;
+    bl_shape shapes[32];
+    int nshapes = 0;
+    int64_t ms[32];
+    int nms = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--device") && i + 1 < argc) device = argv[++i];
+        else if (!strcmp(a, "--iters") && i + 1 < argc) iters = atoi(argv[++i]);
+        else if (!strcmp(a, "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(a, "--json") && i + 1 < argc) json = argv[++i];
+        else if (!strcmp(a, "--m") && i + 1 < argc) {
+            nms = parse_list(argv[++i], ms, 32);
+            if (nms <= 0) { fprintf(stderr, "bench_linear: bad --m list\n"); return 2; }
+        } else if (!strcmp(a, "--shapes") && i + 1 < argc) {
+            nshapes = parse_shapes(argv[++i], shapes, 32);
+            if (nshapes <= 0) { fprintf(stderr, "bench_linear: bad --shapes (NxK,NxK,...)\n"); return 2; }
+        } else if (!strcmp(a, "--fp4")) fp4 = 1;
+        else if (!strcmp(a, "--no-dq")) dq = 0;
+        else if (!strcmp(a, "--no-rotate")) rotate = 0;
+        else if (!strcmp(a, "--sweep")) sweep = 1;
+        else if (!strcmp(a, "--quick")) quick = 1;
+        else {
+            printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
+                   "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n");
+            return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
+        }
+    }
+    fq_ctx *ctx;
+    if (fq_ctx_create(&ctx) != FQ_OK) return 1;
+    fq_device dev;
+    if (fq_device_parse(ctx, device, &dev) != FQ_OK || fq_device_check(ctx, dev) != FQ_OK) {
+        fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+        fq_ctx_free(ctx);
+        return 1;
+    }
+    if (!nshapes) {
+        nshapes = quick ? 2 : (int)(sizeof k_shapes / sizeof k_shapes[0]);
+        memcpy(shapes, k_shapes, sizeof(bl_shape) * (size_t)nshapes);
+    }
+    if (!nms) {
+        if (dev.type == FQ_DEVICE_CPU) {
+            static const int64_t cpu_ms[] = {1, 16, 256};
+            nms = 3;
+            memcpy(ms, cpu_ms, sizeof cpu_ms);
+        } else {
+            nms = (int)(sizeof k_ms / sizeof k_ms[0]);
+            memcpy(ms, k_ms, sizeof k_ms);
+        }
+    }
+    if (iters <= 0) iters = dev.type == FQ_DEVICE_CPU ? 3 : quick ? 10 : 50;
+    if (reps <= 0) reps = 1;
+    bl_rows rs;
+    memset(&rs, 0, sizeof rs);
+    int rc;
+    if (dev.type == FQ_DEVICE_CPU) rc = bench_cpu(ctx, shapes, nshapes, ms, nms, iters, fp4, dq, &rs);
+    else {
+#ifdef FQ_HAVE_CUDA
+        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, &rs);
+#else
+        fprintf(stderr, "bench_linear: built without CUDA\n");
+        rc = 1;
+#endif
+    }
+    if (json && rs.n) write_json(json, &rs);
+    free(rs.r);
+    fq_ctx_free(ctx);
+    return rc;
+}
+
+#ifdef FQ_BENCH_MAIN
+int main(int argc, char **argv) { return fq_bench_linear(argc, argv); }
+#endif

@@ -1,0 +1,556 @@
+/* 4-bit linear layers for large M with Hopper warpgroup MMA (sm_90a).
+ *
+ * The problem is computed transposed, D[n, m] = W[n, :] . x[m, :], so that the
+ * 4-bit weight is the A operand of wgmma.mma_async and is decoded straight into
+ * registers (no shared-memory round trip for decoded weights); x is the B operand,
+ * read by the tensor cores from shared memory in the canonical K-major layout with
+ * the 128-byte swizzle.
+ *
+ * A CTA has two warpgroups; each owns 64 rows of W (128 per CTA) and all BX rows
+ * of the x tile (wgmma n = BX). Per K tile of 64, a cp.async pipeline of S stages
+ * brings the x tile (BX x 128 bytes) and the packed W tile (128 x 32 bytes) into
+ * shared memory. Each warp then decodes its 16 rows for the four k16 steps: lane
+ * (g, t) takes byte t of every 4-byte word of rows g and g+8 (k = 16s + 2t, +1 and
+ * 16s + 8 + 2t, +1), looks both nibbles up in the 16-entry f32 code table (16
+ * consecutive words: conflict-free), multiplies by the block's absmax in f32 and
+ * rounds once to bf16/f16 - exactly the value dequantize produces. The decode of
+ * K tile j+1 overlaps the asynchronous MMAs of tile j (two register buffers).
+ *
+ * When the tile grid is too small for the SMs (small M), K is split over
+ * blockIdx.z and f32 partials go to a workspace that fq_cuda_lin4_splitk_reduce
+ * sums in a fixed order (results do not depend on timing).
+ *
+ * Built only for sm_90a (see the Makefile); elsewhere this file reduces to stubs
+ * and fq_cuda_gemm4_wgmma_built() returns 0.
+ *
+ * Requires: x f16/bf16, blocksize >= 64, K a multiple of it, 16-byte aligned x
+ * and packed weight. */
+#include "kernels/cuda/lin4_common.cuh"
+
+#define WG_THREADS 256
+#define WG_ROWS 128 /* W rows per CTA */
+#define WG_BK 64
+
+typedef struct {
+    fq_lin4_weight w;
+    const void *x;
+    void *y;
+    int y_dtype;
+    int64_t m;
+    fq_lin4_epilogue e;
+    int lg2bs;
+    float *partial;       /* [splits][m][n] when splits > 1 */
+    int64_t kt_per_split; /* K tiles per blockIdx.z */
+} wg_args;
+
+template <int BX, int S> struct wg_cfg {
+    static constexpr int X_STAGE = BX * 128;      /* bytes; a multiple of 1024 */
+    static constexpr int W_STAGE = WG_ROWS * 32;  /* 4096 */
+    static constexpr int STAGE = X_STAGE + W_STAGE;
+    static constexpr int SMEM = S * STAGE + 1024 /* alignment slack */ + 16 * 4 + 256 * 4;
+    static constexpr int X_CHUNKS = BX * 8 / WG_THREADS; /* 16-byte copies per thread */
+};
+
+#if defined(FQ_BUILD_SM90A)
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FQ_WG_DEVICE 1
+#endif
+
+#ifdef FQ_WG_DEVICE
+/* Generated: wgmma.mma_async m64nNk16, A from registers, B from shared memory
+ * (K-major, 128-byte swizzle), f32 accumulators, always accumulating. */
+
+template <typename T, int N>
+__device__ __forceinline__ void wg_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc);
+
+template <> __device__ __forceinline__ void wg_mma<__nv_bfloat16, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+template <> __device__ __forceinline__ void wg_mma<__nv_bfloat16, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+template <> __device__ __forceinline__ void wg_mma<__nv_bfloat16, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+template <> __device__ __forceinline__ void wg_mma<__half, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+template <> __device__ __forceinline__ void wg_mma<__half, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.f16.f16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+template <> __device__ __forceinline__ void wg_mma<__half, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                   uint64_t desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(1));
+}
+
+static __device__ __forceinline__ void wg_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void wg_commit(void) {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> static __device__ __forceinline__ void wg_wait(void) {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+static __device__ __forceinline__ void fence_proxy_async(void) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024
+ * bytes apart; saddr must lie in a 1024-aligned tile (plus the k offset). */
+static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((saddr & 0x3FFFFu) >> 4);
+    d |= (uint64_t)1 << 16;            /* leading byte offset (unused here): 16 B */
+    d |= (uint64_t)(1024 >> 4) << 32;  /* stride byte offset: 1024 B              */
+    d |= (uint64_t)1 << 62;            /* 128-byte swizzle                         */
+    return d;
+}
+#endif /* FQ_WG_DEVICE */
+
+template <typename T, int BX, int S, bool NESTED>
+__global__ void __launch_bounds__(WG_THREADS, 1) gemm4_wgmma_kernel(wg_args a) {
+#ifdef FQ_WG_DEVICE
+    typedef wg_cfg<BX, S> C;
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = fq_smem_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *sm = smem_raw + (base - raw);
+    float *qm_s = (float *)(sm + S * C::STAGE);
+    float *code_s = qm_s + 16;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t M = a.m, N = a.w.n, K = a.w.k;
+    const int64_t n0 = (int64_t)blockIdx.x * WG_ROWS, m0 = (int64_t)blockIdx.y * BX;
+    const int64_t ktiles = K / WG_BK;
+    const int64_t kt0 = (int64_t)blockIdx.z * a.kt_per_split;
+    const int64_t kt1 = min(ktiles, kt0 + a.kt_per_split);
+    const int64_t nkt = kt1 - kt0;
+    const int64_t kb = K >> a.lg2bs;
+
+    if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
+    if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
+
+    /* this thread's two W rows (A fragment rows g and g+8 of its warp) */
+    const int rA = (warp >> 2) * 64 + (warp & 3) * 16 + g, rB = rA + 8;
+    const int64_t nA = n0 + rA, nB = n0 + rB;
+
+    const T *xg = (const T *)a.x;
+    auto load_tile = [&](int64_t kt, int st) {
+        uint8_t *xd = sm + st * C::STAGE;
+#pragma unroll
+        for (int i = 0; i < C::X_CHUNKS; i++) {
+            const int idx = tid + i * WG_THREADS, r = idx >> 3, c = idx & 7;
+            const int64_t row = m0 + r;
+            const bool ok = row < M;
+            fq_cp_async16(xd + r * 128 + ((c ^ (r & 7)) << 4), xg + (ok ? row : 0) * K + kt * WG_BK + c * 8, ok);
+        }
+        uint8_t *wd = xd + C::X_STAGE;
+        {
+            const int r = tid >> 1, p = tid & 1; /* 128 rows x 2 parts = 256 threads */
+            const int64_t row = n0 + r;
+            const bool ok = row < N;
+            fq_cp_async16(wd + r * 32 + p * 16, a.w.packed + (ok ? row : 0) * (K >> 1) + kt * (WG_BK / 2) + p * 16,
+                          ok);
+        }
+    };
+
+    /* absmax of rows nA, nB, one K tile ahead */
+    uint32_t qa = 0, qb = 0;
+    float va = 0.0f, vb = 0.0f, amA = 0.0f, amB = 0.0f;
+    auto fetch_absmax = [&](int64_t kt) {
+        if (kt < kt1) {
+            const int64_t kk = (kt * WG_BK) >> a.lg2bs;
+            const int64_t ba = (nA < N ? nA : 0) * kb + kk, bbk = (nB < N ? nB : 0) * kb + kk;
+            if (NESTED) {
+                qa = __ldg(&a.w.qabsmax[ba]);
+                qb = __ldg(&a.w.qabsmax[bbk]);
+                va = __ldg(&a.w.nested_absmax[ba >> 8]);
+                vb = __ldg(&a.w.nested_absmax[bbk >> 8]);
+            } else {
+                va = __ldg(&a.w.absmax[ba]);
+                vb = __ldg(&a.w.absmax[bbk]);
+            }
+        }
+    };
+    auto take_absmax = [&]() {
+        if (NESTED) {
+            amA = code_s[qa] * va + a.w.offset;
+            amB = code_s[qb] * vb + a.w.offset;
+        } else {
+            amA = va;
+            amB = vb;
+        }
+        if (nA >= N) amA = 0.0f;
+        if (nB >= N) amB = 0.0f;
+    };
+
+    /* decode the A fragment of k16 step s of the W tile in stage st: rows g, g+8
+     * take byte t of the words 2s (k = 16s + 2t, +1) and 2s+1 (k = 16s + 8 + 2t, +1) */
+    const int sh = 8 * t;
+    auto decode = [&](int st, int s, uint32_t (&af)[4]) {
+        const uint8_t *wd = sm + st * C::STAGE + C::X_STAGE + s * 8;
+        const uint2 pa = *(const uint2 *)(wd + rA * 32), pb = *(const uint2 *)(wd + rB * 32);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint32_t ba = ((h ? pa.y : pa.x) >> sh) & 0xffu, bbt = ((h ? pb.y : pb.x) >> sh) & 0xffu;
+            af[2 * h] = fq_mma_t<T>::pack(qm_s[ba >> 4] * amA, qm_s[ba & 15u] * amA);
+            af[2 * h + 1] = fq_mma_t<T>::pack(qm_s[bbt >> 4] * amB, qm_s[bbt & 15u] * amB);
+        }
+    };
+
+    float acc[BX / 2];
+#pragma unroll
+    for (int i = 0; i < BX / 2; i++) acc[i] = 0.0f;
+    uint32_t af[4][4]; /* one A fragment per k16 step of a K tile */
+
+    /* prologue: stages 0..S-2 in flight, tile 0 landed, its absmax known */
+#pragma unroll
+    for (int st = 0; st < S - 1; st++) {
+        if (st < nkt) load_tile(kt0 + st, st);
+        fq_cp_async_commit();
+    }
+    fetch_absmax(kt0);
+    fq_cp_async_wait<S - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    take_absmax();
+    fetch_absmax(kt0 + 1);
+    decode(0, 0, af[0]);
+
+    /* Each k16 step is its own wgmma group. Before fragment s is rewritten, at most
+     * 3 groups are pending, so the group that last read it (same step, previous
+     * tile) has retired. */
+    for (int64_t j = 0; j < nkt; j++) {
+        const int st = (int)(j % S);
+        const uint32_t xa = base + st * C::STAGE;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            wg_fence();
+            wg_mma<T, BX>(acc, af[s][0], af[s][1], af[s][2], af[s][3], wg_desc(xa + s * 32));
+            wg_commit();
+            wg_wait<3>();
+            if (s < 3) decode(st, s + 1, af[s + 1]);
+        }
+        /* all groups of tile j-1 retired (at most 3 of tile j pending): its stage is free */
+        fq_cp_async_wait<S - 3>(); /* tile j+1 landed (this thread's copies) */
+        fence_proxy_async();
+        __syncthreads();
+        const int64_t nk = j + S - 1;
+        if (nk < nkt) load_tile(kt0 + nk, (int)(nk % S));
+        fq_cp_async_commit();
+        take_absmax();
+        fetch_absmax(kt0 + j + 2);
+        if (j + 1 < nkt) decode((int)((j + 1) % S), 0, af[0]);
+    }
+    wg_wait<0>();
+    fq_cp_async_wait<0>();
+
+    /* epilogue: acc[4j + v] is (W row g + 8*(v>>1), x row 8j + 2t + (v&1)) */
+#pragma unroll
+    for (int j = 0; j < BX / 8; j++) {
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            const int64_t n = (v >> 1) ? nB : nA;
+            const int64_t m = m0 + 8 * j + 2 * t + (v & 1);
+            if (n >= N || m >= M) continue;
+            if (a.partial) a.partial[((int64_t)blockIdx.z * M + m) * N + n] = acc[4 * j + v];
+            else fq_stf(a.y, a.y_dtype, m * N + n, fq_epi(a.e, n, acc[4 * j + v]));
+        }
+    }
+#else
+    (void)a;
+#endif
+}
+
+/* ---- configurations and launch ------------------------------------------------------ */
+
+typedef void (*wg_kernel_fn)(wg_args);
+typedef struct {
+    int bx, smem;
+    wg_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
+    const char *name;
+} wg_config;
+
+#define WG_CONFIG(BX, S, NAME)                                                                          \
+    {BX, wg_cfg<BX, S>::SMEM,                                                                           \
+     {{gemm4_wgmma_kernel<__half, BX, S, false>, gemm4_wgmma_kernel<__half, BX, S, true>},              \
+      {gemm4_wgmma_kernel<__nv_bfloat16, BX, S, false>, gemm4_wgmma_kernel<__nv_bfloat16, BX, S, true>}}, \
+     NAME}
+
+static const wg_config *wg_configs(void) {
+    static const wg_config c[FQ_GEMM4_WGMMA_CONFIGS] = {
+        WG_CONFIG(256, 4, "wgmma 128x256x64 s4"),
+        WG_CONFIG(192, 4, "wgmma 128x192x64 s4"),
+        WG_CONFIG(128, 5, "wgmma 128x128x64 s5"),
+    };
+    return c;
+}
+
+extern "C" int fq_cuda_gemm4_wgmma_built(void) { return 1; }
+
+extern "C" int fq_cuda_gemm4_wgmma_prepare(void) {
+    const wg_config *c = wg_configs();
+    for (int i = 0; i < FQ_GEMM4_WGMMA_CONFIGS; i++)
+        for (int t = 0; t < 2; t++)
+            for (int n = 0; n < 2; n++) {
+                cudaError_t e =
+                    cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
+                if (e != cudaSuccess) return (int)e;
+            }
+    return (int)cudaSuccess;
+}
+
+static int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+typedef struct {
+    int ci;
+    int64_t splits, kt_per_split;
+} wg_plan;
+
+/* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose). */
+static wg_plan plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    const int64_t sms = sm_count > 0 ? sm_count : 132;
+    const int64_t ktiles = w->k / WG_BK;
+    const int want_ci = (cfg & 15) - 1, want_splits = (cfg >> 4) & 15;
+    wg_plan best = {0, 1, ktiles};
+    int64_t best_cost = -1;
+    for (int ci = 0; ci < FQ_GEMM4_WGMMA_CONFIGS; ci++) {
+        if (want_ci >= 0 && ci != want_ci) continue;
+        const int64_t bx = wg_configs()[ci].bx;
+        const int64_t tiles = cdiv64(w->n, WG_ROWS) * cdiv64(io->m, bx);
+        int64_t splits = 1;
+        if (want_splits > 0) splits = want_splits;
+        else if (tiles < sms) {
+            splits = sms / tiles;
+            if (splits > ktiles / 4) splits = ktiles / 4;
+            if (splits > 15) splits = 15;
+            if (splits < 1) splits = 1;
+        }
+        if (splits > ktiles) splits = ktiles;
+        const int64_t kps = cdiv64(ktiles, splits);
+        splits = cdiv64(ktiles, kps);
+        const int64_t waves = cdiv64(tiles * splits, sms);
+        /* time ~ waves x per-CTA work (+ a fixed cost per tile and a reduce pass) */
+        const int64_t cost = waves * (bx * kps + 2 * bx) + (splits > 1 ? splits * 8 : 0);
+        if (best_cost < 0 || cost < best_cost) {
+            best_cost = cost;
+            best.ci = ci;
+            best.splits = splits;
+            best.kt_per_split = kps;
+        }
+    }
+    return best;
+}
+
+extern "C" size_t fq_cuda_gemm4_wgmma_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count,
+                                                int cfg) {
+    if (!fq_cuda_gemm4_wgmma_supported(w, io) || io->m <= 0) return 0;
+    const wg_plan p = plan_for(w, io, sm_count, cfg);
+    return p.splits > 1 ? (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float) : 0;
+}
+
+extern "C" int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                   int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
+    if (!fq_cuda_gemm4_wgmma_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (io->m <= 0) return (int)cudaSuccess;
+    wg_plan p = plan_for(w, io, sm_count, cfg);
+    const size_t need = (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float);
+    if (p.splits > 1 && (!ws || ws_bytes < need)) {
+        p.splits = 1;
+        p.kt_per_split = w->k / WG_BK;
+    }
+    const wg_config *c = &wg_configs()[p.ci];
+    const int64_t gx = cdiv64(w->n, WG_ROWS), gy = cdiv64(io->m, c->bx);
+    if (gx > 0x7fffffff || gy > 65535) return (int)cudaErrorInvalidConfiguration;
+    wg_args a;
+    a.w = *w;
+    a.x = io->x;
+    a.y = io->y;
+    a.y_dtype = io->y_dtype;
+    a.m = io->m;
+    a.e = *e;
+    a.lg2bs = fq_log2i(w->blocksize);
+    a.partial = p.splits > 1 ? ws : NULL;
+    a.kt_per_split = p.kt_per_split;
+    c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0]<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)p.splits),
+                                                                WG_THREADS, c->smem, stream>>>(a);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.splits == 1) return (int)err;
+    return fq_cuda_lin4_splitk_reduce(ws, (int)p.splits, io, w->n, e, stream);
+}
+
+extern "C" const char *fq_cuda_gemm4_wgmma_config_name(int cfg) {
+    const int ci = (cfg & 15) - 1;
+    return ci >= 0 && ci < FQ_GEMM4_WGMMA_CONFIGS ? wg_configs()[ci].name : "auto";
+}
+
+#else /* !FQ_BUILD_SM90A: built without architecture 90 */
+
+extern "C" int fq_cuda_gemm4_wgmma_built(void) { return 0; }
+extern "C" int fq_cuda_gemm4_wgmma_prepare(void) { return (int)cudaSuccess; }
+extern "C" size_t fq_cuda_gemm4_wgmma_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count,
+                                                int cfg) {
+    (void)w; (void)io; (void)sm_count; (void)cfg;
+    return 0;
+}
+extern "C" int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                   int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
+    (void)w; (void)io; (void)e; (void)sm_count; (void)cfg; (void)ws; (void)ws_bytes; (void)stream;
+    return (int)cudaErrorNotSupported;
+}
+extern "C" const char *fq_cuda_gemm4_wgmma_config_name(int cfg) {
+    (void)cfg;
+    return "not built";
+}
+#endif
+
+extern "C" int fq_cuda_gemm4_wgmma_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
+    const int xt = io->x_dtype, yt = io->y_dtype;
+    return fq_cuda_gemm4_wgmma_built() && (xt == FQ_BF16 || xt == FQ_F16) &&
+           (yt == FQ_BF16 || yt == FQ_F16 || yt == FQ_F32) && w->blocksize >= 64 && w->k >= WG_BK &&
+           w->k % w->blocksize == 0 && w->n >= 1 && ((uintptr_t)io->x & 15) == 0 &&
+           ((uintptr_t)w->packed & 15) == 0 && w->quant_map != NULL;
+}

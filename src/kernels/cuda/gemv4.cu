@@ -1,0 +1,359 @@
+/* 4-bit linear layers for small M: the reference scalar kernel (any format and
+ * shape) and the streaming tensor-core kernel; plus the elementwise epilogue
+ * kernels the cuBLASLt fallback uses.
+ *
+ * gemv4_tc: each warp owns a 16-row tile of W and a contiguous range of K in
+ * 64-element segments. For a segment, lane (g = lane/4, t = lane%4) streams the
+ * 8 bytes [8t, 8t+8) of rows g and g+8 (16 elements each) and the matching 16
+ * elements of x rows g (and g+8). Those feed 4 mma.sync m16n8k16 steps with W as
+ * the A operand (16 rows) and x as the B operand (8 columns = 8 rows of x):
+ * step s uses byte 2s (elements 16t+4s, +1 -> A slots 2t, 2t+1) and byte 2s+1
+ * (elements +2, +3 -> slots 2t+8, 2t+9), and x elements 16t+4s .. +3 in the same
+ * slots of B. The k order inside an MMA is thus permuted, identically for A and
+ * B, which leaves the dot product unchanged and lets every lane read contiguous
+ * bytes. A segment lies inside one absmax block (blocksize >= 64 and K a multiple
+ * of it), so its partial sums are scaled by absmax in f32 after the MMAs: the
+ * only rounding of W is that of the code value to the MMA type. */
+#include "kernels/cuda/lin4_common.cuh"
+
+/* ---- reference kernel ------------------------------------------------------------ */
+
+typedef struct {
+    fq_lin4_weight w;
+    fq_lin4_io io;
+    fq_lin4_epilogue e;
+    int lg2bs;
+} simple_args;
+
+/* One warp per output feature n and group of up to 8 rows of x; lanes stride K.
+ * Every element is decoded exactly as dequantize does: code[nibble] * absmax of its
+ * flat block, with the flat index n*K + k (blocks may straddle rows; K may be odd). */
+template <bool NESTED>
+__global__ void __launch_bounds__(256) gemv4_simple_kernel(simple_args a) {
+    __shared__ float qm_s[16];
+    __shared__ float code_s[256];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid < 16) qm_s[tid] = a.w.quant_map[tid];
+    if (NESTED) code_s[tid] = a.w.nested_code[tid];
+    __syncthreads();
+    const int64_t N = a.w.n, K = a.w.k, M = a.io.m;
+    for (int64_t n = (int64_t)blockIdx.x * 8 + warp; n < N; n += (int64_t)gridDim.x * 8) {
+        for (int64_t m0 = (int64_t)blockIdx.y * 8; m0 < M; m0 += (int64_t)gridDim.y * 8) {
+            const int mc = (int)(M - m0 < 8 ? M - m0 : 8);
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+            for (int64_t k = lane; k < K; k += 32) {
+                const int64_t f = n * K + k;
+                const uint32_t byte = a.w.packed[f >> 1];
+                const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
+                const int64_t blk = f >> a.lg2bs;
+                const float am = NESTED ? code_s[a.w.qabsmax[blk]] * a.w.nested_absmax[blk >> 8] + a.w.offset
+                                        : a.w.absmax[blk];
+                const float wv = qm_s[nib] * am;
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    if (j < mc) acc[j] = fmaf(wv, fq_ldf(a.io.x, a.io.x_dtype, (m0 + j) * K + k), acc[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (j < mc && lane == j) fq_stf(a.io.y, a.io.y_dtype, (m0 + j) * N + n, fq_epi(a.e, n, acc[j]));
+        }
+    }
+}
+
+extern "C" int fq_cuda_gemv4_simple(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                    cudaStream_t stream) {
+    if (io->m <= 0 || w->n <= 0) return (int)cudaSuccess;
+    simple_args a;
+    a.w = *w;
+    a.io = *io;
+    a.e = *e;
+    a.lg2bs = fq_log2i(w->blocksize);
+    int64_t gx = (w->n + 7) / 8, gy = (io->m + 7) / 8;
+    if (gx > 65535 * 16) gx = 65535 * 16;
+    if (gy > 65535) gy = 65535;
+    dim3 grid((unsigned)gx, (unsigned)gy);
+    if (w->nested) gemv4_simple_kernel<true><<<grid, 256, 0, stream>>>(a);
+    else gemv4_simple_kernel<false><<<grid, 256, 0, stream>>>(a);
+    return (int)cudaGetLastError();
+}
+
+/* ---- streaming tensor-core kernel ------------------------------------------------- */
+
+typedef struct {
+    fq_lin4_weight w;
+    const void *x;  /* [m, k], m <= 16 rows for this launch */
+    void *y;        /* [m, n] */
+    int y_dtype;
+    int64_t m;
+    fq_lin4_epilogue e;
+    int ks;         /* warps per 16-row tile along K: 1, 2, 4, 8 */
+    int lg2bs;
+} tc_args;
+
+#define GEMV_SMEM_BYTES ((FQ_TBL_WORDS + 16 + 256) * 4)
+
+template <typename T, int NT, bool NESTED>
+__global__ void __launch_bounds__(256, 2) gemv4_tc_kernel(tc_args a) {
+    extern __shared__ __align__(16) uint32_t sm[];
+    uint32_t *tbl = sm;
+    float *qm_s = (float *)(sm + FQ_TBL_WORDS);
+    float *code_s = qm_s + 16;
+    const int tid = threadIdx.x;
+    if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
+    if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
+    __syncthreads();
+    fq_tbl_build<T>(tbl, qm_s);
+    __syncthreads();
+
+    /* Segments whose loads are in flight together, per warp (fewer with two x tiles
+     * so that everything stays in 128 registers). */
+    constexpr int GEMV_U = NT == 1 ? 4 : 2;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int ks = a.ks, rtb = 8 / ks;
+    const int wr = warp / ks, wk = warp - wr * ks;
+    const int64_t N = a.w.n, K = a.w.k, M = a.m;
+    const int64_t n0 = ((int64_t)blockIdx.x * rtb + wr) * 16;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+
+    if (n0 < N) {
+        const int64_t r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);
+        const int64_t nseg = K >> 6;
+        const int64_t s_beg = nseg * wk / ks, s_end = nseg * (wk + 1) / ks;
+        const uint8_t *p0 = a.w.packed + r0 * (K >> 1) + 8 * t;
+        const uint8_t *p1 = a.w.packed + r1 * (K >> 1) + 8 * t;
+        const int64_t kb = K >> a.lg2bs; /* absmax blocks per row */
+        const int64_t bb0 = r0 * kb, bb1 = r1 * kb;
+        const T *xrow[NT];
+        bool xok[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int64_t m = nt * 8 + g;
+            xok[nt] = m < M;
+            xrow[nt] = (const T *)a.x + (xok[nt] ? m : 0) * K + 16 * t;
+        }
+        const uint32_t *tl = tbl + lane;
+
+        for (int64_t s = s_beg; s < s_end; s += GEMV_U) {
+            uint2 wa[GEMV_U], wb[GEMV_U];
+            float am0[GEMV_U], am1[GEMV_U];
+            uint4 xa[GEMV_U][NT][2];
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                const int64_t seg = s + u;
+                if (seg < s_end) {
+                    wa[u] = fq_ld_stream_u2(p0 + seg * 32);
+                    wb[u] = fq_ld_stream_u2(p1 + seg * 32);
+                    const int64_t kk = (seg * 64) >> a.lg2bs;
+                    if (NESTED) {
+                        const int64_t b0 = bb0 + kk, b1 = bb1 + kk;
+                        am0[u] = code_s[__ldg(&a.w.qabsmax[b0])] * __ldg(&a.w.nested_absmax[b0 >> 8]) + a.w.offset;
+                        am1[u] = code_s[__ldg(&a.w.qabsmax[b1])] * __ldg(&a.w.nested_absmax[b1 >> 8]) + a.w.offset;
+                    } else {
+                        am0[u] = __ldg(&a.w.absmax[bb0 + kk]);
+                        am1[u] = __ldg(&a.w.absmax[bb1 + kk]);
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        if (xok[nt]) {
+                            xa[u][nt][0] = fq_ld_u4(xrow[nt] + seg * 64);
+                            xa[u][nt][1] = fq_ld_u4(xrow[nt] + seg * 64 + 8);
+                        } else {
+                            xa[u][nt][0] = make_uint4(0, 0, 0, 0);
+                            xa[u][nt][1] = make_uint4(0, 0, 0, 0);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                if (s + u < s_end) { /* warp-uniform */
+                    float cs[NT][4];
+#pragma unroll
+                    for (int i = 0; i < NT; i++)
+#pragma unroll
+                        for (int j = 0; j < 4; j++) cs[i][j] = 0.0f;
+#pragma unroll
+                    for (int st = 0; st < 4; st++) {
+                        const uint32_t w0 = (st < 2) ? wa[u].x : wa[u].y;
+                        const uint32_t w1 = (st < 2) ? wb[u].x : wb[u].y;
+                        const int sh = (st & 1) * 16;
+                        const uint32_t a0 = tl[((w0 >> sh) & 0xffu) * 32];
+                        const uint32_t a2 = tl[((w0 >> (sh + 8)) & 0xffu) * 32];
+                        const uint32_t a1 = tl[((w1 >> sh) & 0xffu) * 32];
+                        const uint32_t a3 = tl[((w1 >> (sh + 8)) & 0xffu) * 32];
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            const uint4 xv = xa[u][nt][st >> 1];
+                            const uint32_t b0 = (st & 1) ? xv.z : xv.x;
+                            const uint32_t b1 = (st & 1) ? xv.w : xv.y;
+                            fq_mma16816<T>(cs[nt], a0, a1, a2, a3, b0, b1);
+                        }
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        acc[nt][0] = fmaf(cs[nt][0], am0[u], acc[nt][0]);
+                        acc[nt][1] = fmaf(cs[nt][1], am0[u], acc[nt][1]);
+                        acc[nt][2] = fmaf(cs[nt][2], am1[u], acc[nt][2]);
+                        acc[nt][3] = fmaf(cs[nt][3], am1[u], acc[nt][3]);
+                    }
+                }
+            }
+        }
+    }
+
+    /* Sum the K-split partials of one row tile (deterministic order), then store. */
+    __syncthreads(); /* the table is no longer read: reuse its memory */
+    if (ks > 1) {
+        float *red = (float *)sm; /* [8 warps][NT*4][32 lanes] = at most 8 KB */
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) red[(warp * NT * 4 + nt * 4 + i) * 32 + lane] = acc[nt][i];
+        __syncthreads();
+        if (wk == 0) {
+            for (int j = 1; j < ks; j++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) acc[nt][i] += red[((warp + j) * NT * 4 + nt * 4 + i) * 32 + lane];
+        }
+    }
+    if (wk == 0 && n0 < N) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int64_t n = n0 + g + 8 * h;
+                if (n >= N) continue;
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const int64_t m = nt * 8 + 2 * t + j;
+                    if (m < M) fq_stf(a.y, a.y_dtype, m * N + n, fq_epi(a.e, n, acc[nt][h * 2 + j]));
+                }
+            }
+        }
+    }
+}
+
+static int is_mma_dtype(int dt) { return dt == FQ_BF16 || dt == FQ_F16; }
+static int is_io_dtype(int dt) { return dt == FQ_BF16 || dt == FQ_F16 || dt == FQ_F32; }
+
+extern "C" int fq_cuda_gemv4_tc_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
+    return is_mma_dtype(io->x_dtype) && is_io_dtype(io->y_dtype) && w->blocksize >= 64 && w->k >= 64 &&
+           w->k % w->blocksize == 0 && w->n >= 1 && ((uintptr_t)io->x & 15) == 0 &&
+           ((uintptr_t)w->packed & 7) == 0 && w->quant_map != NULL;
+}
+
+template <typename T, int NT>
+static void launch_tc(const tc_args &a, unsigned blocks, cudaStream_t stream) {
+    if (a.w.nested) gemv4_tc_kernel<T, NT, true><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
+    else gemv4_tc_kernel<T, NT, false><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
+}
+
+extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                int sm_count, int ksplit, cudaStream_t stream) {
+    if (!fq_cuda_gemv4_tc_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (io->m <= 0) return (int)cudaSuccess;
+    const int64_t ntiles = (w->n + 15) / 16, nseg = w->k / 64;
+    int ks = ksplit;
+    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) {
+        /* Enough warps to keep every SM streaming: about 16 per SM. */
+        ks = 1;
+        while (ks < 8 && ntiles * ks < (int64_t)(sm_count > 0 ? sm_count : 132) * 16 && ks * 2 <= nseg) ks *= 2;
+    }
+    const int rtb = 8 / ks;
+    const int64_t blocks = (ntiles + rtb - 1) / rtb;
+    if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
+    tc_args a;
+    a.w = *w;
+    a.e = *e;
+    a.ks = ks;
+    a.lg2bs = fq_log2i(w->blocksize);
+    a.y_dtype = io->y_dtype;
+    const size_t xs = io->x_dtype == FQ_F32 ? 4 : 2;
+    const size_t ys = io->y_dtype == FQ_F32 ? 4 : 2;
+    for (int64_t m0 = 0; m0 < io->m; m0 += 16) {
+        a.m = io->m - m0 < 16 ? io->m - m0 : 16;
+        a.x = (const char *)io->x + (size_t)(m0 * w->k) * xs;
+        a.y = (char *)io->y + (size_t)(m0 * w->n) * ys;
+        if (io->x_dtype == FQ_BF16) {
+            if (a.m <= 8) launch_tc<__nv_bfloat16, 1>(a, (unsigned)blocks, stream);
+            else launch_tc<__nv_bfloat16, 2>(a, (unsigned)blocks, stream);
+        } else {
+            if (a.m <= 8) launch_tc<__half, 1>(a, (unsigned)blocks, stream);
+            else launch_tc<__half, 2>(a, (unsigned)blocks, stream);
+        }
+        cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return (int)err;
+    }
+    return (int)cudaSuccess;
+}
+
+/* ---- elementwise epilogues ---------------------------------------------------------- */
+
+__global__ void lin4_finish_kernel(const float *acc, fq_lin4_io io, int64_t n, fq_lin4_epilogue e) {
+    const int64_t total = io.m * n;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = acc[i];
+        fq_stf(io.y, io.y_dtype, i, fq_epi(e, i % n, v));
+    }
+}
+
+__global__ void lin4_epilogue_kernel(fq_lin4_io io, int64_t n, fq_lin4_epilogue e) {
+    const int64_t total = io.m * n;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = fq_ldf(io.y, io.y_dtype, i);
+        fq_stf(io.y, io.y_dtype, i, fq_epi(e, i % n, v));
+    }
+}
+
+__global__ void lin4_splitk_kernel(const float *part, int splits, fq_lin4_io io, int64_t n, fq_lin4_epilogue e) {
+    const int64_t total = io.m * n;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v = part[i];
+        for (int s = 1; s < splits; s++) v += part[(int64_t)s * total + i];
+        fq_stf(io.y, io.y_dtype, i, fq_epi(e, i % n, v));
+    }
+}
+
+static unsigned elementwise_blocks(int64_t total) {
+    int64_t b = (total + 255) / 256;
+    if (b > 65536) b = 65536;
+    return (unsigned)(b > 0 ? b : 1);
+}
+
+extern "C" int fq_cuda_lin4_finish(const float *acc, const fq_lin4_io *io, int64_t n, const fq_lin4_epilogue *e,
+                                   cudaStream_t stream) {
+    if (io->m * n == 0) return (int)cudaSuccess;
+    lin4_finish_kernel<<<elementwise_blocks(io->m * n), 256, 0, stream>>>(acc, *io, n, *e);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int fq_cuda_lin4_epilogue_inplace(const fq_lin4_io *io, int64_t n, const fq_lin4_epilogue *e,
+                                             cudaStream_t stream) {
+    if (io->m * n == 0 || (!e->bias && e->act == FQ_EPI_NONE)) return (int)cudaSuccess;
+    lin4_epilogue_kernel<<<elementwise_blocks(io->m * n), 256, 0, stream>>>(*io, n, *e);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int fq_cuda_lin4_splitk_reduce(const float *part, int splits, const fq_lin4_io *io, int64_t n,
+                                          const fq_lin4_epilogue *e, cudaStream_t stream) {
+    if (io->m * n == 0) return (int)cudaSuccess;
+    lin4_splitk_kernel<<<elementwise_blocks(io->m * n), 256, 0, stream>>>(part, splits, *io, n, *e);
+    return (int)cudaGetLastError();
+}

@@ -1,0 +1,160 @@
+/* The CUDA 4-bit linear layer: kernel launchers (gemv4.cu, gemm4.cu, gemm4_sm90.cu)
+ * and the few ops-side helpers that tests and benchmarks use to see which kernel
+ * runs (src/ops/linear_cuda.c).
+ *
+ * y[m, n] = epilogue( sum_k x[m, k] * W[n, k] ),  W = dequantize(w) of shape [N, K].
+ *
+ * Every launcher runs on the CUDA device that is current when it is called (the
+ * caller holds the guard of the weight's device), on the stream it is given, and
+ * returns a cudaError_t as int (0 = success). Launchers never allocate and never
+ * synchronize. Nothing here keeps state between calls: per-device state (kernel
+ * attributes, cuBLASLt handle, workspaces) lives in struct fq_cuda_dev.
+ *
+ * Decode tables: the kernels read the 16-entry code table from the weight's own
+ * quant_map member (and the 256-entry nested map from nested_quant_map), so the
+ * table always lives where the weight lives; each block expands it into shared
+ * memory at start. Nothing is cached across devices.
+ *
+ * What each kernel requires (otherwise the dispatcher picks another one):
+ *  - gemv4_simple: nothing (any K, any blocksize incl. blocks that straddle rows,
+ *    odd K, x/y f32/f16/bf16). Scalar f32 FMA; the reference GPU kernel.
+ *  - gemv4_tc (small M, tensor cores): x f16/bf16, blocksize >= 64, K % blocksize
+ *    == 0 (every absmax block inside one row), x 16-byte aligned.
+ *  - gemm4_mma (sm_80+) and gemm4_wgmma (sm_90a): the same as gemv4_tc.
+ */
+#ifndef FQ_LINEAR_CUDA_H
+#define FQ_LINEAR_CUDA_H
+
+#include "fluxq.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef FQ_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Raw pointers of a quantized weight [n, k] on the current device. */
+typedef struct {
+    const uint8_t *packed;      /* (n*k+1)/2 bytes; flat element 2i in the high nibble  */
+    const float *absmax;        /* f32 [nblocks] (not nested)                            */
+    const uint8_t *qabsmax;     /* u8 [nblocks] (nested)                                 */
+    const float *nested_absmax; /* f32 [ceil(nblocks/256)] (nested)                      */
+    const float *nested_code;   /* f32 [256] (nested)                                    */
+    const float *quant_map;     /* f32 [16]: the code table, read by every kernel        */
+    float offset;               /* nested offset                                         */
+    int nested;
+    int64_t blocksize;          /* a power of two, 32..4096                               */
+    int64_t n, k;
+} fq_lin4_weight;
+
+/* Epilogue applied to each f32 result before it is rounded to y's dtype:
+ * v += bias[n]; then the activation. Later work adds more fused ops here. */
+enum { FQ_EPI_NONE = 0, FQ_EPI_GELU_TANH = 1 };
+typedef struct {
+    const void *bias;  /* [n] or NULL */
+    int bias_dtype;    /* fq_dtype: f32/f16/bf16/f64 */
+    int act;           /* FQ_EPI_* */
+} fq_lin4_epilogue;
+
+/* Activations: x [m, k] and y [m, n], dense row-major. */
+typedef struct {
+    const void *x;
+    int x_dtype; /* fq_dtype: f32/f16/bf16 */
+    void *y;
+    int y_dtype; /* fq_dtype: f32/f16/bf16 */
+    int64_t m;
+} fq_lin4_io;
+
+/* ---- kernels ---------------------------------------------------------------- */
+
+/* Reference kernel, any shape and format. */
+int fq_cuda_gemv4_simple(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                         cudaStream_t stream);
+
+/* Small-M streaming kernel on tensor cores (mma.sync m16n8k16), M <= 16 rows per
+ * launch (the launcher loops over 16-row slices for larger M). ksplit: warps that
+ * share one 16-row tile of W along K (1, 2, 4 or 8; 0 = choose from sm_count). */
+int fq_cuda_gemv4_tc_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                     int sm_count, int ksplit, cudaStream_t stream);
+
+/* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
+ * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration. */
+#define FQ_GEMM4_MMA_CONFIGS 4
+int fq_cuda_gemm4_mma_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+/* Sets the kernels' attributes (dynamic shared memory) on the CURRENT device.
+ * Call once per device before the first launch there. */
+int fq_cuda_gemm4_mma_prepare(void);
+int fq_cuda_gemm4_mma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                      int sm_count, int cfg, cudaStream_t stream);
+const char *fq_cuda_gemm4_mma_config_name(int cfg);
+
+/* Large-M GEMM with Hopper warpgroup MMA (sm_90a only; built when the build
+ * includes architecture 90). fq_cuda_gemm4_wgmma_built() is 0 otherwise.
+ * cfg: low 4 bits = tile configuration (0 = choose, 1..FQ_GEMM4_WGMMA_CONFIGS),
+ * bits 4..7 = number of K splits (0 = choose). When the plan splits K, the f32
+ * partials go to ws (fq_cuda_gemm4_wgmma_workspace bytes; with less, K is not
+ * split) and a second kernel reduces them. */
+#define FQ_GEMM4_WGMMA_CONFIGS 3
+int fq_cuda_gemm4_wgmma_built(void);
+int fq_cuda_gemm4_wgmma_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemm4_wgmma_prepare(void);
+size_t fq_cuda_gemm4_wgmma_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
+int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                        int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream);
+const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
+
+/* y[i] = epilogue(acc[i]) for an f32 [m, n] result (used after cuBLASLt when y's
+ * dtype is not one cuBLASLt writes directly). acc may alias y when y is f32. */
+int fq_cuda_lin4_finish(const float *acc, const fq_lin4_io *io, int64_t n, const fq_lin4_epilogue *e,
+                        cudaStream_t stream);
+/* y[i] = epilogue(sum over s < splits of part[s * m * n + i]), in order s = 0, 1, ... */
+int fq_cuda_lin4_splitk_reduce(const float *part, int splits, const fq_lin4_io *io, int64_t n,
+                               const fq_lin4_epilogue *e, cudaStream_t stream);
+/* In place: y = epilogue(y). */
+int fq_cuda_lin4_epilogue_inplace(const fq_lin4_io *io, int64_t n, const fq_lin4_epilogue *e,
+                                  cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+/* ---- ops side (src/ops/linear_cuda.c; C only) --------------------------------- */
+#ifndef __CUDACC__
+
+/* The implementations fq_linear_4bit can run on a CUDA device. */
+typedef enum {
+    FQ_LIN4_NONE = 0,
+    FQ_LIN4_GEMV_SIMPLE,  /* reference scalar kernel (FQ_LINEAR_GEMV when the fast one can't) */
+    FQ_LIN4_GEMV_TC,      /* small-M tensor-core streaming kernel (FQ_LINEAR_GEMV)          */
+    FQ_LIN4_GEMM_MMA,     /* mma.sync GEMM (FQ_LINEAR_GEMM before sm_90)                     */
+    FQ_LIN4_GEMM_WGMMA,   /* wgmma GEMM (FQ_LINEAR_GEMM on sm_90)                            */
+    FQ_LIN4_DEQUANT_BLAS, /* dequantize to a scratch + cuBLASLt (FQ_LINEAR_DEQUANT_BLAS)     */
+    FQ_LIN4_COUNT
+} fq_lin4_impl;
+
+const char *fq_lin4_impl_name(fq_lin4_impl k);
+
+/* Tests and benchmarks: ctx->linear_kernel values from FQ_LIN4_EXACT up select one
+ * implementation exactly (and a tile configuration, 0 = automatic); if it cannot
+ * run the operands the call fails with FQ_ERR_UNSUPPORTED instead of falling back.
+ * The public values (fq_linear_kernel) fall back to a kernel that can. */
+#define FQ_LIN4_EXACT 1000
+#define FQ_LIN4_SELECT(impl, cfg) (FQ_LIN4_EXACT + (int)(impl) * 256 + (int)(cfg))
+
+#include "core/core.h"
+/* Which implementation fq_linear_4bit would run for these operands on w's device
+ * under ctx's current kernel choice (FQ_LIN4_NONE with a message if none can). */
+fq_lin4_impl fq_linear4_cuda_choice(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w,
+                                    const fq_tensor *y);
+/* 1 if implementation k can run these operands on w's device. */
+int fq_linear4_cuda_can_run(fq_ctx *ctx, fq_lin4_impl k, const fq_tensor *x, const fq_qtensor *w,
+                            const fq_tensor *y);
+#endif /* !__CUDACC__ */
+#endif /* FQ_HAVE_CUDA */
+
+#endif

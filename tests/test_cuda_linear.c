@@ -1,0 +1,611 @@
+/* The CUDA 4-bit linear layer (skips without a GPU).
+ *
+ * Weights are built from random members (random nibbles, absmax, nested state)
+ * with fq_qtensor_from_members, so the test does not depend on the quantizer.
+ * The reference is float64: y[m, n] = sum_k W[n, k] x[m, k] + bias[n], with W
+ * dequantized on the host exactly as bitsandbytes defines it (code[nibble] *
+ * absmax in f32, absmax = code256[q] * nested_absmax + offset with double quant)
+ * and x, bias taken as the values their dtype holds.
+ *
+ * Every implementation (gemv4_simple, gemv4_tc, gemm4_mma, gemm4_wgmma, dequantize
+ * + cuBLASLt) runs every case it can run, plus the public choices (AUTO, GEMV,
+ * GEMM, DEQUANT_BLAS), over NF4/FP4, nested or not, x f32/f16/bf16, y f32/f16/bf16,
+ * bias or not (bias in several dtypes), odd M, N not a multiple of the tile, K not
+ * a multiple of the blocksize (blocks straddling rows) and odd K. Tile and K-split
+ * configurations are swept on the larger shapes. y is poisoned with NaN before
+ * every call, so an unwritten element fails.
+ *
+ * Tolerances (u = unit roundoff of the named type: bf16 2^-9, f16 2^-12, f32 0):
+ *  - weight rounding u_w: gemv4_simple and f32 x: 0; gemv4_tc: u of the MMA type
+ *    (the code value is rounded, absmax applied in f32); gemm4_* and dequantize +
+ *    cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it);
+ *  - output rounding u_y: u of y's type (half an ulp: 2^-8 bf16, 2^-11 f16);
+ *  - per element |y - ref| <= 5 u_w S2 + 2 u_y |ref| + 4e-6 S1 + 1e-30, with
+ *    S1 = sum_k |W x|, S2 = sqrt(sum_k (W x)^2) (+ |bias|);
+ *  - over the tensor ||y - ref|| / ||ref|| <= 2 u_w + 2 u_y + 1e-5.
+ * A failure prints the case, the kernel, the worst element and the tolerance.
+ *
+ * With two GPUs: the weight is moved cuda:0 -> cuda:1 (fq_qtensor_move) and every
+ * kernel must give bit-identical output there. Every kernel is also run twice and
+ * must be bit-identical (no races, no order dependence). */
+#include "check.h"
+#include "core/core.h"
+#include "core/qtensor.h"
+#include "kernels/cuda/linear_cuda.h"
+#include "ops/linear_internal.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef FQ_HAVE_CUDA
+int main(void) {
+    SKIP("built without CUDA");
+    return check_summary("test_cuda_linear");
+}
+#else
+
+/* ---- host helpers --------------------------------------------------------------- */
+
+static uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static uint64_t g_rng = 0x2545f4914f6cdd1dull;
+static uint32_t rnd(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (uint32_t)(g_rng >> 16);
+}
+static float rnd_unit(void) { return (float)(rnd() >> 8) / 16777216.0f; } /* [0, 1) */
+static float rnd_sym(void) { return 2.0f * rnd_unit() - 1.0f; }       /* [-1, 1) */
+
+static uint16_t to_bf16(float f) {
+    uint32_t u = f2u(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static float from_bf16(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+static uint16_t to_f16(float f) {
+    uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, ex = (u >> 23) & 0xff, m = u & 0x7fffffu;
+    int32_t e = (int32_t)ex - 112;
+    if (ex == 0xff || e >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (e < -10) return (uint16_t)sign;
+    uint32_t mant = e > 0 ? ((uint32_t)e << 23) | m : m | 0x800000u;
+    uint32_t shift = e > 0 ? 13u : (uint32_t)(14 - e);
+    uint32_t r = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+static float from_f16(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu;
+    if (e == 0) return (s ? -1.0f : 1.0f) * ldexpf((float)m, -24);
+    if (e == 31) return u2f(s | 0x7f800000u | (m << 13));
+    return u2f(s | ((e + 112) << 23) | (m << 13));
+}
+
+/* Host values v[0..n) stored as dtype dt: *bytes receives the encoding (caller
+ * frees) and v is replaced by the value the dtype holds. */
+static void *encode(fq_dtype dt, float *v, int64_t n) {
+    size_t es = fq_dtype_size(dt);
+    unsigned char *b = malloc((size_t)n * es + 8);
+    if (!b) return NULL;
+    for (int64_t i = 0; i < n; i++) {
+        if (dt == FQ_F32) memcpy(b + 4 * i, &v[i], 4);
+        else if (dt == FQ_F64) { double d = v[i]; memcpy(b + 8 * i, &d, 8); }
+        else {
+            uint16_t h = dt == FQ_BF16 ? to_bf16(v[i]) : to_f16(v[i]);
+            v[i] = dt == FQ_BF16 ? from_bf16(h) : from_f16(h);
+            memcpy(b + 2 * i, &h, 2);
+        }
+    }
+    return b;
+}
+
+static double decode1(fq_dtype dt, const unsigned char *b, int64_t i) {
+    if (dt == FQ_F32) { float f; memcpy(&f, b + 4 * i, 4); return f; }
+    uint16_t h;
+    memcpy(&h, b + 2 * i, 2);
+    return dt == FQ_BF16 ? from_bf16(h) : from_f16(h);
+}
+
+static double unit_roundoff(fq_dtype dt) {
+    return dt == FQ_BF16 ? ldexp(1.0, -9) : dt == FQ_F16 ? ldexp(1.0, -12) : 0.0;
+}
+
+/* ---- a random quantized weight and its host dequantization ------------------------- */
+
+typedef struct {
+    fq_quant_type qt;
+    int nested;
+    int64_t n, k, bs;
+    float *wdq; /* [n*k] dequantized as bitsandbytes defines it */
+    fq_qtensor *q;
+} hweight;
+
+static void hweight_free(hweight *h) {
+    free(h->wdq);
+    fq_qtensor_free(h->q);
+    memset(h, 0, sizeof *h);
+}
+
+static int make_weight(fq_ctx *ctx, fq_device dev, fq_quant_type qt, int nested, int64_t n, int64_t k, int64_t bs,
+                       hweight *h) {
+    memset(h, 0, sizeof *h);
+    h->qt = qt;
+    h->nested = nested;
+    h->n = n;
+    h->k = k;
+    h->bs = bs;
+    const int64_t numel = n * k, nb = (numel + bs - 1) / bs, nnb = (nb + 255) / 256;
+    uint8_t *packed = malloc((size_t)(numel + 1) / 2 + 1);
+    float *absmax = malloc((size_t)nb * 4 + 4);
+    uint8_t *qabs = malloc((size_t)nb + 1);
+    float *nabs = malloc((size_t)nnb * 4 + 4);
+    h->wdq = malloc((size_t)numel * 4 + 4);
+    int ok = packed && absmax && qabs && nabs && h->wdq;
+    if (ok) {
+        for (int64_t i = 0; i < (numel + 1) / 2; i++) packed[i] = (uint8_t)rnd();
+        const float offset = 0.2f + 0.3f * rnd_unit();
+        for (int64_t b = 0; b < nb; b++) {
+            absmax[b] = 0.02f + 2.0f * rnd_unit() * rnd_unit();
+            qabs[b] = (uint8_t)rnd();
+        }
+        for (int64_t b = 0; b < nnb; b++) nabs[b] = 0.05f + 0.2f * rnd_unit();
+        const float *qm = fq_quant_map(qt), *code = fq_dynamic_map_signed();
+        for (int64_t f = 0; f < numel; f++) {
+            const uint8_t byte = packed[f >> 1];
+            const int nib = (f & 1) ? (byte & 15) : (byte >> 4);
+            const int64_t b = f / bs;
+            volatile float am = nested ? code[qabs[b]] * nabs[b >> 8] : absmax[b];
+            if (nested) am = am + offset;
+            volatile float w = qm[nib] * am;
+            h->wdq[f] = w;
+        }
+        fq_qtensor_info info;
+        memset(&info, 0, sizeof info);
+        info.type = qt;
+        info.blocksize = bs;
+        info.double_quant = nested;
+        info.orig_dtype = FQ_BF16;
+        info.ndim = 2;
+        info.shape[0] = n;
+        info.shape[1] = k;
+        info.offset = offset;
+        const void *members[FQ_QMEMBER_COUNT] = {packed, nested ? (const void *)qabs : (const void *)absmax, qm,
+                                                 nested ? nabs : NULL, nested ? code : NULL};
+        fq_status s = fq_qtensor_from_members(ctx, dev, &info, members, &h->q);
+        CHECK(s == FQ_OK, "from_members: %s", fq_ctx_error(ctx));
+        ok = s == FQ_OK;
+        if (ok) fq_qtensor_set_name(ctx, h->q, "test.linear");
+    }
+    free(packed);
+    free(absmax);
+    free(qabs);
+    free(nabs);
+    if (!ok) hweight_free(h);
+    return ok;
+}
+
+/* ---- activations, reference ---------------------------------------------------------- */
+
+typedef struct {
+    int64_t m, k;
+    fq_dtype dt;
+    float *v;        /* values as the dtype holds them */
+    fq_tensor *t[2]; /* on cuda:0 and cuda:1 (if present) */
+} hact;
+
+static int make_act(fq_ctx *ctx, int ndev, fq_dtype dt, int64_t m, int64_t k, int three_d, hact *a) {
+    memset(a, 0, sizeof *a);
+    a->m = m;
+    a->k = k;
+    a->dt = dt;
+    a->v = malloc((size_t)(m * k) * 4 + 4);
+    if (!a->v) return 0;
+    for (int64_t i = 0; i < m * k; i++) a->v[i] = rnd_sym();
+    void *b = encode(dt, a->v, m * k);
+    int64_t shape3[3] = {2, m / 2, k}, shape2[2] = {m, k};
+    int ok = b != NULL;
+    for (int d = 0; ok && d < ndev && d < 2; d++) {
+        fq_status s = three_d && m % 2 == 0 ? fq_tensor_from_host(ctx, FQ_CUDA(d), dt, 3, shape3, b, &a->t[d])
+                                            : fq_tensor_from_host(ctx, FQ_CUDA(d), dt, 2, shape2, b, &a->t[d]);
+        CHECK(s == FQ_OK, "x upload: %s", fq_ctx_error(ctx));
+        ok = s == FQ_OK;
+    }
+    free(b);
+    return ok;
+}
+
+static void hact_free(hact *a) {
+    free(a->v);
+    fq_tensor_free(a->t[0]);
+    fq_tensor_free(a->t[1]);
+    memset(a, 0, sizeof *a);
+}
+
+typedef struct {
+    int64_t n;
+    fq_dtype dt;
+    float *v;
+    fq_tensor *t[2];
+} hbias;
+
+static int make_bias(fq_ctx *ctx, int ndev, fq_dtype dt, int64_t n, hbias *b) {
+    memset(b, 0, sizeof *b);
+    b->n = n;
+    b->dt = dt;
+    b->v = malloc((size_t)n * 4 + 4);
+    if (!b->v) return 0;
+    for (int64_t i = 0; i < n; i++) b->v[i] = 0.5f * rnd_sym();
+    void *e = encode(dt, b->v, n);
+    int ok = e != NULL;
+    for (int d = 0; ok && d < ndev && d < 2; d++) {
+        fq_status s = fq_tensor_from_host(ctx, FQ_CUDA(d), dt, 1, &n, e, &b->t[d]);
+        CHECK(s == FQ_OK, "bias upload: %s", fq_ctx_error(ctx));
+        ok = s == FQ_OK;
+    }
+    free(e);
+    return ok;
+}
+
+static void hbias_free(hbias *b) {
+    free(b->v);
+    fq_tensor_free(b->t[0]);
+    fq_tensor_free(b->t[1]);
+    memset(b, 0, sizeof *b);
+}
+
+typedef struct {
+    double *ref, *s1, *s2; /* [m*n] without bias */
+} href;
+
+static int make_ref(const hweight *w, const hact *x, href *r) {
+    const int64_t m = x->m, n = w->n, k = w->k;
+    r->ref = malloc((size_t)(m * n) * 8 + 8);
+    r->s1 = malloc((size_t)(m * n) * 8 + 8);
+    r->s2 = malloc((size_t)(m * n) * 8 + 8);
+    if (!r->ref || !r->s1 || !r->s2) return 0;
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x->v + i * k;
+        for (int64_t j = 0; j < n; j++) {
+            const float *wr = w->wdq + j * k;
+            double s = 0, a1 = 0, a2 = 0;
+            for (int64_t kk = 0; kk < k; kk++) {
+                const double p = (double)wr[kk] * (double)xr[kk];
+                s += p;
+                a1 += fabs(p);
+                a2 += p * p;
+            }
+            r->ref[i * n + j] = s;
+            r->s1[i * n + j] = a1;
+            r->s2[i * n + j] = sqrt(a2);
+        }
+    }
+    return 1;
+}
+
+static void href_free(href *r) {
+    free(r->ref);
+    free(r->s1);
+    free(r->s2);
+}
+
+/* ---- one call ---------------------------------------------------------------------- */
+
+/* Runs y = linear(x, w, bias) on device d with kernel selection sel (a public
+ * fq_linear_kernel or FQ_LIN4_SELECT(...)); y is created here, poisoned, and read
+ * back into *out (the raw bytes, caller frees). */
+static fq_status run_linear(fq_ctx *ctx, int d, int sel, const hweight *w, const hact *x, const hbias *b,
+                            fq_dtype ydt, unsigned char **out) {
+    *out = NULL;
+    const int64_t m = x->m, n = w->n;
+    const fq_tensor *xt = x->t[d];
+    int64_t yshape[3];
+    int ynd = xt->ndim;
+    for (int i = 0; i < ynd - 1; i++) yshape[i] = xt->shape[i];
+    yshape[ynd - 1] = n;
+    size_t ybytes = (size_t)(m * n) * fq_dtype_size(ydt);
+    unsigned char *poison = malloc(ybytes + 8);
+    if (!poison) return FQ_ERR_OUT_OF_MEMORY;
+    memset(poison, 0xff, ybytes + 8); /* NaN in f32, f16 and bf16 */
+    fq_tensor *y = NULL;
+    fq_status s = fq_tensor_from_host(ctx, FQ_CUDA(d), ydt, ynd, yshape, poison, &y);
+    free(poison);
+    if (s != FQ_OK) return s;
+    ctx->linear_kernel = sel;
+    if (sel >= FQ_LIN4_EXACT) s = fq_linear4_cuda(ctx, xt, w->q, b ? b->t[d] : NULL, y, m);
+    else s = fq_linear_4bit(ctx, xt, w->q, b ? b->t[d] : NULL, y);
+    ctx->linear_kernel = FQ_LINEAR_AUTO;
+    if (s == FQ_OK) {
+        *out = malloc(ybytes + 8);
+        if (!*out) s = FQ_ERR_OUT_OF_MEMORY;
+        else s = fq_tensor_to_host(ctx, y, *out);
+        if (s != FQ_OK) { free(*out); *out = NULL; }
+    }
+    fq_tensor_free(y);
+    return s;
+}
+
+/* Checks y against the reference; returns 1 if within tolerance. */
+static int compare(const char *what, const hweight *w, const hact *x, const hbias *b, const href *r, fq_dtype ydt,
+                   const unsigned char *y, double uw) {
+    const int64_t m = x->m, n = w->n;
+    const double uy = unit_roundoff(ydt) * 2.0;
+    double num = 0, den = 0, worst = -1;
+    int64_t wi = 0, nonfinite = 0;
+    double wv = 0, wr = 0, wt = 0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t e = i * n + j;
+            const double bias = b ? b->v[j] : 0.0;
+            const double ref = r->ref[e] + bias;
+            const double v = decode1(ydt, y, e);
+            if (!isfinite(v)) {
+                if (!nonfinite) { wi = e; wv = v; wr = ref; }
+                nonfinite++;
+                continue;
+            }
+            const double tol =
+                5.0 * uw * r->s2[e] + 2.0 * uy * fabs(ref) + 4e-6 * (r->s1[e] + fabs(bias)) + 1e-30;
+            const double err = fabs(v - ref);
+            num += err * err;
+            den += ref * ref;
+            if (err / tol > worst) {
+                worst = err / tol;
+                wi = e;
+                wv = v;
+                wr = ref;
+                wt = tol;
+            }
+        }
+    const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    const double rel_tol = 2.0 * uw + 2.0 * uy + 1e-5;
+    int ok = nonfinite == 0 && worst <= 1.0 && rel <= rel_tol;
+    CHECK(ok,
+          "%s: M=%lld N=%lld K=%lld bs=%lld %s%s x=%s y=%s bias=%s: %lld non-finite; worst element (m=%lld, n=%lld) "
+          "y=%.9g ref=%.9g err/tol=%.3g (tol %.3g); rel err %.3g (tol %.3g)",
+          what, (long long)m, (long long)n, (long long)w->k, (long long)w->bs, fq_quant_type_name(w->qt),
+          w->nested ? "+dq" : "", fq_dtype_name(x->dt), fq_dtype_name(ydt), b ? fq_dtype_name(b->dt) : "none",
+          (long long)nonfinite, (long long)(wi / n), (long long)(wi % n), wv, wr, worst, wt, rel, rel_tol);
+    return ok;
+}
+
+/* Weight rounding of an implementation for x's dtype. */
+static double weight_roundoff(fq_lin4_impl impl, fq_dtype xdt) {
+    switch (impl) {
+    case FQ_LIN4_GEMV_SIMPLE: return 0.0;
+    default: return unit_roundoff(xdt);
+    }
+}
+
+/* ---- the test matrix ------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t m, n, k, bs;
+    int sweep; /* also sweep tile / split configurations */
+} shape_t;
+
+static const shape_t g_shapes[] = {
+    {1, 256, 512, 64, 0},     /* GEMV                                     */
+    {3, 130, 1024, 64, 0},    /* N not a multiple of 16                   */
+    {7, 64, 192, 64, 0},      /* three segments                           */
+    {16, 96, 4096, 128, 1},   /* two x tiles in the GEMV, long K          */
+    {9, 48, 640, 128, 0},     /* 640 = 5 blocks of 128                    */
+    {5, 33, 100, 64, 0},      /* K not a multiple of the blocksize        */
+    {2, 7, 33, 32, 0},        /* odd K: rows start mid-byte               */
+    {1, 3, 1, 64, 0},         /* K = 1                                    */
+    {4, 40, 96, 32, 0},       /* blocksize 32                             */
+    {33, 200, 256, 64, 1},    /* smallest GEMM M; N, M not tile multiples */
+    {130, 384, 512, 128, 1},
+    {257, 520, 1024, 64, 0},
+    {300, 256, 2048, 256, 1},
+    {64, 3072, 3072, 64, 1},  /* a Flux width                             */
+    {1000, 136, 192, 64, 0},  /* many M tiles                             */
+    {4608, 128, 256, 64, 1},  /* Flux token count                         */
+};
+
+static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC, FQ_LIN4_GEMM_MMA, FQ_LIN4_GEMM_WGMMA,
+                                       FQ_LIN4_DEQUANT_BLAS};
+
+static int g_ndev;
+
+/* Runs one selection on cuda:0 (twice: must be bit-identical) and, with two GPUs,
+ * on cuda:1 after moving the weight there (must be bit-identical too). */
+static void run_and_check(fq_ctx *ctx, int sel, const char *what, fq_lin4_impl impl, hweight *w, hact *x, hbias *b,
+                          const href *r, fq_dtype ydt) {
+    unsigned char *y0 = NULL, *y1 = NULL;
+    fq_status s = run_linear(ctx, 0, sel, w, x, b, ydt, &y0);
+    CHECK(s == FQ_OK, "%s: %s", what, fq_ctx_error(ctx));
+    if (s != FQ_OK) return;
+    const size_t yb = (size_t)(x->m * w->n) * fq_dtype_size(ydt);
+    compare(what, w, x, b, r, ydt, y0, weight_roundoff(impl, x->dt));
+    s = run_linear(ctx, 0, sel, w, x, b, ydt, &y1);
+    CHECK(s == FQ_OK && memcmp(y0, y1, yb) == 0, "%s: a second run differs (M=%lld N=%lld K=%lld)", what,
+          (long long)x->m, (long long)w->n, (long long)w->k);
+    free(y1);
+    y1 = NULL;
+    if (g_ndev >= 2) {
+        s = fq_qtensor_move(ctx, w->q, FQ_CUDA(1));
+        CHECK(s == FQ_OK, "move to cuda:1: %s", fq_ctx_error(ctx));
+        if (s == FQ_OK) {
+            s = run_linear(ctx, 1, sel, w, x, b, ydt, &y1);
+            CHECK(s == FQ_OK, "%s on cuda:1: %s", what, fq_ctx_error(ctx));
+            CHECK(s != FQ_OK || memcmp(y0, y1, yb) == 0, "%s: cuda:1 result differs from cuda:0 (M=%lld N=%lld K=%lld)",
+                  what, (long long)x->m, (long long)w->n, (long long)w->k);
+            s = fq_qtensor_move(ctx, w->q, FQ_CUDA(0));
+            CHECK(s == FQ_OK, "move back to cuda:0: %s", fq_ctx_error(ctx));
+        }
+    }
+    free(y0);
+    free(y1);
+}
+
+static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
+    static const fq_dtype xdts[3] = {FQ_BF16, FQ_F16, FQ_F32};
+    static const fq_dtype bdts[4] = {FQ_F32, FQ_BF16, FQ_F16, FQ_F64};
+    for (int wv = 0; wv < 4; wv++) {
+        const fq_quant_type qt = (wv & 1) ? FQ_QUANT_FP4 : FQ_QUANT_NF4;
+        const int nested = (wv >> 1) & 1;
+        hweight w;
+        if (!make_weight(ctx, FQ_CUDA(0), qt, nested, sh->n, sh->k, sh->bs, &w)) return;
+        for (int xi = 0; xi < 3; xi++) {
+            /* Large shapes: not every x dtype with every weight variant. */
+            if (sh->m * sh->n * sh->k > 50000000 && xi != (wv % 3) && xi != 0) continue;
+            hact x;
+            href r = {0};
+            if (!make_act(ctx, g_ndev, xdts[xi], sh->m, sh->k, (*counter % 3) == 1, &x) || !make_ref(&w, &x, &r)) {
+                CHECK(0, "out of host memory");
+                hact_free(&x);
+                href_free(&r);
+                break;
+            }
+            /* y dtype and bias vary from case to case */
+            const int c = (*counter)++;
+            const fq_dtype xdt = xdts[xi];
+            const fq_dtype ydt = c % 4 == 3 ? FQ_F32 : c % 4 == 1 ? (xdt == FQ_BF16 ? FQ_F16 : FQ_BF16) : xdt;
+            hbias b;
+            const int with_bias = c % 3 != 2;
+            if (with_bias && !make_bias(ctx, g_ndev, bdts[c % 4], sh->n, &b)) {
+                hact_free(&x);
+                href_free(&r);
+                break;
+            }
+            char what[160];
+            for (size_t ii = 0; ii < sizeof g_impls / sizeof g_impls[0]; ii++) {
+                const fq_lin4_impl impl = g_impls[ii];
+                fq_tensor *yshape = NULL; /* only its shape and dtype matter */
+                int64_t ys[2] = {sh->m, sh->n};
+                if (fq_tensor_create(ctx, FQ_CUDA(0), ydt, 2, ys, &yshape) != FQ_OK) continue;
+                const int can = fq_linear4_cuda_can_run(ctx, impl, x.t[0], w.q, yshape);
+                fq_tensor_free(yshape);
+                if (!can) continue;
+                snprintf(what, sizeof what, "%s", fq_lin4_impl_name(impl));
+                run_and_check(ctx, FQ_LIN4_SELECT(impl, 0), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
+                if (!sh->sweep) continue;
+                int ncfg = impl == FQ_LIN4_GEMV_TC       ? 4
+                           : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
+                           : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
+                                                        : 0;
+                for (int cfg = 1; cfg <= ncfg; cfg++) {
+                    int code = cfg;
+                    if (impl == FQ_LIN4_GEMV_TC) code = 1 << (cfg - 1); /* K split 1, 2, 4, 8 */
+                    if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
+                        code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
+                    snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
+                    run_and_check(ctx, FQ_LIN4_SELECT(impl, code), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
+                }
+            }
+            /* the public choices; AUTO must be what fq_linear4_cuda_choice says */
+            static const fq_linear_kernel pub[4] = {FQ_LINEAR_AUTO, FQ_LINEAR_GEMV, FQ_LINEAR_GEMM,
+                                                    FQ_LINEAR_DEQUANT_BLAS};
+            for (int p = 0; p < 4; p++) {
+                if (sh->m * sh->n * sh->k > 50000000 && p == 1) continue; /* GEMV at large M: slow */
+                fq_tensor *yt = NULL;
+                int64_t ys[2] = {sh->m, sh->n};
+                fq_lin4_impl impl = FQ_LIN4_NONE;
+                if (fq_tensor_create(ctx, FQ_CUDA(0), ydt, 2, ys, &yt) == FQ_OK) {
+                    ctx->linear_kernel = pub[p];
+                    impl = fq_linear4_cuda_choice(ctx, x.t[0], w.q, yt);
+                    ctx->linear_kernel = FQ_LINEAR_AUTO;
+                    fq_tensor_free(yt);
+                }
+                CHECK(impl != FQ_LIN4_NONE, "no kernel for public choice %d: %s", p, fq_ctx_error(ctx));
+                if (impl == FQ_LIN4_NONE) continue;
+                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE, "GEMV -> %s", fq_lin4_impl_name(impl));
+                if (p == 3) CHECK(impl == FQ_LIN4_DEQUANT_BLAS, "DEQUANT_BLAS -> %s", fq_lin4_impl_name(impl));
+                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
+                snprintf(what, sizeof what, "public %d (%s)", p, fq_lin4_impl_name(impl));
+                run_and_check(ctx, pub[p], what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
+            }
+            if (with_bias) hbias_free(&b);
+            hact_free(&x);
+            href_free(&r);
+        }
+        hweight_free(&w);
+    }
+}
+
+/* The exact selection refuses what it cannot run; the public one falls back. */
+static void test_selection(fq_ctx *ctx) {
+    hweight w;
+    if (!make_weight(ctx, FQ_CUDA(0), FQ_QUANT_NF4, 0, 64, 256, 64, &w)) return;
+    hact x;
+    if (!make_act(ctx, 1, FQ_F32, 4, 256, 0, &x)) { hweight_free(&w); return; }
+    unsigned char *y = NULL;
+    fq_status s = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMV_TC, 0), &w, &x, NULL, FQ_F32, &y);
+    CHECK(s == FQ_ERR_UNSUPPORTED, "gemv4_tc with f32 x -> %s", fq_status_str(s));
+    CHECK(strstr(fq_ctx_error(ctx), "gemv4_tc") != NULL, "message names the kernel: %s", fq_ctx_error(ctx));
+    free(y);
+    y = NULL;
+    fq_tensor *yt = NULL;
+    int64_t ys[2] = {4, 64};
+    if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK) {
+        ctx->linear_kernel = FQ_LINEAR_GEMV;
+        CHECK(fq_linear4_cuda_choice(ctx, x.t[0], w.q, yt) == FQ_LIN4_GEMV_SIMPLE, "GEMV with f32 x -> simple");
+        ctx->linear_kernel = FQ_LINEAR_GEMM;
+        CHECK(fq_linear4_cuda_choice(ctx, x.t[0], w.q, yt) == FQ_LIN4_DEQUANT_BLAS, "GEMM with f32 x -> dequant");
+        ctx->linear_kernel = FQ_LINEAR_AUTO;
+        fq_tensor_free(yt);
+    }
+    /* M = 0: nothing to do, no error */
+    hact x0;
+    if (make_act(ctx, 1, FQ_BF16, 0, 256, 0, &x0)) {
+        s = run_linear(ctx, 0, FQ_LINEAR_AUTO, &w, &x0, NULL, FQ_BF16, &y);
+        CHECK(s == FQ_OK, "M = 0: %s", fq_ctx_error(ctx));
+        free(y);
+        hact_free(&x0);
+    }
+    hact_free(&x);
+    hweight_free(&w);
+}
+
+/* The dequantize kernel (the fallback's first half) agrees with the host formula. */
+static void test_dequant_agrees(fq_ctx *ctx) {
+    for (int nested = 0; nested < 2; nested++) {
+        hweight w;
+        if (!make_weight(ctx, FQ_CUDA(0), nested ? FQ_QUANT_FP4 : FQ_QUANT_NF4, nested, 37, 100, 64, &w)) return;
+        fq_tensor *d = NULL;
+        fq_status s = fq_dequantize_4bit(ctx, w.q, FQ_F32, &d);
+        CHECK(s == FQ_OK, "dequantize: %s", fq_ctx_error(ctx));
+        if (s == FQ_OK) {
+            float *h = malloc((size_t)(w.n * w.k) * 4);
+            if (h && fq_tensor_to_host(ctx, d, h) == FQ_OK) {
+                int64_t bad = -1;
+                for (int64_t i = 0; i < w.n * w.k && bad < 0; i++)
+                    if (h[i] != w.wdq[i] && !(h[i] == 0 && w.wdq[i] == 0)) bad = i;
+                CHECK(bad < 0, "dequantize kernel disagrees with the host formula at %lld: %.9g vs %.9g (nested %d)",
+                      (long long)bad, bad >= 0 ? h[bad] : 0.0, bad >= 0 ? w.wdq[bad] : 0.0, nested);
+            }
+            free(h);
+            fq_tensor_free(d);
+        }
+        hweight_free(&w);
+    }
+}
+
+int main(int argc, char **argv) {
+    g_ndev = fq_cuda_device_count();
+    if (g_ndev == 0) {
+        SKIP("no CUDA device");
+        return check_summary("test_cuda_linear");
+    }
+    fq_ctx *ctx;
+    if (fq_ctx_create(&ctx) != FQ_OK) return 1;
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    if (g_ndev < 2) SKIP("one GPU: the cuda:0 -> cuda:1 identity checks need two");
+    test_selection(ctx);
+    test_dequant_agrees(ctx);
+    int counter = 0;
+    for (size_t i = 0; i < sizeof g_shapes / sizeof g_shapes[0]; i++) {
+        if (quick && g_shapes[i].m * g_shapes[i].n * g_shapes[i].k > 50000000) continue;
+        const int f0 = g_fail;
+        test_shape(ctx, &g_shapes[i], &counter);
+        fprintf(stderr, "shape M=%lld N=%lld K=%lld bs=%lld: %s\n", (long long)g_shapes[i].m, (long long)g_shapes[i].n,
+                (long long)g_shapes[i].k, (long long)g_shapes[i].bs, g_fail == f0 ? "ok" : "FAILED");
+    }
+    fq_ctx_free(ctx);
+    return check_summary("test_cuda_linear");
+}
+#endif
