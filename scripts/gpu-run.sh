@@ -4,15 +4,15 @@
 #
 #   scripts/gpu-run.sh [all|build|test|bench|multi]     (default: all)
 #     build  unpack .deps/*.deb (cJSON is not installed there) and build for sm_90
-#     test   build, then `make test` (every test; the CUDA ones run on each GPU)
+#     test   build, then every test (the CUDA ones run on each GPU)
 #     bench  build, then bench_quant on the CPU and every GPU (table + JSON)
 #     all    build + test + bench
 #     multi  for the 2-GPU machine: build, test_multi_gpu (with its
 #            --only-cuda1 NVML / context check), test_cuda_quant --quick on both
 #            GPUs, bench_quant on each GPU
 #
-# Files: build.log, test.log, bench_quant.txt, bench_quant.json, multi.log,
-# summary.txt. Exit status: 0 when every step that ran succeeded.
+# Files: build.log, test.log (the suite), cuda_tests.log (test_cuda_quant and
+# test_multi_gpu in full), bench_quant.txt, bench_quant.json, multi.log, summary.txt. Exit status: 0 when every step that ran succeeded.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 WHAT="${1:-all}"
@@ -50,18 +50,35 @@ if make -j"$JOBS" "${MAKEVARS[@]}" > "$OUT/build.log" 2>&1; then
     note "build: ok ($(( $(date +%s) - start )) s)"
 else
     note "build: FAILED (see build.log):"
-    grep -E 'error|undefined' "$OUT/build.log" | head -n 20 | tee -a "$SUMMARY"
+    grep -E 'error:|undefined reference' "$OUT/build.log" | head -n 20 | tee -a "$SUMMARY"
     exit 1
 fi
 [ "$WHAT" = build ] && exit 0
 
 # ---- tests ----
+# The suite runs through tests/run.sh like `make test`, except the two GPU
+# programs of this script's subject, which run directly so that their result
+# lines (golden counts, CPU == CUDA, rcp table, 2^31 elements, NVML) are kept.
 if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
     start=$(date +%s)
-    if make "${MAKEVARS[@]}" test > "$OUT/test.log" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
-    note "make test: $r ($(( $(date +%s) - start )) s): $(tail -n 1 "$OUT/test.log")"
-    # the lines worth recording: golden counts, CPU==CUDA counts, rcp table, 2^31, multi-GPU
-    grep -E '^(cuda:[0-9]+:|golden:|multi-gpu|only-cuda1|FAIL|CRASH)' "$OUT/test.log" | head -n 60 | tee -a "$SUMMARY"
+    SUITE=()
+    for t in build/tests/test_*; do
+        [ -f "$t" ] && [ -x "$t" ] || continue
+        case "$(basename "$t")" in test_cuda_quant|test_multi_gpu) ;; *) SUITE+=("$t") ;; esac
+    done
+    if BUILD=build FLUXQ=build/fluxq tests/run.sh "${SUITE[@]}" > "$OUT/test.log" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
+    note "test suite (${#SUITE[@]} programs): $r ($(( $(date +%s) - start )) s): $(tail -n 1 "$OUT/test.log")"
+    grep -E '^(FAIL|CRASH)' "$OUT/test.log" | head -n 20 | tee -a "$SUMMARY"
+    start=$(date +%s)
+    {
+        echo "== test_cuda_quant"; build/tests/test_cuda_quant; echo "exit $?"
+        echo "== test_multi_gpu"; build/tests/test_multi_gpu; echo "exit $?"
+    } > "$OUT/cuda_tests.log" 2>&1
+    grep -q '^test_cuda_quant: .* 0 failed' "$OUT/cuda_tests.log" && grep -q '^test_multi_gpu: .* 0 failed' "$OUT/cuda_tests.log" \
+        && r=ok || { r=FAILED; STATUS=1; }
+    note "GPU quantization tests: $r ($(( $(date +%s) - start )) s)"
+    grep -E '^(cuda:[0-9]+:|multi-gpu|only-cuda1|test_cuda_quant:|test_multi_gpu:|FAIL|skip)' "$OUT/cuda_tests.log" \
+        | head -n 60 | tee -a "$SUMMARY"
 fi
 
 # ---- benchmarks ----
