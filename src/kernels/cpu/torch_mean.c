@@ -8,10 +8,10 @@
  * fast-math), so only the order matters.
  *
  * The launch shape for n inputs and one output (setReduceConfig):
- *  - n < 128: w = the largest power of two <= n threads; thread t adds
+ *  - n <= 128: w = the largest power of two <= n threads; thread t adds
  *    elements t, t+w, t+2w, ... round-robin into 4 accumulators, then
  *    combines them in order;
- *  - n >= 128: 4-wide vector loads; w = min(largest power of two <= n/4, 512);
+ *  - n > 128: 4-wide vector loads (Reduce.cuh: dim0 > 128); w = min(largest power of two <= n/4, 512);
  *    thread t of CTA c reads vectors t + c*w, stepping w*ctas, one accumulator
  *    per vector lane; the n%4 tail elements go to threads 0.. of CTA 0;
  *  - threads combine by halving through shared memory down to 32, then a warp
@@ -36,7 +36,7 @@ enum {
     TORCH_SM_COUNT = 132,         /* H100 SXM multiprocessors */
     TORCH_THREADS_PER_SM = 2048,  /* maxThreadsPerMultiProcessor */
     TORCH_MAX_THREADS = 512,      /* Reduce.cuh MAX_NUM_THREADS for float */
-    TORCH_VEC_MIN = 128,          /* vectorize the input when n >= 128 */
+    TORCH_SCALAR_MAX = 128,       /* vectorize the input only when n > 128 */
     TORCH_VEC = 4,                /* vt0 = input_vec_size = 4 for float */
     WARP = 32,
 };
@@ -60,9 +60,9 @@ static float block_reduce(float *v, int64_t w) {
     return v[0];
 }
 
-/* n < 128: one element per step, 4 accumulators filled round-robin. */
+/* n <= 128: one element per step, 4 accumulators filled round-robin. */
 static float sum_scalar(const float *x, int64_t n) {
-    float v[TORCH_VEC_MIN];
+    float v[TORCH_SCALAR_MAX];
     int64_t w = last_pow2(n);
     for (int64_t t = 0; t < w; t++) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -73,7 +73,7 @@ static float sum_scalar(const float *x, int64_t n) {
     return block_reduce(v, w);
 }
 
-/* n >= 128: the vectorized path, possibly split over several CTAs. */
+/* n > 128: the vectorized path, possibly split over several CTAs. */
 static float sum_vector(const float *x, int64_t n) {
     int64_t dim0 = n / TORCH_VEC;
     int64_t w = dim0 < TORCH_MAX_THREADS ? last_pow2(dim0) : TORCH_MAX_THREADS;
@@ -107,7 +107,7 @@ static float sum_vector(const float *x, int64_t n) {
 
 float fq_cpu_torch_mean(const float *x, int64_t n) {
     if (n <= 0) return NAN; /* torch: the mean of nothing is NaN */
-    float sum = n < TORCH_VEC_MIN ? sum_scalar(x, n) : sum_vector(x, n);
+    float sum = n <= TORCH_SCALAR_MAX ? sum_scalar(x, n) : sum_vector(x, n);
     float factor = 1.0f / (float)n; /* MeanOps factor: float(1) / numel */
     return sum * factor;
 }

@@ -36,7 +36,7 @@ struct MeanPlan {
     int64_t n;
     int64_t w;    /* torch's threads per CTA */
     int64_t ctas; /* torch's CTAs (1: no global reduce) */
-    int vec;      /* 1: 4-wide vector loads (n >= 128) */
+    int vec;      /* 1: 4-wide vector loads (n > 128, as Reduce.cuh's dim0 > 128) */
     float factor; /* float(1) / n */
 };
 
@@ -49,7 +49,7 @@ int64_t last_pow2(int64_t n) {
 MeanPlan make_plan(int64_t n) {
     MeanPlan P;
     P.n = n > 0 ? n : 0;
-    P.vec = n >= 128;
+    P.vec = n > 128;
     P.ctas = 1;
     if (!P.vec) {
         P.w = last_pow2(n);
@@ -100,7 +100,7 @@ __device__ __forceinline__ float block_tree(float (&leaf)[16], int64_t w) {
 __device__ __forceinline__ float cta_sum(const float *__restrict__ x, const MeanPlan &P, int64_t c, int lane) {
     float leaf[16];
     if (!P.vec) {
-        /* n < 128: thread t adds t, t+w, ... round-robin into 4 accumulators. */
+        /* n <= 128: thread t adds t, t+w, ... round-robin into 4 accumulators. */
         const int K = P.w >= 32 ? (int)(P.w / 32) : 1;
 #pragma unroll
         for (int k = 0; k < 16; k++) {
@@ -118,7 +118,7 @@ __device__ __forceinline__ float cta_sum(const float *__restrict__ x, const Mean
         }
         return block_tree(leaf, P.w);
     }
-    /* n >= 128: thread t reads vectors t + c*w, stepping w*ctas, one
+    /* n > 128: thread t reads vectors t + c*w, stepping w*ctas, one
      * accumulator per vector lane. A pass handles 4 of this lane's threads
      * and loads 4 steps of each at once (16 vector loads in flight); the
      * adds then run in each thread's own order. */
