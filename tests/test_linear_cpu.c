@@ -399,6 +399,8 @@ int main(void) {
         {6, 40, 0, NF4, 64, 0, FQ_F32, FQ_F32, FQ_F32 + 1, 3},         /* K = 0: y = bias               */
         {40, 70, 2048, FP4, 2048, 0, FQ_BF16, FQ_BF16, FQ_F32 + 1, 2}, /* longer rows                   */
         {8, 33, 3072, NF4, 64, 1, FQ_BF16, FQ_BF16, FQ_BF16 + 1, 2},   /* FLUX-like row, 8 x rows       */
+        {7, 20, 1312, NF4, 256, 1, FQ_F32, FQ_F32, 0, 2},              /* GEMV k-slices, straddling     */
+        {1, 9, 12288, FP4, 64, 0, FQ_BF16, FQ_F32, 0, 2},              /* long row, GEMV k-slices       */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(ctx, &cases[i]);
     test_errors(ctx);

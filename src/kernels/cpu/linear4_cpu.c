@@ -141,7 +141,22 @@ static int64_t gemv_rows_per_task(const fq_cpu_linear4_args *a, int nthreads) {
     /* At least 4 tasks per thread for balance when N allows. */
     int64_t cap = N / (4 * (int64_t)(nthreads > 0 ? nthreads : 1));
     if (cap >= 1 && rows > cap) rows = cap;
-    return rows;
+    /* A multiple of 4: the SIMD kernels take weight rows in groups of 4 from
+     * the task's first row, and the grouping (hence the order of each sum)
+     * must not depend on the number of threads. */
+    return (rows + 3) / 4 * 4;
+}
+
+/* Slots of x per pass over a task's rows: r rows of x times the slice should
+ * stay in L1 (with 8 rows of K = 3072 they would not, and every FMA would
+ * wait on L2). A slice is a multiple of the blocksize when rows hold whole
+ * blocks, since the SIMD row loop then walks whole blocks. */
+static int64_t gemv_slice(const fq_w4_view *w, int r) {
+    int64_t s = (r == 1 ? 32 * 1024 : 20 * 1024) / (4 * (int64_t)r);
+    if (s > FQ_L4_SLICE_MAX) s = FQ_L4_SLICE_MAX;
+    const int64_t unit = w->k % w->blocksize == 0 ? w->blocksize : FQ_L4_CHUNK;
+    s = s / unit * unit;
+    return s < unit ? unit : s;
 }
 
 static void gemv_task(void *arg, int64_t t) {
@@ -154,7 +169,11 @@ static void gemv_task(void *arg, int64_t t) {
     for (int64_t n = n0; n < n1; n++) bias[n - n0] = fq_l4_bias(a, n);
     for (int64_t m0 = 0; m0 < a->m; m0 += FQ_L4_GEMV_R) {
         int r = a->m - m0 < FQ_L4_GEMV_R ? (int)(a->m - m0) : FQ_L4_GEMV_R;
-        j->ops->gemv(&a->w, n0, n1, j->xd + m0 * kp, kp, r, out);
+        const int64_t slice = gemv_slice(&a->w, r);
+        memset(out, 0, sizeof(float) * (size_t)((n1 - n0) * r));
+        /* The task's packed rows are small enough to stay in L2 between slices. */
+        for (int64_t k0 = 0; k0 < kp; k0 += slice)
+            j->ops->gemv(&a->w, n0, n1, k0, k0 + slice < kp ? k0 + slice : kp, j->xd + m0 * kp, kp, r, out);
         for (int64_t n = n0; n < n1; n++)
             for (int q = 0; q < r; q++)
                 fq_l4_store(a->y, a->y_dtype, (m0 + q) * N + n, out[(n - n0) * r + q] + bias[n - n0]);

@@ -44,61 +44,95 @@ static inline void decode32(lut2 l, const uint8_t *p, __m256 v[4]) {
     v[3] = lookup(l, q1);
 }
 
-/* One weight row against R rows of x with A accumulators per row (fewer rows
- * of x, more chains, so FMA latency stays hidden within 16 registers). */
-static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, int64_t n, const float *xd,
-                                                           int64_t ldx, const int R, const int A, float *out) {
-    const int64_t K = w->k, f0 = n * K;
-    const int lg = fq_l4_log2(w->blocksize);
-    const uint8_t *p = w->packed + f0 / 2;
-    const lut2 base = base_lut(w);
-    __m256 acc[FQ_L4_GEMV_R][4];
+static inline __attribute__((always_inline)) float block_absmax(const int NESTED, const fq_w4_view *w, int64_t b) {
+    return NESTED ? w->nested_code[w->qabsmax[b]] * w->nested_absmax[b >> 8] + w->offset : w->absmax[b];
+}
+
+static inline __attribute__((always_inline)) lut2 scale(lut2 l, float a) {
+    const __m256 s = _mm256_set1_ps(a);
+    return (lut2){_mm256_mul_ps(l.lo, s), _mm256_mul_ps(l.hi, s)};
+}
+
+static inline __attribute__((always_inline)) void step32(const uint8_t *p, const float *xd, int64_t ldx, lut2 ls,
+                                                         const int R, const int A, __m256 acc[][4]) {
+    __m256 v[4];
+    decode32(ls, p, v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-        for (int u = 0; u < A; u++) acc[r][u] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K;) {
-        const int64_t b = (f0 + k) >> lg;
-        int64_t end = ((b + 1) << lg) - f0;
-        if (end > K) end = K;
-        const lut2 ls = scaled_lut(base, w, b);
-        for (; k < end; k += 32) {
-            __m256 v[4];
-            decode32(ls, p + k / 2, v);
-            for (int r = 0; r < R; r++) {
-                const float *x = xd + r * ldx + k;
-                for (int i = 0; i < 4; i++)
-                    acc[r][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 8 * i), acc[r][i % A]);
-            }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            acc[r][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xd + r * ldx + 8 * i), acc[r][i % A]);
+}
+
+/* Weight row n, slots [k0, k1), against R rows of x with A chains per row
+ * (fewer rows of x, more chains, so FMA latency stays hidden within 16
+ * registers); ADDS to out[0 .. R). Loop shape as in the AVX-512 file. */
+static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, int64_t n, int64_t k0, int64_t k1,
+                                                           const float *xd, int64_t ldx, const int R, const int A,
+                                                           const int NESTED, lut2 base, float *out) {
+    const int64_t K = w->k, B = w->blocksize, f0 = n * K;
+    const int lg = fq_l4_log2(B);
+    const uint8_t *p = w->packed + f0 / 2;
+    __m256 acc[FQ_L4_GEMV_R][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();
+    if (K % B == 0) {
+        const int64_t b0 = f0 >> lg, bs = k0 >> lg, be = (k1 + B - 1) >> lg;
+        float am_nested[FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
+        const float *am = w->absmax + b0 + bs;
+        if (NESTED) {
+            for (int64_t b = bs; b < be; b++) am_nested[b - bs] = block_absmax(1, w, b0 + b);
+            am = am_nested;
+        }
+        for (int64_t b = bs; b < be; b++) {
+            const lut2 ls = scale(base, am[b - bs]);
+            const uint8_t *pb = p + ((b << lg) >> 1);
+            const float *xb = xd + (b << lg);
+            _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
+            for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, A, acc);
+        }
+    } else {
+        for (int64_t k = k0; k < k1; k += 32) {
+            _mm_prefetch((const char *)p + (k >> 1) + FQ_L4_PREFETCH, _MM_HINT_T0);
+            step32(p + (k >> 1), xd + k, ldx, scale(base, block_absmax(NESTED, w, (f0 + k) >> lg)), R, A, acc);
         }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        __m256 s = acc[r][0];
-        for (int u = 1; u < A; u++) s = _mm256_add_ps(s, acc[r][u]);
+        __m256 s = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[r] = _mm_cvtss_f32(h);
+        out[r] += _mm_cvtss_f32(h);
     }
 }
 
-#define GEMV_CASE(R, A)                                                                  \
-    case R:                                                                              \
-        for (int64_t n = n0; n < n1; n++) gemv_row(w, n, xd, ldx, R, A, out + (n - n0) * R); \
-        break
-
-static void gemv(const fq_w4_view *w, int64_t n0, int64_t n1, const float *xd, int64_t ldx, int r,
-                 float *out) {
-    switch (r) {
-        GEMV_CASE(1, 4);
-        GEMV_CASE(2, 4);
-        GEMV_CASE(3, 2);
-        GEMV_CASE(4, 2);
-        GEMV_CASE(5, 1);
-        GEMV_CASE(6, 1);
-        GEMV_CASE(7, 1);
-    default:
-        for (int64_t n = n0; n < n1; n++) gemv_row(w, n, xd, ldx, FQ_L4_GEMV_R, 1, out + (n - n0) * FQ_L4_GEMV_R);
-        break;
+typedef void (*gemv_fn)(const fq_w4_view *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *);
+#define GEMV_R(R, A, NESTED)                                                                              \
+    static __attribute__((noinline)) void gemv_r##R##_##NESTED(const fq_w4_view *w, int64_t n0, int64_t n1,    \
+                                                               int64_t k0, int64_t k1, const float *xd,       \
+                                                               int64_t ldx, float *out) {                    \
+        const lut2 base = base_lut(w);                                                                    \
+        for (int64_t n = n0; n < n1; n++) gemv_row(w, n, k0, k1, xd, ldx, R, A, NESTED, base, out + (n - n0) * R); \
     }
+#define GEMV_RR(R, A) GEMV_R(R, A, 0) GEMV_R(R, A, 1)
+GEMV_RR(1, 4)
+GEMV_RR(2, 4)
+GEMV_RR(3, 2)
+GEMV_RR(4, 2)
+GEMV_RR(5, 1)
+GEMV_RR(6, 1)
+GEMV_RR(7, 1)
+GEMV_RR(8, 1)
+
+static void gemv(const fq_w4_view *w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float *xd, int64_t ldx,
+                 int r, float *out) {
+    static const gemv_fn fns[2][FQ_L4_GEMV_R] = {
+        {gemv_r1_0, gemv_r2_0, gemv_r3_0, gemv_r4_0, gemv_r5_0, gemv_r6_0, gemv_r7_0, gemv_r8_0},
+        {gemv_r1_1, gemv_r2_1, gemv_r3_1, gemv_r4_1, gemv_r5_1, gemv_r6_1, gemv_r7_1, gemv_r8_1}};
+    fns[w->nested != 0][r - 1](w, n0, n1, k0, k1, xd, ldx, out);
 }
 
 static void decode(const fq_w4_view *w, int64_t n, int64_t k0, int64_t kc, float *dst) {

@@ -25,76 +25,194 @@ static inline __m512 scaled_lut(__m512 lut, const fq_w4_view *w, int64_t b) {
     return _mm512_mul_ps(lut, _mm512_set1_ps(fq_l4_absmax(w, b)));
 }
 
-/* One weight row against R rows of x; U = 2 unrolls the k loop so that one
- * or two rows of x still keep 4 or 8 independent FMA chains in flight. */
-static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, int64_t n, const float *xd,
-                                                           int64_t ldx, const int R, const int U, float *out) {
-    const int64_t K = w->k, f0 = n * K;
-    const int lg = fq_l4_log2(w->blocksize);
-    const uint8_t *p = w->packed + f0 / 2;
-    const __m512 lut = base_lut(w);
-    __m512 acc[FQ_L4_GEMV_R][4];
-    for (int r = 0; r < R; r++)
-        for (int u = 0; u < 2 * U; u++) acc[r][u] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K;) {
-        const int64_t b = (f0 + k) >> lg;
-        int64_t end = ((b + 1) << lg) - f0;
-        if (end > K) end = K;
-        const __m512 ls = scaled_lut(lut, w, b);
-        if (U == 2) {
-            for (; k + 64 <= end; k += 64) {
-                __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));
-                __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2 + 16)));
-                __m512 e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), ls);
-                __m512 o0 = _mm512_permutexvar_ps(q0, ls);
-                __m512 e1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), ls);
-                __m512 o1 = _mm512_permutexvar_ps(q1, ls);
-                for (int r = 0; r < R; r++) {
-                    const float *x = xd + r * ldx + k;
-                    acc[r][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x), acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(x + 16), acc[r][1]);
-                    acc[r][2] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(x + 32), acc[r][2]);
-                    acc[r][3] = _mm512_fmadd_ps(o1, _mm512_loadu_ps(x + 48), acc[r][3]);
-                }
-            }
-        }
-        for (; k < end; k += 32) {
-            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));
-            __m512 e = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), ls);
-            __m512 o = _mm512_permutexvar_ps(q, ls);
-            for (int r = 0; r < R; r++) {
-                const float *x = xd + r * ldx + k;
-                acc[r][0] = _mm512_fmadd_ps(e, _mm512_loadu_ps(x), acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(o, _mm512_loadu_ps(x + 16), acc[r][1]);
-            }
-        }
-    }
+
+/* 32 weights (16 bytes at p) times the matching 32 slots of R rows of x. */
+static inline __attribute__((always_inline)) void step32(const uint8_t *p, const float *xd, int64_t ldx, __m512 ls,
+                                                         const int R, __m512 acc[][4]) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512 e = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), ls), o = _mm512_permutexvar_ps(q, ls);
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        __m512 s = _mm512_add_ps(acc[r][0], acc[r][1]);
-        if (U == 2) s = _mm512_add_ps(s, _mm512_add_ps(acc[r][2], acc[r][3]));
-        out[r] = _mm512_reduce_add_ps(s);
+        acc[r][0] = _mm512_fmadd_ps(e, _mm512_loadu_ps(xd + r * ldx), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(o, _mm512_loadu_ps(xd + r * ldx + 16), acc[r][1]);
     }
 }
 
-#define GEMV_CASE(R, U)                                                                  \
-    case R:                                                                              \
-        for (int64_t n = n0; n < n1; n++) gemv_row(w, n, xd, ldx, R, U, out + (n - n0) * R); \
-        break
-
-static void gemv(const fq_w4_view *w, int64_t n0, int64_t n1, const float *xd, int64_t ldx, int r,
-                 float *out) {
-    switch (r) {
-        GEMV_CASE(1, 2);
-        GEMV_CASE(2, 2);
-        GEMV_CASE(3, 1);
-        GEMV_CASE(4, 1);
-        GEMV_CASE(5, 1);
-        GEMV_CASE(6, 1);
-        GEMV_CASE(7, 1);
-    default:
-        for (int64_t n = n0; n < n1; n++) gemv_row(w, n, xd, ldx, FQ_L4_GEMV_R, 1, out + (n - n0) * FQ_L4_GEMV_R);
-        break;
+/* 64 weights into four chains per row: one or two rows of x alone would
+ * otherwise wait on FMA latency. */
+static inline __attribute__((always_inline)) void step64(const uint8_t *p, const float *xd, int64_t ldx, __m512 ls,
+                                                         const int R, __m512 acc[][4]) {
+    const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+    const __m512 e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), ls), o0 = _mm512_permutexvar_ps(q0, ls);
+    const __m512 e1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), ls), o1 = _mm512_permutexvar_ps(q1, ls);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const float *x = xd + r * ldx;
+        acc[r][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(x + 16), acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(x + 32), acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(o1, _mm512_loadu_ps(x + 48), acc[r][3]);
     }
+}
+
+/* The block's absmax, with nested-ness known at compile time so that the
+ * per-block work is one broadcast multiply (or the 8-bit reconstruction). */
+static inline __attribute__((always_inline)) float block_absmax(const int NESTED, const fq_w4_view *w, int64_t b) {
+    return NESTED ? w->nested_code[w->qabsmax[b]] * w->nested_absmax[b >> 8] + w->offset : w->absmax[b];
+}
+
+/* Weight row n, slots [k0, k1), against R rows of x; ADDS to out[0 .. R).
+ * U = 2: 64-weight steps into 4 chains. The loops are shaped so that k is a
+ * plain induction variable: computing each block's end from k made every
+ * block wait on a chain of integer ops and ran 3x slower than the decode. */
+static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, int64_t n, int64_t k0, int64_t k1,
+                                                           const float *xd, int64_t ldx, const int R, const int U,
+                                                           const int NESTED, __m512 lut, float *out) {
+    const int64_t K = w->k, B = w->blocksize, f0 = n * K;
+    const int lg = fq_l4_log2(B);
+    const uint8_t *p = w->packed + f0 / 2;
+    __m512 acc[FQ_L4_GEMV_R][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+    if (K % B == 0) {
+        /* Rows hold whole blocks (every FLUX shape; k0, k1 are multiples of B
+         * or K): one scaled table per block. A nested state's absmax is
+         * rebuilt for the slice first, so that the block loop carries no
+         * chain of dependent scalar loads. */
+        const int64_t b0 = f0 >> lg, bs = k0 >> lg, be = (k1 + B - 1) >> lg;
+        float am_nested[FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
+        const float *am = w->absmax + b0 + bs;
+        if (NESTED) {
+            for (int64_t b = bs; b < be; b++) am_nested[b - bs] = block_absmax(1, w, b0 + b);
+            am = am_nested;
+        }
+        for (int64_t b = bs; b < be; b++) {
+            const __m512 ls = _mm512_mul_ps(lut, _mm512_set1_ps(am[b - bs]));
+            const uint8_t *pb = p + ((b << lg) >> 1);
+            const float *xb = xd + (b << lg);
+            /* The hardware prefetcher alone left the decode waiting on memory
+             * (measured: +10-15% GEMV bandwidth with this). */
+            _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
+            if (U == 2 && B >= 64)
+                for (int64_t j = 0; j < B; j += 64) step64(pb + (j >> 1), xb + j, ldx, ls, R, acc);
+            else
+                for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, acc);
+        }
+    } else {
+        /* Blocks straddle rows: look the block up per 32 weights. */
+        for (int64_t k = k0; k < k1; k += 32) {
+            _mm_prefetch((const char *)p + (k >> 1) + FQ_L4_PREFETCH, _MM_HINT_T0);
+            step32(p + (k >> 1), xd + k, ldx, _mm512_mul_ps(lut, _mm512_set1_ps(block_absmax(NESTED, w, (f0 + k) >> lg))),
+                   R, acc);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        out[r] += _mm512_reduce_add_ps(
+            _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+}
+
+/* G weight rows n .. n + G - 1 at once against R rows of x (rows holding
+ * whole blocks only); ADDS to out[g * R + r]. Each x vector loaded then
+ * feeds G rows: with one row, a long x (K = 12288: 48 KiB of f32) streamed
+ * from L2 once per weight row and the GEMV ran at half speed from DRAM. */
+static inline __attribute__((always_inline)) void gemv_rows(const fq_w4_view *w, int64_t n, const int G, int64_t k0,
+                                                            int64_t k1, const float *xd, int64_t ldx, const int R,
+                                                            const int NESTED, __m512 lut, float *out) {
+    const int64_t K = w->k, B = w->blocksize;
+    const int lg = fq_l4_log2(B);
+    const int64_t bs = k0 >> lg, be = (k1 + B - 1) >> lg;
+    const uint8_t *p[4];
+    const float *am[4];
+    float am_nested[NESTED ? 4 : 1][FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        const int64_t f0 = (n + g) * K, b0 = f0 >> lg;
+        p[g] = w->packed + f0 / 2;
+        am[g] = w->absmax + b0 + bs;
+        if (NESTED) {
+            for (int64_t b = bs; b < be; b++) am_nested[g][b - bs] = block_absmax(1, w, b0 + b);
+            am[g] = am_nested[g];
+        }
+    }
+    __m512 acc[4][2][2];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) acc[g][r][0] = acc[g][r][1] = _mm512_setzero_ps();
+    for (int64_t b = bs; b < be; b++) {
+        __m512 ls[4];
+        /* Prefetch FQ_L4_PREFETCH bytes ahead along the row, or past its end
+         * into the same row of the next group (the next bytes this loop
+         * reads of that stream), not into the neighbour row another stream
+         * of this group is reading already. */
+        int64_t ahead = ((b << lg) >> 1) + FQ_L4_PREFETCH;
+        if (ahead >= K / 2) ahead += (G - 1) * (K / 2);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            ls[g] = _mm512_mul_ps(lut, _mm512_set1_ps(am[g][b - bs]));
+            _mm_prefetch((const char *)p[g] + ahead, _MM_HINT_T0);
+        }
+        for (int64_t k = b << lg; k < (b + 1) << lg; k += 32) {
+            __m512 xe[2], xo[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                xe[r] = _mm512_loadu_ps(xd + r * ldx + k);
+                xo[r] = _mm512_loadu_ps(xd + r * ldx + k + 16);
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p[g] + (k >> 1))));
+                const __m512 e = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), ls[g]);
+                const __m512 o = _mm512_permutexvar_ps(q, ls[g]);
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) {
+                    acc[g][r][0] = _mm512_fmadd_ps(e, xe[r], acc[g][r][0]);
+                    acc[g][r][1] = _mm512_fmadd_ps(o, xo[r], acc[g][r][1]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) out[g * R + r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[g][r][0], acc[g][r][1]));
+}
+
+/* One function per (R, nested): inlined into a single switch they shared one
+ * register allocation and spilled accumulators. One or two rows of x take
+ * weight rows four at a time (gemv_rows); more rows of x already reuse each
+ * decoded weight R times and keep their x slice in L1. */
+typedef void (*gemv_fn)(const fq_w4_view *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *);
+#define GEMV_R(R, U, NESTED)                                                                              \
+    static __attribute__((noinline)) void gemv_r##R##_##NESTED(const fq_w4_view *w, int64_t n0, int64_t n1,    \
+                                                               int64_t k0, int64_t k1, const float *xd,       \
+                                                               int64_t ldx, float *out) {                    \
+        const __m512 lut = base_lut(w);                                                                   \
+        int64_t n = n0;                                                                                   \
+        if (R <= 2 && w->k % w->blocksize == 0)                                                           \
+            for (; n + 4 <= n1; n += 4) gemv_rows(w, n, 4, k0, k1, xd, ldx, R <= 2 ? R : 2, NESTED, lut, out + (n - n0) * R); \
+        for (; n < n1; n++) gemv_row(w, n, k0, k1, xd, ldx, R, U, NESTED, lut, out + (n - n0) * R);           \
+    }
+#define GEMV_RR(R, U) GEMV_R(R, U, 0) GEMV_R(R, U, 1)
+GEMV_RR(1, 2)
+GEMV_RR(2, 2)
+GEMV_RR(3, 1)
+GEMV_RR(4, 1)
+GEMV_RR(5, 1)
+GEMV_RR(6, 1)
+GEMV_RR(7, 1)
+GEMV_RR(8, 1)
+
+static void gemv(const fq_w4_view *w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float *xd, int64_t ldx,
+                 int r, float *out) {
+    static const gemv_fn fns[2][FQ_L4_GEMV_R] = {
+        {gemv_r1_0, gemv_r2_0, gemv_r3_0, gemv_r4_0, gemv_r5_0, gemv_r6_0, gemv_r7_0, gemv_r8_0},
+        {gemv_r1_1, gemv_r2_1, gemv_r3_1, gemv_r4_1, gemv_r5_1, gemv_r6_1, gemv_r7_1, gemv_r8_1}};
+    fns[w->nested != 0][r - 1](w, n0, n1, k0, k1, xd, ldx, out);
 }
 
 static void decode(const fq_w4_view *w, int64_t n, int64_t k0, int64_t kc, float *dst) {

@@ -19,7 +19,9 @@ enum {
     FQ_L4_CHUNK = 32,  /* weights per SIMD decode step (16 packed bytes)          */
     FQ_L4_KC = 256,    /* k-extent of one GEMM tile (and stride of a decoded tile) */
     FQ_L4_GEMV_R = 8,  /* rows of x one GEMV pass multiplies (bounded by registers) */
-    FQ_L4_MT = 128     /* x rows of one GEMM task (a multiple of every NR)         */
+    FQ_L4_MT = 128,    /* x rows of one GEMM task (a multiple of every NR)         */
+    FQ_L4_SLICE_MAX = 8192, /* longest k-slice of one GEMV pass (bounds per-slice buffers) */
+    FQ_L4_PREFETCH = 2048   /* bytes ahead the GEMV prefetches packed weights (tuned here) */
 };
 
 static inline int64_t fq_l4_pad(int64_t k) { return (k + FQ_L4_CHUNK - 1) / FQ_L4_CHUNK * FQ_L4_CHUNK; }
@@ -125,11 +127,12 @@ static inline float fq_l4_bias(const fq_cpu_linear4_args *a, int64_t n) {
 
 typedef struct {
     int mr, nr; /* GEMM micro-tile: mr weight rows x nr rows of x */
-    /* out[i * r + j] = dot(weight row n0 + i, x row j) for i < n1 - n0, j < r
-     * (1 <= r <= FQ_L4_GEMV_R); xd: r rows in slot layout, stride ldx floats.
-     * Requires K % 32 == 0. */
-    void (*gemv)(const fq_w4_view *w, int64_t n0, int64_t n1, const float *xd, int64_t ldx, int r,
-                 float *out);
+    /* out[i * r + j] += sum over slots [k0, k1) of weight row n0 + i times x
+     * row j, for i < n1 - n0, j < r (1 <= r <= FQ_L4_GEMV_R); xd: r rows in
+     * slot layout, stride ldx floats. Requires K % 32 == 0, k0 and k1
+     * multiples of 32 and, when K % blocksize == 0, of the blocksize (or K). */
+    void (*gemv)(const fq_w4_view *w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, const float *xd, int64_t ldx,
+                 int r, float *out);
     /* dst[0 .. kc) = slots [k0, k0 + kc) of dequantized weight row n.
      * Requires K % 32 == 0, k0 % 32 == 0, kc % 32 == 0. */
     void (*decode)(const fq_w4_view *w, int64_t n, int64_t k0, int64_t kc, float *dst);
