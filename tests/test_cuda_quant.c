@@ -803,6 +803,7 @@ static void seed_scenario(fq_ctx *ctx, int ndev) {
 int main(int argc, char **argv) {
     if (getenv("FQ_TEST_GOLDEN_QUANT")) g_dir = getenv("FQ_TEST_GOLDEN_QUANT");
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0; /* skips the 2^31 test */
+    setvbuf(stdout, NULL, _IONBF, 0); /* results survive a crash */
     int ndev = fq_cuda_device_count();
     if (ndev == 0) {
         SKIP("no CUDA device: the CUDA quantization tests need a GPU");
@@ -817,12 +818,17 @@ int main(int argc, char **argv) {
         printf("cuda:%d: golden: %d of %d bitsandbytes cases byte-identical\n", dev, g_gmatched, g_gcases);
         g_cmp_cases = g_cmp_bad = 0;
         cpu_vs_cuda_all(ctx, dev);
+        fprintf(stderr, "section: torch mean and 8-bit step\n");
         mean_and_q8(ctx, dev);
+        fprintf(stderr, "section: rcp table\n");
         rcp_table(ctx, dev);
     }
+    fprintf(stderr, "section: 2^31+ elements\n");
     if (!quick) huge_tensor(ctx, 0);
     else SKIP("--quick: the 2^31+4097-element test");
+    fprintf(stderr, "section: moves\n");
     moves(ctx, ndev);
+    fprintf(stderr, "section: seed scenario\n");
     seed_scenario(ctx, ndev);
     fq_ctx_free(ctx);
 #else

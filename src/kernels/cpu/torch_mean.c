@@ -24,6 +24,7 @@
 #include "kernels/kernels.h"
 
 #include <math.h>
+#include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__STRICT_ANSI__)
 #error "build in ISO C mode (-std=c11): GCC then keeps float expressions unfused (-ffp-contract=off)"
@@ -109,5 +110,12 @@ float fq_cpu_torch_mean(const float *x, int64_t n) {
     if (n <= 0) return NAN; /* torch: the mean of nothing is NaN */
     float sum = n <= TORCH_SCALAR_MAX ? sum_scalar(x, n) : sum_vector(x, n);
     float factor = 1.0f / (float)n; /* MeanOps factor: float(1) / numel */
-    return sum * factor;
+    float mean = sum * factor;
+    /* inf + -inf (an Inf block next to an all-NaN one, whose absmax is -FLT_MAX)
+     * gives NaN; the GPU writes the canonical 0x7fffffff, x86 0xffc00000. */
+    if (mean != mean) {
+        uint32_t canon = 0x7fffffffu;
+        memcpy(&mean, &canon, sizeof mean);
+    }
+    return mean;
 }
