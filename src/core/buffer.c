@@ -5,6 +5,39 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Allocation counters per device: [0] the CPU, [1 + i] cuda:i. */
+static struct {
+    int64_t current, peak, count;
+} g_mem[1 + FQ_MAX_CUDA_DEVICES];
+
+static int mem_slot(fq_device d) {
+    if (d.type == FQ_DEVICE_CPU) return 0;
+    return d.index >= 0 && d.index < FQ_MAX_CUDA_DEVICES ? 1 + d.index : -1;
+}
+
+static void mem_count(fq_device d, int64_t bytes, int64_t buffers) {
+    int i = mem_slot(d);
+    if (i < 0) return;
+    int64_t now = __atomic_add_fetch(&g_mem[i].current, bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_mem[i].count, buffers, __ATOMIC_RELAXED);
+    int64_t peak = __atomic_load_n(&g_mem[i].peak, __ATOMIC_RELAXED);
+    while (now > peak &&
+           !__atomic_compare_exchange_n(&g_mem[i].peak, &peak, now, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+void fq_mem_get(fq_device dev, fq_mem_stats *out) {
+    int i = mem_slot(dev);
+    out->current = i < 0 ? 0 : __atomic_load_n(&g_mem[i].current, __ATOMIC_RELAXED);
+    out->peak = i < 0 ? 0 : __atomic_load_n(&g_mem[i].peak, __ATOMIC_RELAXED);
+    out->count = i < 0 ? 0 : __atomic_load_n(&g_mem[i].count, __ATOMIC_RELAXED);
+}
+
+void fq_mem_reset_peak(fq_device dev) {
+    int i = mem_slot(dev);
+    if (i >= 0) __atomic_store_n(&g_mem[i].peak, __atomic_load_n(&g_mem[i].current, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+}
+
 static bool injected_failure(fq_ctx *ctx) {
     if (!ctx || ctx->test_fail_alloc_in <= 0) return false;
     return --ctx->test_fail_alloc_in == 0;
@@ -28,12 +61,14 @@ fq_status fq_buf_alloc(fq_ctx *ctx, fq_device dev, size_t bytes, fq_buffer *out)
                       fq_device_name(dev, dn, sizeof dn));
 #endif
     }
+    mem_count(dev, (int64_t)bytes, 1);
     *out = b;
     return FQ_OK;
 }
 
 void fq_buf_free(fq_buffer *b) {
     if (!b || !b->ptr) return;
+    mem_count(b->dev, -(int64_t)b->bytes, -1);
     if (b->dev.type == FQ_DEVICE_CPU) free(b->ptr);
 #ifdef FQ_HAVE_CUDA
     else fq_cuda_free(b->dev.index, b->ptr);

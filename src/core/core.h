@@ -55,6 +55,14 @@ typedef struct {
 /* The one allocator: every host or device allocation for tensor data goes here. */
 fq_status fq_buf_alloc(fq_ctx *ctx, fq_device dev, size_t bytes, fq_buffer *out);
 void fq_buf_free(fq_buffer *b);
+/* Bytes of buffers fq_buf_alloc holds on one device (all contexts of the
+ * process together): now, the most since the last fq_mem_reset_peak, and the
+ * number of live buffers. Statistics for reports; nothing depends on them. */
+typedef struct {
+    int64_t current, peak, count;
+} fq_mem_stats;
+void fq_mem_get(fq_device dev, fq_mem_stats *out);
+void fq_mem_reset_peak(fq_device dev);
 /* Copies bytes between any two buffers (cpu/cuda:N/cuda:M); synchronous. */
 fq_status fq_buf_copy(fq_ctx *ctx, const fq_buffer *dst, size_t dst_off, const fq_buffer *src,
                       size_t src_off, size_t bytes);

@@ -29,6 +29,15 @@ typedef struct {
     uint64_t algo[8]; /* cublasLtMatmulAlgo_t */
 } fq_cuda_lin_algo;
 
+/* One cached cuBLASLt algorithm choice of the transformer ops' dense GEMMs. */
+typedef struct {
+    int64_t m, n, k;
+    uint32_t key;     /* operand dtypes, epilogue and pointer alignments; 0 = empty slot */
+    uint64_t algo[8]; /* cublasLtMatmulAlgo_t */
+} fq_cuda_nn_algo;
+
+struct fq_nn_prof; /* op timing of src/ops/nn_ops_cuda.c */
+
 /* Per-device state, created on first use (under the guard). */
 typedef struct fq_cuda_dev {
     int index;
@@ -44,6 +53,12 @@ typedef struct fq_cuda_dev {
     unsigned lin_prepared;          /* bit i: kernel family i has its attributes set */
     fq_cuda_lin_algo lin_algo[8];   /* cuBLASLt heuristic results, round robin       */
     int lin_algo_next;
+    /* Transformer ops (src/ops/nn_ops_cuda.c): set up by fq_nn_prepare (a plan
+     * calls it), so that a forward creates nothing. Nothing here is owned. */
+    unsigned nn_prepared;           /* bit i: kernel family i has its attributes set */
+    fq_cuda_nn_algo nn_algo[32];    /* cuBLASLt choices for the dense GEMMs, round robin */
+    int nn_algo_next;
+    struct fq_nn_prof *nn_prof;     /* op timing (benchmarks); NULL when off         */
 } fq_cuda_dev;
 
 /* Returns the state of cuda:device (creating it), with the guard NOT left entered. */

@@ -66,10 +66,10 @@ static void set_shape(fq_flux_plan *p, int id, int nd, int64_t a, int64_t b, int
 /* Scratch of one linear for any row count the forward uses (rows[0..3]). */
 static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t rows[4], fq_dtype cd) {
     if (!l->w && !l->qw) return 0;
-    if (!l->qw) return fq_nn_linear_scratch(l->w, l->b);
     int64_t n = 0;
     for (int i = 0; i < 4; i++) {
-        int64_t s = fq_nn_linear_q4_scratch(ctx, l->qw, l->b, rows[i], cd);
+        int64_t s = l->qw ? fq_nn_linear_q4_scratch(ctx, l->qw, l->b, rows[i], cd)
+                          : fq_nn_linear_scratch(ctx, l->w, l->b, rows[i], cd);
         n = s > n ? s : n;
     }
     return n;
@@ -104,6 +104,8 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     if (batch < 1 || batch > lim || txt_tokens < 0 || img_tokens < 1 || txt_tokens > lim || img_tokens > lim)
         return fq_err(ctx, FQ_ERR_INVALID_ARG, "flux_plan: bad sizes: batch %lld, %lld text and %lld image tokens",
                       (long long)batch, (long long)txt_tokens, (long long)img_tokens);
+    /* whatever the ops need on the device is created now, not during a forward */
+    FQ_TRY(fq_nn_prepare(ctx, m->device));
     fq_flux_plan *p = calloc(1, sizeof *p);
     if (!p) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux_plan: out of host memory");
     const fq_flux_config *c = &m->cfg;
@@ -127,7 +129,9 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     for (int id = B_Q; id <= B_NX; id++) set_shape(p, id, 3, B, S, D);
     set_shape(p, B_MLP, 3, B, S, F);
     set_shape(p, B_CAT, 3, B, S, D + F);
-    set_shape(p, B_ATT, 1, fq_nn_attention_scratch(S), 0, 0);
+    set_shape(p, B_ATT, 1,
+              fq_nn_attention_scratch(m->device, B, S, c->num_attention_heads, c->attention_head_dim, m->compute_dtype),
+              0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
     set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
     size_t off = 0;

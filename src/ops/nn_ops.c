@@ -3,7 +3,9 @@
 
 #include "kernels/cpu/linear4_cpu.h"
 #include "kernels/cpu/nn_cpu.h"
+#include "kernels/cuda/nn_cuda.h"
 #include "kernels/kernels.h"
+#include "ops/nn_ops_cuda.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -73,19 +75,28 @@ static fq_status rnd_ok(fq_ctx *ctx, const char *op, fq_dtype rnd) {
                   fq_dtype_name(rnd));
 }
 
-/* Every op runs where its output lives. A device tensor has no kernels yet. */
-static fq_status backend(fq_ctx *ctx, const char *op, fq_device dev) {
-    if (dev.type == FQ_DEVICE_CPU) return FQ_OK;
+/* Every op runs where its output lives: the CPU code below, or on a CUDA
+ * device the call `cu` (src/ops/nn_ops_cuda.c), which the op returns. */
 #ifdef FQ_HAVE_CUDA
-    char dn[16];
-    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: not yet on CUDA (operands on %s)", op,
-                  fq_device_name(dev, dn, sizeof dn));
+#define DISPATCH(dev, cu)                                    \
+    do {                                                     \
+        (void)op;                                            \
+        if ((dev).type == FQ_DEVICE_CUDA) return (cu);       \
+    } while (0)
 #else
+static fq_status no_cuda(fq_ctx *ctx, const char *op, fq_device dev) {
     char dn[16];
     return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: built without CUDA (operands on %s)", op,
                   fq_device_name(dev, dn, sizeof dn));
-#endif
 }
+
+/* (cu is not evaluated: it only keeps the operands it names "used") */
+#define DISPATCH(dev, cu)                                                \
+    do {                                                                 \
+        (void)sizeof(cu);                                                \
+        if ((dev).type == FQ_DEVICE_CUDA) return no_cuda(ctx, op, (dev)); \
+    } while (0)
+#endif
 
 static float *F(const fq_tensor *t) { return (float *)t->buf.ptr; }
 
@@ -97,7 +108,7 @@ fq_status fq_nn_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd
     FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 0));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     if (x->numel != y->numel) return shape_err(ctx, op, "x", x, "as many elements as y");
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_cast(ctx, x, y, rnd));
     fq_cpu_to_f32(x->buf.ptr, x->dtype, x->numel, F(y));
     fq_cpu_round(F(y), y->numel, rnd);
     return FQ_OK;
@@ -109,7 +120,7 @@ fq_status fq_nn_scale(fq_ctx *ctx, const fq_tensor *x, float alpha, fq_tensor *y
     FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "x", x, y));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_scale(ctx, x, alpha, y, rnd));
     fq_cpu_scale(F(x), alpha, F(y), y->numel, rnd);
     return FQ_OK;
 }
@@ -122,33 +133,34 @@ fq_status fq_nn_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_tens
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "a", a, y));
     FQ_TRY(same_shape(ctx, op, "b", b, y));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_add(ctx, a, b, y, rnd));
     fq_cpu_add(F(a), F(b), F(y), y->numel, rnd);
     return FQ_OK;
 }
 
 static fq_status unary(fq_ctx *ctx, const char *op, const fq_tensor *x, fq_tensor *y, fq_dtype rnd,
-                       void (*fn)(const float *, float *, int64_t, fq_dtype)) {
+                       void (*fn)(const float *, float *, int64_t, fq_dtype), int cuda_kind) {
     FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
     FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "x", x, y));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_act(ctx, cuda_kind, x, y, rnd));
     fn(F(x), F(y), y->numel, rnd);
     return FQ_OK;
 }
 
 fq_status fq_nn_silu(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
-    return unary(ctx, "silu", x, y, rnd, fq_cpu_silu);
+    return unary(ctx, "silu", x, y, rnd, fq_cpu_silu, 0);
 }
 
 fq_status fq_nn_gelu_tanh(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
-    return unary(ctx, "gelu_tanh", x, y, rnd, fq_cpu_gelu_tanh);
+    return unary(ctx, "gelu_tanh", x, y, rnd, fq_cpu_gelu_tanh, 1);
 }
 
 fq_status fq_nn_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi) {
-    FQ_TRY(check(ctx, "clamp", "x", x, x->buf.dev, 1));
-    FQ_TRY(backend(ctx, "clamp", x->buf.dev));
+    const char *op = "clamp";
+    FQ_TRY(check(ctx, op, "x", x, x->buf.dev, 1));
+    DISPATCH(x->buf.dev, fq_nncu_clamp(ctx, x, lo, hi));
     fq_cpu_clamp(F(x), x->numel, lo, hi);
     return FQ_OK;
 }
@@ -177,13 +189,15 @@ static fq_status cat_shapes(fq_ctx *ctx, const char *op, const fq_tensor *whole,
     *outer = o;
     *ia = (size_t)(a->shape[dim] * in) * fq_dtype_size(whole->dtype);
     *ib = (size_t)(b->shape[dim] * in) * fq_dtype_size(whole->dtype);
-    return backend(ctx, op, whole->buf.dev);
+    return FQ_OK;
 }
 
 fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int dim, fq_tensor *out) {
     int64_t outer;
     size_t ia, ib;
-    FQ_TRY(cat_shapes(ctx, "concat", out, a, b, dim, &outer, &ia, &ib));
+    const char *op = "concat";
+    FQ_TRY(cat_shapes(ctx, op, out, a, b, dim, &outer, &ia, &ib));
+    DISPATCH(out->buf.dev, fq_nncu_cat(ctx, 0, out, a, b, outer, ia, ib));
     char *o = out->buf.ptr;
     for (int64_t i = 0; i < outer; i++) {
         memcpy(o + (size_t)i * (ia + ib), (const char *)a->buf.ptr + (size_t)i * ia, ia);
@@ -195,7 +209,9 @@ fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int 
 fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq_tensor *b) {
     int64_t outer;
     size_t ia, ib;
-    FQ_TRY(cat_shapes(ctx, "split", x, a, b, dim, &outer, &ia, &ib));
+    const char *op = "split";
+    FQ_TRY(cat_shapes(ctx, op, x, a, b, dim, &outer, &ia, &ib));
+    DISPATCH(x->buf.dev, fq_nncu_cat(ctx, 1, x, a, b, outer, ia, ib));
     const char *s = x->buf.ptr;
     for (int64_t i = 0; i < outer; i++) {
         memcpy((char *)a->buf.ptr + (size_t)i * ia, s + (size_t)i * (ia + ib), ia);
@@ -206,7 +222,15 @@ fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq
 
 /* ---- linear layers ------------------------------------------------------------ */
 
-int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias) {
+int64_t fq_nn_linear_scratch(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd) {
+    (void)ctx;
+#ifdef FQ_HAVE_CUDA
+    if (w->buf.dev.type == FQ_DEVICE_CUDA && w->ndim == 2)
+        return fq_nncu_linear_scratch(0, w->dtype, bias ? (int)bias->dtype : -1, m, w->shape[0], w->shape[1], rnd);
+#else
+    (void)m;
+    (void)rnd;
+#endif
     int64_t n = 0;
     if (w->dtype != FQ_F32) n += w->numel;
     if (bias && bias->dtype != FQ_F32) n += bias->numel;
@@ -222,6 +246,11 @@ static fq_linear_kernel q4_kernel(fq_ctx *ctx, int64_t m, const fq_qtensor *w, f
 
 int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd) {
     if (w->info.ndim != 2) return 0;
+#ifdef FQ_HAVE_CUDA
+    if (w->info.device.type == FQ_DEVICE_CUDA)
+        return fq_nncu_linear_scratch(1, FQ_F32, bias ? (int)bias->dtype : -1, m, w->info.shape[0], w->info.shape[1],
+                                      rnd);
+#endif
     if (rnd == FQ_F32) {
         fq_cpu_linear4_args a = {NULL, FQ_F32, NULL, bias ? bias->dtype : FQ_F32, NULL, FQ_F32, m, fq_w4_view_of(w)};
         fq_cpu_isa isa = fq_cpu_isa_best();
@@ -288,8 +317,8 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
     if (w->ndim != 2) return shape_err(ctx, op, "w", w, "[out_features, in_features]");
     FQ_TRY(linear_shapes(ctx, op, x, w->shape[0], w->shape[1], bias, y, tname(w, "w"), &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch(w, bias), y->buf.dev));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch(ctx, w, bias, m, rnd), y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, w, NULL, bias, y, m, scratch, rnd));
     float *spare = scratch ? F(scratch) : NULL;
     const float *wf = F(w);
     if (w->dtype != FQ_F32) {
@@ -315,7 +344,7 @@ fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, 
     FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch(ctx, w, bias, m, rnd), y->buf.dev));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, NULL, w, bias, y, m, scratch, rnd));
     if (m == 0 || wi->shape[0] == 0) return FQ_OK;
     if (rnd == FQ_F32) {
         /* f32 compute: the fused 4-bit CPU kernels of fq_linear_4bit, with the
@@ -372,7 +401,7 @@ fq_status fq_nn_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "y", y, x));
     FQ_TRY(mod_shape(ctx, op, mod, x, shift_chunk, scale_chunk, &n));
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_adaln(ctx, x, mod, shift_chunk, scale_chunk, n, eps, y, rnd));
     int64_t d = x->shape[2];
     fq_cpu_adaln(F(x), F(y), x->shape[0], x->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d,
                  n * d, eps, rnd);
@@ -388,7 +417,7 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "a", a, h));
     FQ_TRY(mod_shape(ctx, op, mod, h, gate_chunk, gate_chunk, &n));
-    FQ_TRY(backend(ctx, op, h->buf.dev));
+    DISPATCH(h->buf.dev, fq_nncu_gated_add(ctx, h, mod, gate_chunk, n, a, rnd));
     int64_t d = h->shape[2];
     fq_cpu_gated_add(F(h), F(mod) + gate_chunk * d, n * d, F(a), h->shape[0], h->shape[1], d, rnd);
     return FQ_OK;
@@ -405,7 +434,7 @@ fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *
     int64_t dh = weight->ndim == 1 ? weight->shape[0] : 0;
     if (dh <= 0 || dh > 4096 || x->ndim < 1 || x->shape[x->ndim - 1] % dh != 0)
         return shape_err(ctx, op, "weight", weight, "[head_dim] dividing x's last dim (head_dim <= 4096)");
-    FQ_TRY(backend(ctx, op, y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_rmsnorm(ctx, x, weight, eps, y, rnd));
     float w[4096]; /* one head's weights widened to f32 */
     fq_cpu_to_f32(weight->buf.ptr, weight->dtype, dh, w);
     fq_cpu_rmsnorm(F(x), w, F(y), x->numel / dh, dh, eps, rnd);
@@ -428,7 +457,7 @@ fq_status fq_nn_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes
     if (cos_t->ndim != 2 || cos_t->shape[0] != ids->shape[0] || cos_t->shape[1] != dh)
         return shape_err(ctx, op, "cos", cos_t, "[tokens, sum(axes_dims_rope)]");
     FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
-    FQ_TRY(backend(ctx, op, cos_t->buf.dev));
+    DISPATCH(cos_t->buf.dev, fq_nncu_rope_table(ctx, ids, axes, theta, cos_t, sin_t));
     fq_cpu_rope_table(F(ids), ids->shape[0], axes, theta, F(cos_t), F(sin_t), dh);
     return FQ_OK;
 }
@@ -446,7 +475,7 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
     if (cos_t->ndim != 2 || cos_t->shape[0] != x->shape[1] || cos_t->shape[1] != dh || dh % 2)
         return shape_err(ctx, op, "cos", cos_t, "[tokens, head_dim] with an even head_dim");
     FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
-    FQ_TRY(backend(ctx, op, x->buf.dev));
+    DISPATCH(x->buf.dev, fq_nncu_rope(ctx, x, cos_t, sin_t, heads, rnd));
     fq_cpu_rope(F(x), F(cos_t), F(sin_t), x->shape[0], x->shape[1], heads, dh, rnd);
     return FQ_OK;
 }
@@ -458,15 +487,37 @@ fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {
     if (t->ndim != 1) return shape_err(ctx, op, "t", t, "[batch]");
     if (out->ndim != 2 || out->shape[0] != t->shape[0] || out->shape[1] % 2)
         return shape_err(ctx, op, "out", out, "[batch, even channels]");
-    FQ_TRY(backend(ctx, op, out->buf.dev));
+    DISPATCH(out->buf.dev, fq_nncu_timestep_proj(ctx, t, out));
     fq_cpu_timestep_proj(F(t), t->shape[0], out->shape[1] / 2, F(out));
     return FQ_OK;
 }
 
-int64_t fq_nn_attention_scratch(int64_t s) { return fq_cpu_attention_scratch(s); }
+int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                     fq_dtype rnd, int impl) {
+#ifdef FQ_HAVE_CUDA
+    if (dev.type == FQ_DEVICE_CUDA) return fq_nncu_attention_scratch(batch, s, heads, dh, rnd, impl);
+#else
+    (void)dev;
+    (void)batch;
+    (void)heads;
+    (void)dh;
+    (void)rnd;
+    (void)impl;
+#endif
+    return fq_cpu_attention_scratch(s);
+}
+
+int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd) {
+    return fq_nn_attention_scratch_impl(dev, batch, s, heads, dh, rnd, FQ_NN_ATTN_AUTO);
+}
 
 fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                           int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd) {
+    return fq_nn_attention_impl(ctx, q, k, v, heads, out, scratch, rnd, FQ_NN_ATTN_AUTO);
+}
+
+fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                               int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl) {
     const char *op = "attention";
     FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 1));
     FQ_TRY(check(ctx, op, "q", q, out->buf.dev, 1));
@@ -478,9 +529,97 @@ fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, c
     FQ_TRY(same_shape(ctx, op, "k", k, q));
     FQ_TRY(same_shape(ctx, op, "v", v, q));
     FQ_TRY(same_shape(ctx, op, "out", out, q));
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_attention_scratch(q->shape[1]), out->buf.dev));
-    FQ_TRY(backend(ctx, op, out->buf.dev));
-    fq_cpu_attention(F(q), F(k), F(v), F(out), q->shape[0], q->shape[1], heads, q->shape[2] / heads,
-                     F(scratch), rnd);
+    const fq_device dev = out->buf.dev;
+    const int64_t B = q->shape[0], S = q->shape[1], dh = q->shape[2] / heads;
+    if (impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_SIMT)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: unknown implementation %d", op, impl);
+#ifdef FQ_HAVE_CUDA
+    if (dev.type == FQ_DEVICE_CUDA && !fq_nncu_attention_supported(dh, rnd, impl))
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                      "%s: head dim %lld with %s rounding is not supported on CUDA by the %s kernel "
+                      "(tensor cores: bf16/f16, head dim <= %d; f32 kernel: head dim <= %d)",
+                      op, (long long)dh, fq_dtype_name(rnd),
+                      impl == FQ_NN_ATTN_MMA ? "tensor-core" : impl == FQ_NN_ATTN_SIMT ? "f32" : "any",
+                      FQ_ATTN_MMA_MAX_DH, FQ_ATTN_SIMT_MAX_DH);
+    if (dev.type == FQ_DEVICE_CUDA && B * heads > 65535)
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: batch * heads = %lld exceeds 65535 on CUDA", op,
+                      (long long)(B * heads));
+#endif
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_attention_scratch_impl(dev, B, S, heads, dh, rnd, impl), dev));
+    DISPATCH(dev, fq_nncu_attention(ctx, q, k, v, heads, out, scratch, rnd, impl));
+    fq_cpu_attention(F(q), F(k), F(v), F(out), B, S, heads, dh, F(scratch), rnd);
     return FQ_OK;
+}
+
+/* ---- devices, random values, timing --------------------------------------------- */
+
+fq_status fq_nn_prepare(fq_ctx *ctx, fq_device dev) {
+    const char *op = "prepare";
+    FQ_TRY(fq_device_check(ctx, dev));
+    DISPATCH(dev, fq_nncu_prepare(ctx, dev.index));
+    return FQ_OK;
+}
+
+fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev) {
+    const char *op = "sync";
+    DISPATCH(dev, fq_nncu_sync(ctx, dev.index));
+    return FQ_OK;
+}
+
+fq_status fq_nn_device_memory(fq_ctx *ctx, fq_device dev, size_t *free_bytes, size_t *total_bytes) {
+    const char *op = "device_memory";
+    *free_bytes = *total_bytes = 0;
+    DISPATCH(dev, fq_nncu_memory(ctx, dev.index, free_bytes, total_bytes));
+    return FQ_OK;
+}
+
+fq_status fq_nn_random(fq_ctx *ctx, fq_tensor *t, uint64_t seed, float scale, float shift) {
+    const char *op = "random";
+    FQ_TRY(fq_check_tensor(ctx, op, "t", t, t->buf.dev));
+    FQ_TRY(fq_check_float(ctx, op, "t", t));
+    DISPATCH(t->buf.dev, fq_nncu_random(ctx, t, seed, scale, shift));
+    for (int64_t i = 0; i < t->numel; i++) {
+        float v = fq_nn_hash_uniform(seed, (uint64_t)i) * scale + shift;
+        if (t->dtype == FQ_F32) ((float *)t->buf.ptr)[i] = v;
+        else if (t->dtype == FQ_BF16) ((uint16_t *)t->buf.ptr)[i] = fq_f32_to_bf16_bits(v);
+        else ((uint16_t *)t->buf.ptr)[i] = fq_f32_to_f16_bits(v);
+    }
+    return FQ_OK;
+}
+
+fq_status fq_nn_prof_create(fq_ctx *ctx, fq_device dev, int events, fq_nn_prof **out) {
+    const char *op = "nn_prof";
+    if (dev.type != FQ_DEVICE_CUDA) return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: op timing needs a CUDA device", op);
+    DISPATCH(dev, fq_nncu_prof_create(ctx, dev.index, events, out));
+    (void)out;
+    (void)events;
+    return FQ_ERR_UNSUPPORTED;
+}
+
+fq_status fq_nn_prof_start(fq_ctx *ctx, fq_nn_prof *p) {
+#ifdef FQ_HAVE_CUDA
+    return fq_nncu_prof_start(ctx, p);
+#else
+    (void)p;
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "nn_prof: built without CUDA");
+#endif
+}
+
+fq_status fq_nn_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES], int64_t ops[FQ_NN_CLASSES]) {
+#ifdef FQ_HAVE_CUDA
+    return fq_nncu_prof_stop(ctx, p, ms, ops);
+#else
+    (void)p;
+    (void)ms;
+    (void)ops;
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "nn_prof: built without CUDA");
+#endif
+}
+
+void fq_nn_prof_free(fq_nn_prof *p) {
+#ifdef FQ_HAVE_CUDA
+    fq_nncu_prof_free(p);
+#else
+    (void)p;
+#endif
 }

@@ -2,9 +2,11 @@
  *
  * Each op checks that every operand is on the device of its output (the
  * executing device), has the dtype the op needs and a shape that fits, and
- * then dispatches to a backend (CPU now: src/kernels/cpu/nn_cpu.c; a CUDA
- * build returns FQ_ERR_UNSUPPORTED for device tensors until the CUDA kernels
- * exist). Errors name the op, the operand role and the tensor's name.
+ * then dispatches to a backend: src/kernels/cpu/nn_cpu.c, or on cuda:N the
+ * kernels of src/kernels/cuda/nn_*.cu and cuBLASLt (src/ops/nn_ops_cuda.c),
+ * queued on that device's stream under its guard; CUDA ops return once the
+ * work is queued (reading results back, fq_tensor_to_host or fq_nn_sync,
+ * waits for it). Errors name the op, the operand role and the tensor's name.
  *
  * Activations are f32 tensors. `rnd` is the dtype whose rounding the op
  * reproduces (FQ_F32: none; FQ_BF16/FQ_F16: emulate a PyTorch model of that
@@ -49,16 +51,20 @@ fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq
 
 /* ---- linear layers ------------------------------------------------------------ */
 
-/* Scratch floats fq_nn_linear needs for a weight [n, k] (0 when the weight and
- * bias are f32 and dense), and fq_nn_linear_q4 for m rows of x with compute
- * dtype rnd (it depends on the kernel the context's setting picks). */
-int64_t fq_nn_linear_scratch(const fq_tensor *w, const fq_tensor *bias);
+/* Scratch floats fq_nn_linear needs for a weight [n, k] and m rows of x with
+ * compute dtype rnd (CPU: 0 when the weight and bias are f32; CUDA: the
+ * 16-bit copy of x, widened operands and the cuBLASLt workspace), and
+ * fq_nn_linear_q4 (it depends on the kernel the context's setting picks).
+ * Both look at the weight's device. */
+int64_t fq_nn_linear_scratch(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd);
 int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd);
 
 /* y[..., N] = rnd(x[..., K] · w[N,K]ᵀ + bias[N]) with f32 accumulation. w and
  * bias (may be NULL) in any float dtype; f16/bf16 values are widened exactly
  * into scratch (f32, at least fq_nn_linear_scratch floats; may be NULL when
- * that is 0). */
+ * that is 0). On CUDA a 16-bit weight of the compute dtype runs a 16-bit GEMM
+ * (cuBLASLt, f32 accumulation, the bias in the f32 epilogue) on x rounded to
+ * that dtype, which the forward's activations already are. */
 fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_tensor *bias,
                        fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
 /* The same with a 4-bit weight (every member of its state on y's device).
@@ -92,10 +98,51 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
                      int64_t heads, fq_dtype rnd);
 /* Sinusoidal projection (flip_sin_to_cos, shift 0) of t [B] into out [B, 2*half]. */
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
-/* Scratch floats fq_nn_attention needs for sequence length s. */
-int64_t fq_nn_attention_scratch(int64_t s);
-/* out = softmax(q·kᵀ/sqrt(dh))·v per batch and head; q, k, v, out: [B, S, H*dh]. */
+/* Scratch floats fq_nn_attention needs on dev for q [batch, s, heads*dh]. */
+int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd);
+/* out = softmax(q·kᵀ/sqrt(dh))·v per batch and head; q, k, v, out: [B, S, H*dh].
+ * CUDA: tensor cores (bf16/f16 rounding, head dim <= 128), else an f32 kernel
+ * (head dim <= 512). */
 fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                           int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd);
+
+/* Tests and benchmarks: attention with one CUDA implementation forced
+ * (FQ_NN_ATTN_AUTO / _MMA / _SIMT, the values of fq_attn_impl in
+ * kernels/cuda/nn_cuda.h); FQ_ERR_UNSUPPORTED if it cannot run the operands.
+ * On the CPU the argument is ignored. */
+enum { FQ_NN_ATTN_AUTO = 0, FQ_NN_ATTN_MMA = 1, FQ_NN_ATTN_SIMT = 2 };
+int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                     fq_dtype rnd, int impl);
+fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                               int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl);
+
+/* ---- devices, random values, timing --------------------------------------------- */
+
+/* Sets up what the ops need on dev before a forward runs there (CUDA: the
+ * cuBLASLt handle, kernel attributes), so that the forward itself creates
+ * nothing. A no-op on the CPU. Plans call it. */
+fq_status fq_nn_prepare(fq_ctx *ctx, fq_device dev);
+/* Waits until every op queued on dev has finished; reports a kernel's failure. */
+fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev);
+/* Free and total memory of dev as the driver sees it (CUDA); 0, 0 for the CPU. */
+fq_status fq_nn_device_memory(fq_ctx *ctx, fq_device dev, size_t *free_bytes, size_t *total_bytes);
+
+/* t[i] = dtype(fq_nn_hash_uniform(seed, i) * scale + shift) for a float tensor
+ * t (f32/f16/bf16) on any device; the same values on every device. */
+fq_status fq_nn_random(fq_ctx *ctx, fq_tensor *t, uint64_t seed, float scale, float shift);
+
+/* Op timing on one CUDA device: with a profiler started, every op that runs on
+ * that device records a CUDA event after its work, and fq_nn_prof_stop adds
+ * the time between consecutive events to the op's class. Events are created
+ * up front (fq_nn_prof_create); timing perturbs the run a little. */
+typedef enum { FQ_NN_CLASS_LINEAR = 0, FQ_NN_CLASS_ATTENTION, FQ_NN_CLASS_OTHER, FQ_NN_CLASSES } fq_nn_class;
+typedef struct fq_nn_prof fq_nn_prof;
+/* *out: a profiler for up to `events` ops on dev (caller frees with fq_nn_prof_free). */
+fq_status fq_nn_prof_create(fq_ctx *ctx, fq_device dev, int events, fq_nn_prof **out);
+fq_status fq_nn_prof_start(fq_ctx *ctx, fq_nn_prof *p);
+/* Waits for the device; ms[c] and ops[c] receive the time and op count per class.
+ * FQ_ERR_INVALID_ARG if more ops ran than the profiler had events for. */
+fq_status fq_nn_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES], int64_t ops[FQ_NN_CLASSES]);
+void fq_nn_prof_free(fq_nn_prof *p);
 
 #endif

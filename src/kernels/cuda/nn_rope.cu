@@ -1,0 +1,99 @@
+/* Positions and time (see nn_cuda.h): the RoPE tables (f64 frequencies and
+ * angles, cos/sin cast to f32, each value repeated for its pair), the rotation
+ * of adjacent pairs, and the sinusoidal timestep projection evaluated step by
+ * step in f32 in PyTorch's order (the guidance argument is ~3500 rad: any
+ * extra rounding moves its phase). Same expressions as nn_cpu.c. */
+#include "kernels/cuda/nn_common.cuh"
+
+#include <math.h>
+
+using namespace fqnn;
+
+namespace {
+
+struct Axes {
+    int64_t w[3];
+};
+
+/* One thread per (token, pair): pair p of the row belongs to the axis whose
+ * range of pairs holds it. */
+__global__ void __launch_bounds__(kThreads)
+    k_rope_table(const float *__restrict__ ids, int64_t seq, Axes axes, double theta, float *__restrict__ cos_t,
+                 float *__restrict__ sin_t, int64_t dh) {
+    const int64_t half = dh / 2, n = seq * half;
+    for (int64_t i = gtid(); i < n; i += gstride()) {
+        const int64_t s = i / half, p = i - s * half;
+        int a = 0;
+        int64_t j = p;
+        while (a < 2 && j >= axes.w[a] / 2) {
+            j -= axes.w[a] / 2;
+            a++;
+        }
+        const double pos = (double)ids[s * 3 + a];
+        const double freq = 1.0 / pow(theta, (double)(2 * j) / (double)axes.w[a]);
+        const double ang = pos * freq;
+        const float c = (float)cos(ang), sn = (float)sin(ang);
+        const int64_t o = s * dh + 2 * p;
+        cos_t[o] = c;
+        cos_t[o + 1] = c;
+        sin_t[o] = sn;
+        sin_t[o + 1] = sn;
+    }
+}
+
+/* One thread per pair (x[2i], x[2i+1]) of one head of one token. */
+__global__ void __launch_bounds__(kThreads)
+    k_rope(float *x, const float *__restrict__ cos_t, const float *__restrict__ sin_t, int64_t npairs, int64_t seq,
+           int64_t heads, int64_t dh, int rnd) {
+    const int64_t half = dh / 2;
+    for (int64_t i = gtid(); i < npairs; i += gstride()) {
+        const int64_t pr = i % half, head_row = i / half; /* head_row = (b*seq + s)*heads + h */
+        const int64_t s = (head_row / heads) % seq;
+        float *v = x + head_row * dh + 2 * pr;
+        const float *c = cos_t + s * dh + 2 * pr, *sn = sin_t + s * dh + 2 * pr;
+        const float re = v[0], im = v[1];
+        const float p0 = __fmul_rn(re, c[0]), q0 = __fmul_rn(-im, sn[0]);
+        const float p1 = __fmul_rn(im, c[1]), q1 = __fmul_rn(re, sn[1]);
+        v[0] = rnd_to(__fadd_rn(p0, q0), rnd);
+        v[1] = rnd_to(__fadd_rn(p1, q1), rnd);
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    k_timestep_proj(const float *__restrict__ t, int64_t batch, int64_t half, float neg_log, float *__restrict__ out) {
+    const int64_t n = batch * half;
+    for (int64_t i = gtid(); i < n; i += gstride()) {
+        const int64_t b = i / half, j = i - b * half;
+        const float e = __fdiv_rn(__fmul_rn(neg_log, (float)j), (float)half);
+        const float arg = __fmul_rn(t[b], expf(e));
+        out[b * 2 * half + j] = cosf(arg);
+        out[b * 2 * half + half + j] = sinf(arg);
+    }
+}
+
+} // namespace
+
+extern "C" int fq_cuda_nn_rope_table(const float *ids, int64_t seq, const int64_t axes[3], double theta,
+                                     float *cos_t, float *sin_t, int64_t dh, cudaStream_t st) {
+    const int64_t n = seq * (dh / 2);
+    if (n <= 0) return 0;
+    Axes a = {{axes[0], axes[1], axes[2]}};
+    k_rope_table<<<grid_for(n), kThreads, 0, st>>>(ids, seq, a, theta, cos_t, sin_t, dh);
+    return launch_status();
+}
+
+extern "C" int fq_cuda_nn_rope(float *x, const float *cos_t, const float *sin_t, int64_t batch, int64_t seq,
+                               int64_t heads, int64_t dh, fq_dtype rnd, cudaStream_t st) {
+    const int64_t n = batch * seq * heads * (dh / 2);
+    if (n <= 0) return 0;
+    k_rope<<<grid_for(n), kThreads, 0, st>>>(x, cos_t, sin_t, n, seq, heads, dh, (int)rnd);
+    return launch_status();
+}
+
+extern "C" int fq_cuda_nn_timestep_proj(const float *t, int64_t batch, int64_t half, float neg_log, float *out,
+                                        cudaStream_t st) {
+    const int64_t n = batch * half;
+    if (n <= 0) return 0;
+    k_timestep_proj<<<grid_for(n), kThreads, 0, st>>>(t, batch, half, neg_log, out);
+    return launch_status();
+}

@@ -1,0 +1,583 @@
+/* The CUDA side of the transformer ops (see nn_ops_cuda.h).
+ *
+ * Every function enters the guard of its operands' device, queues its kernels
+ * on that device's stream and leaves; nothing waits. Kernels come from
+ * src/kernels/cuda/nn_*.cu; dense products run on cuBLASLt with f32
+ * accumulation:
+ *
+ *   compute f32                 f32 GEMM on f32 x and the weight in f32 (dense f32
+ *                               as is; f16/bf16 widened, 4-bit dequantized to f32)
+ *   compute bf16/f16, weight    x converted to the compute dtype (exact: activations
+ *   of that dtype or 4-bit      are already rounded to it), the weight as is or
+ *                               dequantized to the compute dtype (bitsandbytes'
+ *                               numerics: f32 code*absmax, one rounding), 16-bit GEMM
+ *   any other dense weight      f32 GEMM with the weight widened to f32
+ *
+ * The bias is added to the f32 accumulator in cuBLASLt's epilogue, the f32
+ * result is then rounded once to the compute dtype: the CPU path's numerics.
+ * Descriptors live on the stack and heuristic results are cached per device,
+ * so a forward allocates nothing; scratch comes from the caller's plan. */
+#ifdef FQ_HAVE_CUDA
+#include "ops/nn_ops_cuda.h"
+
+#include "core/cuda_device.h"
+#include "kernels/cuda/nn_cuda.h"
+#include "kernels/kernels.h"
+
+#include <cublasLt.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NN_PREP_ATTENTION 1u
+#define NN_WORKSPACE_BYTES ((size_t)32 << 20)
+#define NN_ALIGN 256
+
+/* ---- running on a device ----------------------------------------------------------- */
+
+struct fq_nn_prof {
+    int device;
+    int cap, n, overflow;
+    cudaEvent_t *ev;
+    unsigned char *cls;
+};
+
+typedef struct {
+    fq_cuda_dev *d;
+    fq_cuda_guard g;
+} run_t;
+
+static fq_status begin(fq_ctx *ctx, fq_device dev, run_t *r) {
+    FQ_TRY(fq_cuda_dev_get(ctx, dev.index, &r->d));
+    return fq_cuda_guard_enter(ctx, dev.index, &r->g);
+}
+
+/* Records the profiler's event for an op of class cls (when one is running). */
+static int prof_mark(fq_cuda_dev *d, fq_nn_class cls) {
+    fq_nn_prof *p = d->nn_prof;
+    if (!p) return 0;
+    if (p->n >= p->cap) {
+        p->overflow = 1;
+        return 0;
+    }
+    int e = (int)cudaEventRecord(p->ev[p->n], d->stream);
+    p->cls[p->n++] = (unsigned char)cls;
+    return e;
+}
+
+/* Leaves the guard; rc: a launcher's cudaError_t. */
+static fq_status end(fq_ctx *ctx, run_t *r, int rc, const char *op, fq_nn_class cls) {
+    if (rc == 0) rc = prof_mark(r->d, cls);
+    fq_cuda_guard_exit(&r->g);
+    if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, op, r->d->index);
+    return FQ_OK;
+}
+
+static float *F(const fq_tensor *t) { return (float *)t->buf.ptr; }
+
+/* ---- elementwise --------------------------------------------------------------------- */
+
+fq_status fq_nncu_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    int e = fq_cuda_nn_cast(x->buf.ptr, x->dtype, F(y), y->numel, rnd, r.d->stream);
+    return end(ctx, &r, e, "cast", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_scale(fq_ctx *ctx, const fq_tensor *x, float alpha, fq_tensor *y, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    int e = fq_cuda_nn_scale(F(x), alpha, F(y), y->numel, rnd, r.d->stream);
+    return end(ctx, &r, e, "scale", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_tensor *y, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    int e = fq_cuda_nn_add(F(a), F(b), F(y), y->numel, rnd, r.d->stream);
+    return end(ctx, &r, e, "add", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_act(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    int e = kind == 0 ? fq_cuda_nn_silu(F(x), F(y), y->numel, rnd, r.d->stream)
+                      : fq_cuda_nn_gelu_tanh(F(x), F(y), y->numel, rnd, r.d->stream);
+    return end(ctx, &r, e, kind == 0 ? "silu" : "gelu_tanh", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi) {
+    run_t r;
+    FQ_TRY(begin(ctx, x->buf.dev, &r));
+    int e = fq_cuda_nn_clamp(F(x), x->numel, lo, hi, r.d->stream);
+    return end(ctx, &r, e, "clamp", FQ_NN_CLASS_OTHER);
+}
+
+/* dst rows of dpitch bytes <- src rows of spitch bytes, width bytes each. */
+static int copy2d(char *dst, size_t dpitch, const char *src, size_t spitch, size_t width, int64_t rows,
+                  cudaStream_t st) {
+    if (width == 0 || rows == 0) return 0;
+    if (rows == 1 || (dpitch == width && spitch == width))
+        return (int)cudaMemcpyAsync(dst, src, width * (size_t)rows, cudaMemcpyDeviceToDevice, st);
+    if (dpitch < ((size_t)1 << 31) && spitch < ((size_t)1 << 31))
+        return (int)cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, (size_t)rows, cudaMemcpyDeviceToDevice, st);
+    for (int64_t i = 0; i < rows; i++) {
+        cudaError_t e = cudaMemcpyAsync(dst + (size_t)i * dpitch, src + (size_t)i * spitch, width,
+                                        cudaMemcpyDeviceToDevice, st);
+        if (e != cudaSuccess) return (int)e;
+    }
+    return 0;
+}
+
+fq_status fq_nncu_cat(fq_ctx *ctx, int split, const fq_tensor *whole, const fq_tensor *a, const fq_tensor *b,
+                      int64_t outer, size_t ia, size_t ib) {
+    run_t r;
+    FQ_TRY(begin(ctx, whole->buf.dev, &r));
+    char *w = whole->buf.ptr, *pa = a->buf.ptr, *pb = b->buf.ptr;
+    cudaStream_t st = r.d->stream;
+    int e = split ? copy2d(pa, ia, w, ia + ib, ia, outer, st) : copy2d(w, ia + ib, pa, ia, ia, outer, st);
+    if (!e) e = split ? copy2d(pb, ib, w + ia, ia + ib, ib, outer, st) : copy2d(w + ia, ia + ib, pb, ib, ib, outer, st);
+    return end(ctx, &r, e, split ? "split (cudaMemcpy2DAsync)" : "concat (cudaMemcpy2DAsync)", FQ_NN_CLASS_OTHER);
+}
+
+/* ---- linear ---------------------------------------------------------------------------- */
+
+static size_t al(size_t b) { return (b + NN_ALIGN - 1) & ~(size_t)(NN_ALIGN - 1); }
+
+/* The dtype the GEMM runs in, and which operands need scratch. */
+typedef struct {
+    fq_dtype gt;        /* GEMM operand dtype                          */
+    size_t w_bytes;     /* dequantized / widened weight (0: use w)     */
+    size_t x_bytes;     /* x converted to gt (0: use x)                */
+    size_t b_bytes;     /* bias widened to f32 (0: none or use bias)   */
+    size_t total;       /* scratch bytes including the workspace       */
+} lin_plan;
+
+static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd) {
+    lin_plan p;
+    memset(&p, 0, sizeof p);
+    if (qw) p.gt = rnd;
+    else if (wt == FQ_F32) p.gt = FQ_F32;
+    else if (wt == rnd) p.gt = rnd;
+    else p.gt = FQ_F32;
+    const size_t gsz = fq_dtype_size(p.gt);
+    if (qw || wt != p.gt) p.w_bytes = al((size_t)(n * k) * gsz);
+    if (p.gt != FQ_F32) p.x_bytes = al((size_t)(m * k) * gsz);
+    if (bt >= 0 && bt != FQ_F32) p.b_bytes = al((size_t)n * 4);
+    p.total = NN_ALIGN + p.w_bytes + p.x_bytes + p.b_bytes + NN_WORKSPACE_BYTES;
+    return p;
+}
+
+int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd) {
+    return (int64_t)((plan_linear(qw, wt, bt, m, n, k, rnd).total + 3) / 4);
+}
+
+static cudaDataType_t blas_type(fq_dtype t) {
+    return t == FQ_F32 ? CUDA_R_32F : t == FQ_F16 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+static uint32_t align_log2(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    uint32_t l = 0;
+    while (l < 8 && !(a & ((uintptr_t)1 << l))) l++;
+    return l; /* 2^l bytes, at most 256 */
+}
+
+static fq_status blas_err(fq_ctx *ctx, cublasStatus_t st, const char *what, int dev) {
+    return fq_err(ctx, st == CUBLAS_STATUS_ALLOC_FAILED ? FQ_ERR_OUT_OF_MEMORY : FQ_ERR_CUDA,
+                  "cuda:%d: %s failed: %s", dev, what, cublasLtGetStatusString(st));
+}
+
+#define BLAS_TRY(ctx, call, dev)                                                  \
+    do {                                                                          \
+        cublasStatus_t bst_ = (call);                                             \
+        if (bst_ != CUBLAS_STATUS_SUCCESS) return blas_err((ctx), bst_, #call, (dev)); \
+    } while (0)
+
+#define KEY_PREFILL 0x80000000u
+
+/* y[m, n] (f32) = x[m, k] · w[n, k]ᵀ (+ bias[n], f32) with x and w of dtype gt,
+ * in cuBLASLt's column-major terms: yᵀ (n x m, ld n) = op(A) · B with A = w
+ * stored k x n (ld k, transposed) and B = x stored k x m (ld k). */
+static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const float *bias,
+                      float *y, int64_t m, int64_t n, int64_t k, void *ws) {
+    cublasLtHandle_t h;
+    FQ_TRY(fq_cuda_dev_blaslt(ctx, d, &h));
+    cublasLtMatmulDescOpaque_t desc;
+    cublasLtMatrixLayoutOpaque_t la, lb, lc;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const int dev = d->index;
+    BLAS_TRY(ctx, cublasLtMatmulDescInit(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), dev);
+    BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), dev);
+    BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), dev);
+    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&la, blas_type(gt), (uint64_t)k, (uint64_t)n, k), dev);
+    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lb, blas_type(gt), (uint64_t)k, (uint64_t)m, k), dev);
+    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, CUDA_R_32F, (uint64_t)n, (uint64_t)m, n), dev);
+
+    const uint32_t aw = align_log2(w), ax = align_log2(x), ay = align_log2(y), ab = bias ? align_log2(bias) : 8;
+    const uint32_t key = 1u | (uint32_t)gt << 1 | (bias ? 1u : 0u) << 5 | aw << 6 | ax << 10 | ay << 14 | ab << 18;
+    cublasLtMatmulAlgo_t algo;
+    uint32_t mode = 0;
+    int found = 0;
+    for (int i = 0; i < 32 && !found; i++) {
+        const fq_cuda_nn_algo *c = &d->nn_algo[i];
+        if ((c->key & ~KEY_PREFILL) == key && c->m == m && c->n == n && c->k == k) {
+            memcpy(&algo, c->algo, sizeof algo);
+            mode = c->key & KEY_PREFILL;
+            found = 1;
+        }
+    }
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = CUDA_R_32F;
+    if (!found) {
+        cublasLtMatmulPreferenceOpaque_t pref;
+        const uint64_t wsz = NN_WORKSPACE_BYTES;
+        const uint32_t a_w = 1u << aw, a_x = 1u << ax, a_y = 1u << ay;
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceInit(&pref), dev);
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof wsz), dev);
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_w, sizeof a_w), dev);
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &a_x, sizeof a_x), dev);
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &a_y, sizeof a_y), dev);
+        BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &a_y, sizeof a_y), dev);
+        cublasLtMatmulHeuristicResult_t res;
+        int nres = 0;
+        if (bias) {
+            /* the bias in the epilogue; where no algorithm offers that, y is
+             * prefilled with the bias and added with beta = 1 */
+            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
+            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                         sizeof bias_type), dev);
+            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
+            cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
+            if (st != CUBLAS_STATUS_SUCCESS || nres < 1) {
+                const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
+                BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none), dev);
+                mode = KEY_PREFILL;
+                nres = 0;
+            }
+        }
+        if (nres < 1) {
+            cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
+            if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
+                return blas_err(ctx, st, "cublasLtMatmulAlgoGetHeuristic", dev);
+            if (nres < 1)
+                return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                              "cuda:%d: cuBLASLt offers no algorithm for a %s GEMM with f32 output (m %lld, n %lld, k %lld)",
+                              dev, fq_dtype_name(gt), (long long)m, (long long)n, (long long)k);
+        }
+        algo = res.algo;
+        fq_cuda_nn_algo *c = &d->nn_algo[d->nn_algo_next];
+        d->nn_algo_next = (d->nn_algo_next + 1) % 32;
+        c->m = m;
+        c->n = n;
+        c->k = k;
+        c->key = key | mode;
+        memcpy(c->algo, &algo, sizeof algo);
+    } else if (bias && !mode) {
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                     sizeof bias_type), dev);
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
+    }
+    const float one = 1.0f, zero = 0.0f;
+    const int prefill = bias && mode;
+    if (prefill) {
+        int e = fq_cuda_nn_fill_rows(y, bias, m, n, d->stream);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev);
+    }
+    BLAS_TRY(ctx,
+             cublasLtMatmul(h, &desc, &one, w, &la, x, &lb, prefill ? &one : &zero, y, &lc, y, &lc, &algo, ws,
+                            NN_WORKSPACE_BYTES, d->stream),
+             dev);
+    return FQ_OK;
+}
+
+static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, const fq_tensor *w,
+                            const fq_qtensor *qw, const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch,
+                            fq_dtype rnd) {
+    const int64_t n = qw ? qw->info.shape[0] : w->shape[0], k = qw ? qw->info.shape[1] : w->shape[1];
+    const lin_plan p = plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd);
+    if ((size_t)scratch->numel * 4 < p.total)
+        return fq_err(ctx, FQ_ERR_SHAPE, "linear: scratch holds %lld bytes, needs %zu", (long long)scratch->numel * 4,
+                      p.total);
+    char *base = (char *)(((uintptr_t)scratch->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1));
+    void *wbuf = base, *xbuf = base + p.w_bytes;
+    float *bbuf = (float *)(base + p.w_bytes + p.x_bytes);
+    void *ws = base + p.w_bytes + p.x_bytes + p.b_bytes;
+    cudaStream_t st = d->stream;
+    const int dev = d->index;
+    int e = 0;
+
+    /* the weight in the GEMM dtype */
+    const void *wg = w ? w->buf.ptr : NULL;
+    if (qw) {
+        const fq_qtensor_info *qi = &qw->info;
+        if (qi->double_quant)
+            e = fq_cuda_dequantize4_nested(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr,
+                                           qw->m[FQ_QMEMBER_NESTED_ABSMAX].ptr, qw->m[FQ_QMEMBER_NESTED_QUANT_MAP].ptr,
+                                           qi->offset, qi->numel, qi->blocksize, qi->type, wbuf, p.gt, st);
+        else
+            e = fq_cuda_dequantize4(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr, qi->numel,
+                                    qi->blocksize, qi->type, wbuf, p.gt, st);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "dequantize4", dev);
+        wg = wbuf;
+    } else if (p.w_bytes) {
+        e = fq_cuda_nn_convert(w->buf.ptr, w->dtype, wbuf, p.gt, w->numel, st);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "weight conversion", dev);
+        wg = wbuf;
+    }
+    const void *xg = x->buf.ptr;
+    if (p.x_bytes) {
+        e = fq_cuda_nn_convert(x->buf.ptr, FQ_F32, xbuf, p.gt, m * k, st);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "input conversion", dev);
+        xg = xbuf;
+    }
+    const float *bg = bias ? (const float *)bias->buf.ptr : NULL;
+    if (p.b_bytes) {
+        e = fq_cuda_nn_convert(bias->buf.ptr, bias->dtype, bbuf, FQ_F32, n, st);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias conversion", dev);
+        bg = bbuf;
+    }
+    if (k == 0) {
+        e = fq_cuda_nn_fill_rows(F(y), bg, m, n, st); /* no products: y = bias (or 0) */
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev);
+    } else {
+        FQ_TRY(gemm(ctx, d, p.gt, wg, xg, bg, F(y), m, n, k, ws));
+    }
+    e = fq_cuda_nn_round(F(y), m * n, rnd, st);
+    if (e) return fq_cuda_status(ctx, (cudaError_t)e, "output rounding", dev);
+    return FQ_OK;
+}
+
+fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
+                         const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd) {
+    const int64_t n = qw ? qw->info.shape[0] : w->shape[0];
+    if (m == 0 || n == 0) return FQ_OK;
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, y, m, scratch, rnd);
+    if (s == FQ_OK) return end(ctx, &r, 0, "linear", FQ_NN_CLASS_LINEAR);
+    fq_cuda_guard_exit(&r.g);
+    return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
+}
+
+/* ---- norms, positions, attention -------------------------------------------------------- */
+
+fq_status fq_nncu_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int shift_chunk, int scale_chunk,
+                        int64_t nchunks, float eps, fq_tensor *y, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    const int64_t d = x->shape[2];
+    int e = fq_cuda_nn_adaln(F(x), F(y), x->shape[0], x->shape[1], d, F(mod) + shift_chunk * d,
+                             F(mod) + scale_chunk * d, nchunks * d, eps, rnd, r.d->stream);
+    return end(ctx, &r, e, "adaln", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, int64_t nchunks,
+                            const fq_tensor *a, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, h->buf.dev, &r));
+    const int64_t d = h->shape[2];
+    int e = fq_cuda_nn_gated_add(F(h), F(mod) + gate_chunk * d, nchunks * d, F(a), h->shape[0], h->shape[1], d, rnd,
+                                 r.d->stream);
+    return end(ctx, &r, e, "gated_add", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps, fq_tensor *y,
+                          fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, y->buf.dev, &r));
+    const int64_t dh = weight->shape[0];
+    int e = fq_cuda_nn_rmsnorm(F(x), weight->buf.ptr, weight->dtype, F(y), x->numel / dh, dh, eps, rnd, r.d->stream);
+    return end(ctx, &r, e, "rmsnorm", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
+                             fq_tensor *cos_t, fq_tensor *sin_t) {
+    run_t r;
+    FQ_TRY(begin(ctx, cos_t->buf.dev, &r));
+    int e = fq_cuda_nn_rope_table(F(ids), ids->shape[0], axes, theta, F(cos_t), F(sin_t), cos_t->shape[1],
+                                  r.d->stream);
+    return end(ctx, &r, e, "rope_table", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads,
+                       fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, x->buf.dev, &r));
+    int e = fq_cuda_nn_rope(F(x), F(cos_t), F(sin_t), x->shape[0], x->shape[1], heads, x->shape[2] / heads, rnd,
+                            r.d->stream);
+    return end(ctx, &r, e, "rope", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {
+    run_t r;
+    FQ_TRY(begin(ctx, out->buf.dev, &r));
+    int e = fq_cuda_nn_timestep_proj(F(t), t->shape[0], out->shape[1] / 2, (float)(-log(10000.0)), F(out),
+                                     r.d->stream);
+    return end(ctx, &r, e, "timestep_proj", FQ_NN_CLASS_OTHER);
+}
+
+int fq_nncu_attention_supported(int64_t dh, fq_dtype rnd, int impl) {
+    return fq_cuda_nn_attention_supported(dh, rnd, (fq_attn_impl)impl);
+}
+
+int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl) {
+    size_t b = fq_cuda_nn_attention_scratch_bytes(batch, s, heads, dh, rnd, (fq_attn_impl)impl);
+    return b ? (int64_t)((b + NN_ALIGN + 3) / 4) : 0;
+}
+
+fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v, int64_t heads,
+                            fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl) {
+    run_t r;
+    FQ_TRY(begin(ctx, out->buf.dev, &r));
+    if (!(r.d->nn_prepared & NN_PREP_ATTENTION)) {
+        /* fq_nn_prepare does this ahead of a forward; a bare op call gets it here */
+        int e = fq_cuda_nn_attention_prepare();
+        if (e) return end(ctx, &r, e, "attention (cudaFuncSetAttribute)", FQ_NN_CLASS_ATTENTION);
+        r.d->nn_prepared |= NN_PREP_ATTENTION;
+    }
+    void *sp = NULL;
+    size_t sb = 0;
+    if (scratch && scratch->buf.ptr) {
+        uintptr_t a = ((uintptr_t)scratch->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1);
+        size_t skip = a - (uintptr_t)scratch->buf.ptr, have = (size_t)scratch->numel * 4;
+        sp = (void *)a;
+        sb = have > skip ? have - skip : 0;
+    }
+    int e = fq_cuda_nn_attention(F(q), F(k), F(v), F(out), q->shape[0], q->shape[1], heads, q->shape[2] / heads, sp,
+                                 sb, rnd, (fq_attn_impl)impl, r.d->stream);
+    return end(ctx, &r, e, "attention", FQ_NN_CLASS_ATTENTION);
+}
+
+/* ---- devices ------------------------------------------------------------------------------ */
+
+fq_status fq_nncu_prepare(fq_ctx *ctx, int device) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    struct cublasLtContext *h;
+    FQ_TRY(fq_cuda_dev_blaslt(ctx, d, &h));
+    if (!(d->nn_prepared & NN_PREP_ATTENTION)) {
+        fq_cuda_guard g;
+        FQ_TRY(fq_cuda_guard_enter(ctx, device, &g));
+        int e = fq_cuda_nn_attention_prepare();
+        fq_cuda_guard_exit(&g);
+        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "cudaFuncSetAttribute (attention kernels)", device);
+        d->nn_prepared |= NN_PREP_ATTENTION;
+    }
+    return FQ_OK;
+}
+
+fq_status fq_nncu_sync(fq_ctx *ctx, int device) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, device, &g));
+    cudaError_t e = cudaStreamSynchronize(d->stream);
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "cudaStreamSynchronize", device);
+    return FQ_OK;
+}
+
+fq_status fq_nncu_memory(fq_ctx *ctx, int device, size_t *free_bytes, size_t *total_bytes) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, device, &g));
+    cudaError_t e = cudaMemGetInfo(free_bytes, total_bytes);
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "cudaMemGetInfo", device);
+    return FQ_OK;
+}
+
+fq_status fq_nncu_random(fq_ctx *ctx, fq_tensor *t, uint64_t seed, float scale, float shift) {
+    run_t r;
+    FQ_TRY(begin(ctx, t->buf.dev, &r));
+    int e = fq_cuda_nn_random(t->buf.ptr, t->dtype, t->numel, seed, scale, shift, r.d->stream);
+    return end(ctx, &r, e, "random", FQ_NN_CLASS_OTHER);
+}
+
+void fq_nncu_prof_free(fq_nn_prof *p) {
+    if (!p) return;
+    fq_cuda_guard g;
+    if (fq_cuda_guard_enter(NULL, p->device, &g) == FQ_OK) {
+        for (int i = 0; i < p->cap; i++)
+            if (p->ev[i]) (void)cudaEventDestroy(p->ev[i]);
+        fq_cuda_guard_exit(&g);
+    }
+    free(p->ev);
+    free(p->cls);
+    free(p);
+}
+
+fq_status fq_nncu_prof_create(fq_ctx *ctx, int device, int events, fq_nn_prof **out) {
+    if (events < 2) return fq_err(ctx, FQ_ERR_INVALID_ARG, "nn_prof: needs at least 2 events");
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    fq_nn_prof *p = calloc(1, sizeof *p);
+    if (!p) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+    p->device = device;
+    p->ev = calloc((size_t)events, sizeof *p->ev);
+    p->cls = calloc((size_t)events, 1);
+    if (!p->ev || !p->cls) {
+        fq_nncu_prof_free(p);
+        return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+    }
+    p->cap = events;
+    fq_cuda_guard g;
+    fq_status s = fq_cuda_guard_enter(ctx, device, &g);
+    if (s != FQ_OK) {
+        fq_nncu_prof_free(p);
+        return s;
+    }
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < events && e == cudaSuccess; i++) e = cudaEventCreate(&p->ev[i]);
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) {
+        fq_nncu_prof_free(p);
+        return fq_cuda_status(ctx, e, "cudaEventCreate", device);
+    }
+    *out = p;
+    return FQ_OK;
+}
+
+fq_status fq_nncu_prof_start(fq_ctx *ctx, fq_nn_prof *p) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, p->device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, p->device, &g));
+    p->n = 0;
+    p->overflow = 0;
+    d->nn_prof = p;
+    int e = prof_mark(d, FQ_NN_CLASS_OTHER); /* the start */
+    fq_cuda_guard_exit(&g);
+    if (e) {
+        d->nn_prof = NULL;
+        return fq_cuda_status(ctx, (cudaError_t)e, "cudaEventRecord", p->device);
+    }
+    return FQ_OK;
+}
+
+fq_status fq_nncu_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES], int64_t ops[FQ_NN_CLASSES]) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, p->device, &d));
+    d->nn_prof = NULL;
+    for (int c = 0; c < FQ_NN_CLASSES; c++) ms[c] = 0.0, ops[c] = 0;
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, p->device, &g));
+    cudaError_t e = cudaStreamSynchronize(d->stream);
+    for (int i = 1; i < p->n && e == cudaSuccess; i++) {
+        float t = 0.0f;
+        e = cudaEventElapsedTime(&t, p->ev[i - 1], p->ev[i]);
+        ms[p->cls[i]] += t;
+        ops[p->cls[i]]++;
+    }
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "nn_prof (cudaEventElapsedTime)", p->device);
+    if (p->overflow)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "nn_prof: more than %d ops ran; the profile is incomplete", p->cap);
+    return FQ_OK;
+}
+#else
+typedef int fq_nn_ops_cuda_unused; /* ISO C forbids an empty translation unit */
+#endif
