@@ -1,0 +1,1072 @@
+/* The Flux transformer and its ops on every CUDA device, against the CPU and
+ * against diffusers' golden runs (tests/fixtures/flux):
+ *
+ *  1. random models (flux_random) on the CPU: same seed, same weights; the
+ *     forward runs, 4-bit included (always runs, GPU or not);
+ *  2. per GPU, each op against the CPU kernel on the same inputs, with the
+ *     differences reported (bit-exact where the arithmetic is the same);
+ *  3. per GPU, attention against the CPU kernel and a float64 reference at
+ *     several sizes and head dims, both CUDA kernels;
+ *  4. per GPU, the golden models with the CPU test's references and
+ *     tolerances, intermediates included, and each output against the CPU's;
+ *  5. bit-identical outputs on every GPU, after moving a model between
+ *     devices, and on repeated runs; no allocation inside a forward;
+ *  6. a random model with head dim 128 (the FLUX.1 attention shape) on the
+ *     CPU and on each GPU.
+ *
+ * Without a GPU the GPU parts are skipped with a message. */
+#include "check.h"
+#include "core/core.h"
+#include "core/qtensor.h"
+#include "io/safetensors.h"
+#include "kernels/cpu/nn_cpu.h"
+#include "models/flux.h"
+#include "models/flux_place.h"
+#include "models/flux_random.h"
+#include "ops/nn_ops.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define FIX "tests/fixtures/flux"
+
+/* ---- small helpers ------------------------------------------------------------------ */
+
+static double rel_l2_ff(const float *a, const float *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double rel_l2_fd(const float *a, const double *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Elements whose bits differ (NaN == NaN). */
+static int64_t ndiff(const float *a, const float *b, int64_t n) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += memcmp(&a[i], &b[i], 4) != 0 && !(isnan(a[i]) && isnan(b[i]));
+    return c;
+}
+
+static int all_finite(const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(a[i])) return 0;
+    return 1;
+}
+
+/* A copy of t's values on the host (caller frees); NULL on failure (reported). */
+static float *host_f32(fq_ctx *ctx, const fq_tensor *t) {
+    float *h = malloc(fq_tensor_nbytes(t) + 4);
+    fq_status s = h ? fq_tensor_to_host(ctx, t, h) : FQ_ERR_OUT_OF_MEMORY;
+    CHECK(s == FQ_OK, "copy to host: %s", fq_ctx_error(ctx));
+    if (s != FQ_OK) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+/* A CPU tensor of dtype dt filled with uniform values u*scale+shift, rounded to rnd. */
+static fq_tensor *cpu_rand(fq_ctx *ctx, fq_dtype dt, int nd, const int64_t *sh, uint64_t seed, float scale,
+                           float shift, fq_dtype rnd) {
+    fq_tensor *t = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, FQ_CPU, dt, nd, sh, &t));
+    if (!t) return NULL;
+    CHECK_OK(ctx, fq_nn_random(ctx, t, seed, scale, shift));
+    if (dt == FQ_F32 && rnd != FQ_F32) fq_cpu_round(fq_tensor_host_data(t), fq_tensor_numel(t), rnd);
+    return t;
+}
+
+static fq_tensor *to_dev(fq_ctx *ctx, const fq_tensor *t, fq_device d) {
+    fq_tensor *r = NULL;
+    if (!t) return NULL;
+    CHECK_OK(ctx, fq_tensor_copy_to(ctx, t, d, &r));
+    return r;
+}
+
+static fq_tensor *empty(fq_ctx *ctx, fq_device d, int nd, const int64_t *sh) {
+    fq_tensor *t = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, nd, sh, &t));
+    return t;
+}
+
+/* Compares a GPU result with the CPU's: exact (max_ndiff elements may differ
+ * in their bits) or within rel L2 tol. Prints one line either way. */
+static void compare(fq_ctx *ctx, const char *what, const fq_tensor *gpu, const fq_tensor *cpu, double tol,
+                    int64_t max_ndiff) {
+    float *g = host_f32(ctx, gpu);
+    const float *c = fq_tensor_host_data((fq_tensor *)cpu);
+    if (!g || !c) {
+        free(g);
+        return;
+    }
+    int64_t n = fq_tensor_numel(cpu), nd = ndiff(g, c, n);
+    double e = rel_l2_ff(g, c, n);
+    printf("  %-44s rel L2 %.3g, %lld of %lld elements differ\n", what, e, (long long)nd, (long long)n);
+    CHECK(e <= tol && nd <= max_ndiff, "%s: rel L2 %.3g (tol %.3g), %lld elements differ (at most %lld)", what, e,
+          tol, (long long)nd, (long long)max_ndiff);
+    free(g);
+}
+
+/* ---- 1. random models on the CPU ---------------------------------------------------------- */
+
+/* A tiny FLUX-shaped config: head dim 128 with FLUX's RoPE axes, 2 heads. */
+static fq_flux_config tiny_config(int guidance) {
+    fq_flux_config c;
+    memset(&c, 0, sizeof c);
+    c.patch_size = 1;
+    c.in_channels = 16;
+    c.out_channels = 16;
+    c.num_layers = 1;
+    c.num_single_layers = 2;
+    c.attention_head_dim = 128;
+    c.num_attention_heads = 2;
+    c.joint_attention_dim = 64;
+    c.pooled_projection_dim = 32;
+    c.guidance_embeds = guidance;
+    c.axes_dims_rope[0] = 16;
+    c.axes_dims_rope[1] = 56;
+    c.axes_dims_rope[2] = 56;
+    c.inner_dim = 256;
+    c.mlp_dim = 1024;
+    c.out_dim = 16;
+    return c;
+}
+
+typedef struct {
+    fq_tensor *t[7]; /* hidden, encoder, pooled, timestep, guidance, img_ids, txt_ids */
+    int64_t B, St, Si;
+} rand_inputs;
+
+static void make_inputs(fq_ctx *ctx, const fq_flux_config *c, int64_t B, int64_t St, int64_t side, rand_inputs *in,
+                        fq_dtype rnd) {
+    memset(in, 0, sizeof *in);
+    const int64_t Si = side * side;
+    in->B = B, in->St = St, in->Si = Si;
+    int64_t sh[3] = {B, Si, c->in_channels}, se[3] = {B, St, c->joint_attention_dim},
+            sp[2] = {B, c->pooled_projection_dim}, sb[1] = {B}, si[2] = {Si, 3}, stt[2] = {St, 3};
+    in->t[0] = cpu_rand(ctx, FQ_F32, 3, sh, 101, 1.0f, 0.0f, rnd);
+    in->t[1] = cpu_rand(ctx, FQ_F32, 3, se, 102, 1.0f, 0.0f, rnd);
+    in->t[2] = cpu_rand(ctx, FQ_F32, 2, sp, 103, 1.0f, 0.0f, rnd);
+    in->t[3] = cpu_rand(ctx, FQ_F32, 1, sb, 104, 0.2f, 0.6f, FQ_F32);
+    if (c->guidance_embeds) in->t[4] = cpu_rand(ctx, FQ_F32, 1, sb, 105, 0.5f, 3.5f, FQ_F32);
+    in->t[5] = empty(ctx, FQ_CPU, 2, si);
+    in->t[6] = empty(ctx, FQ_CPU, 2, stt);
+    if (in->t[5]) {
+        float *p = fq_tensor_host_data(in->t[5]);
+        for (int64_t r = 0; r < side; r++)
+            for (int64_t q = 0; q < side; q++) {
+                float *e = p + (r * side + q) * 3;
+                e[0] = 0.0f, e[1] = (float)r, e[2] = (float)q;
+            }
+    }
+    if (in->t[6]) memset(fq_tensor_host_data(in->t[6]), 0, fq_tensor_nbytes(in->t[6]));
+}
+
+static void free_inputs(rand_inputs *in) {
+    for (int i = 0; i < 7; i++) fq_tensor_free(in->t[i]);
+}
+
+/* Runs m on inputs (copied to m's device); returns the output on the host or NULL. */
+static float *forward_on(fq_ctx *ctx, const fq_flux_model *m, const rand_inputs *in, int64_t *numel) {
+    fq_tensor *d[7] = {0};
+    for (int i = 0; i < 7; i++) d[i] = in->t[i] ? to_dev(ctx, in->t[i], m->device) : NULL;
+    fq_flux_plan *p = NULL;
+    float *res = NULL;
+    CHECK_OK(ctx, fq_flux_plan_create(ctx, m, in->B, in->St, in->Si, &p));
+    int64_t osh[3] = {in->B, in->Si, m->cfg.out_dim};
+    fq_tensor *out = empty(ctx, m->device, 3, osh);
+    if (p && out) {
+        fq_flux_inputs fi = {d[0], d[1], d[2], d[3], d[4], d[5], d[6]};
+        fq_status s = fq_flux_forward(ctx, m, p, &fi, out);
+        CHECK(s == FQ_OK, "forward: %s", fq_ctx_error(ctx));
+        if (s == FQ_OK) res = host_f32(ctx, out);
+        if (res) *numel = fq_tensor_numel(out);
+    }
+    fq_tensor_free(out);
+    fq_flux_plan_free(p);
+    for (int i = 0; i < 7; i++) fq_tensor_free(d[i]);
+    return res;
+}
+
+static fq_flux_model *random_model(fq_ctx *ctx, const fq_flux_config *c, fq_device dev, fq_dtype wt, int quant,
+                                   int dq, uint64_t seed) {
+    fq_flux_random_params rp = fq_flux_random_default_params();
+    rp.device = dev;
+    rp.weight_dtype = wt;
+    rp.quantize = quant;
+    rp.qp.double_quant = dq;
+    rp.seed = seed;
+    fq_flux_model *m = NULL;
+    fq_status s = fq_flux_random(ctx, c, &rp, &m);
+    char dn[16];
+    CHECK(s == FQ_OK, "flux_random on %s: %s", fq_device_name(dev, dn, sizeof dn), fq_ctx_error(ctx));
+    return m;
+}
+
+static void test_random_cpu(fq_ctx *ctx) {
+    printf("random models on the CPU:\n");
+    fq_flux_config named;
+    CHECK_OK(ctx, fq_flux_config_named(ctx, "dev", &named));
+    CHECK(named.num_layers == 19 && named.num_single_layers == 38 && named.inner_dim == 3072 && named.guidance_embeds &&
+              named.mlp_dim == 12288 && named.joint_attention_dim == 4096,
+          "config \"dev\" has FLUX.1-dev's sizes");
+    CHECK_OK(ctx, fq_flux_config_named(ctx, "schnell", &named));
+    CHECK(!named.guidance_embeds && named.num_layers == 19, "config \"schnell\"");
+    CHECK_OK(ctx, fq_flux_config_named(ctx, FIX "/flux/model_fp32", &named));
+    CHECK(named.inner_dim == 32 && named.num_layers == 2, "config from a model folder");
+    CHECK(fq_flux_config_named(ctx, "no-such-config", &named) == FQ_ERR_IO, "unknown config name: %s", fq_ctx_error(ctx));
+
+    fq_flux_config c = tiny_config(1);
+    fq_flux_model *a = random_model(ctx, &c, FQ_CPU, FQ_BF16, 0, 0, 7), *b = random_model(ctx, &c, FQ_CPU, FQ_BF16, 0, 0, 7);
+    if (a && b) {
+        CHECK(a->compute_dtype == FQ_BF16 && a->weight_bytes > 0, "bf16 model computes in bf16");
+        CHECK(!strcmp(fq_tensor_name(a->blocks[0].to_q.w), "transformer_blocks.0.attn.to_q.weight"), "names: %s",
+              fq_tensor_name(a->blocks[0].to_q.w));
+        CHECK(fq_tensor_nbytes(a->single[1].proj_out.w) == fq_tensor_nbytes(b->single[1].proj_out.w) &&
+                  !memcmp(fq_tensor_host_data(a->single[1].proj_out.w), fq_tensor_host_data(b->single[1].proj_out.w),
+                          fq_tensor_nbytes(a->single[1].proj_out.w)),
+              "same seed, same weights");
+        CHECK(memcmp(fq_tensor_host_data(a->single[1].proj_out.w), fq_tensor_host_data(a->single[0].proj_out.w),
+                     fq_tensor_nbytes(a->single[1].proj_out.w)) != 0,
+              "different tensors, different values");
+        rand_inputs in;
+        make_inputs(ctx, &c, 1, 8, 4, &in, FQ_BF16);
+        int64_t n = 0;
+        float *y = forward_on(ctx, a, &in, &n);
+        CHECK(y && all_finite(y, n), "random bf16 model: finite output");
+        if (y) {
+            double ss = 0;
+            for (int64_t i = 0; i < n; i++) ss += (double)y[i] * y[i];
+            printf("  bf16 random model (head dim 128): output rms %.3g\n", sqrt(ss / (double)n));
+        }
+        free(y);
+        free_inputs(&in);
+    }
+    fq_flux_free(a);
+    fq_flux_free(b);
+    fq_flux_model *q = random_model(ctx, &c, FQ_CPU, FQ_BF16, 1, 1, 7);
+    if (q) {
+        CHECK(q->quantized && q->blocks[0].ff1.qw && !q->blocks[0].ff1.w && q->compute_dtype == FQ_BF16,
+              "quantized random model");
+        CHECK(!strcmp(fq_qtensor_name(q->proj_out.qw), "proj_out.weight"), "4-bit names: %s",
+              fq_qtensor_name(q->proj_out.qw));
+        fq_qtensor_info qi;
+        fq_qtensor_get_info(q->blocks[0].ff1.qw, &qi);
+        CHECK(qi.double_quant && qi.type == FQ_QUANT_NF4 && qi.blocksize == 64, "nf4 + double quant, blocksize 64");
+        rand_inputs in;
+        make_inputs(ctx, &c, 1, 8, 4, &in, FQ_BF16);
+        int64_t n = 0;
+        float *y = forward_on(ctx, q, &in, &n);
+        CHECK(y && all_finite(y, n), "random nf4 model: finite output");
+        free(y);
+        free_inputs(&in);
+    }
+    fq_flux_free(q);
+}
+
+/* ---- 2. ops against the CPU ------------------------------------------------------------------ */
+
+static void test_ops(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("ops on %s vs the CPU:\n", fq_device_name(dev, dn, sizeof dn));
+    const fq_dtype rnds[3] = {FQ_F32, FQ_BF16, FQ_F16};
+    for (int ri = 0; ri < 3; ri++) {
+        const fq_dtype rnd = rnds[ri];
+        char w[96];
+        int64_t sh[3] = {2, 37, 96}, n = 2 * 37 * 96;
+        fq_tensor *x = cpu_rand(ctx, FQ_F32, 3, sh, 1 + ri, 3.0f, 0.0f, rnd), *a = cpu_rand(ctx, FQ_F32, 3, sh, 11 + ri, 2.0f, 0.5f, rnd);
+        fq_tensor *y = empty(ctx, FQ_CPU, 3, sh), *dx = to_dev(ctx, x, dev), *da = to_dev(ctx, a, dev), *dy = empty(ctx, dev, 3, sh);
+        (void)n;
+        if (x && a && y && dx && da && dy) {
+
+        CHECK_OK(ctx, fq_nn_scale(ctx, x, 1000.0f, y, rnd));
+        CHECK_OK(ctx, fq_nn_scale(ctx, dx, 1000.0f, dy, rnd));
+        snprintf(w, sizeof w, "scale (%s)", fq_dtype_name(rnd));
+        compare(ctx, w, dy, y, 0, 0);
+        CHECK_OK(ctx, fq_nn_add(ctx, x, a, y, rnd));
+        CHECK_OK(ctx, fq_nn_add(ctx, dx, da, dy, rnd));
+        snprintf(w, sizeof w, "add (%s)", fq_dtype_name(rnd));
+        compare(ctx, w, dy, y, 0, 0);
+        /* transcendental functions: CUDA's expf/tanhf may differ from glibc's by an ulp */
+        CHECK_OK(ctx, fq_nn_silu(ctx, x, y, rnd));
+        CHECK_OK(ctx, fq_nn_silu(ctx, dx, dy, rnd));
+        snprintf(w, sizeof w, "silu (%s)", fq_dtype_name(rnd));
+        compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 2e-3, fq_tensor_numel(y) / 20);
+        CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, x, y, rnd));
+        CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, dx, dy, rnd));
+        snprintf(w, sizeof w, "gelu_tanh (%s)", fq_dtype_name(rnd));
+        compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 2e-3, fq_tensor_numel(y) / 20);
+
+        /* AdaLN with a [B, 6D] modulation, chunks 3 (shift) and 4 (scale) */
+        int64_t msh[2] = {2, 6 * 96};
+        fq_tensor *mod = cpu_rand(ctx, FQ_F32, 2, msh, 21 + ri, 1.0f, 0.0f, rnd), *dmod = to_dev(ctx, mod, dev);
+        if (mod && dmod) {
+            CHECK_OK(ctx, fq_nn_adaln(ctx, x, mod, 3, 4, 1e-6f, y, rnd));
+            CHECK_OK(ctx, fq_nn_adaln(ctx, dx, dmod, 3, 4, 1e-6f, dy, rnd));
+            snprintf(w, sizeof w, "adaln (%s)", fq_dtype_name(rnd));
+            compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-7 : 1e-3, fq_tensor_numel(y) / 1000 + 2);
+            /* gated residual add in place on copies */
+            fq_tensor *h = cpu_rand(ctx, FQ_F32, 3, sh, 31 + ri, 1.0f, 0.0f, rnd), *dh = to_dev(ctx, h, dev);
+            if (h && dh) {
+                CHECK_OK(ctx, fq_nn_gated_add(ctx, h, mod, 2, a, rnd));
+                CHECK_OK(ctx, fq_nn_gated_add(ctx, dh, dmod, 2, da, rnd));
+                snprintf(w, sizeof w, "gated_add (%s)", fq_dtype_name(rnd));
+                compare(ctx, w, dh, h, 0, 0);
+            }
+            fq_tensor_free(h);
+            fq_tensor_free(dh);
+        }
+        fq_tensor_free(mod);
+        fq_tensor_free(dmod);
+
+        /* per-head RMSNorm (head dim 48, bf16 weight), RoPE with FLUX-like ids */
+        int64_t wsh[1] = {48};
+        fq_tensor *wn = cpu_rand(ctx, FQ_BF16, 1, wsh, 41, 0.1f, 1.0f, FQ_F32), *dwn = to_dev(ctx, wn, dev);
+        if (wn && dwn) {
+            CHECK_OK(ctx, fq_nn_rmsnorm_heads(ctx, x, wn, 1e-6f, y, rnd));
+            CHECK_OK(ctx, fq_nn_rmsnorm_heads(ctx, dx, dwn, 1e-6f, dy, rnd));
+            snprintf(w, sizeof w, "rmsnorm (%s)", fq_dtype_name(rnd));
+            compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-7 : 1e-3, fq_tensor_numel(y) / 1000 + 2);
+        }
+        fq_tensor_free(wn);
+        fq_tensor_free(dwn);
+        int64_t ish[2] = {37, 3}, csh[2] = {37, 48}, ax[3] = {8, 20, 20};
+        fq_tensor *ids = empty(ctx, FQ_CPU, 2, ish);
+        if (ids) {
+            float *p = fq_tensor_host_data(ids);
+            for (int64_t i = 0; i < 37; i++) p[3 * i] = 0.0f, p[3 * i + 1] = (float)(i / 6), p[3 * i + 2] = (float)(i % 6 * 7);
+        }
+        fq_tensor *dids = to_dev(ctx, ids, dev), *cs = empty(ctx, FQ_CPU, 2, csh), *sn = empty(ctx, FQ_CPU, 2, csh),
+                  *dcs = empty(ctx, dev, 2, csh), *dsn = empty(ctx, dev, 2, csh);
+        if (ids && dids && cs && sn && dcs && dsn) {
+            CHECK_OK(ctx, fq_nn_rope_table(ctx, ids, ax, 10000.0, cs, sn));
+            CHECK_OK(ctx, fq_nn_rope_table(ctx, dids, ax, 10000.0, dcs, dsn));
+            if (ri == 0) {
+                compare(ctx, "rope_table cos", dcs, cs, 1e-7, 2);
+                compare(ctx, "rope_table sin", dsn, sn, 1e-7, 2);
+            }
+            /* the same tables on both sides, then the rotation (x has 2 heads of 48) */
+            fq_tensor *dcs2 = to_dev(ctx, cs, dev), *dsn2 = to_dev(ctx, sn, dev);
+            fq_tensor *xr = cpu_rand(ctx, FQ_F32, 3, sh, 51 + ri, 1.0f, 0.0f, rnd), *dxr = to_dev(ctx, xr, dev);
+            if (dcs2 && dsn2 && xr && dxr) {
+                CHECK_OK(ctx, fq_nn_rope(ctx, xr, cs, sn, 2, rnd));
+                CHECK_OK(ctx, fq_nn_rope(ctx, dxr, dcs2, dsn2, 2, rnd));
+                snprintf(w, sizeof w, "rope (%s)", fq_dtype_name(rnd));
+                compare(ctx, w, dxr, xr, 0, 0);
+            }
+            fq_tensor_free(dcs2);
+            fq_tensor_free(dsn2);
+            fq_tensor_free(xr);
+            fq_tensor_free(dxr);
+        }
+        fq_tensor_free(ids);
+        fq_tensor_free(dids);
+        fq_tensor_free(cs);
+        fq_tensor_free(sn);
+        fq_tensor_free(dcs);
+        fq_tensor_free(dsn);
+
+        /* concat / split along the token dim, and cast from bf16 */
+        int64_t s1[3] = {2, 5, 96}, s2[3] = {2, 32, 96};
+        fq_tensor *p1 = empty(ctx, FQ_CPU, 3, s1), *p2 = empty(ctx, FQ_CPU, 3, s2), *d1 = empty(ctx, dev, 3, s1),
+                  *d2 = empty(ctx, dev, 3, s2);
+        if (p1 && p2 && d1 && d2) {
+            CHECK_OK(ctx, fq_nn_split(ctx, x, 1, p1, p2));
+            CHECK_OK(ctx, fq_nn_split(ctx, dx, 1, d1, d2));
+            compare(ctx, "split (first part)", d1, p1, 0, 0);
+            compare(ctx, "split (second part)", d2, p2, 0, 0);
+            CHECK_OK(ctx, fq_nn_concat(ctx, p2, p1, 1, y));
+            CHECK_OK(ctx, fq_nn_concat(ctx, d2, d1, 1, dy));
+            compare(ctx, "concat", dy, y, 0, 0);
+        }
+        fq_tensor_free(p1);
+        fq_tensor_free(p2);
+        fq_tensor_free(d1);
+        fq_tensor_free(d2);
+        fq_tensor *xb = cpu_rand(ctx, FQ_BF16, 3, sh, 61, 4.0f, 0.0f, FQ_F32), *dxb = to_dev(ctx, xb, dev);
+        if (xb && dxb) {
+            CHECK_OK(ctx, fq_nn_cast(ctx, xb, y, rnd));
+            CHECK_OK(ctx, fq_nn_cast(ctx, dxb, dy, rnd));
+            snprintf(w, sizeof w, "cast bf16 -> f32 (%s)", fq_dtype_name(rnd));
+            compare(ctx, w, dy, y, 0, 0);
+        }
+        fq_tensor_free(xb);
+        fq_tensor_free(dxb);
+        /* clamp keeps NaN */
+        float *hx = fq_tensor_host_data(x);
+        hx[3] = NAN;
+        hx[4] = 1e30f;
+        fq_tensor *dxn = to_dev(ctx, x, dev);
+        if (dxn) {
+            CHECK_OK(ctx, fq_nn_clamp(ctx, x, -2.0f, 2.0f));
+            CHECK_OK(ctx, fq_nn_clamp(ctx, dxn, -2.0f, 2.0f));
+            if (ri == 0) compare(ctx, "clamp (NaN stays NaN)", dxn, x, INFINITY, 0);
+        }
+        fq_tensor_free(dxn);
+        }
+        fq_tensor_free(x);
+        fq_tensor_free(a);
+        fq_tensor_free(y);
+        fq_tensor_free(dx);
+        fq_tensor_free(da);
+        fq_tensor_free(dy);
+    }
+
+    /* timestep projection at the arguments diffusers produces (bf16 3.5*1000 = 3504) */
+    {
+        float tv[3] = {1000.0f, 3504.0f, 898.0f};
+        int64_t tsh[1] = {3}, osh[2] = {3, 256};
+        fq_tensor *t = NULL, *o = empty(ctx, FQ_CPU, 2, osh), *dout = empty(ctx, dev, 2, osh);
+        CHECK_OK(ctx, fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 1, tsh, tv, &t));
+        fq_tensor *dt = to_dev(ctx, t, dev);
+        if (t && o && dout && dt) {
+            CHECK_OK(ctx, fq_nn_timestep_proj(ctx, t, o));
+            CHECK_OK(ctx, fq_nn_timestep_proj(ctx, dt, dout));
+            compare(ctx, "timestep_proj (args up to 3504 rad)", dout, o, 2e-6, 3 * 256);
+        }
+        fq_tensor_free(t);
+        fq_tensor_free(o);
+        fq_tensor_free(dout);
+        fq_tensor_free(dt);
+    }
+
+    /* linears: dense f32 / bf16 weights and 4-bit weights, each compute dtype */
+    {
+        const int64_t M = 75, N = 96, K = 160;
+        int64_t xs[2] = {M, K}, ys[2] = {M, N}, ws[2] = {N, K}, bs[1] = {N};
+        for (int ri = 0; ri < 3; ri++) {
+            const fq_dtype rnd = rnds[ri];
+            char w[96];
+            fq_tensor *x = cpu_rand(ctx, FQ_F32, 2, xs, 71, 1.0f, 0.0f, rnd), *dx = to_dev(ctx, x, dev);
+            fq_tensor *y = empty(ctx, FQ_CPU, 2, ys), *dy = empty(ctx, dev, 2, ys);
+            for (int wt = 0; wt < 2; wt++) {
+                fq_tensor *wgt = cpu_rand(ctx, wt ? FQ_BF16 : FQ_F32, 2, ws, 81, 0.1f, 0.0f, FQ_F32);
+                fq_tensor *bias = cpu_rand(ctx, wt ? FQ_BF16 : FQ_F32, 1, bs, 82, 0.5f, 0.0f, FQ_F32);
+                fq_tensor *dw = to_dev(ctx, wgt, dev), *db = to_dev(ctx, bias, dev);
+                int64_t sc = fq_nn_linear_scratch(ctx, wgt, bias, M, rnd), dsc = fq_nn_linear_scratch(ctx, dw, db, M, rnd);
+                int64_t scs[1] = {sc > 0 ? sc : 1}, dscs[1] = {dsc};
+                fq_tensor *s = empty(ctx, FQ_CPU, 1, scs), *ds = empty(ctx, dev, 1, dscs);
+                if (x && dx && y && dy && wgt && bias && dw && db && s && ds) {
+                    CHECK_OK(ctx, fq_nn_linear(ctx, x, wgt, bias, y, s, rnd));
+                    CHECK_OK(ctx, fq_nn_linear(ctx, dx, dw, db, dy, ds, rnd));
+                    snprintf(w, sizeof w, "linear %s weight (%s)", wt ? "bf16" : "f32", fq_dtype_name(rnd));
+                    compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 4e-3, fq_tensor_numel(y));
+                }
+                /* a scratch one float too small is refused, not overrun */
+                if (ds && dsc > 1) {
+                    int64_t small[1] = {dsc - 1};
+                    fq_tensor *ds2 = empty(ctx, dev, 1, small);
+                    fq_status st = ds2 ? fq_nn_linear(ctx, dx, dw, db, dy, ds2, rnd) : FQ_OK;
+                    CHECK(st == FQ_ERR_SHAPE, "small scratch: %s", fq_ctx_error(ctx));
+                    fq_tensor_free(ds2);
+                }
+                fq_tensor_free(wgt);
+                fq_tensor_free(bias);
+                fq_tensor_free(dw);
+                fq_tensor_free(db);
+                fq_tensor_free(s);
+                fq_tensor_free(ds);
+            }
+            /* 4-bit: quantized on the CPU (bit-exact with bitsandbytes), copied whole */
+            const int kinds[3][2] = {{FQ_QUANT_NF4, 0}, {FQ_QUANT_NF4, 1}, {FQ_QUANT_FP4, 0}};
+            for (int qi = 0; qi < 3; qi++) {
+                fq_tensor *wgt = cpu_rand(ctx, FQ_BF16, 2, ws, 91 + qi, 0.1f, 0.0f, FQ_F32);
+                fq_tensor *bias = cpu_rand(ctx, FQ_BF16, 1, bs, 95, 0.5f, 0.0f, FQ_F32), *db = to_dev(ctx, bias, dev);
+                fq_quant_params qp = fq_quant_default_params();
+                qp.type = (fq_quant_type)kinds[qi][0];
+                qp.double_quant = kinds[qi][1];
+                fq_qtensor *q = NULL, *dq = NULL;
+                if (wgt) CHECK_OK(ctx, fq_quantize_4bit(ctx, wgt, &qp, &q));
+                if (q) CHECK_OK(ctx, fq_qtensor_copy_to(ctx, q, dev, &dq));
+                if (x && dx && y && dy && q && dq && db) {
+                    int64_t sc = fq_nn_linear_q4_scratch(ctx, q, bias, M, rnd), dsc = fq_nn_linear_q4_scratch(ctx, dq, db, M, rnd);
+                    int64_t scs[1] = {sc > 0 ? sc : 1}, dscs[1] = {dsc};
+                    fq_tensor *s = empty(ctx, FQ_CPU, 1, scs), *ds = empty(ctx, dev, 1, dscs);
+                    if (s && ds) {
+                        CHECK_OK(ctx, fq_nn_linear_q4(ctx, x, q, bias, y, s, rnd));
+                        CHECK_OK(ctx, fq_nn_linear_q4(ctx, dx, dq, db, dy, ds, rnd));
+                        snprintf(w, sizeof w, "linear %s%s (%s)", qi == 2 ? "fp4" : "nf4", qi == 1 ? "+dq" : "",
+                                 fq_dtype_name(rnd));
+                        compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 4e-3, fq_tensor_numel(y));
+                    }
+                    fq_tensor_free(s);
+                    fq_tensor_free(ds);
+                }
+                fq_qtensor_free(q);
+                fq_qtensor_free(dq);
+                fq_tensor_free(wgt);
+                fq_tensor_free(bias);
+                fq_tensor_free(db);
+            }
+            fq_tensor_free(x);
+            fq_tensor_free(dx);
+            fq_tensor_free(y);
+            fq_tensor_free(dy);
+        }
+    }
+
+    /* operands on two devices: the op names them and refuses */
+    {
+        int64_t sh[2] = {4, 8};
+        fq_tensor *a = cpu_rand(ctx, FQ_F32, 2, sh, 5, 1.0f, 0.0f, FQ_F32), *dy = empty(ctx, dev, 2, sh);
+        if (a && dy) {
+            fq_tensor_set_name(ctx, a, "stray_input");
+            fq_status s = fq_nn_silu(ctx, a, dy, FQ_F32);
+            CHECK(s == FQ_ERR_DEVICE_MISMATCH && strstr(fq_ctx_error(ctx), "stray_input") && strstr(fq_ctx_error(ctx), "cpu"),
+                  "mixed devices: %s", fq_ctx_error(ctx));
+            printf("  mixed devices -> %s: %s\n", fq_status_str(s), fq_ctx_error(ctx));
+        }
+        fq_tensor_free(a);
+        fq_tensor_free(dy);
+    }
+}
+
+/* ---- 3. attention ------------------------------------------------------------------------------ */
+
+static void attn_ref64(const float *q, const float *k, const float *v, double *out, int64_t B, int64_t S, int64_t H,
+                       int64_t dh) {
+    const int64_t ld = H * dh;
+    double *sc = malloc(sizeof(double) * (size_t)S);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t i = 0; i < S; i++) {
+                const float *qi = q + (b * S + i) * ld + h * dh;
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j < S; j++) {
+                    const float *kj = k + (b * S + j) * ld + h * dh;
+                    double d = 0;
+                    for (int64_t e = 0; e < dh; e++) d += (double)qi[e] * kj[e];
+                    sc[j] = d / sqrt((double)dh);
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                for (int64_t j = 0; j < S; j++) sum += (sc[j] = exp(sc[j] - mx));
+                double *o = out + (b * S + i) * ld + h * dh;
+                for (int64_t e = 0; e < dh; e++) {
+                    double acc = 0;
+                    for (int64_t j = 0; j < S; j++) acc += sc[j] * v[(b * S + j) * ld + h * dh + e];
+                    o[e] = acc / sum;
+                }
+            }
+    free(sc);
+}
+
+typedef struct {
+    int64_t B, S, H, dh;
+    fq_dtype rnd;
+    int impl;
+    float qscale;
+} attn_case;
+
+static void test_attention(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("attention on %s vs the CPU kernel and float64:\n", fq_device_name(dev, dn, sizeof dn));
+    const attn_case cases[] = {
+        {1, 1, 1, 16, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},  {1, 7, 2, 8, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
+        {2, 55, 2, 16, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f}, {1, 192, 2, 32, FQ_F16, FQ_NN_ATTN_AUTO, 3.0f},
+        {1, 130, 3, 64, FQ_F16, FQ_NN_ATTN_AUTO, 3.0f}, {1, 257, 2, 128, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
+        {1, 257, 2, 128, FQ_BF16, FQ_NN_ATTN_AUTO, 8.0f}, {2, 600, 2, 128, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
+        {1, 300, 2, 100, FQ_BF16, FQ_NN_ATTN_MMA, 3.0f}, {1, 200, 2, 128, FQ_BF16, FQ_NN_ATTN_SIMT, 3.0f},
+        {2, 55, 2, 16, FQ_F32, FQ_NN_ATTN_AUTO, 3.0f},  {1, 300, 2, 128, FQ_F32, FQ_NN_ATTN_AUTO, 3.0f},
+        {1, 40, 1, 320, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const attn_case *c = &cases[ci];
+        int64_t sh[3] = {c->B, c->S, c->H * c->dh}, n = c->B * c->S * c->H * c->dh;
+        fq_tensor *q = cpu_rand(ctx, FQ_F32, 3, sh, 1000 + ci, c->qscale, 0.0f, c->rnd);
+        fq_tensor *k = cpu_rand(ctx, FQ_F32, 3, sh, 2000 + ci, 1.0f, 0.0f, c->rnd);
+        fq_tensor *v = cpu_rand(ctx, FQ_F32, 3, sh, 3000 + ci, 1.0f, 0.0f, c->rnd);
+        fq_tensor *o = empty(ctx, FQ_CPU, 3, sh), *dq = to_dev(ctx, q, dev), *dk = to_dev(ctx, k, dev),
+                  *dv = to_dev(ctx, v, dev), *dout = empty(ctx, dev, 3, sh);
+        int64_t cs[1] = {fq_nn_attention_scratch(FQ_CPU, c->B, c->S, c->H, c->dh, c->rnd)};
+        int64_t gs[1] = {fq_nn_attention_scratch_impl(dev, c->B, c->S, c->H, c->dh, c->rnd, c->impl)};
+        if (gs[0] < 1) gs[0] = 1;
+        fq_tensor *scr = empty(ctx, FQ_CPU, 1, cs), *dscr = empty(ctx, dev, 1, gs);
+        double *ref = malloc(sizeof(double) * (size_t)n);
+        if (q && k && v && o && dq && dk && dv && dout && scr && dscr && ref) {
+            CHECK_OK(ctx, fq_nn_attention(ctx, q, k, v, c->H, o, scr, c->rnd));
+            fq_status s = fq_nn_attention_impl(ctx, dq, dk, dv, c->H, dout, dscr, c->rnd, c->impl);
+            CHECK(s == FQ_OK, "attention case %zu: %s", ci, fq_ctx_error(ctx));
+            float *g = s == FQ_OK ? host_f32(ctx, dout) : NULL;
+            if (g) {
+                attn_ref64(fq_tensor_host_data(q), fq_tensor_host_data(k), fq_tensor_host_data(v), ref, c->B, c->S,
+                           c->H, c->dh);
+                const float *cpu = fq_tensor_host_data(o);
+                double e_gc = rel_l2_ff(g, cpu, n), e_g64 = rel_l2_fd(g, ref, n), e_c64 = rel_l2_fd(cpu, ref, n);
+                const double tol = c->rnd == FQ_F32 ? 2e-6 : 1e-2;
+                const char *kname = c->impl == FQ_NN_ATTN_SIMT || c->rnd == FQ_F32 || c->dh > 128 ? "f32" : "mma";
+                printf("  B%lld S%-4lld H%lld dh%-3lld %-4s %s q*%-2g: vs CPU %.3g | vs f64: GPU %.3g, CPU %.3g\n",
+                       (long long)c->B, (long long)c->S, (long long)c->H, (long long)c->dh, fq_dtype_name(c->rnd), kname,
+                       c->qscale, e_gc, e_g64, e_c64);
+                CHECK(e_gc <= tol, "attention case %zu: rel L2 %.3g to the CPU kernel (tol %.3g)", ci, e_gc, tol);
+                CHECK(e_g64 <= 2.0 * e_c64 + (c->rnd == FQ_F32 ? 1e-6 : 1e-3),
+                      "attention case %zu: GPU is %.3g from float64, the CPU %.3g", ci, e_g64, e_c64);
+                CHECK(all_finite(g, n), "attention case %zu: finite", ci);
+            }
+            free(g);
+        }
+        free(ref);
+        fq_tensor *all[] = {q, k, v, o, dq, dk, dv, dout, scr, dscr};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) fq_tensor_free(all[i]);
+    }
+    /* what the CUDA kernels cannot do is refused with a message */
+    int64_t sh[3] = {1, 4, 640};
+    fq_tensor *q = empty(ctx, dev, 3, sh), *o = empty(ctx, dev, 3, sh);
+    if (q && o) {
+        fq_status s = fq_nn_attention(ctx, q, q, q, 1, o, NULL, FQ_F32);
+        CHECK(s == FQ_ERR_UNSUPPORTED && strstr(fq_ctx_error(ctx), "640"), "head dim 640: %s", fq_ctx_error(ctx));
+        s = fq_nn_attention_impl(ctx, q, q, q, 5, o, NULL, FQ_F32, FQ_NN_ATTN_MMA);
+        CHECK(s == FQ_ERR_UNSUPPORTED, "mma with f32: %s", fq_ctx_error(ctx));
+    }
+    fq_tensor_free(q);
+    fq_tensor_free(o);
+}
+
+/* ---- 4. golden models --------------------------------------------------------------------------- */
+
+static double elem(const fq_st_tensor *t, int64_t i) {
+    const unsigned char *p = t->data;
+    if (t->dtype == FQ_F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
+    if (t->dtype == FQ_F64) { double d; memcpy(&d, p + 8 * i, 8); return d; }
+    if (t->dtype == FQ_BF16) {
+        uint16_t h; memcpy(&h, p + 2 * i, 2);
+        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+    }
+    return NAN;
+}
+
+static double *golden(const fq_st_file *f, const char *name, int64_t *n) {
+    const fq_st_tensor *t = fq_st_find(f, name);
+    if (!t) return NULL;
+    double *v = malloc(sizeof(double) * (size_t)(t->numel ? t->numel : 1));
+    for (int64_t i = 0; i < t->numel; i++) v[i] = elem(t, i);
+    *n = t->numel;
+    return v;
+}
+
+/* A CPU tensor of golden input `name` in its own dtype (f64 -> f32). */
+static fq_tensor *input(fq_ctx *ctx, const fq_st_file *f, const char *name) {
+    const fq_st_tensor *t = fq_st_find(f, name);
+    fq_tensor *r = NULL;
+    if (!t) return NULL;
+    if (t->dtype == FQ_F64) {
+        float *tmp = malloc(sizeof(float) * (size_t)t->numel);
+        for (int64_t i = 0; i < t->numel; i++) tmp[i] = (float)elem(t, i);
+        fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, t->ndim, t->shape, tmp, &r);
+        free(tmp);
+    } else {
+        fq_tensor_from_host(ctx, FQ_CPU, t->dtype, t->ndim, t->shape, t->data, &r);
+    }
+    return r;
+}
+
+typedef struct {
+    fq_ctx *ctx;
+    const fq_st_file *rec;
+    int64_t st, si;
+    double tol, worst;
+    char worst_name[160];
+    int compared;
+} tapper;
+
+static void compare_rows(tapper *tp, const char *name, const float *x, int64_t batch, int64_t rows, int64_t row0,
+                         int64_t nrows, int64_t width, int64_t stride, int64_t col0) {
+    int64_t n;
+    double *ref = golden(tp->rec, name, &n);
+    if (!ref) return;
+    if (n != batch * nrows * width) {
+        CHECK(0, "%s: recorded %lld values, computed %lld", name, (long long)n, (long long)(batch * nrows * width));
+        free(ref);
+        return;
+    }
+    float *mine = malloc(sizeof(float) * (size_t)n);
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t r = 0; r < nrows; r++)
+            memcpy(mine + (b * nrows + r) * width, x + (b * rows + row0 + r) * stride + col0, sizeof(float) * (size_t)width);
+    double e = rel_l2_fd(mine, ref, n);
+    CHECK(e <= tp->tol, "intermediate %s: rel L2 %.3g > %.3g", name, e, tp->tol);
+    if (e > tp->worst) {
+        tp->worst = e;
+        snprintf(tp->worst_name, sizeof tp->worst_name, "%s", name);
+    }
+    tp->compared++;
+    free(mine);
+    free(ref);
+}
+
+/* The forward's observer: copies the device tensor to the host, then compares
+ * it with the recorded activation of the same name (as test_flux_cpu.c). */
+static void on_tap(void *user, const char *name, const fq_tensor *t) {
+    tapper *tp = user;
+    float *x = host_f32(tp->ctx, t);
+    if (!x) return;
+    const int64_t *sh = t->shape;
+    char n2[200];
+    const char *dot = strrchr(name, '.');
+    if (dot && !strcmp(dot, ".emb")) {
+        static const char *dbl[6] = {NULL, NULL, "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp"};
+        int64_t k = strstr(name, "single_") == name ? 3 : 6, d = sh[1] / k;
+        for (int c = 0; c < k; c++) {
+            const char *label = k == 6 ? dbl[c] : c == 2 ? "gate" : NULL;
+            if (!label) continue;
+            snprintf(n2, sizeof n2, "%.*s.%s", (int)(dot - name), name, label);
+            compare_rows(tp, n2, x, sh[0], 1, 0, 1, d, sh[1], c * d);
+        }
+    } else if (!strncmp(name, "single_transformer_blocks.", 26) && !strchr(name + 26, '.')) {
+        snprintf(n2, sizeof n2, "%s.encoder_hidden_states", name);
+        compare_rows(tp, n2, x, sh[0], sh[1], 0, tp->st, sh[2], sh[2], 0);
+        snprintf(n2, sizeof n2, "%s.hidden_states", name);
+        compare_rows(tp, n2, x, sh[0], sh[1], tp->st, tp->si, sh[2], sh[2], 0);
+    } else {
+        int64_t rows = t->ndim == 3 ? sh[1] : 1, width = sh[t->ndim - 1], batch = t->ndim >= 2 ? sh[0] : 1;
+        if (t->ndim == 2 && (!strcmp(name, "pos_embed.cos") || !strcmp(name, "pos_embed.sin"))) batch = 1, rows = sh[0];
+        compare_rows(tp, name, x, batch, rows, 0, rows, width, width, 0);
+    }
+    free(x);
+}
+
+typedef struct {
+    const char *dir, *model, *config; /* config: BFL only */
+    int bf16_inputs;
+    const char *activations;
+    double act_tol;
+} golden_spec;
+
+/* Loads spec's model onto dev (unless *keep holds one), runs it on the golden
+ * inputs; returns the output on the host (caller frees). */
+static float *run_golden(fq_ctx *ctx, const golden_spec *gs, fq_device dev, tapper *tp, int64_t *numel,
+                         fq_flux_model **keep) {
+    char path[512], cfg[512], inp[512];
+    snprintf(path, sizeof path, FIX "/%s/%s", gs->dir, gs->model);
+    snprintf(inp, sizeof inp, FIX "/%s/inputs.safetensors", gs->dir);
+    fq_flux_load_params lp = fq_flux_load_default_params();
+    lp.device = dev;
+    if (gs->config) {
+        snprintf(cfg, sizeof cfg, FIX "/%s/%s", gs->dir, gs->config);
+        lp.config_path = cfg;
+    }
+    fq_flux_model *m = keep ? *keep : NULL;
+    if (!m) {
+        fq_status s = fq_flux_load(ctx, path, &lp, &m);
+        CHECK(s == FQ_OK, "load %s: %s", path, fq_ctx_error(ctx));
+        if (s != FQ_OK) return NULL;
+    }
+    fq_st_file *in = NULL;
+    CHECK_OK(ctx, fq_st_open(ctx, inp, &in));
+    float *res = NULL;
+    if (in) {
+        const char *keys[7] = {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+                               "img_ids", "txt_ids"};
+        fq_tensor *h[7], *d[7];
+        for (int i = 0; i < 7; i++) {
+            char nm[64];
+            snprintf(nm, sizeof nm, "%s%s", gs->bf16_inputs ? "bf16." : "", keys[i]);
+            h[i] = input(ctx, in, nm);
+            d[i] = h[i] ? to_dev(ctx, h[i], m->device) : NULL;
+        }
+        CHECK(h[0] && h[1], "golden inputs of %s", gs->dir);
+        int64_t B = h[0] ? h[0]->shape[0] : 1, Si = h[0] ? h[0]->shape[1] : 1, St = h[1] ? h[1]->shape[1] : 0;
+        fq_flux_plan *p = NULL;
+        CHECK_OK(ctx, fq_flux_plan_create(ctx, m, B, St, Si, &p));
+        fq_st_file *act = NULL;
+        if (p && tp && gs->activations) {
+            snprintf(path, sizeof path, FIX "/%s/%s", gs->dir, gs->activations);
+            CHECK_OK(ctx, fq_st_open(ctx, path, &act));
+            tp->ctx = ctx, tp->rec = act, tp->st = St, tp->si = Si, tp->tol = gs->act_tol;
+            if (act) fq_flux_plan_set_tap(p, on_tap, tp);
+        }
+        int64_t osh[3] = {B, Si, m->cfg.out_dim};
+        fq_tensor *out = empty(ctx, m->device, 3, osh);
+        if (p && out) {
+            fq_flux_inputs fi = {d[0], d[1], d[2], d[3], d[4], d[5], d[6]};
+            fq_status s = fq_flux_forward(ctx, m, p, &fi, out);
+            CHECK(s == FQ_OK, "forward %s/%s: %s", gs->dir, gs->model, fq_ctx_error(ctx));
+            if (s == FQ_OK) res = host_f32(ctx, out);
+            if (res) *numel = fq_tensor_numel(out);
+        }
+        fq_tensor_free(out);
+        fq_st_close(act);
+        fq_flux_plan_free(p);
+        for (int i = 0; i < 7; i++) {
+            fq_tensor_free(h[i]);
+            fq_tensor_free(d[i]);
+        }
+        fq_st_close(in);
+    }
+    if (keep) *keep = m;
+    else fq_flux_free(m);
+    return res;
+}
+
+static double vs_output(fq_ctx *ctx, const char *dir, const float *y, int64_t n, const char *name) {
+    char p[512];
+    snprintf(p, sizeof p, FIX "/%s/outputs.safetensors", dir);
+    fq_st_file *f = NULL;
+    if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
+    int64_t m = 0;
+    double *ref = golden(f, name, &m), e = -1;
+    if (ref && m == n) e = rel_l2_fd(y, ref, n);
+    free(ref);
+    fq_st_close(f);
+    return e;
+}
+
+static double diffusers_fp32_err(fq_ctx *ctx, const char *dir) {
+    char p[512];
+    snprintf(p, sizeof p, FIX "/%s/outputs.safetensors", dir);
+    fq_st_file *f = NULL;
+    if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
+    int64_t n1, n2;
+    double *a = golden(f, "out.fp32_cuda", &n1), *b = golden(f, "out.f64_cpu", &n2), e = -1;
+    if (a && b && n1 == n2) {
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < n1; i++) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+        e = sqrt(num / den);
+    }
+    free(a);
+    free(b);
+    fq_st_close(f);
+    return e;
+}
+
+/* One golden case on dev, against its reference and against the CPU. */
+static void golden_case(fq_ctx *ctx, fq_device dev, const golden_spec *gs, const char *ref_name, double tol,
+                        double cpu_tol, float **out_keep) {
+    char dn[16];
+    fq_device_name(dev, dn, sizeof dn);
+    tapper tp;
+    memset(&tp, 0, sizeof tp);
+    int64_t n = 0, nc = 0;
+    float *y = run_golden(ctx, gs, dev, gs->activations ? &tp : NULL, &n, NULL);
+    float *yc = run_golden(ctx, gs, FQ_CPU, NULL, &nc, NULL);
+    if (y) {
+        double e = vs_output(ctx, gs->dir, y, n, ref_name), ec = yc && nc == n ? rel_l2_ff(y, yc, n) : -1;
+        double bar = tol;
+        if (!strcmp(ref_name, "out.f64_cpu")) bar = diffusers_fp32_err(ctx, gs->dir) * 1.05 + 1e-7;
+        printf("  %s %s/%s: rel L2 vs %s %.3g (bar %.3g); vs the CPU forward %.3g", dn, gs->dir, gs->model, ref_name, e,
+               bar, ec);
+        if (gs->activations) printf("; %d intermediates, worst %.3g (%s)", tp.compared, tp.worst, tp.worst_name);
+        printf("\n");
+        CHECK(e >= 0 && e <= bar, "%s %s/%s: rel L2 %.3g vs %s > %.3g", dn, gs->dir, gs->model, e, ref_name, bar);
+        CHECK(ec >= 0 && ec <= cpu_tol, "%s %s/%s: rel L2 %.3g to the CPU forward > %.3g", dn, gs->dir, gs->model, ec,
+              cpu_tol);
+        CHECK(!gs->activations || tp.compared >= 20, "compared %d intermediates", tp.compared);
+    }
+    free(yc);
+    if (out_keep) *out_keep = y;
+    else free(y);
+}
+
+static void test_golden(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("golden models on %s:\n", fq_device_name(dev, dn, sizeof dn));
+    golden_spec f32 = {"flux", "model_fp32", NULL, 0, "activations_f64_cpu.safetensors", 1e-4};
+    golden_spec f32s = {"flux_schnell", "model_fp32", NULL, 0, "activations_fp32_cuda.safetensors", 1e-4};
+    golden_spec bfl = {"flux", "model_bfl_fp32.safetensors", "model_fp32/config.json", 0, NULL, 0};
+    golden_spec bf16 = {"flux", "model_bf16", NULL, 1, "activations_bf16_cuda.safetensors", 0.05};
+    golden_spec nf4 = {"flux", "model_nf4", NULL, 1, NULL, 0};
+    golden_spec nf4dq = {"flux", "model_nf4_dq", NULL, 1, NULL, 0};
+    golden_spec fp4 = {"flux", "model_fp4", NULL, 1, NULL, 0};
+    golden_case(ctx, dev, &f32, "out.f64_cpu", 0, 1e-5, NULL);
+    golden_case(ctx, dev, &f32s, "out.f64_cpu", 0, 1e-5, NULL);
+    golden_case(ctx, dev, &bfl, "out.f64_cpu", 0, 1e-5, NULL);
+    golden_case(ctx, dev, &bf16, "out.bf16_cuda", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &nf4, "out.model_nf4", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &nf4dq, "out.model_nf4_dq", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &fp4, "out.model_fp4", 0.05, 2e-2, NULL);
+}
+
+/* ---- 5. same results everywhere; no allocation inside a forward ---------------------------------- */
+
+static int same(const float *a, const float *b, int64_t na, int64_t nb) {
+    return a && b && na == nb && memcmp(a, b, sizeof(float) * (size_t)na) == 0;
+}
+
+static void test_devices(fq_ctx *ctx, int ndev) {
+    printf("same outputs on every device and after moves:\n");
+    const golden_spec specs[2] = {{"flux", "model_fp32", NULL, 0, NULL, 0}, {"flux", "model_nf4_dq", NULL, 1, NULL, 0}};
+    for (int si = 0; si < 2; si++) {
+        const golden_spec *gs = &specs[si];
+        int64_t n0 = 0, n = 0;
+        float *y0 = run_golden(ctx, gs, FQ_CUDA(0), NULL, &n0, NULL);
+        float *again = run_golden(ctx, gs, FQ_CUDA(0), NULL, &n, NULL);
+        CHECK(same(y0, again, n0, n), "%s: two runs on cuda:0 differ", gs->model);
+        free(again);
+        for (int d = 1; d < ndev; d++) {
+            float *yd = run_golden(ctx, gs, FQ_CUDA(d), NULL, &n, NULL);
+            CHECK(same(y0, yd, n0, n), "%s: cuda:%d differs from cuda:0 (rel L2 %.3g)", gs->model, d,
+                  yd && n == n0 ? rel_l2_ff(yd, y0, n) : -1.0);
+            printf("  %s: cuda:%d identical to cuda:0: %s\n", gs->model, d, same(y0, yd, n0, n) ? "yes" : "NO");
+            free(yd);
+        }
+        /* a model loaded on the CPU and moved, then moved across GPUs and back */
+        fq_flux_model *m = NULL;
+        fq_flux_load_params lp = fq_flux_load_default_params();
+        char path[512];
+        snprintf(path, sizeof path, FIX "/%s/%s", gs->dir, gs->model);
+        CHECK_OK(ctx, fq_flux_load(ctx, path, &lp, &m));
+        int64_t nc = 0;
+        float *yc = m ? run_golden(ctx, gs, FQ_CPU, NULL, &nc, &m) : NULL;
+        for (int d = 0; m && d < ndev; d++) {
+            CHECK_OK(ctx, fq_flux_move(ctx, m, FQ_CUDA(d)));
+            float *ym = run_golden(ctx, gs, FQ_CUDA(d), NULL, &n, &m);
+            CHECK(m->device.type == FQ_DEVICE_CUDA && m->device.index == d, "model on cuda:%d after the move", d);
+            CHECK(same(y0, ym, n0, n), "%s: moved to cuda:%d, output differs from a direct load on cuda:0", gs->model, d);
+            printf("  %s: moved to cuda:%d, identical to cuda:0: %s\n", gs->model, d, same(y0, ym, n0, n) ? "yes" : "NO");
+            free(ym);
+        }
+        if (m) {
+            CHECK_OK(ctx, fq_flux_move(ctx, m, FQ_CPU));
+            float *yb = run_golden(ctx, gs, FQ_CPU, NULL, &n, &m);
+            CHECK(same(yc, yb, nc, n), "%s: back on the CPU, output differs from before the moves", gs->model);
+            free(yb);
+        }
+        fq_flux_free(m);
+        free(yc);
+        free(y0);
+    }
+
+    /* a forward allocates nothing: the allocator's counters do not move */
+    printf("allocations during a forward:\n");
+    for (int d = 0; d < ndev; d++) {
+        fq_flux_model *m = NULL;
+        fq_flux_load_params lp = fq_flux_load_default_params();
+        lp.device = FQ_CUDA(d);
+        CHECK_OK(ctx, fq_flux_load(ctx, FIX "/flux/model_nf4", &lp, &m));
+        if (!m) continue;
+        fq_flux_config c = m->cfg;
+        rand_inputs in;
+        make_inputs(ctx, &c, 1, 7, 5, &in, FQ_BF16);
+        fq_tensor *dv[7] = {0};
+        for (int i = 0; i < 7; i++) dv[i] = in.t[i] ? to_dev(ctx, in.t[i], m->device) : NULL;
+        fq_flux_plan *p = NULL;
+        fq_mem_stats a, b, c0, c1;
+        fq_mem_get(m->device, &a);
+        CHECK_OK(ctx, fq_flux_plan_create(ctx, m, 1, 7, 25, &p));
+        fq_mem_get(m->device, &b);
+        CHECK(p && b.current - a.current == (int64_t)fq_flux_plan_bytes(p) && b.count == a.count + 1,
+              "the plan is one allocation of its size (%lld bytes, %lld buffers)", (long long)(b.current - a.current),
+              (long long)(b.count - a.count));
+        int64_t osh[3] = {1, 25, c.out_dim};
+        fq_tensor *out = empty(ctx, m->device, 3, osh);
+        if (p && out) {
+            fq_flux_inputs fi = {dv[0], dv[1], dv[2], dv[3], dv[4], dv[5], dv[6]};
+            size_t f0 = 0, f1 = 0, f2 = 0, tot = 0;
+            fq_nn_device_memory(ctx, m->device, &f0, &tot);
+            fq_mem_get(m->device, &c0);
+            CHECK_OK(ctx, fq_flux_forward(ctx, m, p, &fi, out));
+            CHECK_OK(ctx, fq_nn_sync(ctx, m->device));
+            fq_nn_device_memory(ctx, m->device, &f1, &tot);
+            CHECK_OK(ctx, fq_flux_forward(ctx, m, p, &fi, out));
+            CHECK_OK(ctx, fq_nn_sync(ctx, m->device));
+            fq_nn_device_memory(ctx, m->device, &f2, &tot);
+            fq_mem_get(m->device, &c1);
+            CHECK(c1.current == c0.current && c1.count == c0.count, "cuda:%d: the forward allocated %lld bytes", d,
+                  (long long)(c1.current - c0.current));
+            printf("  cuda:%d: plan %zu bytes; forward: allocator +%lld bytes; driver free memory %+lld (first), %+lld "
+                   "(second) bytes\n",
+                   d, fq_flux_plan_bytes(p), (long long)(c1.current - c0.current), (long long)f1 - (long long)f0,
+                   (long long)f2 - (long long)f1);
+        }
+        /* inputs on another device are named */
+        if (p && out) {
+            fq_flux_inputs fi = {in.t[0], dv[1], dv[2], dv[3], dv[4], dv[5], dv[6]};
+            fq_status s = fq_flux_forward(ctx, m, p, &fi, out);
+            CHECK(s == FQ_ERR_DEVICE_MISMATCH && strstr(fq_ctx_error(ctx), "cpu"), "CPU input to a CUDA model: %s",
+                  fq_ctx_error(ctx));
+        }
+        fq_tensor_free(out);
+        fq_flux_plan_free(p);
+        for (int i = 0; i < 7; i++) fq_tensor_free(dv[i]);
+        free_inputs(&in);
+        fq_flux_free(m);
+    }
+}
+
+/* ---- 6. a random model with FLUX.1's head shape ------------------------------------------------- */
+
+static void test_random_devices(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("random head-dim-128 models, %s vs the CPU:\n", fq_device_name(dev, dn, sizeof dn));
+    fq_flux_config c = tiny_config(1);
+    struct { fq_dtype wt; int quant, dq; double tol; const char *what; } kinds[] = {
+        {FQ_F32, 0, 0, 1e-5, "f32"}, {FQ_BF16, 0, 0, 2e-2, "bf16"}, {FQ_BF16, 1, 1, 2e-2, "nf4+dq"}};
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        fq_flux_model *mc = random_model(ctx, &c, FQ_CPU, kinds[k].wt, kinds[k].quant, kinds[k].dq, 42);
+        fq_flux_model *mg = random_model(ctx, &c, dev, kinds[k].wt, kinds[k].quant, kinds[k].dq, 42);
+        if (mc && mg) {
+            /* same weights on both: one dense tensor and one 4-bit weight compared */
+            if (kinds[k].quant) {
+                size_t nb = fq_qtensor_member_bytes(mc->single[1].proj_out.qw, FQ_QMEMBER_PACKED);
+                unsigned char *a = malloc(nb), *b = malloc(nb);
+                CHECK_OK(ctx, fq_qtensor_member_to_host(ctx, mg->single[1].proj_out.qw, FQ_QMEMBER_PACKED, b));
+                CHECK_OK(ctx, fq_qtensor_member_to_host(ctx, mc->single[1].proj_out.qw, FQ_QMEMBER_PACKED, a));
+                CHECK(!memcmp(a, b, nb), "%s: quantized on the GPU, the packed weight differs from the CPU's", kinds[k].what);
+                free(a);
+                free(b);
+            } else {
+                float *g = NULL;
+                fq_tensor *t = mg->blocks[0].ff1.w;
+                size_t nb = fq_tensor_nbytes(t);
+                g = malloc(nb);
+                CHECK_OK(ctx, fq_tensor_to_host(ctx, t, g));
+                CHECK(!memcmp(g, fq_tensor_host_data(mc->blocks[0].ff1.w), nb), "%s: random weights differ", kinds[k].what);
+                free(g);
+            }
+            rand_inputs in;
+            make_inputs(ctx, &c, 2, 12, 6, &in, mc->compute_dtype);
+            int64_t nc = 0, ng = 0;
+            float *yc = forward_on(ctx, mc, &in, &nc), *yg = forward_on(ctx, mg, &in, &ng);
+            if (yc && yg && nc == ng) {
+                double e = rel_l2_ff(yg, yc, nc);
+                printf("  %-6s: rel L2 to the CPU %.3g (tol %.3g)\n", kinds[k].what, e, kinds[k].tol);
+                CHECK(e <= kinds[k].tol && all_finite(yg, ng), "%s random model: rel L2 %.3g", kinds[k].what, e);
+            }
+            free(yc);
+            free(yg);
+            free_inputs(&in);
+        }
+        fq_flux_free(mc);
+        fq_flux_free(mg);
+    }
+}
+
+int main(void) {
+    fq_ctx *ctx;
+    if (fq_ctx_create(&ctx) != FQ_OK) return 1;
+    struct stat st;
+    int fixtures = stat(FIX "/flux/model_fp32/config.json", &st) == 0;
+    if (fixtures) test_random_cpu(ctx);
+    else SKIP("fixtures missing (%s)", FIX);
+    const int ndev = fq_has_cuda() ? fq_cuda_device_count() : 0;
+    if (ndev == 0) {
+        SKIP("no CUDA device (%s): the GPU tests did not run", fq_has_cuda() ? "none visible" : "CPU-only build");
+    } else {
+        printf("%d CUDA device(s)\n", ndev);
+        for (int d = 0; d < ndev; d++) {
+            test_ops(ctx, FQ_CUDA(d));
+            test_attention(ctx, FQ_CUDA(d));
+            if (fixtures) test_golden(ctx, FQ_CUDA(d));
+            test_random_devices(ctx, FQ_CUDA(d));
+        }
+        if (fixtures) test_devices(ctx, ndev);
+    }
+    fq_ctx_free(ctx);
+    return check_summary("test_flux_cuda");
+}
