@@ -470,13 +470,13 @@ static int target_for(int64_t m, double ratio, double w_copy) {
 /* Every implementation x configuration that can run the case, for tuning. */
 static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
                        int64_t k) {
-    static const int gemv_cfg[] = {1, 2, 4, 8};
+    static const int gemv_cfg[] = {1, 2, 4, 8, 0x11, 0x12, 0x14, 0x18};
     static const int wg_splits[] = {1, 2, 3, 4, 6, 8, 12};
     for (int impl = FQ_LIN4_GEMV_SIMPLE; impl < FQ_LIN4_COUNT; impl++) {
         int cfgs[64], nc = 0;
         cfgs[nc++] = 0;
         if (impl == FQ_LIN4_GEMV_TC)
-            for (int i = 0; i < 4; i++) cfgs[nc++] = gemv_cfg[i];
+            for (int i = 0; i < 8; i++) cfgs[nc++] = gemv_cfg[i];
         if (impl == FQ_LIN4_GEMM_MMA)
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
         if (impl == FQ_LIN4_GEMM_WGMMA)
@@ -491,7 +491,7 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
             if (impl == FQ_LIN4_GEMM_MMA) snprintf(name, sizeof name, "%s", fq_cuda_gemm4_mma_config_name(cfgs[c]));
             else if (impl == FQ_LIN4_GEMM_WGMMA)
                 snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_wgmma_config_name(cfgs[c]), cfgs[c] >> 4);
-            else snprintf(name, sizeof name, "%s cfg %d", fq_lin4_impl_name((fq_lin4_impl)impl), cfgs[c]);
+            else snprintf(name, sizeof name, "%s cfg 0x%x", fq_lin4_impl_name((fq_lin4_impl)impl), cfgs[c]);
             printf("    sweep %-34s %10.2f us  x blas %6.3f  %8.1f TFLOP/s\n", name, us, us_blas / us,
                    2.0 * (double)m * (double)n * (double)k / (us * 1e6));
         }

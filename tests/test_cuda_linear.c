@@ -484,13 +484,14 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 snprintf(what, sizeof what, "%s", fq_lin4_impl_name(impl));
                 run_and_check(ctx, FQ_LIN4_SELECT(impl, 0), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 if (!sh->sweep) continue;
-                int ncfg = impl == FQ_LIN4_GEMV_TC       ? 4
+                static const int gemv_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K split, deep bit */
+                int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                                                         : 0;
                 for (int cfg = 1; cfg <= ncfg; cfg++) {
                     int code = cfg;
-                    if (impl == FQ_LIN4_GEMV_TC) code = 1 << (cfg - 1); /* K split 1, 2, 4, 8 */
+                    if (impl == FQ_LIN4_GEMV_TC) code = gemv_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);

@@ -297,7 +297,7 @@ static fq_status run_dequant_blas(fq_ctx *ctx, fq_cuda_dev *d, const lin_op *op)
 
 static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
     if (d->lin_prepared & bit) return FQ_OK;
-    int rc = bit == LIN_PREP_GEMM_MMA ? fq_cuda_gemm4_mma_prepare() : fq_cuda_gemm4_wgmma_prepare();
+    int rc = bit == LIN_PREP_GEMM_MMA ? fq_cuda_gemm4_mma_prepare(d->smem_optin) : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
     return FQ_OK;
@@ -311,7 +311,7 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
     case FQ_LIN4_GEMV_TC: rc = fq_cuda_gemv4_tc(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream); break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));
-        rc = fq_cuda_gemm4_mma(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream);
+        rc = fq_cuda_gemm4_mma(&op->w, &op->io, &op->e, d->sm_count, d->smem_optin, cfg, d->stream);
         break;
     case FQ_LIN4_GEMM_WGMMA: {
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_WGMMA));

@@ -290,27 +290,30 @@ extern "C" int fq_cuda_gemm4_mma_supported(const fq_lin4_weight *w, const fq_lin
            ((uintptr_t)io->x & 15) == 0 && ((uintptr_t)w->packed & 15) == 0 && w->quant_map != NULL;
 }
 
-extern "C" int fq_cuda_gemm4_mma_prepare(void) {
+extern "C" int fq_cuda_gemm4_mma_prepare(size_t smem_optin) {
     const gemm_config *c = configs();
-    for (int i = 0; i < FQ_GEMM4_MMA_CONFIGS; i++)
+    for (int i = 0; i < FQ_GEMM4_MMA_CONFIGS; i++) {
+        if ((size_t)c[i].smem > smem_optin) continue;
         for (int t = 0; t < 2; t++)
             for (int n = 0; n < 2; n++) {
                 cudaError_t e =
                     cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
                 if (e != cudaSuccess) return (int)e;
             }
+    }
     return (int)cudaSuccess;
 }
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 extern "C" int fq_cuda_gemm4_mma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                                 int sm_count, int cfg, cudaStream_t stream) {
+                                 int sm_count, size_t smem_optin, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemm4_mma_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (io->m <= 0) return (int)cudaSuccess;
     const gemm_config *c = configs();
     int ci = cfg - 1;
-    if (ci < 0 || ci >= FQ_GEMM4_MMA_CONFIGS) {
+    if (ci < 0 || ci >= FQ_GEMM4_MMA_CONFIGS || (size_t)c[ci].smem > smem_optin) {
+        /* (configurations 1 and 3 need <= 77 KB: every sm_80+ part has that) */
         /* 128x128 unless that leaves the SMs short of two CTAs each: then 64x128. */
         const int64_t tiles = cdiv(io->m, 128) * cdiv(w->n, 128);
         ci = tiles >= 2 * (int64_t)(sm_count > 0 ? sm_count : 132) ? 0 : 2;

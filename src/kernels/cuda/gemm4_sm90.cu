@@ -250,7 +250,7 @@ static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 #endif /* FQ_WG_DEVICE */
 
 template <typename T, int BX, int S, bool NESTED>
-__global__ void __launch_bounds__(WG_THREADS, 1) gemm4_wgmma_kernel(wg_args a) {
+__global__ void __launch_bounds__(WG_THREADS, BX <= 128 ? 2 : 1) gemm4_wgmma_kernel(wg_args a) {
 #ifdef FQ_WG_DEVICE
     typedef wg_cfg<BX, S> C;
     extern __shared__ uint8_t smem_raw[];
@@ -409,13 +409,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1) gemm4_wgmma_kernel(wg_args a) {
 
 typedef void (*wg_kernel_fn)(wg_args);
 typedef struct {
-    int bx, smem;
+    int bx, smem, per_sm; /* per_sm: CTAs resident per SM */
     wg_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
     const char *name;
 } wg_config;
 
 #define WG_CONFIG(BX, S, NAME)                                                                          \
-    {BX, wg_cfg<BX, S>::SMEM,                                                                           \
+    {BX, wg_cfg<BX, S>::SMEM, BX <= 128 ? 2 : 1,                                                        \
      {{gemm4_wgmma_kernel<__half, BX, S, false>, gemm4_wgmma_kernel<__half, BX, S, true>},              \
       {gemm4_wgmma_kernel<__nv_bfloat16, BX, S, false>, gemm4_wgmma_kernel<__nv_bfloat16, BX, S, true>}}, \
      NAME}
@@ -472,9 +472,11 @@ static wg_plan plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_co
         if (splits > ktiles) splits = ktiles;
         const int64_t kps = cdiv64(ktiles, splits);
         splits = cdiv64(ktiles, kps);
-        const int64_t waves = cdiv64(tiles * splits, sms);
-        /* time ~ waves x per-CTA work (+ a fixed cost per tile and a reduce pass) */
-        const int64_t cost = waves * (bx * kps + 2 * bx) + (splits > 1 ? splits * 8 : 0);
+        /* time ~ the CTAs of the busiest SM x the work of one (an SM's throughput
+         * taken as the same whether its CTAs run one or two at a time), plus a
+         * fixed cost per CTA and the reduce pass */
+        const int64_t per_sm_load = cdiv64(tiles * splits, sms);
+        const int64_t cost = per_sm_load * (bx * kps + 2 * bx) + (splits > 1 ? splits * 8 : 0);
         if (best_cost < 0 || cost < best_cost) {
             best_cost = cost;
             best.ci = ci;

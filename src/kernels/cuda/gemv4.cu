@@ -95,16 +95,21 @@ typedef struct {
     fq_lin4_epilogue e;
     int ks;         /* warps per 16-row tile along K: 1, 2, 4, 8 */
     int lg2bs;
+    int64_t ngroups; /* groups of 8/ks row tiles; block b runs groups b, b + gridDim.x, ... */
 } tc_args;
 
-#define GEMV_SMEM_BYTES ((FQ_TBL_WORDS + 16 + 256) * 4)
+#define GEMV_RED_FLOATS (8 * 2 * 4 * 32) /* [warp][NT*4][lane], NT <= 2 */
+#define GEMV_SMEM_BYTES ((FQ_TBL_WORDS + 16 + 256 + GEMV_RED_FLOATS) * 4)
 
-template <typename T, int NT, bool NESTED>
+/* U: segments whose W loads a warp has in flight together. XPRE: x is loaded with
+ * them (else just before its MMAs, from L1/L2: fewer registers, so U can be larger). */
+template <typename T, int NT, int U, bool XPRE, bool NESTED>
 __global__ void __launch_bounds__(256, 2) gemv4_tc_kernel(tc_args a) {
     extern __shared__ __align__(16) uint32_t sm[];
     uint32_t *tbl = sm;
     float *qm_s = (float *)(sm + FQ_TBL_WORDS);
     float *code_s = qm_s + 16;
+    float *red = code_s + 256;
     const int tid = threadIdx.x;
     if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
     if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
@@ -112,135 +117,140 @@ __global__ void __launch_bounds__(256, 2) gemv4_tc_kernel(tc_args a) {
     fq_tbl_build<T>(tbl, qm_s);
     __syncthreads();
 
-    /* Segments whose loads are in flight together, per warp (fewer with two x tiles
-     * so that everything stays in 128 registers). */
-    constexpr int GEMV_U = NT == 1 ? 4 : 2;
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int ks = a.ks, rtb = 8 / ks;
     const int wr = warp / ks, wk = warp - wr * ks;
     const int64_t N = a.w.n, K = a.w.k, M = a.m;
-    const int64_t n0 = ((int64_t)blockIdx.x * rtb + wr) * 16;
+    const int64_t nseg = K >> 6;
+    const int64_t s_beg = nseg * wk / ks, s_end = nseg * (wk + 1) / ks;
+    const int64_t kb = K >> a.lg2bs; /* absmax blocks per row */
+    const uint32_t *tl = tbl + lane;
+    const T *xrow[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int64_t m = nt * 8 + g;
+        xok[nt] = m < M;
+        xrow[nt] = (const T *)a.x + (xok[nt] ? m : 0) * K + 16 * t;
+    }
 
-    float acc[NT][4];
+    for (int64_t grp = blockIdx.x; grp < a.ngroups; grp += gridDim.x) { /* block-uniform */
+        const int64_t n0 = (grp * rtb + wr) * 16;
+        float acc[NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; i++)
+        for (int i = 0; i < NT; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+            for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
 
-    if (n0 < N) {
-        const int64_t r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);
-        const int64_t nseg = K >> 6;
-        const int64_t s_beg = nseg * wk / ks, s_end = nseg * (wk + 1) / ks;
-        const uint8_t *p0 = a.w.packed + r0 * (K >> 1) + 8 * t;
-        const uint8_t *p1 = a.w.packed + r1 * (K >> 1) + 8 * t;
-        const int64_t kb = K >> a.lg2bs; /* absmax blocks per row */
-        const int64_t bb0 = r0 * kb, bb1 = r1 * kb;
-        const T *xrow[NT];
-        bool xok[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const int64_t m = nt * 8 + g;
-            xok[nt] = m < M;
-            xrow[nt] = (const T *)a.x + (xok[nt] ? m : 0) * K + 16 * t;
-        }
-        const uint32_t *tl = tbl + lane;
+        if (n0 < N) {
+            const int64_t r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);
+            const uint8_t *p0 = a.w.packed + r0 * (K >> 1) + 8 * t;
+            const uint8_t *p1 = a.w.packed + r1 * (K >> 1) + 8 * t;
+            const int64_t bb0 = r0 * kb, bb1 = r1 * kb;
 
-        for (int64_t s = s_beg; s < s_end; s += GEMV_U) {
-            uint2 wa[GEMV_U], wb[GEMV_U];
-            float am0[GEMV_U], am1[GEMV_U];
-            uint4 xa[GEMV_U][NT][2];
+            for (int64_t s = s_beg; s < s_end; s += U) {
+                uint2 wa[U], wb[U];
+                float am0[U], am1[U];
+                uint4 xa[XPRE ? U : 1][NT][2];
 #pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                const int64_t seg = s + u;
-                if (seg < s_end) {
-                    wa[u] = fq_ld_stream_u2(p0 + seg * 32);
-                    wb[u] = fq_ld_stream_u2(p1 + seg * 32);
-                    const int64_t kk = (seg * 64) >> a.lg2bs;
-                    if (NESTED) {
-                        const int64_t b0 = bb0 + kk, b1 = bb1 + kk;
-                        am0[u] = code_s[__ldg(&a.w.qabsmax[b0])] * __ldg(&a.w.nested_absmax[b0 >> 8]) + a.w.offset;
-                        am1[u] = code_s[__ldg(&a.w.qabsmax[b1])] * __ldg(&a.w.nested_absmax[b1 >> 8]) + a.w.offset;
-                    } else {
-                        am0[u] = __ldg(&a.w.absmax[bb0 + kk]);
-                        am1[u] = __ldg(&a.w.absmax[bb1 + kk]);
-                    }
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        if (xok[nt]) {
-                            xa[u][nt][0] = fq_ld_u4(xrow[nt] + seg * 64);
-                            xa[u][nt][1] = fq_ld_u4(xrow[nt] + seg * 64 + 8);
+                for (int u = 0; u < U; u++) {
+                    const int64_t seg = s + u;
+                    if (seg < s_end) {
+                        wa[u] = fq_ld_stream_u2(p0 + seg * 32);
+                        wb[u] = fq_ld_stream_u2(p1 + seg * 32);
+                        const int64_t kk = (seg * 64) >> a.lg2bs;
+                        if (NESTED) {
+                            const int64_t b0 = bb0 + kk, b1 = bb1 + kk;
+                            am0[u] = code_s[__ldg(&a.w.qabsmax[b0])] * __ldg(&a.w.nested_absmax[b0 >> 8]) +
+                                     a.w.offset;
+                            am1[u] = code_s[__ldg(&a.w.qabsmax[b1])] * __ldg(&a.w.nested_absmax[b1 >> 8]) +
+                                     a.w.offset;
                         } else {
-                            xa[u][nt][0] = make_uint4(0, 0, 0, 0);
-                            xa[u][nt][1] = make_uint4(0, 0, 0, 0);
+                            am0[u] = __ldg(&a.w.absmax[bb0 + kk]);
+                            am1[u] = __ldg(&a.w.absmax[bb1 + kk]);
+                        }
+                        if (XPRE) {
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                xa[XPRE ? u : 0][nt][0] = xok[nt] ? fq_ld_u4(xrow[nt] + seg * 64) : make_uint4(0, 0, 0, 0);
+                                xa[XPRE ? u : 0][nt][1] =
+                                    xok[nt] ? fq_ld_u4(xrow[nt] + seg * 64 + 8) : make_uint4(0, 0, 0, 0);
+                            }
                         }
                     }
                 }
-            }
 #pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                if (s + u < s_end) { /* warp-uniform */
-                    float cs[NT][4];
+                for (int u = 0; u < U; u++) {
+                    if (s + u < s_end) { /* warp-uniform */
+                        if (!XPRE) {
 #pragma unroll
-                    for (int i = 0; i < NT; i++)
+                            for (int nt = 0; nt < NT; nt++) {
+                                xa[0][nt][0] = xok[nt] ? fq_ld_u4(xrow[nt] + (s + u) * 64) : make_uint4(0, 0, 0, 0);
+                                xa[0][nt][1] = xok[nt] ? fq_ld_u4(xrow[nt] + (s + u) * 64 + 8) : make_uint4(0, 0, 0, 0);
+                            }
+                        }
+                        float cs[NT][4];
 #pragma unroll
-                        for (int j = 0; j < 4; j++) cs[i][j] = 0.0f;
+                        for (int i = 0; i < NT; i++)
 #pragma unroll
-                    for (int st = 0; st < 4; st++) {
-                        const uint32_t w0 = (st < 2) ? wa[u].x : wa[u].y;
-                        const uint32_t w1 = (st < 2) ? wb[u].x : wb[u].y;
-                        const int sh = (st & 1) * 16;
-                        const uint32_t a0 = tl[((w0 >> sh) & 0xffu) * 32];
-                        const uint32_t a2 = tl[((w0 >> (sh + 8)) & 0xffu) * 32];
-                        const uint32_t a1 = tl[((w1 >> sh) & 0xffu) * 32];
-                        const uint32_t a3 = tl[((w1 >> (sh + 8)) & 0xffu) * 32];
+                            for (int j = 0; j < 4; j++) cs[i][j] = 0.0f;
+#pragma unroll
+                        for (int st = 0; st < 4; st++) {
+                            const uint32_t w0 = (st < 2) ? wa[u].x : wa[u].y;
+                            const uint32_t w1 = (st < 2) ? wb[u].x : wb[u].y;
+                            const int sh = (st & 1) * 16;
+                            const uint32_t a0 = tl[((w0 >> sh) & 0xffu) * 32];
+                            const uint32_t a2 = tl[((w0 >> (sh + 8)) & 0xffu) * 32];
+                            const uint32_t a1 = tl[((w1 >> sh) & 0xffu) * 32];
+                            const uint32_t a3 = tl[((w1 >> (sh + 8)) & 0xffu) * 32];
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                const uint4 xv = xa[XPRE ? u : 0][nt][st >> 1];
+                                const uint32_t b0 = (st & 1) ? xv.z : xv.x;
+                                const uint32_t b1 = (st & 1) ? xv.w : xv.y;
+                                fq_mma16816<T>(cs[nt], a0, a1, a2, a3, b0, b1);
+                            }
+                        }
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++) {
-                            const uint4 xv = xa[u][nt][st >> 1];
-                            const uint32_t b0 = (st & 1) ? xv.z : xv.x;
-                            const uint32_t b1 = (st & 1) ? xv.w : xv.y;
-                            fq_mma16816<T>(cs[nt], a0, a1, a2, a3, b0, b1);
+                            acc[nt][0] = fmaf(cs[nt][0], am0[u], acc[nt][0]);
+                            acc[nt][1] = fmaf(cs[nt][1], am0[u], acc[nt][1]);
+                            acc[nt][2] = fmaf(cs[nt][2], am1[u], acc[nt][2]);
+                            acc[nt][3] = fmaf(cs[nt][3], am1[u], acc[nt][3]);
                         }
-                    }
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        acc[nt][0] = fmaf(cs[nt][0], am0[u], acc[nt][0]);
-                        acc[nt][1] = fmaf(cs[nt][1], am0[u], acc[nt][1]);
-                        acc[nt][2] = fmaf(cs[nt][2], am1[u], acc[nt][2]);
-                        acc[nt][3] = fmaf(cs[nt][3], am1[u], acc[nt][3]);
                     }
                 }
             }
         }
-    }
 
-    /* Sum the K-split partials of one row tile (deterministic order), then store. */
-    __syncthreads(); /* the table is no longer read: reuse its memory */
-    if (ks > 1) {
-        float *red = (float *)sm; /* [8 warps][NT*4][32 lanes] = at most 8 KB */
+        /* Sum the K-split partials of each row tile (fixed order), then store. */
+        if (ks > 1) {
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+            for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) red[(warp * NT * 4 + nt * 4 + i) * 32 + lane] = acc[nt][i];
-        __syncthreads();
-        if (wk == 0) {
-            for (int j = 1; j < ks; j++)
+                for (int i = 0; i < 4; i++) red[(warp * NT * 4 + nt * 4 + i) * 32 + lane] = acc[nt][i];
+            __syncthreads();
+            if (wk == 0) {
+                for (int j = 1; j < ks; j++)
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++)
+                    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                    for (int i = 0; i < 4; i++) acc[nt][i] += red[((warp + j) * NT * 4 + nt * 4 + i) * 32 + lane];
+                        for (int i = 0; i < 4; i++) acc[nt][i] += red[((warp + j) * NT * 4 + nt * 4 + i) * 32 + lane];
+            }
+            __syncthreads(); /* red is reused by the next group */
         }
-    }
-    if (wk == 0 && n0 < N) {
+        if (wk == 0 && n0 < N) {
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
+            for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int64_t n = n0 + g + 8 * h;
-                if (n >= N) continue;
+                for (int h = 0; h < 2; h++) {
+                    const int64_t n = n0 + g + 8 * h;
+                    if (n >= N) continue;
 #pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const int64_t m = nt * 8 + 2 * t + j;
-                    if (m < M) fq_stf(a.y, a.y_dtype, m * N + n, fq_epi(a.e, n, acc[nt][h * 2 + j]));
+                    for (int j = 0; j < 2; j++) {
+                        const int64_t m = nt * 8 + 2 * t + j;
+                        if (m < M) fq_stf(a.y, a.y_dtype, m * N + n, fq_epi(a.e, n, acc[nt][h * 2 + j]));
+                    }
                 }
             }
         }
@@ -256,31 +266,50 @@ extern "C" int fq_cuda_gemv4_tc_supported(const fq_lin4_weight *w, const fq_lin4
            ((uintptr_t)w->packed & 7) == 0 && w->quant_map != NULL;
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int U, bool XPRE>
 static void launch_tc(const tc_args &a, unsigned blocks, cudaStream_t stream) {
-    if (a.w.nested) gemv4_tc_kernel<T, NT, true><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
-    else gemv4_tc_kernel<T, NT, false><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
+    if (a.w.nested) gemv4_tc_kernel<T, NT, U, XPRE, true><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
+    else gemv4_tc_kernel<T, NT, U, XPRE, false><<<blocks, 256, GEMV_SMEM_BYTES, stream>>>(a);
 }
 
+template <typename T>
+static void launch_tc_t(const tc_args &a, int deep, unsigned blocks, cudaStream_t stream) {
+    if (a.m <= 8) {
+        if (deep) launch_tc<T, 1, 8, false>(a, blocks, stream);
+        else launch_tc<T, 1, 4, true>(a, blocks, stream);
+    } else {
+        if (deep) launch_tc<T, 2, 4, false>(a, blocks, stream);
+        else launch_tc<T, 2, 2, true>(a, blocks, stream);
+    }
+}
+
+/* cfg (0 = automatic): bits 0..3 = K split ks (1, 2, 4 or 8 warps per row tile),
+ * bit 4 = deep (twice the W segments in flight per warp, x loaded late). */
 extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                                int sm_count, int ksplit, cudaStream_t stream) {
+                                int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_tc_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (io->m <= 0) return (int)cudaSuccess;
     const int64_t ntiles = (w->n + 15) / 16, nseg = w->k / 64;
-    int ks = ksplit;
+    int ks = cfg & 15;
+    const int deep = (cfg >> 4) & 1;
     if (ks != 1 && ks != 2 && ks != 4 && ks != 8) {
-        /* Enough warps to keep every SM streaming: about 16 per SM. */
-        ks = 1;
-        while (ks < 8 && ntiles * ks < (int64_t)(sm_count > 0 ? sm_count : 132) * 16 && ks * 2 <= nseg) ks *= 2;
+        /* Finest groups (one row tile, K over 8 warps) unless K is too short. */
+        ks = 8;
+        while (ks > 1 && ks > nseg) ks >>= 1;
     }
     const int rtb = 8 / ks;
-    const int64_t blocks = (ntiles + rtb - 1) / rtb;
+    const int64_t ngroups = (ntiles + rtb - 1) / rtb;
+    /* Two blocks fit per SM; give every block the same number of groups. */
+    const int64_t slots = 2 * (int64_t)(sm_count > 0 ? sm_count : 132);
+    const int64_t per_block = (ngroups + slots - 1) / slots;
+    const int64_t blocks = (ngroups + per_block - 1) / per_block;
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
     tc_args a;
     a.w = *w;
     a.e = *e;
     a.ks = ks;
     a.lg2bs = fq_log2i(w->blocksize);
+    a.ngroups = ngroups;
     a.y_dtype = io->y_dtype;
     const size_t xs = io->x_dtype == FQ_F32 ? 4 : 2;
     const size_t ys = io->y_dtype == FQ_F32 ? 4 : 2;
@@ -288,13 +317,8 @@ extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, c
         a.m = io->m - m0 < 16 ? io->m - m0 : 16;
         a.x = (const char *)io->x + (size_t)(m0 * w->k) * xs;
         a.y = (char *)io->y + (size_t)(m0 * w->n) * ys;
-        if (io->x_dtype == FQ_BF16) {
-            if (a.m <= 8) launch_tc<__nv_bfloat16, 1>(a, (unsigned)blocks, stream);
-            else launch_tc<__nv_bfloat16, 2>(a, (unsigned)blocks, stream);
-        } else {
-            if (a.m <= 8) launch_tc<__half, 1>(a, (unsigned)blocks, stream);
-            else launch_tc<__half, 2>(a, (unsigned)blocks, stream);
-        }
+        if (io->x_dtype == FQ_BF16) launch_tc_t<__nv_bfloat16>(a, deep, (unsigned)blocks, stream);
+        else launch_tc_t<__half>(a, deep, (unsigned)blocks, stream);
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return (int)err;
     }

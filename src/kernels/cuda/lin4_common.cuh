@@ -81,13 +81,18 @@ template <> struct fq_mma_t<__half> {
     }
 };
 
-/* Fills tbl (FQ_TBL_WORDS words) from the 16 code values in qm_s (shared memory).
- * All threads of the block take part; the caller syncs before and after. */
+/* Fills tbl (FQ_TBL_WORDS words, 16-byte aligned) from the 16 code values in qm_s
+ * (shared memory). Thread b < 256 writes the 32 copies of entry b as eight 16-byte
+ * stores, rotated by b so that the 8 threads of a store phase hit distinct banks.
+ * The caller syncs before and after. */
 template <typename T>
 static __device__ __forceinline__ void fq_tbl_build(uint32_t *tbl, const float *qm_s) {
-    for (int i = threadIdx.x; i < FQ_TBL_WORDS; i += blockDim.x) {
-        int b = i >> 5;
-        tbl[i] = fq_mma_t<T>::pack(qm_s[b >> 4], qm_s[b & 15]);
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+        const uint32_t v = fq_mma_t<T>::pack(qm_s[b >> 4], qm_s[b & 15]);
+        const uint4 vv = make_uint4(v, v, v, v);
+        uint4 *row = (uint4 *)(tbl + b * 32);
+#pragma unroll
+        for (int j = 0; j < 8; j++) row[(j + b) & 7] = vv;
     }
 }
 

@@ -83,14 +83,16 @@ int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin
                      int sm_count, int ksplit, cudaStream_t stream);
 
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
- * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration. */
+ * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
+ * needs more shared memory than smem_optin is replaced by the automatic choice). */
 #define FQ_GEMM4_MMA_CONFIGS 4
 int fq_cuda_gemm4_mma_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
-/* Sets the kernels' attributes (dynamic shared memory) on the CURRENT device.
+/* Sets the kernels' attributes (dynamic shared memory) on the CURRENT device for
+ * every configuration that fits in smem_optin bytes (the device's opt-in limit).
  * Call once per device before the first launch there. */
-int fq_cuda_gemm4_mma_prepare(void);
+int fq_cuda_gemm4_mma_prepare(size_t smem_optin);
 int fq_cuda_gemm4_mma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                      int sm_count, int cfg, cudaStream_t stream);
+                      int sm_count, size_t smem_optin, int cfg, cudaStream_t stream);
 const char *fq_cuda_gemm4_mma_config_name(int cfg);
 
 /* Large-M GEMM with Hopper warpgroup MMA (sm_90a only; built when the build
