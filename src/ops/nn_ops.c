@@ -566,6 +566,14 @@ fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev) {
     return FQ_OK;
 }
 
+fq_status fq_nn_device_describe(fq_ctx *ctx, fq_device dev, char *buf, size_t n) {
+    const char *op = "device_describe";
+    if (n) buf[0] = 0;
+    DISPATCH(dev, fq_nncu_describe(ctx, dev.index, buf, n));
+    snprintf(buf, n, "cpu");
+    return FQ_OK;
+}
+
 fq_status fq_nn_device_memory(fq_ctx *ctx, fq_device dev, size_t *free_bytes, size_t *total_bytes) {
     const char *op = "device_memory";
     *free_bytes = *total_bytes = 0;

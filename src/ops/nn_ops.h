@@ -124,6 +124,8 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
 fq_status fq_nn_prepare(fq_ctx *ctx, fq_device dev);
 /* Waits until every op queued on dev has finished; reports a kernel's failure. */
 fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev);
+/* "NVIDIA H100 80GB HBM3, 132 SMs, sm_90" for a CUDA device, "cpu" for the CPU. */
+fq_status fq_nn_device_describe(fq_ctx *ctx, fq_device dev, char *buf, size_t n);
 /* Free and total memory of dev as the driver sees it (CUDA); 0, 0 for the CPU. */
 fq_status fq_nn_device_memory(fq_ctx *ctx, fq_device dev, size_t *free_bytes, size_t *total_bytes);
 

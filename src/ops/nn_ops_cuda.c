@@ -26,6 +26,7 @@
 
 #include <cublasLt.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -487,6 +488,16 @@ fq_status fq_nncu_memory(fq_ctx *ctx, int device, size_t *free_bytes, size_t *to
     cudaError_t e = cudaMemGetInfo(free_bytes, total_bytes);
     fq_cuda_guard_exit(&g);
     if (e != cudaSuccess) return fq_cuda_status(ctx, e, "cudaMemGetInfo", device);
+    return FQ_OK;
+}
+
+fq_status fq_nncu_describe(fq_ctx *ctx, int device, char *buf, size_t n) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    struct cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, device);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "cudaGetDeviceProperties", device);
+    snprintf(buf, n, "%s, %d SMs, sm_%d%d", p.name, p.multiProcessorCount, p.major, p.minor);
     return FQ_OK;
 }
 

@@ -52,6 +52,7 @@ fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k,
 fq_status fq_nncu_prepare(fq_ctx *ctx, int device);
 fq_status fq_nncu_sync(fq_ctx *ctx, int device);
 fq_status fq_nncu_memory(fq_ctx *ctx, int device, size_t *free_bytes, size_t *total_bytes);
+fq_status fq_nncu_describe(fq_ctx *ctx, int device, char *buf, size_t n);
 fq_status fq_nncu_random(fq_ctx *ctx, fq_tensor *t, uint64_t seed, float scale, float shift);
 fq_status fq_nncu_prof_create(fq_ctx *ctx, int device, int events, fq_nn_prof **out);
 fq_status fq_nncu_prof_start(fq_ctx *ctx, fq_nn_prof *p);
