@@ -6,9 +6,9 @@
  * read by the tensor cores from shared memory in the canonical K-major layout with
  * the 128-byte swizzle.
  *
- * A CTA has two warpgroups; each owns 64 rows of W (128 per CTA) and all BX rows
- * of the x tile (wgmma n = BX). Per K tile of 64, a cp.async pipeline of S stages
- * brings the x tile (BX x 128 bytes) and the packed W tile (128 x 32 bytes) into
+ * A CTA has WGS (2 to 4) warpgroups; each owns 64 rows of W and all BX rows of
+ * the x tile (wgmma n = BX). Per K tile of 64, a cp.async pipeline of S stages
+ * brings the x tile (BX x 128 bytes) and the packed W tile (64*WGS x 32 bytes) into
  * shared memory. Each warp then decodes its 16 rows for the four k16 steps: lane
  * (g, t) takes byte t of every 4-byte word of rows g and g+8 (k = 16s + 2t, +1 and
  * 16s + 8 + 2t, +1), looks both nibbles up in the 16-entry f32 code table (16
@@ -27,8 +27,6 @@
  * and packed weight. */
 #include "kernels/cuda/lin4_common.cuh"
 
-#define WG_THREADS 256
-#define WG_ROWS 128 /* W rows per CTA */
 #define WG_BK 64
 
 typedef struct {
@@ -43,12 +41,16 @@ typedef struct {
     int64_t kt_per_split; /* K tiles per blockIdx.z */
 } wg_args;
 
-template <int BX, int S> struct wg_cfg {
+/* WGS warpgroups (64 W rows each), BX x rows, S stages. */
+template <int WGS, int BX, int S> struct wg_cfg {
+    static constexpr int THREADS = 128 * WGS;
+    static constexpr int ROWS = 64 * WGS;         /* W rows per CTA */
     static constexpr int X_STAGE = BX * 128;      /* bytes; a multiple of 1024 */
-    static constexpr int W_STAGE = WG_ROWS * 32;  /* 4096 */
+    static constexpr int W_STAGE = ROWS * 32;     /* a multiple of 1024 */
     static constexpr int STAGE = X_STAGE + W_STAGE;
     static constexpr int SMEM = S * STAGE + 1024 /* alignment slack */ + 16 * 4 + 256 * 4;
-    static constexpr int X_CHUNKS = BX * 8 / WG_THREADS; /* 16-byte copies per thread */
+    static constexpr int X_CHUNKS = BX * 8 / THREADS; /* 16-byte copies per thread */
+    static_assert(BX * 8 % THREADS == 0, "x tile must split evenly over the threads");
 };
 
 #if defined(FQ_BUILD_SM90A)
@@ -249,10 +251,10 @@ static __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
 }
 #endif /* FQ_WG_DEVICE */
 
-template <typename T, int BX, int S, bool NESTED>
-__global__ void __launch_bounds__(WG_THREADS, BX <= 128 ? 2 : 1) gemm4_wgmma_kernel(wg_args a) {
+template <typename T, int WGS, int BX, int S, bool NESTED>
+__global__ void __launch_bounds__(128 * WGS, (WGS == 2 && BX <= 128) ? 2 : 1) gemm4_wgmma_kernel(wg_args a) {
 #ifdef FQ_WG_DEVICE
-    typedef wg_cfg<BX, S> C;
+    typedef wg_cfg<WGS, BX, S> C;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = fq_smem_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u;
@@ -263,7 +265,7 @@ __global__ void __launch_bounds__(WG_THREADS, BX <= 128 ? 2 : 1) gemm4_wgmma_ker
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int64_t M = a.m, N = a.w.n, K = a.w.k;
-    const int64_t n0 = (int64_t)blockIdx.x * WG_ROWS, m0 = (int64_t)blockIdx.y * BX;
+    const int64_t n0 = (int64_t)blockIdx.x * C::ROWS, m0 = (int64_t)blockIdx.y * BX;
     const int64_t ktiles = K / WG_BK;
     const int64_t kt0 = (int64_t)blockIdx.z * a.kt_per_split;
     const int64_t kt1 = min(ktiles, kt0 + a.kt_per_split);
@@ -282,14 +284,14 @@ __global__ void __launch_bounds__(WG_THREADS, BX <= 128 ? 2 : 1) gemm4_wgmma_ker
         uint8_t *xd = sm + st * C::STAGE;
 #pragma unroll
         for (int i = 0; i < C::X_CHUNKS; i++) {
-            const int idx = tid + i * WG_THREADS, r = idx >> 3, c = idx & 7;
+            const int idx = tid + i * C::THREADS, r = idx >> 3, c = idx & 7;
             const int64_t row = m0 + r;
             const bool ok = row < M;
             fq_cp_async16(xd + r * 128 + ((c ^ (r & 7)) << 4), xg + (ok ? row : 0) * K + kt * WG_BK + c * 8, ok);
         }
         uint8_t *wd = xd + C::X_STAGE;
         {
-            const int r = tid >> 1, p = tid & 1; /* 128 rows x 2 parts = 256 threads */
+            const int r = tid >> 1, p = tid & 1; /* ROWS rows x 2 parts = THREADS */
             const int64_t row = n0 + r;
             const bool ok = row < N;
             fq_cp_async16(wd + r * 32 + p * 16, a.w.packed + (ok ? row : 0) * (K >> 1) + kt * (WG_BK / 2) + p * 16,
@@ -409,22 +411,26 @@ __global__ void __launch_bounds__(WG_THREADS, BX <= 128 ? 2 : 1) gemm4_wgmma_ker
 
 typedef void (*wg_kernel_fn)(wg_args);
 typedef struct {
-    int bx, smem, per_sm; /* per_sm: CTAs resident per SM */
-    wg_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
+    int rows, bx, threads, smem, per_sm; /* per_sm: CTAs resident per SM */
+    wg_kernel_fn fn[2][2];               /* [f16 = 0, bf16 = 1][nested] */
     const char *name;
 } wg_config;
 
-#define WG_CONFIG(BX, S, NAME)                                                                          \
-    {BX, wg_cfg<BX, S>::SMEM, BX <= 128 ? 2 : 1,                                                        \
-     {{gemm4_wgmma_kernel<__half, BX, S, false>, gemm4_wgmma_kernel<__half, BX, S, true>},              \
-      {gemm4_wgmma_kernel<__nv_bfloat16, BX, S, false>, gemm4_wgmma_kernel<__nv_bfloat16, BX, S, true>}}, \
+#define WG_CONFIG(WGS, BX, S, NAME)                                                                              \
+    {64 * WGS, BX, 128 * WGS, wg_cfg<WGS, BX, S>::SMEM, (WGS == 2 && BX <= 128) ? 2 : 1,                         \
+     {{gemm4_wgmma_kernel<__half, WGS, BX, S, false>, gemm4_wgmma_kernel<__half, WGS, BX, S, true>},             \
+      {gemm4_wgmma_kernel<__nv_bfloat16, WGS, BX, S, false>, gemm4_wgmma_kernel<__nv_bfloat16, WGS, BX, S, true>}}, \
      NAME}
 
+/* W rows x x rows per CTA. Taller W tiles cut the re-reads of the (bf16) x tile
+ * from L2; the register file bounds the area (accumulators: rows * BX / threads). */
 static const wg_config *wg_configs(void) {
     static const wg_config c[FQ_GEMM4_WGMMA_CONFIGS] = {
-        WG_CONFIG(256, 4, "wgmma 128x256x64 s4"),
-        WG_CONFIG(192, 4, "wgmma 128x192x64 s4"),
-        WG_CONFIG(128, 5, "wgmma 128x128x64 s5"),
+        WG_CONFIG(2, 256, 4, "wgmma 128x256x64 s4"),
+        WG_CONFIG(2, 192, 4, "wgmma 128x192x64 s4"),
+        WG_CONFIG(2, 128, 5, "wgmma 128x128x64 s5"),
+        WG_CONFIG(3, 192, 4, "wgmma 192x192x64 s4"),
+        WG_CONFIG(4, 128, 4, "wgmma 256x128x64 s4"),
     };
     return c;
 }
@@ -459,12 +465,12 @@ static wg_plan plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_co
     int64_t best_cost = -1;
     for (int ci = 0; ci < FQ_GEMM4_WGMMA_CONFIGS; ci++) {
         if (want_ci >= 0 && ci != want_ci) continue;
-        const int64_t bx = wg_configs()[ci].bx;
-        const int64_t tiles = cdiv64(w->n, WG_ROWS) * cdiv64(io->m, bx);
+        const int64_t bx = wg_configs()[ci].bx, rows = wg_configs()[ci].rows, per_sm = wg_configs()[ci].per_sm;
+        const int64_t tiles = cdiv64(w->n, rows) * cdiv64(io->m, bx);
         int64_t splits = 1;
         if (want_splits > 0) splits = want_splits;
-        else if (tiles < sms) {
-            splits = sms / tiles;
+        else if (tiles < sms * per_sm) {
+            splits = sms * per_sm / tiles;
             if (splits > ktiles / 4) splits = ktiles / 4;
             if (splits > 15) splits = 15;
             if (splits < 1) splits = 1;
@@ -472,11 +478,11 @@ static wg_plan plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_co
         if (splits > ktiles) splits = ktiles;
         const int64_t kps = cdiv64(ktiles, splits);
         splits = cdiv64(ktiles, kps);
-        /* time ~ the CTAs of the busiest SM x the work of one (an SM's throughput
-         * taken as the same whether its CTAs run one or two at a time), plus a
-         * fixed cost per CTA and the reduce pass */
-        const int64_t per_sm_load = cdiv64(tiles * splits, sms);
-        const int64_t cost = per_sm_load * (bx * kps + 2 * bx) + (splits > 1 ? splits * 8 : 0);
+        /* time ~ rounds of resident CTAs x the MMA work of one (CTAs sharing an SM
+         * share its tensor cores), plus a fixed cost of about two K tiles per CTA
+         * and the reduce pass */
+        const int64_t rounds = cdiv64(tiles * splits, sms * per_sm);
+        const int64_t cost = rounds * per_sm * rows * bx * (kps + 2) + (splits > 1 ? splits * rows * bx : 0);
         if (best_cost < 0 || cost < best_cost) {
             best_cost = cost;
             best.ci = ci;
@@ -505,7 +511,7 @@ extern "C" int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io
         p.kt_per_split = w->k / WG_BK;
     }
     const wg_config *c = &wg_configs()[p.ci];
-    const int64_t gx = cdiv64(w->n, WG_ROWS), gy = cdiv64(io->m, c->bx);
+    const int64_t gx = cdiv64(w->n, c->rows), gy = cdiv64(io->m, c->bx);
     if (gx > 0x7fffffff || gy > 65535) return (int)cudaErrorInvalidConfiguration;
     wg_args a;
     a.w = *w;
@@ -518,7 +524,7 @@ extern "C" int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io
     a.partial = p.splits > 1 ? ws : NULL;
     a.kt_per_split = p.kt_per_split;
     c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0]<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)p.splits),
-                                                                WG_THREADS, c->smem, stream>>>(a);
+                                                                c->threads, c->smem, stream>>>(a);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.splits == 1) return (int)err;
     return fq_cuda_lin4_splitk_reduce(ws, (int)p.splits, io, w->n, e, stream);

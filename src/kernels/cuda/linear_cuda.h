@@ -101,7 +101,7 @@ const char *fq_cuda_gemm4_mma_config_name(int cfg);
  * bits 4..7 = number of K splits (0 = choose). When the plan splits K, the f32
  * partials go to ws (fq_cuda_gemm4_wgmma_workspace bytes; with less, K is not
  * split) and a second kernel reduces them. */
-#define FQ_GEMM4_WGMMA_CONFIGS 3
+#define FQ_GEMM4_WGMMA_CONFIGS 5
 int fq_cuda_gemm4_wgmma_built(void);
 int fq_cuda_gemm4_wgmma_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 int fq_cuda_gemm4_wgmma_prepare(void);
