@@ -348,7 +348,7 @@ static int compare(const char *what, const hweight *w, const hact *x, const hbia
                 continue;
             }
             const double tol =
-                5.0 * uw * r->s2[e] + 2.0 * uy * fabs(ref) + 4e-6 * (r->s1[e] + fabs(bias)) + 1e-30;
+                8.0 * uw * r->s2[e] + 2.0 * uy * fabs(ref) + 4e-6 * (r->s1[e] + fabs(bias)) + 1e-30;
             const double err = fabs(v - ref);
             num += err * err;
             den += ref * ref;

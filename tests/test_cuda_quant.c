@@ -608,7 +608,8 @@ static void huge_tensor(fq_ctx *ctx, int dev) {
     int64_t bad = 0;
     ok = ok && pk && pkc && amc && y && yc;
     for (int i = 0; ok && i < 4; i++) {
-        int64_t s0 = starts[i] / bs * bs, len = i == 3 ? n - s0 : L, lnb = (len + bs - 1) / bs;
+        /* n is only 4097 past 2^31: the slice across 2^31 also ends at n */
+        int64_t s0 = starts[i] / bs * bs, len = (i == 3 || n - s0 < L) ? n - s0 : L, lnb = (len + bs - 1) / bs;
         fq_cpu_quantize4(ctx, x + s0, FQ_BF16, len, bs, FQ_QUANT_NF4, pkc, amc);
         fq_cpu_dequantize4(ctx, pkc, amc, len, bs, FQ_QUANT_NF4, yc, FQ_BF16);
         ok = member_slice(ctx, q, FQ_QMEMBER_PACKED, (size_t)s0 / 2, (size_t)(len + 1) / 2, pk) &&
