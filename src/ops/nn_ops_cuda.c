@@ -147,11 +147,13 @@ static size_t al(size_t b) { return (b + NN_ALIGN - 1) & ~(size_t)(NN_ALIGN - 1)
 
 /* The dtype the GEMM runs in, and which operands need scratch. */
 typedef struct {
-    fq_dtype gt;        /* GEMM operand dtype                          */
-    size_t w_bytes;     /* dequantized / widened weight (0: use w)     */
-    size_t x_bytes;     /* x converted to gt (0: use x)                */
-    size_t b_bytes;     /* bias widened to f32 (0: none or use bias)   */
-    size_t total;       /* scratch bytes including the workspace       */
+    fq_dtype gt;        /* GEMM operand dtype                                        */
+    int out16;          /* cuBLASLt writes the rounded result in gt, then widened   */
+    size_t w_bytes;     /* dequantized / widened weight (0: use w)                   */
+    size_t x_bytes;     /* x converted to gt (0: use x)                              */
+    size_t b_bytes;     /* bias widened to f32 (0: none or use bias)                 */
+    size_t d_bytes;     /* the 16-bit result (out16)                                 */
+    size_t total;       /* scratch bytes including the workspace                     */
 } lin_plan;
 
 static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd) {
@@ -164,8 +166,13 @@ static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, i
     const size_t gsz = fq_dtype_size(p.gt);
     if (qw || wt != p.gt) p.w_bytes = al((size_t)(n * k) * gsz);
     if (p.gt != FQ_F32) p.x_bytes = al((size_t)(m * k) * gsz);
-    if (bt >= 0 && bt != FQ_F32) p.b_bytes = al((size_t)n * 4);
-    p.total = NN_ALIGN + p.w_bytes + p.x_bytes + p.b_bytes + NN_WORKSPACE_BYTES;
+    /* A 16-bit GEMM writes its result in 16 bits (cuBLASLt rounds acc + bias to
+     * nearest even once: the value the f32 result rounded by us would have) when
+     * the bias, if any, is of that dtype too; 8 bytes per output instead of 12. */
+    p.out16 = p.gt != FQ_F32 && (bt < 0 || bt == (int)p.gt);
+    if (p.out16) p.d_bytes = al((size_t)(m * n) * gsz);
+    if (bt >= 0 && bt != FQ_F32) p.b_bytes = al((size_t)n * 4); /* for the f32 fallback */
+    p.total = NN_ALIGN + p.w_bytes + p.x_bytes + p.b_bytes + p.d_bytes + NN_WORKSPACE_BYTES;
     return p;
 }
 
@@ -195,13 +202,19 @@ static fq_status blas_err(fq_ctx *ctx, cublasStatus_t st, const char *what, int 
         if (bst_ != CUBLAS_STATUS_SUCCESS) return blas_err((ctx), bst_, #call, (dev)); \
     } while (0)
 
-#define KEY_PREFILL 0x80000000u
+/* Cache entry flag: no algorithm with the bias epilogue. An f32 result then
+ * gets the bias prefilled (beta = 1); a 16-bit one is not attempted. */
+#define KEY_NO_EPILOGUE 0x80000000u
 
-/* y[m, n] (f32) = x[m, k] · w[n, k]ᵀ (+ bias[n], f32) with x and w of dtype gt,
- * in cuBLASLt's column-major terms: yᵀ (n x m, ld n) = op(A) · B with A = w
- * stored k x n (ld k, transposed) and B = x stored k x m (ld k). */
-static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const float *bias,
-                      float *y, int64_t m, int64_t n, int64_t k, void *ws) {
+/* Returned (without a message) when a 16-bit result has no bias-epilogue algorithm. */
+#define GEMM_TRY_F32 ((fq_status)-1)
+
+/* out[m, n] (dtype ot: f32, or gt) = x[m, k] · w[n, k]ᵀ (+ bias[n] of dtype bt)
+ * with x and w of dtype gt and f32 accumulation, in cuBLASLt's column-major
+ * terms: outᵀ (n x m, ld n) = op(A) · B with A = w stored k x n (ld k,
+ * transposed) and B = x stored k x m (ld k). */
+static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
+                      fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws) {
     cublasLtHandle_t h;
     FQ_TRY(fq_cuda_dev_blaslt(ctx, d, &h));
     cublasLtMatmulDescOpaque_t desc;
@@ -213,23 +226,31 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
     BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), dev);
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&la, blas_type(gt), (uint64_t)k, (uint64_t)n, k), dev);
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lb, blas_type(gt), (uint64_t)k, (uint64_t)m, k), dev);
-    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, CUDA_R_32F, (uint64_t)n, (uint64_t)m, n), dev);
+    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, blas_type(ot), (uint64_t)n, (uint64_t)m, n), dev);
 
-    const uint32_t aw = align_log2(w), ax = align_log2(x), ay = align_log2(y), ab = bias ? align_log2(bias) : 8;
-    const uint32_t key = 1u | (uint32_t)gt << 1 | (bias ? 1u : 0u) << 5 | aw << 6 | ax << 10 | ay << 14 | ab << 18;
+    const uint32_t aw = align_log2(w), ax = align_log2(x), ay = align_log2(out), ab = bias ? align_log2(bias) : 8;
+    const uint32_t key = 1u | (uint32_t)gt << 1 | (bias ? 1u : 0u) << 3 | (uint32_t)ot << 4 | (uint32_t)bt << 6 |
+                         aw << 8 | ax << 12 | ay << 16 | ab << 20;
     cublasLtMatmulAlgo_t algo;
-    uint32_t mode = 0;
+    uint32_t no_epi = 0;
     int found = 0;
     for (int i = 0; i < 32 && !found; i++) {
         const fq_cuda_nn_algo *c = &d->nn_algo[i];
-        if ((c->key & ~KEY_PREFILL) == key && c->m == m && c->n == n && c->k == k) {
+        if ((c->key & ~KEY_NO_EPILOGUE) == key && c->m == m && c->n == n && c->k == k) {
             memcpy(&algo, c->algo, sizeof algo);
-            mode = c->key & KEY_PREFILL;
+            no_epi = c->key & KEY_NO_EPILOGUE;
             found = 1;
         }
     }
+    if (found && bias && no_epi && ot != FQ_F32) return GEMM_TRY_F32;
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-    const cudaDataType_t bias_type = CUDA_R_32F;
+    const cudaDataType_t bias_type = blas_type(bt);
+    if (bias && !no_epi) {
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                     sizeof bias_type), dev);
+        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
+    }
     if (!found) {
         cublasLtMatmulPreferenceOpaque_t pref;
         const uint64_t wsz = NN_WORKSPACE_BYTES;
@@ -242,52 +263,43 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
         BLAS_TRY(ctx, cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &a_y, sizeof a_y), dev);
         cublasLtMatmulHeuristicResult_t res;
         int nres = 0;
-        if (bias) {
-            /* the bias in the epilogue; where no algorithm offers that, y is
-             * prefilled with the bias and added with beta = 1 */
-            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
-            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                                         sizeof bias_type), dev);
-            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
-            cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
-            if (st != CUBLAS_STATUS_SUCCESS || nres < 1) {
-                const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
-                BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none), dev);
-                mode = KEY_PREFILL;
-                nres = 0;
+        cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
+        if (bias && (st != CUBLAS_STATUS_SUCCESS || nres < 1)) {
+            /* no algorithm offers this bias epilogue */
+            no_epi = KEY_NO_EPILOGUE;
+            if (ot != FQ_F32) {
+                fq_cuda_nn_algo *c = &d->nn_algo[d->nn_algo_next];
+                d->nn_algo_next = (d->nn_algo_next + 1) % 32;
+                c->m = m, c->n = n, c->k = k, c->key = key | no_epi;
+                return GEMM_TRY_F32;
             }
+            const cublasLtEpilogue_t none = CUBLASLT_EPILOGUE_DEFAULT;
+            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none), dev);
+            nres = 0;
+            st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
         }
+        if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
+            return blas_err(ctx, st, "cublasLtMatmulAlgoGetHeuristic", dev);
         if (nres < 1) {
-            cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
-            if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
-                return blas_err(ctx, st, "cublasLtMatmulAlgoGetHeuristic", dev);
-            if (nres < 1)
-                return fq_err(ctx, FQ_ERR_UNSUPPORTED,
-                              "cuda:%d: cuBLASLt offers no algorithm for a %s GEMM with f32 output (m %lld, n %lld, k %lld)",
-                              dev, fq_dtype_name(gt), (long long)m, (long long)n, (long long)k);
+            if (ot != FQ_F32) return GEMM_TRY_F32;
+            return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                          "cuda:%d: cuBLASLt offers no algorithm for a %s GEMM with f32 output (m %lld, n %lld, k %lld)",
+                          dev, fq_dtype_name(gt), (long long)m, (long long)n, (long long)k);
         }
         algo = res.algo;
         fq_cuda_nn_algo *c = &d->nn_algo[d->nn_algo_next];
         d->nn_algo_next = (d->nn_algo_next + 1) % 32;
-        c->m = m;
-        c->n = n;
-        c->k = k;
-        c->key = key | mode;
+        c->m = m, c->n = n, c->k = k, c->key = key | no_epi;
         memcpy(c->algo, &algo, sizeof algo);
-    } else if (bias && !mode) {
-        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
-        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                                     sizeof bias_type), dev);
-        BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
     }
     const float one = 1.0f, zero = 0.0f;
-    const int prefill = bias && mode;
+    const int prefill = bias && no_epi; /* f32 output only (see above) */
     if (prefill) {
-        int e = fq_cuda_nn_fill_rows(y, bias, m, n, d->stream);
+        int e = fq_cuda_nn_fill_rows((float *)out, (const float *)bias, m, n, d->stream);
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev);
     }
     BLAS_TRY(ctx,
-             cublasLtMatmul(h, &desc, &one, w, &la, x, &lb, prefill ? &one : &zero, y, &lc, y, &lc, &algo, ws,
+             cublasLtMatmul(h, &desc, &one, w, &la, x, &lb, prefill ? &one : &zero, out, &lc, out, &lc, &algo, ws,
                             NN_WORKSPACE_BYTES, d->stream),
              dev);
     return FQ_OK;
@@ -304,7 +316,8 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
     char *base = (char *)(((uintptr_t)scratch->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1));
     void *wbuf = base, *xbuf = base + p.w_bytes;
     float *bbuf = (float *)(base + p.w_bytes + p.x_bytes);
-    void *ws = base + p.w_bytes + p.x_bytes + p.b_bytes;
+    void *dbuf = base + p.w_bytes + p.x_bytes + p.b_bytes;
+    void *ws = base + p.w_bytes + p.x_bytes + p.b_bytes + p.d_bytes;
     cudaStream_t st = d->stream;
     const int dev = d->index;
     int e = 0;
@@ -333,18 +346,35 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "input conversion", dev);
         xg = xbuf;
     }
+    if (k == 0) {
+        /* no products: y = bias (or 0), rounded */
+        const float *bg = bias ? (const float *)bias->buf.ptr : NULL;
+        if (bias && bias->dtype != FQ_F32) {
+            e = fq_cuda_nn_convert(bias->buf.ptr, bias->dtype, bbuf, FQ_F32, n, st);
+            if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias conversion", dev);
+            bg = bbuf;
+        }
+        e = fq_cuda_nn_fill_rows(F(y), bg, m, n, st);
+        if (!e) e = fq_cuda_nn_round(F(y), m * n, rnd, st);
+        return e ? fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev) : FQ_OK;
+    }
+    if (p.out16) {
+        fq_status s = gemm(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt, dbuf, p.gt,
+                           m, n, k, ws);
+        if (s == FQ_OK) {
+            e = fq_cuda_nn_convert(dbuf, p.gt, F(y), FQ_F32, m * n, st); /* exact */
+            return e ? fq_cuda_status(ctx, (cudaError_t)e, "output widening", dev) : FQ_OK;
+        }
+        if (s != GEMM_TRY_F32) return s;
+    }
+    /* f32 result, rounded to rnd afterwards */
     const float *bg = bias ? (const float *)bias->buf.ptr : NULL;
-    if (p.b_bytes) {
+    if (bias && bias->dtype != FQ_F32) {
         e = fq_cuda_nn_convert(bias->buf.ptr, bias->dtype, bbuf, FQ_F32, n, st);
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias conversion", dev);
         bg = bbuf;
     }
-    if (k == 0) {
-        e = fq_cuda_nn_fill_rows(F(y), bg, m, n, st); /* no products: y = bias (or 0) */
-        if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev);
-    } else {
-        FQ_TRY(gemm(ctx, d, p.gt, wg, xg, bg, F(y), m, n, k, ws));
-    }
+    FQ_TRY(gemm(ctx, d, p.gt, wg, xg, bg, FQ_F32, F(y), FQ_F32, m, n, k, ws));
     e = fq_cuda_nn_round(F(y), m * n, rnd, st);
     if (e) return fq_cuda_status(ctx, (cudaError_t)e, "output rounding", dev);
     return FQ_OK;

@@ -131,6 +131,73 @@ struct Random {
     }
 };
 
+/* 8 elements per thread, 16-byte loads and stores: f32 -> 16-bit and back. */
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
+    return __half22float2(*reinterpret_cast<const __half2 *>(&u));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) k_narrow8(const float4 *__restrict__ x, uint4 *__restrict__ y, int64_t n8) {
+    for (int64_t i = gtid(); i < n8; i += gstride()) {
+        const float4 a = x[2 * i], b = x[2 * i + 1];
+        y[i] = make_uint4(pack2<T>(a.x, a.y), pack2<T>(a.z, a.w), pack2<T>(b.x, b.y), pack2<T>(b.z, b.w));
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) k_widen8(const uint4 *__restrict__ x, float4 *__restrict__ y, int64_t n8) {
+    for (int64_t i = gtid(); i < n8; i += gstride()) {
+        const uint4 v = x[i];
+        const float2 a = unpack2<T>(v.x), b = unpack2<T>(v.y), c = unpack2<T>(v.z), d = unpack2<T>(v.w);
+        y[2 * i] = make_float4(a.x, a.y, b.x, b.y);
+        y[2 * i + 1] = make_float4(c.x, c.y, d.x, d.y);
+    }
+}
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* The vector kernels for the aligned bulk of an f32 <-> 16-bit conversion;
+ * returns the number of elements done (a multiple of 8, possibly 0). */
+int64_t convert_bulk(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st, int *err) {
+    const int64_t n8 = n / 8;
+    *err = 0;
+    if (n8 == 0 || !aligned16(x) || !aligned16(y)) return 0;
+    const bool narrow = xt == FQ_F32 && (yt == FQ_BF16 || yt == FQ_F16);
+    const bool widen = yt == FQ_F32 && (xt == FQ_BF16 || xt == FQ_F16);
+    if (!narrow && !widen) return 0;
+    const unsigned grid = grid_for(n8, 2);
+    if (narrow && yt == FQ_BF16)
+        k_narrow8<__nv_bfloat16><<<grid, kThreads, 0, st>>>((const float4 *)x, (uint4 *)y, n8);
+    else if (narrow)
+        k_narrow8<__half><<<grid, kThreads, 0, st>>>((const float4 *)x, (uint4 *)y, n8);
+    else if (xt == FQ_BF16)
+        k_widen8<__nv_bfloat16><<<grid, kThreads, 0, st>>>((const uint4 *)x, (float4 *)y, n8);
+    else
+        k_widen8<__half><<<grid, kThreads, 0, st>>>((const uint4 *)x, (float4 *)y, n8);
+    *err = launch_status();
+    return 8 * n8;
+}
+
 } // namespace
 
 extern "C" int fq_cuda_nn_cast(const void *x, fq_dtype xt, float *y, int64_t n, fq_dtype rnd, cudaStream_t st) {
@@ -169,6 +236,12 @@ extern "C" int fq_cuda_nn_gated_add(float *h, const float *gate, int64_t mod_str
 }
 
 extern "C" int fq_cuda_nn_convert(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st) {
+    int e = 0;
+    const int64_t done = convert_bulk(x, xt, y, yt, n, st, &e);
+    if (e || done == n) return e;
+    x = static_cast<const char *>(x) + done * (int64_t)fq_dtype_size(xt);
+    y = static_cast<char *>(y) + done * (int64_t)fq_dtype_size(yt);
+    n -= done;
     switch (yt) {
     case FQ_F32: return run_map(n, Convert<float>{x, (int)xt, static_cast<float *>(y)}, st);
     case FQ_F16: return run_map(n, Convert<__half>{x, (int)xt, static_cast<__half *>(y)}, st);
