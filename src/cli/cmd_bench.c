@@ -4,10 +4,14 @@
 #include <string.h>
 
 int fq_bench_quant(int argc, char **argv);
+int fq_bench_linear(int argc, char **argv);
+int fq_bench_flux(int argc, char **argv);
 
 static const char *HELP =
     "usage: fluxq bench quant  [--device DEV] [--iters N] [--json FILE] [--quick]\n"
-    "       fluxq bench linear [--device DEV] [--iters N] [--json FILE]\n"
+    "       fluxq bench linear [--device DEV] [--iters N] [--json FILE] [--m 1,16,...]\n"
+    "       fluxq bench flux   --config dev|schnell|PATH --random-weights [--quantize nf4]\n"
+    "                          [--double-quant] [--width 1024 --height 1024] [--device DEV]\n"
     "\n"
     "quant:  quantize/dequantize (NF4, blocksize 64, bf16, with and without double\n"
     "        quant) at the FLUX.1 weight shapes on every device, against a copy of\n"
@@ -22,5 +26,7 @@ int cmd_bench(int argc, char **argv) {
         return argc < 2 ? EXIT_USAGE : EXIT_OK;
     }
     if (!strcmp(argv[1], "quant")) return fq_bench_quant(argc - 1, argv + 1);
-    return cli_usage_error("bench", "unknown benchmark '%s' (quant or linear)", argv[1]);
+    if (!strcmp(argv[1], "linear")) return fq_bench_linear(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "flux")) return fq_bench_flux(argc - 1, argv + 1);
+    return cli_usage_error("bench", "unknown benchmark '%s' (quant, linear or flux)", argv[1]);
 }
