@@ -475,7 +475,7 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
     for (int impl = FQ_LIN4_GEMV_SIMPLE; impl < FQ_LIN4_COUNT; impl++) {
         int cfgs[64], nc = 0;
         cfgs[nc++] = 0;
-        if (impl == FQ_LIN4_GEMV_TC)
+        if (impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_STREAM)
             for (int i = 0; i < 8; i++) cfgs[nc++] = gemv_cfg[i];
         if (impl == FQ_LIN4_GEMM_MMA)
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
@@ -483,6 +483,7 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
                 for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
         if (!fq_linear4_cuda_can_run(g->ctx, (fq_lin4_impl)impl, oa->x, oa->w[0], oa->y)) continue;
+        if (m <= 16 && impl != FQ_LIN4_GEMV_TC && impl != FQ_LIN4_GEMV_STREAM) continue; /* small M: GEMVs only */
         if (impl == FQ_LIN4_GEMV_SIMPLE && m * n * k > ((int64_t)1 << 33)) continue; /* too slow to matter */
         for (int c = 0; c < nc; c++) {
             oa->sel = FQ_LIN4_SELECT(impl, cfgs[c]);

@@ -397,6 +397,9 @@ static const shape_t g_shapes[] = {
     {2, 7, 33, 32, 0},        /* odd K: rows start mid-byte               */
     {1, 3, 1, 64, 0},         /* K = 1                                    */
     {4, 40, 96, 32, 0},       /* blocksize 32                             */
+    {1, 1000, 3136, 64, 1},   /* K = 24.5 chunks of 128 (gemv4_stream)    */
+    {2, 77, 1600, 32, 1},     /* N not a multiple of 8, blocksize 32      */
+    {8, 264, 4096, 256, 1},   /* the largest gemv4_stream M               */
     {33, 200, 256, 64, 1},    /* smallest GEMM M; N, M not tile multiples */
     {130, 384, 512, 128, 1},
     {257, 520, 1024, 64, 0},
@@ -406,8 +409,8 @@ static const shape_t g_shapes[] = {
     {4608, 128, 256, 64, 1},  /* Flux token count                         */
 };
 
-static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC, FQ_LIN4_GEMM_MMA, FQ_LIN4_GEMM_WGMMA,
-                                       FQ_LIN4_DEQUANT_BLAS};
+static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM,
+                                       FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS};
 
 static int g_ndev;
 
@@ -485,13 +488,16 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 run_and_check(ctx, FQ_LIN4_SELECT(impl, 0), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 if (!sh->sweep) continue;
                 static const int gemv_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K split, deep bit */
+                static const int stream_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K slices, small batch bit */
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
+                           : impl == FQ_LIN4_GEMV_STREAM ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                                                         : 0;
                 for (int cfg = 1; cfg <= ncfg; cfg++) {
                     int code = cfg;
                     if (impl == FQ_LIN4_GEMV_TC) code = gemv_codes[cfg - 1];
+                    if (impl == FQ_LIN4_GEMV_STREAM) code = stream_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
@@ -514,9 +520,9 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 }
                 CHECK(impl != FQ_LIN4_NONE, "no kernel for public choice %d: %s", p, fq_ctx_error(ctx));
                 if (impl == FQ_LIN4_NONE) continue;
-                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE, "GEMV -> %s", fq_lin4_impl_name(impl));
+                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM, "GEMV -> %s", fq_lin4_impl_name(impl));
                 if (p == 3) CHECK(impl == FQ_LIN4_DEQUANT_BLAS, "DEQUANT_BLAS -> %s", fq_lin4_impl_name(impl));
-                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
+                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
                 snprintf(what, sizeof what, "public %d (%s)", p, fq_lin4_impl_name(impl));
                 run_and_check(ctx, pub[p], what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
             }

@@ -6,10 +6,13 @@
  * with that device's state (cuBLASLt handle, workspaces, kernel attributes). The
  * call is asynchronous: it returns once the work is queued on the stream.
  *
- * Automatic choice:
+ * Automatic choice (measured on an H100, bench/results/bench_linear_h100_*.txt):
+ *   M <= 8    gemv4_stream (W rounded exactly like dequantize), else
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
- *   M > 16    gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
- *             they support the operands; else dequantize + cuBLASLt.
+ *   M > 16    below LIN_DQ_MIN_M rows gemm4_wgmma on sm_90 (when built), else
+ *             gemm4_mma on sm_80+, when they support the operands; from
+ *             LIN_DQ_MIN_M rows on (and whatever they do not support) dequantize
+ *             + cuBLASLt, which is faster there.
  * ctx->linear_kernel forces a family (FQ_LINEAR_GEMV / GEMM / DEQUANT_BLAS);
  * a forced family that cannot run the operands falls back to one that can
  * (GEMV -> gemv4_simple, GEMM -> dequantize + cuBLASLt). The internal values
@@ -25,12 +28,15 @@
 #include <string.h>
 
 #define LIN_GEMV_MAX_M 16
+#define LIN_STREAM_MAX_M 8
+#define LIN_DQ_MIN_M 192
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u
+#define LIN_PREP_GEMV_STREAM 4u
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
-static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",      "gemv4_simple", "gemv4_tc",
-                                                  "gemm4_mma", "gemm4_wgmma",  "dequant_cublaslt"};
+static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
+                                                  "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream"};
 
 const char *fq_lin4_impl_name(fq_lin4_impl k) {
     return (unsigned)k < FQ_LIN4_COUNT ? g_impl_names[k] : "?";
@@ -107,12 +113,30 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
     case FQ_LIN4_GEMV_SIMPLE:
     case FQ_LIN4_DEQUANT_BLAS: return 1;
     case FQ_LIN4_GEMV_TC: return d->cc_major >= 8 && fq_cuda_gemv4_tc_supported(&op->w, &op->io);
+    case FQ_LIN4_GEMV_STREAM: return d->cc_major >= 8 && fq_cuda_gemv4_stream_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_MMA: return d->cc_major >= 8 && fq_cuda_gemm4_mma_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_WGMMA:
         return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_wgmma_built() &&
                fq_cuda_gemm4_wgmma_supported(&op->w, &op->io);
     default: return 0;
     }
+}
+
+static fq_lin4_impl best_gemm(const fq_cuda_dev *d, const lin_op *op);
+
+/* The best GEMV-family kernel for op (M <= LIN_GEMV_MAX_M). */
+static fq_lin4_impl best_gemv(const fq_cuda_dev *d, const lin_op *op) {
+    if (op->io.m <= LIN_STREAM_MAX_M && can_run(d, FQ_LIN4_GEMV_STREAM, op)) return FQ_LIN4_GEMV_STREAM;
+    return can_run(d, FQ_LIN4_GEMV_TC, op) ? FQ_LIN4_GEMV_TC : FQ_LIN4_GEMV_SIMPLE;
+}
+
+/* Automatic choice for M > LIN_GEMV_MAX_M: the fused GEMM where it beats dequantize
+ * + cuBLASLt on the H100 (bench/results/bench_linear_h100_*.txt), else the latter. */
+static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
+    fq_lin4_impl k = best_gemm(d, op);
+    if (k == FQ_LIN4_NONE) return FQ_LIN4_DEQUANT_BLAS;
+    if (op->io.m >= LIN_DQ_MIN_M) return FQ_LIN4_DEQUANT_BLAS;
+    return k;
 }
 
 static fq_lin4_impl best_gemm(const fq_cuda_dev *d, const lin_op *op) {
@@ -144,8 +168,7 @@ static fq_lin4_impl choose(fq_ctx *ctx, const fq_cuda_dev *d, int sel, const lin
         return (fq_lin4_impl)impl;
     }
     switch (sel) {
-    case FQ_LINEAR_GEMV:
-        return can_run(d, FQ_LIN4_GEMV_TC, op) ? FQ_LIN4_GEMV_TC : FQ_LIN4_GEMV_SIMPLE;
+    case FQ_LINEAR_GEMV: return best_gemv(d, op);
     case FQ_LINEAR_GEMM: {
         fq_lin4_impl k = best_gemm(d, op);
         return k != FQ_LIN4_NONE ? k : FQ_LIN4_DEQUANT_BLAS;
@@ -153,10 +176,8 @@ static fq_lin4_impl choose(fq_ctx *ctx, const fq_cuda_dev *d, int sel, const lin
     case FQ_LINEAR_DEQUANT_BLAS: return FQ_LIN4_DEQUANT_BLAS;
     default: break;
     }
-    if (op->io.m <= LIN_GEMV_MAX_M)
-        return can_run(d, FQ_LIN4_GEMV_TC, op) ? FQ_LIN4_GEMV_TC : FQ_LIN4_GEMV_SIMPLE;
-    fq_lin4_impl k = best_gemm(d, op);
-    return k != FQ_LIN4_NONE ? k : FQ_LIN4_DEQUANT_BLAS;
+    if (op->io.m <= LIN_GEMV_MAX_M) return best_gemv(d, op);
+    return auto_gemm(d, op);
 }
 
 /* ---- dequantize + cuBLASLt ---------------------------------------------------------- */
@@ -297,7 +318,9 @@ static fq_status run_dequant_blas(fq_ctx *ctx, fq_cuda_dev *d, const lin_op *op)
 
 static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
     if (d->lin_prepared & bit) return FQ_OK;
-    int rc = bit == LIN_PREP_GEMM_MMA ? fq_cuda_gemm4_mma_prepare(d->smem_optin) : fq_cuda_gemm4_wgmma_prepare();
+    int rc = bit == LIN_PREP_GEMM_MMA    ? fq_cuda_gemm4_mma_prepare(d->smem_optin)
+             : bit == LIN_PREP_GEMV_STREAM ? fq_cuda_gemv4_stream_prepare()
+                                           : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
     return FQ_OK;
@@ -309,6 +332,10 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
     switch (impl) {
     case FQ_LIN4_GEMV_SIMPLE: rc = fq_cuda_gemv4_simple(&op->w, &op->io, &op->e, d->stream); break;
     case FQ_LIN4_GEMV_TC: rc = fq_cuda_gemv4_tc(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream); break;
+    case FQ_LIN4_GEMV_STREAM:
+        FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_STREAM));
+        rc = fq_cuda_gemv4_stream(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream);
+        break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));
         rc = fq_cuda_gemm4_mma(&op->w, &op->io, &op->e, d->sm_count, d->smem_optin, cfg, d->stream);

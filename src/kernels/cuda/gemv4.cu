@@ -325,6 +325,263 @@ extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, c
     return (int)cudaSuccess;
 }
 
+/* ---- streaming kernel for M <= 8 -------------------------------------------------------
+ *
+ * gemv4_stream: the weight is streamed once with 16-byte ld.global.nc.L1::no_allocate
+ * loads and decoded exactly as dequantize does: w = round_to_T(code[nibble] * absmax)
+ * (f32 product with ftz; nested absmax = (code256[q] * nested_absmax, ftz) + offset,
+ * two roundings). The rounded weights feed mma.sync m16n8k16 as the B operand (8 W
+ * rows = the 8 columns), x is the A operand (rows g < M of the 16; the rest zero),
+ * so the tensor cores do the FMAs and the f32 accumulation.
+ *
+ * A warp owns a tile of 8 W rows and a slice of K in chunks of 128 elements (64
+ * bytes per row). Lane (g, t) loads bytes [16t, 16t+16) of each chunk of row g:
+ * 32 consecutive elements, inside one absmax block (blocksize >= 32, K a multiple
+ * of it). MMA step s (0..7) of a chunk takes byte 2s (elements 4s, 4s+1 -> B slots
+ * 2t, 2t+1) and byte 2s+1 (elements 4s+2, +3 -> slots 2t+8, 2t+9), and x elements
+ * 4s .. 4s+3 of the same 32 in the same A slots: the k order inside an MMA is
+ * permuted identically for A and B. Chunks are loaded U at a time, the next U
+ * while the current ones are decoded (two register buffers).
+ *
+ * The decode table: 256 byte values x 16 copies of the f32 pair (code[hi], code[lo])
+ * (32 KB); lane l reads copy l % 16, so the 16 lanes of each LDS.64 phase hit
+ * distinct banks. A block is 8 warps = ks K-slices x 8/ks row tiles; the ks partial
+ * sums of a tile are added in a fixed order (results do not depend on timing).
+ * Each block runs one group of tiles; the hardware balances the blocks over SMs. */
+
+typedef struct {
+    fq_lin4_weight w;
+    const void *x; /* [m, k] */
+    void *y;       /* [m, n] */
+    int y_dtype;
+    int64_t m;     /* <= 8 */
+    fq_lin4_epilogue e;
+    int ks;        /* K slices per tile: 1, 2, 4, 8 */
+    int lg2bs;
+} st_args;
+
+#define ST_TBL_BYTES (256 * 16 * 8)
+#define ST_SMEM_BYTES (ST_TBL_BYTES + (16 + 256 + 8 * 2 * 32) * 4)
+
+static __device__ __forceinline__ uint4 st_ld_stream(const void *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+static __device__ __forceinline__ float st_mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+template <typename T, bool NESTED, int U>
+__global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_args a) {
+    extern __shared__ __align__(16) uint8_t st_sm[];
+    float *qm_s = (float *)(st_sm + ST_TBL_BYTES);
+    float *code_s = qm_s + 16;
+    float *red = code_s + 256;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int ks = a.ks, wr = warp / ks, wk = warp - wr * ks;
+    const int64_t N = a.w.n, K = a.w.k, M = a.m;
+    const int64_t n0 = ((int64_t)blockIdx.x * (8 / ks) + wr) * 8;
+    const int64_t C = (K + 127) >> 7; /* chunks per row */
+    const int64_t c_beg = C * wk / ks, c_end = C * (wk + 1) / ks;
+    const int64_t row = min(n0 + g, N - 1);
+    const uint8_t *prow = a.w.packed + row * (K >> 1) + 16 * t;
+    const int64_t eoff = row * K + 32 * t; /* flat index of this lane's first element of chunk 0 */
+    const bool xok = g < M;
+    const T *xrow = (const T *)a.x + (xok ? g : 0) * K + 32 * t;
+
+    uint4 wv0[U], wv1[U];
+    uint32_t qv0[U], qv1[U];
+    float av0[U], av1[U];
+    auto load = [&](int64_t cb, uint4 (&wv)[U], uint32_t (&qv)[U], float (&av)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t c = cb + u;
+            const bool ok = c < c_end && c * 128 + 32 * t < K;
+            if (ok) {
+                wv[u] = st_ld_stream(prow + c * 64);
+                const int64_t blk = (eoff + c * 128) >> a.lg2bs;
+                if (NESTED) {
+                    qv[u] = __ldg(&a.w.qabsmax[blk]);
+                    av[u] = __ldg(&a.w.nested_absmax[blk >> 8]);
+                } else {
+                    qv[u] = 0;
+                    av[u] = __ldg(&a.w.absmax[blk]);
+                }
+            } else {
+                wv[u] = make_uint4(0, 0, 0, 0);
+                qv[u] = 0;
+                av[u] = 0.0f;
+            }
+        }
+    };
+    /* the first loads go out before the table is built */
+    if (c_beg < c_end) load(c_beg, wv0, qv0, av0);
+
+    if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
+    if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
+    __syncthreads();
+    {
+        const int b = tid; /* 256 threads: one table entry each, 16 copies = 8 x 16 bytes */
+        const float lo = qm_s[b >> 4], hi = qm_s[b & 15];
+        const uint4 vv = make_uint4(__float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi));
+        uint4 *dst = (uint4 *)(st_sm + b * 128);
+#pragma unroll
+        for (int j = 0; j < 8; j++) dst[(j + b) & 7] = vv;
+    }
+    __syncthreads();
+
+    const uint32_t tl = (uint32_t)(lane & 15) * 8; /* this lane's copy, in bytes */
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    auto compute = [&](int64_t cb, const uint4 (&wv)[U], const uint32_t (&qv)[U], const float (&av)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t c = cb + u;
+            if (c >= c_end) break; /* warp-uniform */
+            float am;
+            if (NESTED) am = __fadd_rn(st_mul_ftz(code_s[qv[u]], av[u]), a.w.offset);
+            else am = av[u];
+            if (!(c * 128 + 32 * t < K)) am = 0.0f;
+            uint4 xv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                xv[i] = (xok && c * 128 + 32 * t < K) ? __ldg((const uint4 *)(xrow + c * 128) + i) : make_uint4(0, 0, 0, 0);
+            const uint32_t wds[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                                     xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+#pragma unroll
+            for (int s = 0; s < 8; s++) {
+                const uint32_t wd = wds[s >> 1];
+                const int sh = (s & 1) * 16;
+                const uint32_t i0 = ((wd >> sh) & 0xffu) * 128u + tl;
+                const uint32_t i1 = ((wd >> (sh + 8)) & 0xffu) * 128u + tl;
+                const float2 p0 = *(const float2 *)(st_sm + i0);
+                const float2 p1 = *(const float2 *)(st_sm + i1);
+                const uint32_t b0 = fq_mma_t<T>::pack(st_mul_ftz(p0.x, am), st_mul_ftz(p0.y, am));
+                const uint32_t b1 = fq_mma_t<T>::pack(st_mul_ftz(p1.x, am), st_mul_ftz(p1.y, am));
+                fq_mma16816<T>(acc, xw[2 * s], 0u, xw[2 * s + 1], 0u, b0, b1);
+            }
+        }
+    };
+
+    for (int64_t cb = c_beg; cb < c_end; cb += 2 * U) {
+        if (cb + U < c_end) load(cb + U, wv1, qv1, av1);
+        compute(cb, wv0, qv0, av0);
+        if (cb + 2 * U < c_end) load(cb + 2 * U, wv0, qv0, av0);
+        if (cb + U < c_end) compute(cb + U, wv1, qv1, av1);
+    }
+
+    /* acc[0], acc[1] = (x row g, W rows n0 + 2t, n0 + 2t + 1) */
+    if (ks > 1) {
+        red[(warp * 2 + 0) * 32 + lane] = acc[0];
+        red[(warp * 2 + 1) * 32 + lane] = acc[1];
+        __syncthreads();
+        if (wk == 0)
+            for (int j = 1; j < ks; j++) {
+                acc[0] += red[((warp + j) * 2 + 0) * 32 + lane];
+                acc[1] += red[((warp + j) * 2 + 1) * 32 + lane];
+            }
+    }
+    if (wk == 0 && xok) {
+        const int64_t n = n0 + 2 * t;
+        if (n + 1 < N && (N & 1) == 0) {
+            fq_stf2(a.y, a.y_dtype, g * N + n, fq_epi(a.e, n, acc[0]), fq_epi(a.e, n + 1, acc[1]));
+        } else {
+            if (n < N) fq_stf(a.y, a.y_dtype, g * N + n, fq_epi(a.e, n, acc[0]));
+            if (n + 1 < N) fq_stf(a.y, a.y_dtype, g * N + n + 1, fq_epi(a.e, n + 1, acc[1]));
+        }
+    }
+}
+
+extern "C" int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
+    return is_mma_dtype(io->x_dtype) && is_io_dtype(io->y_dtype) && io->m <= 8 && w->blocksize >= 32 &&
+           w->k >= 32 && w->k % w->blocksize == 0 && w->n >= 1 && ((uintptr_t)io->x & 15) == 0 &&
+           ((uintptr_t)w->packed & 15) == 0 && w->quant_map != NULL;
+}
+
+extern "C" int fq_cuda_gemv4_stream_prepare(void) {
+    const void *fns[] = {
+        (const void *)gemv4_stream_kernel<__nv_bfloat16, false, 4>, (const void *)gemv4_stream_kernel<__nv_bfloat16, true, 4>,
+        (const void *)gemv4_stream_kernel<__half, false, 4>,        (const void *)gemv4_stream_kernel<__half, true, 4>,
+        (const void *)gemv4_stream_kernel<__nv_bfloat16, false, 2>, (const void *)gemv4_stream_kernel<__nv_bfloat16, true, 2>,
+        (const void *)gemv4_stream_kernel<__half, false, 2>,        (const void *)gemv4_stream_kernel<__half, true, 2>,
+    };
+    for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+        cudaError_t e = cudaFuncSetAttribute(fns[i], cudaFuncAttributeMaxDynamicSharedMemorySize, ST_SMEM_BYTES);
+        if (e != cudaSuccess) return (int)e;
+    }
+    return (int)cudaSuccess;
+}
+
+/* K slices per row tile: enough warps to keep every SM streaming, few enough that
+ * each warp has a few chunks to stream and its partial sums are cheap to add. */
+static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
+    const int64_t tiles = (n + 7) / 8, C = (k + 127) / 128;
+    const int64_t slots = per_sm * (int64_t)(sm_count > 0 ? sm_count : 132); /* resident blocks */
+    int best = 1;
+    double best_cost = -1.0;
+    for (int ks = 1; ks <= 8; ks *= 2) {
+        if (ks > 1 && C / ks < 2) break;
+        const int64_t groups = (tiles * ks + 7) / 8;
+        double waves = (double)groups / (double)slots;
+        if (waves < 1.0) waves = 1.0; /* under one wave the SMs are not all busy anyway */
+        /* blocks are scheduled dynamically: about half a block's time of tail */
+        const double cost = (waves + 0.5) * ((double)((C + ks - 1) / ks) + 3.0);
+        if (best_cost < 0.0 || cost < best_cost) {
+            best_cost = cost;
+            best = ks;
+        }
+    }
+    return best;
+}
+
+/* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 2 chunks
+ * per load batch instead of 4. */
+extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                    int sm_count, int cfg, cudaStream_t stream) {
+    if (!fq_cuda_gemv4_stream_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (io->m <= 0) return (int)cudaSuccess;
+    int ks = cfg & 15;
+    const int small_u = (cfg >> 4) & 1;
+    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) ks = stream_pick_ks(w->n, w->k, sm_count, small_u ? 3 : 2);
+    const int64_t tiles = (w->n + 7) / 8;
+    const int64_t blocks = (tiles + 8 / ks - 1) / (8 / ks);
+    if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
+    st_args a;
+    a.w = *w;
+    a.x = io->x;
+    a.y = io->y;
+    a.y_dtype = io->y_dtype;
+    a.m = io->m;
+    a.e = *e;
+    a.ks = ks;
+    a.lg2bs = fq_log2i(w->blocksize);
+    const dim3 grid((unsigned)blocks);
+    const bool bf = io->x_dtype == FQ_BF16;
+    if (small_u) {
+        if (bf) {
+            if (w->nested) gemv4_stream_kernel<__nv_bfloat16, true, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+            else gemv4_stream_kernel<__nv_bfloat16, false, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+        } else {
+            if (w->nested) gemv4_stream_kernel<__half, true, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+            else gemv4_stream_kernel<__half, false, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+        }
+    } else {
+        if (bf) {
+            if (w->nested) gemv4_stream_kernel<__nv_bfloat16, true, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+            else gemv4_stream_kernel<__nv_bfloat16, false, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+        } else {
+            if (w->nested) gemv4_stream_kernel<__half, true, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+            else gemv4_stream_kernel<__half, false, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
+        }
+    }
+    return (int)cudaGetLastError();
+}
+
 /* ---- elementwise epilogues ---------------------------------------------------------- */
 
 __global__ void lin4_finish_kernel(const float *acc, fq_lin4_io io, int64_t n, fq_lin4_epilogue e) {

@@ -20,6 +20,8 @@
  *    odd K, x/y f32/f16/bf16). Scalar f32 FMA; the reference GPU kernel.
  *  - gemv4_tc (small M, tensor cores): x f16/bf16, blocksize >= 64, K % blocksize
  *    == 0 (every absmax block inside one row), x 16-byte aligned.
+ *  - gemv4_stream (M <= 8): x f16/bf16, blocksize >= 32, K % blocksize == 0, x and
+ *    the packed weight 16-byte aligned.
  *  - gemm4_mma (sm_80+) and gemm4_wgmma (sm_90a): the same as gemv4_tc.
  */
 #ifndef FQ_LINEAR_CUDA_H
@@ -82,6 +84,16 @@ int fq_cuda_gemv4_tc_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                      int sm_count, int ksplit, cudaStream_t stream);
 
+/* Streaming kernel for M <= 8 (sm_80+): 16-byte weight loads, W decoded exactly as
+ * dequantize rounds it (code * absmax in f32, rounded once to x's type), products
+ * and f32 sums on tensor cores. cfg (0 = choose): bits 0..3 = K slices per row tile
+ * (1, 2, 4, 8), bit 4 = 2 chunks per load batch instead of 4. */
+int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+/* Sets the kernels' dynamic shared-memory limit on the CURRENT device (once per device). */
+int fq_cuda_gemv4_stream_prepare(void);
+int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                         int sm_count, int cfg, cudaStream_t stream);
+
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
  * needs more shared memory than smem_optin is replaced by the automatic choice). */
@@ -136,6 +148,7 @@ typedef enum {
     FQ_LIN4_GEMM_MMA,     /* mma.sync GEMM (FQ_LINEAR_GEMM before sm_90)                     */
     FQ_LIN4_GEMM_WGMMA,   /* wgmma GEMM (FQ_LINEAR_GEMM on sm_90)                            */
     FQ_LIN4_DEQUANT_BLAS, /* dequantize to a scratch + cuBLASLt (FQ_LINEAR_DEQUANT_BLAS)     */
+    FQ_LIN4_GEMV_STREAM,  /* M <= 8 streaming kernel, W rounded like dequantize (FQ_LINEAR_GEMV) */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 
