@@ -70,11 +70,16 @@ static int all_finite(const float *a, int64_t n) {
     return 1;
 }
 
-/* A copy of t's values on the host (caller frees); NULL on failure (reported). */
+/* A copy of t's values on the host as f32 (caller frees; a bf16 activation of
+ * the GPU forward is widened exactly); NULL on failure (reported). */
 static float *host_f32(fq_ctx *ctx, const fq_tensor *t) {
-    float *h = malloc(fq_tensor_nbytes(t) + 4);
-    fq_status s = h ? fq_tensor_to_host(ctx, t, h) : FQ_ERR_OUT_OF_MEMORY;
+    const int64_t n = fq_tensor_numel(t);
+    float *h = malloc((size_t)n * 4 + 4);
+    void *raw = t->dtype == FQ_F32 ? (void *)h : malloc(fq_tensor_nbytes(t) + 4);
+    fq_status s = h && raw ? fq_tensor_to_host(ctx, t, raw) : FQ_ERR_OUT_OF_MEMORY;
     CHECK(s == FQ_OK, "copy to host: %s", fq_ctx_error(ctx));
+    if (s == FQ_OK && raw != h) fq_cpu_to_f32(raw, t->dtype, n, h);
+    if (raw != h) free(raw);
     if (s != FQ_OK) {
         free(h);
         return NULL;
@@ -1057,6 +1062,121 @@ static void test_random_devices(fq_ctx *ctx, fq_device dev) {
     }
 }
 
+/* ---- bf16 activation storage: the same bits as f32 storage ------------------------------- */
+
+/* A device tensor of dtype dt with random values rounded to bf16. */
+static fq_tensor *dev_rand16(fq_ctx *ctx, fq_device d, fq_dtype dt, int nd, const int64_t *sh, uint64_t seed,
+                             float scale) {
+    fq_tensor *t = NULL, *f = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, nd, sh, &f));
+    if (!f) return NULL;
+    CHECK_OK(ctx, fq_nn_random(ctx, f, seed, scale, 0.0f));
+    if (dt == FQ_F32) {
+        CHECK_OK(ctx, fq_nn_cast(ctx, f, f, FQ_BF16));
+        return f;
+    }
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, dt, nd, sh, &t));
+    if (t) CHECK_OK(ctx, fq_nn_cast(ctx, f, t, FQ_BF16));
+    fq_tensor_free(f);
+    return t;
+}
+
+static fq_tensor *dev_to(fq_ctx *ctx, const fq_tensor *x, fq_dtype dt) {
+    fq_tensor *t = NULL;
+    if (!x) return NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, x->buf.dev, dt, x->ndim, x->shape, &t));
+    if (t) CHECK_OK(ctx, fq_nn_cast(ctx, x, t, FQ_BF16));
+    return t;
+}
+
+/* The f32-stored result and the bf16-stored one hold the same values. */
+static void same16(fq_ctx *ctx, const char *what, const fq_tensor *f, const fq_tensor *b) {
+    if (!f || !b) return;
+    float *x = host_f32(ctx, f), *y = host_f32(ctx, b);
+    if (x && y) {
+        int64_t nd = ndiff(x, y, fq_tensor_numel(f));
+        printf("  bf16 storage, %-28s %lld of %lld elements differ from f32 storage\n", what, (long long)nd,
+               (long long)fq_tensor_numel(f));
+        CHECK(nd == 0, "bf16 storage changes %s in %lld elements", what, (long long)nd);
+    }
+    free(x);
+    free(y);
+}
+
+static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
+    char dn[16];
+    printf("bf16 activation storage on %s:\n", fq_device_name(d, dn, sizeof dn));
+    CHECK(fq_nn_act_dtype(d, FQ_BF16) == FQ_BF16 && fq_nn_act_dtype(d, FQ_F32) == FQ_F32 &&
+              fq_nn_act_dtype(FQ_CPU, FQ_BF16) == FQ_F32,
+          "fq_nn_act_dtype");
+    const fq_dtype R = FQ_BF16;
+    const int64_t B = 2, S = 70, H = 2, dh = 128, D = H * dh, N = 96;
+    int64_t xs[3] = {B, S, D}, ms[2] = {B, 6 * D}, ts[2] = {S, dh}, ws[2] = {N, D}, bs[1] = {N}, ys[3] = {B, S, N},
+            hs[1] = {dh};
+    fq_tensor *xf = dev_rand16(ctx, d, FQ_F32, 3, xs, 11, 3.0f), *xb = dev_to(ctx, xf, FQ_BF16);
+    fq_tensor *yf = dev_rand16(ctx, d, FQ_F32, 3, xs, 12, 1.0f), *yb = dev_to(ctx, yf, FQ_BF16);
+    fq_tensor *mod = dev_rand16(ctx, d, FQ_F32, 2, ms, 13, 1.0f);
+    fq_tensor *cs = dev_rand16(ctx, d, FQ_F32, 2, ts, 14, 1.0f), *sn = dev_rand16(ctx, d, FQ_F32, 2, ts, 15, 1.0f);
+    fq_tensor *w = dev_rand16(ctx, d, FQ_BF16, 2, ws, 16, 0.1f), *bias = dev_rand16(ctx, d, FQ_BF16, 1, bs, 17, 1.0f);
+    fq_tensor *nw = dev_rand16(ctx, d, FQ_BF16, 1, hs, 18, 1.0f);
+    fq_tensor *of = dev_rand16(ctx, d, FQ_F32, 3, ys, 19, 1.0f), *ob = dev_to(ctx, of, FQ_BF16), *o32 = NULL;
+    fq_tensor *af = dev_rand16(ctx, d, FQ_F32, 3, xs, 20, 1.0f), *ab = dev_to(ctx, af, FQ_BF16);
+    fq_tensor *sf = NULL, *sb = NULL;
+    if (!xb || !yb || !mod || !cs || !sn || !w || !bias || !nw || !ob || !ab) goto done;
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 3, ys, &o32));
+    int64_t lsz = fq_nn_linear_scratch(ctx, w, bias, B * S, R), asz = fq_nn_attention_scratch(d, B, S, H, dh, R);
+    int64_t l1[1] = {lsz > asz ? lsz : asz};
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 1, l1, &sf));
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 1, l1, &sb));
+    if (!sf || !sb || !o32) goto done;
+
+    CHECK_OK(ctx, fq_nn_adaln(ctx, xf, mod, 3, 4, 1e-6f, yf, R));
+    CHECK_OK(ctx, fq_nn_adaln(ctx, xb, mod, 3, 4, 1e-6f, yb, R));
+    same16(ctx, "adaln", yf, yb);
+    CHECK_OK(ctx, fq_nn_gated_add(ctx, xf, mod, 2, yf, R));
+    CHECK_OK(ctx, fq_nn_gated_add(ctx, xb, mod, 2, yb, R));
+    same16(ctx, "gated_add", xf, xb);
+    CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, yf, yf, R));
+    CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, yb, yb, R));
+    same16(ctx, "gelu_tanh", yf, yb);
+    CHECK_OK(ctx, fq_nn_rmsnorm_heads(ctx, xf, nw, 1e-6f, xf, R));
+    CHECK_OK(ctx, fq_nn_rmsnorm_heads(ctx, xb, nw, 1e-6f, xb, R));
+    same16(ctx, "rmsnorm_heads", xf, xb);
+    CHECK_OK(ctx, fq_nn_rope(ctx, xf, cs, sn, H, R));
+    CHECK_OK(ctx, fq_nn_rope(ctx, xb, cs, sn, H, R));
+    same16(ctx, "rope", xf, xb);
+    CHECK_OK(ctx, fq_nn_attention(ctx, xf, yf, af, H, af, sf, R));
+    CHECK_OK(ctx, fq_nn_attention(ctx, xb, yb, ab, H, ab, sb, R));
+    same16(ctx, "attention", af, ab);
+    /* a linear: f32 in/out, bf16 in/out, bf16 in and f32 out */
+    CHECK_OK(ctx, fq_nn_linear(ctx, af, w, bias, of, sf, R));
+    CHECK_OK(ctx, fq_nn_linear(ctx, ab, w, bias, ob, sb, R));
+    same16(ctx, "linear (bf16 x, bf16 y)", of, ob);
+    CHECK_OK(ctx, fq_nn_linear(ctx, ab, w, bias, o32, sb, R));
+    same16(ctx, "linear (bf16 x, f32 y)", of, o32);
+    /* f32 weight at bf16 compute: the f32 GEMM, its result narrowed row chunk by row chunk */
+    fq_tensor *w32 = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 2, ws, &w32));
+    if (w32) {
+        CHECK_OK(ctx, fq_nn_cast(ctx, w, w32, FQ_F32));
+        int64_t need = fq_nn_linear_scratch_io(ctx, w32, bias, B * S, R, FQ_BF16, FQ_BF16);
+        CHECK(need <= l1[0], "scratch for an f32 weight (%lld floats)", (long long)need);
+        if (need <= l1[0]) {
+            CHECK_OK(ctx, fq_nn_linear(ctx, af, w32, bias, of, sf, R));
+            CHECK_OK(ctx, fq_nn_linear(ctx, ab, w32, bias, ob, sb, R));
+            same16(ctx, "linear, f32 weight", of, ob);
+        }
+        fq_tensor_free(w32);
+    }
+    /* bf16 tensors are refused on the CPU and at f32 compute */
+    CHECK(fq_nn_gelu_tanh(ctx, yb, yb, FQ_F32) != FQ_OK, "bf16 activations at f32 compute are refused");
+done:
+    fq_tensor_free(xf), fq_tensor_free(xb), fq_tensor_free(yf), fq_tensor_free(yb), fq_tensor_free(mod);
+    fq_tensor_free(cs), fq_tensor_free(sn), fq_tensor_free(w), fq_tensor_free(bias), fq_tensor_free(nw);
+    fq_tensor_free(of), fq_tensor_free(ob), fq_tensor_free(o32), fq_tensor_free(af), fq_tensor_free(ab);
+    fq_tensor_free(sf), fq_tensor_free(sb);
+}
+
 int main(void) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
@@ -1072,6 +1192,7 @@ int main(void) {
         for (int d = 0; d < ndev; d++) {
             test_ops(ctx, FQ_CUDA(d));
             test_attention(ctx, FQ_CUDA(d));
+            test_bf16_storage(ctx, FQ_CUDA(d));
             if (fixtures) test_golden(ctx, FQ_CUDA(d));
             test_random_devices(ctx, FQ_CUDA(d));
         }

@@ -48,7 +48,8 @@ struct fq_flux_plan {
     int64_t B, St, Si, S;
     fq_buffer arena;          /* owned */
     size_t off[NBUF];
-    int64_t cap[NBUF];        /* floats per buffer */
+    int64_t cap[NBUF];        /* elements per buffer */
+    fq_dtype dt[NBUF];        /* f32, or fq_nn_act_dtype for the token-sized activations */
     int ndim[NBUF];
     int64_t shape[NBUF][3];
     fq_flux_tap_fn tap;
@@ -63,14 +64,21 @@ static void set_shape(fq_flux_plan *p, int id, int nd, int64_t a, int64_t b, int
     p->cap[id] = nd == 1 ? a : nd == 2 ? a * b : a * b * c;
 }
 
-/* Scratch of one linear for any row count the forward uses (rows[0..3]). */
-static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t rows[4], fq_dtype cd) {
+/* Scratch of one linear for any row count the forward uses (rows[0..3]):
+ * [B] rows map f32 to f32 (the modulation and embedder linears), token rows
+ * map activations (act) to activations, and the last linear writes the f32
+ * output. */
+static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t rows[4], fq_dtype cd, fq_dtype act,
+                           int last) {
     if (!l->w && !l->qw) return 0;
     int64_t n = 0;
     for (int i = 0; i < 4; i++) {
-        int64_t s = l->qw ? fq_nn_linear_q4_scratch(ctx, l->qw, l->b, rows[i], cd)
-                          : fq_nn_linear_scratch(ctx, l->w, l->b, rows[i], cd);
-        n = s > n ? s : n;
+        for (int j = 0; j < 2; j++) {
+            const fq_dtype xt = i == 0 ? FQ_F32 : act, yt = i == 0 || (j == 1 && last) ? FQ_F32 : act;
+            int64_t s = l->qw ? fq_nn_linear_q4_scratch_io(ctx, l->qw, l->b, rows[i], cd, xt, yt)
+                              : fq_nn_linear_scratch_io(ctx, l->w, l->b, rows[i], cd, xt, yt);
+            n = s > n ? s : n;
+        }
     }
     return n;
 }
@@ -82,17 +90,19 @@ static int64_t model_lin_scratch(fq_ctx *ctx, const fq_flux_model *m, const int6
     const fq_flux_linear *top[] = {&m->time_l1, &m->time_l2, &m->guid_l1, &m->guid_l2, &m->text_l1, &m->text_l2,
                                    &m->context_embedder, &m->x_embedder, &m->norm_out, &m->proj_out};
     int64_t n = 0;
-    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) n = max64(n, lin_scratch(ctx, top[i], rows, m->compute_dtype));
+    const fq_dtype cd = m->compute_dtype, act = fq_nn_act_dtype(m->device, cd);
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++)
+        n = max64(n, lin_scratch(ctx, top[i], rows, cd, act, top[i] == &m->proj_out));
     for (int64_t i = 0; i < m->cfg.num_layers; i++) {
         const fq_flux_double *b = &m->blocks[i];
         const fq_flux_linear *l[] = {&b->norm1, &b->norm1_context, &b->to_q, &b->to_k, &b->to_v, &b->add_q, &b->add_k,
                                      &b->add_v, &b->to_out, &b->to_add_out, &b->ff1, &b->ff2, &b->ff_ctx1, &b->ff_ctx2};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, m->compute_dtype));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0));
     }
     for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
         const fq_flux_single *s = &m->single[i];
         const fq_flux_linear *l[] = {&s->norm, &s->to_q, &s->to_k, &s->to_v, &s->proj_mlp, &s->proj_out};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, m->compute_dtype));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0));
     }
     return n;
 }
@@ -112,6 +122,12 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     const int64_t B = batch, St = txt_tokens, Si = img_tokens, S = St + Si, D = c->inner_dim, F = c->mlp_dim;
     p->m = m;
     p->B = B, p->St = St, p->Si = Si, p->S = S;
+    /* token-sized activations in the device's activation dtype (bf16 on a GPU
+     * for a bf16 model: the values are bf16-rounded anyway); the rest f32 */
+    const fq_dtype act = fq_nn_act_dtype(m->device, m->compute_dtype);
+    for (int id = 0; id < NBUF; id++) p->dt[id] = FQ_F32;
+    p->dt[B_XIN] = p->dt[B_CIN] = act;
+    for (int id = B_H; id <= B_CAT; id++) p->dt[id] = act;
     set_shape(p, B_T, 1, B, 0, 0);
     set_shape(p, B_G, 1, B, 0, 0);
     set_shape(p, B_IDS, 2, S, 3, 0);
@@ -137,7 +153,7 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     size_t off = 0;
     for (int id = 0; id < NBUF; id++) {
         p->off[id] = off;
-        off += ((size_t)p->cap[id] * sizeof(float) + 63) & ~(size_t)63; /* 64-byte aligned views */
+        off += ((size_t)p->cap[id] * fq_dtype_size(p->dt[id]) + 255) & ~(size_t)255; /* 256-byte aligned views */
     }
     fq_status s = fq_buf_alloc(ctx, m->device, off, &p->arena);
     if (s != FQ_OK) {
@@ -163,20 +179,20 @@ void fq_flux_plan_set_tap(fq_flux_plan *p, fq_flux_tap_fn fn, void *user) {
 
 /* A buffer with its planned shape. */
 static fq_tensor V(const fq_flux_plan *p, int id) {
-    return fq_nn_view(&p->arena, p->off[id], FQ_F32, p->ndim[id], p->shape[id], g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], p->dt[id], p->ndim[id], p->shape[id], g_buf_names[id]);
 }
 
 /* A buffer seen with another shape of at most its planned size. */
 static fq_tensor V2(const fq_flux_plan *p, int id, int64_t a, int64_t b) {
     int64_t sh[2] = {a, b};
     FQ_ASSERT(a * b <= p->cap[id]);
-    return fq_nn_view(&p->arena, p->off[id], FQ_F32, 2, sh, g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], p->dt[id], 2, sh, g_buf_names[id]);
 }
 
 static fq_tensor V3(const fq_flux_plan *p, int id, int64_t a, int64_t b, int64_t c) {
     int64_t sh[3] = {a, b, c};
     FQ_ASSERT(a * b * c <= p->cap[id]);
-    return fq_nn_view(&p->arena, p->off[id], FQ_F32, 3, sh, g_buf_names[id]);
+    return fq_nn_view(&p->arena, p->off[id], p->dt[id], 3, sh, g_buf_names[id]);
 }
 
 static void tap(const fq_flux_plan *p, const fq_tensor *t, const char *fmt, ...) {

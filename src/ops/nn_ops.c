@@ -54,6 +54,26 @@ static fq_status check(fq_ctx *ctx, const char *op, const char *role, const fq_t
     return FQ_OK;
 }
 
+fq_dtype fq_nn_act_dtype(fq_device dev, fq_dtype rnd) {
+    return dev.type == FQ_DEVICE_CUDA && rnd == FQ_BF16 ? FQ_BF16 : FQ_F32;
+}
+
+/* Activation operand `t` (role) of op: on dev, of dtype f32 or
+ * fq_nn_act_dtype(dev, rnd), and of the dtype of `like` when given. */
+static fq_status check_act(fq_ctx *ctx, const char *op, const char *role, const fq_tensor *t, fq_device dev,
+                           fq_dtype rnd, const fq_tensor *like) {
+    FQ_TRY(fq_check_tensor(ctx, op, role, t, dev));
+    const fq_dtype alt = fq_nn_act_dtype(dev, rnd);
+    if (t->dtype != FQ_F32 && t->dtype != alt)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: tensor '%s' (%s) has dtype %s; activations must be f32%s%s", op,
+                      tname(t, role), role, fq_dtype_name(t->dtype), alt != FQ_F32 ? " or " : "",
+                      alt != FQ_F32 ? fq_dtype_name(alt) : "");
+    if (like && t->dtype != like->dtype)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: tensor '%s' (%s) has dtype %s, its partner '%s' %s", op,
+                      tname(t, role), role, fq_dtype_name(t->dtype), tname(like, "?"), fq_dtype_name(like->dtype));
+    return FQ_OK;
+}
+
 static fq_status shape_err(fq_ctx *ctx, const char *op, const char *role, const fq_tensor *t,
                            const char *want) {
     char s[96];
@@ -104,7 +124,7 @@ static float *F(const fq_tensor *t) { return (float *)t->buf.ptr; }
 
 fq_status fq_nn_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
     const char *op = "cast";
-    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "y", y, y->buf.dev, rnd, NULL));
     FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 0));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     if (x->numel != y->numel) return shape_err(ctx, op, "x", x, "as many elements as y");
@@ -140,8 +160,8 @@ fq_status fq_nn_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_tens
 
 static fq_status unary(fq_ctx *ctx, const char *op, const fq_tensor *x, fq_tensor *y, fq_dtype rnd,
                        void (*fn)(const float *, float *, int64_t, fq_dtype), int cuda_kind) {
-    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "y", y, y->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "x", x, y->buf.dev, rnd, y));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "x", x, y));
     DISPATCH(y->buf.dev, fq_nncu_act(ctx, cuda_kind, x, y, rnd));
@@ -223,14 +243,22 @@ fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq
 /* ---- linear layers ------------------------------------------------------------ */
 
 int64_t fq_nn_linear_scratch(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd) {
+    return fq_nn_linear_scratch_io(ctx, w, bias, m, rnd, FQ_F32, FQ_F32);
+}
+
+int64_t fq_nn_linear_scratch_io(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
+                                fq_dtype xt, fq_dtype yt) {
     (void)ctx;
 #ifdef FQ_HAVE_CUDA
     if (w->buf.dev.type == FQ_DEVICE_CUDA && w->ndim == 2)
-        return fq_nncu_linear_scratch(0, w->dtype, bias ? (int)bias->dtype : -1, m, w->shape[0], w->shape[1], rnd);
+        return fq_nncu_linear_scratch(0, w->dtype, bias ? (int)bias->dtype : -1, m, w->shape[0], w->shape[1], rnd,
+                                      xt, yt);
 #else
     (void)m;
     (void)rnd;
 #endif
+    (void)xt;
+    (void)yt;
     int64_t n = 0;
     if (w->dtype != FQ_F32) n += w->numel;
     if (bias && bias->dtype != FQ_F32) n += bias->numel;
@@ -245,12 +273,19 @@ static fq_linear_kernel q4_kernel(fq_ctx *ctx, int64_t m, const fq_qtensor *w, f
 }
 
 int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd) {
+    return fq_nn_linear_q4_scratch_io(ctx, w, bias, m, rnd, FQ_F32, FQ_F32);
+}
+
+int64_t fq_nn_linear_q4_scratch_io(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
+                                   fq_dtype xt, fq_dtype yt) {
     if (w->info.ndim != 2) return 0;
 #ifdef FQ_HAVE_CUDA
     if (w->info.device.type == FQ_DEVICE_CUDA)
         return fq_nncu_linear_scratch(1, FQ_F32, bias ? (int)bias->dtype : -1, m, w->info.shape[0], w->info.shape[1],
-                                      rnd);
+                                      rnd, xt, yt);
 #endif
+    (void)xt;
+    (void)yt;
     if (rnd == FQ_F32) {
         fq_cpu_linear4_args a = {NULL, FQ_F32, NULL, bias ? bias->dtype : FQ_F32, NULL, FQ_F32, m, fq_w4_view_of(w)};
         fq_cpu_isa isa = fq_cpu_isa_best();
@@ -264,9 +299,9 @@ int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tenso
 
 /* Checks x [..., K] -> y [..., N] against a weight [N, K]; *m = rows. */
 static fq_status linear_shapes(fq_ctx *ctx, const char *op, const fq_tensor *x, int64_t n, int64_t k,
-                               const fq_tensor *bias, fq_tensor *y, const char *wname, int64_t *m) {
-    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+                               const fq_tensor *bias, fq_tensor *y, const char *wname, fq_dtype rnd, int64_t *m) {
+    FQ_TRY(check_act(ctx, op, "y", y, y->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "x", x, y->buf.dev, rnd, NULL));
     if (bias) FQ_TRY(check(ctx, op, "bias", bias, y->buf.dev, 0));
     char want[96];
     if (x->ndim < 1 || x->shape[x->ndim - 1] != k) {
@@ -315,9 +350,10 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
     int64_t m;
     FQ_TRY(check(ctx, op, "w", w, y->buf.dev, 0));
     if (w->ndim != 2) return shape_err(ctx, op, "w", w, "[out_features, in_features]");
-    FQ_TRY(linear_shapes(ctx, op, x, w->shape[0], w->shape[1], bias, y, tname(w, "w"), &m));
+    FQ_TRY(linear_shapes(ctx, op, x, w->shape[0], w->shape[1], bias, y, tname(w, "w"), rnd, &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch(ctx, w, bias, m, rnd), y->buf.dev));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch_io(ctx, w, bias, m, rnd, x->dtype, y->dtype),
+                         y->buf.dev));
     DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, w, NULL, bias, y, m, scratch, rnd));
     float *spare = scratch ? F(scratch) : NULL;
     const float *wf = F(w);
@@ -341,9 +377,10 @@ fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, 
         return fq_err(ctx, FQ_ERR_SHAPE, "%s: weight '%s' has rank %d; expected [out_features, in_features]",
                       op, fq_qtensor_name(w), wi->ndim);
     }
-    FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), &m));
+    FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), rnd, &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch(ctx, w, bias, m, rnd), y->buf.dev));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch_io(ctx, w, bias, m, rnd, x->dtype, y->dtype),
+                         y->buf.dev));
     DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, NULL, w, bias, y, m, scratch, rnd));
     if (m == 0 || wi->shape[0] == 0) return FQ_OK;
     if (rnd == FQ_F32) {
@@ -396,8 +433,8 @@ fq_status fq_nn_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int
                       int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd) {
     const char *op = "adaln";
     int64_t n;
-    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "y", y, y->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "x", x, y->buf.dev, rnd, y));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "y", y, x));
     FQ_TRY(mod_shape(ctx, op, mod, x, shift_chunk, scale_chunk, &n));
@@ -412,8 +449,8 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
                           const fq_tensor *a, fq_dtype rnd) {
     const char *op = "gated_add";
     int64_t n;
-    FQ_TRY(check(ctx, op, "h", h, h->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "a", a, h->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "h", h, h->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "a", a, h->buf.dev, rnd, h));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "a", a, h));
     FQ_TRY(mod_shape(ctx, op, mod, h, gate_chunk, gate_chunk, &n));
@@ -426,8 +463,8 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
 fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps,
                               fq_tensor *y, fq_dtype rnd) {
     const char *op = "rmsnorm";
-    FQ_TRY(check(ctx, op, "y", y, y->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "x", x, y->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "y", y, y->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "x", x, y->buf.dev, rnd, y));
     FQ_TRY(check(ctx, op, "weight", weight, y->buf.dev, 0));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "y", y, x));
@@ -465,7 +502,7 @@ fq_status fq_nn_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes
 fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t,
                      int64_t heads, fq_dtype rnd) {
     const char *op = "rope";
-    FQ_TRY(check(ctx, op, "x", x, x->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "x", x, x->buf.dev, rnd, NULL));
     FQ_TRY(check(ctx, op, "cos", cos_t, x->buf.dev, 1));
     FQ_TRY(check(ctx, op, "sin", sin_t, x->buf.dev, 1));
     FQ_TRY(rnd_ok(ctx, op, rnd));
@@ -519,10 +556,10 @@ fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, c
 fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                                int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl) {
     const char *op = "attention";
-    FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "q", q, out->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "k", k, out->buf.dev, 1));
-    FQ_TRY(check(ctx, op, "v", v, out->buf.dev, 1));
+    FQ_TRY(check_act(ctx, op, "out", out, out->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "q", q, out->buf.dev, rnd, out));
+    FQ_TRY(check_act(ctx, op, "k", k, out->buf.dev, rnd, out));
+    FQ_TRY(check_act(ctx, op, "v", v, out->buf.dev, rnd, out));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     if (q->ndim != 3 || heads <= 0 || q->shape[2] % heads != 0)
         return shape_err(ctx, op, "q", q, "[batch, tokens, heads*head_dim]");

@@ -8,7 +8,11 @@
  * work is queued (reading results back, fq_tensor_to_host or fq_nn_sync,
  * waits for it). Errors name the op, the operand role and the tensor's name.
  *
- * Activations are f32 tensors. `rnd` is the dtype whose rounding the op
+ * Activations are f32 tensors, or on a CUDA device with bf16 compute
+ * (fq_nn_act_dtype) bf16 ones: their values are rounded to bf16 anyway, so
+ * the storage changes no result, only the bytes moved. Ops that say so take
+ * either; operands that pair up (x and y of a norm, q/k/v/out) share one
+ * dtype, a linear's x and y may differ. `rnd` is the dtype whose rounding the op
  * reproduces (FQ_F32: none; FQ_BF16/FQ_F16: emulate a PyTorch model of that
  * dtype, see nn_cpu.h). Ops never allocate: scratch space comes from the
  * caller, sized with the *_scratch functions below.
@@ -30,6 +34,12 @@ fq_tensor fq_nn_view(const fq_buffer *base, size_t off, fq_dtype dtype, int ndim
                   const char *name);
 /* A view of rows [r0, r0 + nrows) of a contiguous tensor, as [nrows, rest...]. */
 fq_tensor fq_nn_view_rows(const fq_tensor *t, int64_t r0, int64_t nrows);
+
+/* The dtype the big activations may be stored in on dev at compute dtype rnd:
+ * bf16 on CUDA for bf16 compute, else f32. Cast (y), silu, gelu_tanh, the
+ * linears (x, y), adaln, gated_add (h, a), rmsnorm_heads, rope and attention
+ * accept it; concat/split copy any dtype; the rest take f32. */
+fq_dtype fq_nn_act_dtype(fq_device dev, fq_dtype rnd);
 
 /* ---- elementwise -------------------------------------------------------------- */
 
@@ -58,6 +68,12 @@ fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq
  * Both look at the weight's device. */
 int64_t fq_nn_linear_scratch(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd);
 int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd);
+/* The same for an x of dtype xt and a y of dtype yt (the two above: f32 and
+ * f32); bf16 activations of a bf16 model need no conversion space. */
+int64_t fq_nn_linear_scratch_io(fq_ctx *ctx, const fq_tensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
+                                fq_dtype xt, fq_dtype yt);
+int64_t fq_nn_linear_q4_scratch_io(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
+                                   fq_dtype xt, fq_dtype yt);
 
 /* y[..., N] = rnd(x[..., K] · w[N,K]ᵀ + bias[N]) with f32 accumulation. w and
  * bias (may be NULL) in any float dtype; f16/bf16 values are widened exactly

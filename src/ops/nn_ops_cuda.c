@@ -81,7 +81,7 @@ static float *F(const fq_tensor *t) { return (float *)t->buf.ptr; }
 fq_status fq_nncu_cast(fq_ctx *ctx, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
-    int e = fq_cuda_nn_cast(x->buf.ptr, x->dtype, F(y), y->numel, rnd, r.d->stream);
+    int e = fq_cuda_nn_cast(x->buf.ptr, x->dtype, y->buf.ptr, y->dtype, y->numel, rnd, r.d->stream);
     return end(ctx, &r, e, "cast", FQ_NN_CLASS_OTHER);
 }
 
@@ -102,8 +102,8 @@ fq_status fq_nncu_add(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, fq_te
 fq_status fq_nncu_act(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *y, fq_dtype rnd) {
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
-    int e = kind == 0 ? fq_cuda_nn_silu(F(x), F(y), y->numel, rnd, r.d->stream)
-                      : fq_cuda_nn_gelu_tanh(F(x), F(y), y->numel, rnd, r.d->stream);
+    int e = kind == 0 ? fq_cuda_nn_silu(x->buf.ptr, y->buf.ptr, x->dtype, y->numel, rnd, r.d->stream)
+                      : fq_cuda_nn_gelu_tanh(x->buf.ptr, y->buf.ptr, x->dtype, y->numel, rnd, r.d->stream);
     return end(ctx, &r, e, kind == 0 ? "silu" : "gelu_tanh", FQ_NN_CLASS_OTHER);
 }
 
@@ -156,7 +156,8 @@ typedef struct {
     size_t total;       /* scratch bytes including the workspace                     */
 } lin_plan;
 
-static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd) {
+static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd, fq_dtype xt,
+                            fq_dtype yt) {
     lin_plan p;
     memset(&p, 0, sizeof p);
     if (qw) p.gt = rnd;
@@ -165,19 +166,25 @@ static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, i
     else p.gt = FQ_F32;
     const size_t gsz = fq_dtype_size(p.gt);
     if (qw || wt != p.gt) p.w_bytes = al((size_t)(n * k) * gsz);
-    if (p.gt != FQ_F32) p.x_bytes = al((size_t)(m * k) * gsz);
+    /* x converted to gt unless it has that dtype (bf16 activations of a bf16 model) */
+    if (xt != p.gt) p.x_bytes = al((size_t)(m * k) * gsz);
     /* A 16-bit GEMM writes its result in 16 bits (cuBLASLt rounds acc + bias to
      * nearest even once: the value the f32 result rounded by us would have) when
      * the bias, if any, is of that dtype too; 8 bytes per output instead of 12. */
     p.out16 = p.gt != FQ_F32 && (bt < 0 || bt == (int)p.gt);
-    if (p.out16) p.d_bytes = al((size_t)(m * n) * gsz);
+    /* an f32 y: the 16-bit result before its widening; a 16-bit y takes the
+     * 16-bit result directly, and when there is none, the f32 result of up to
+     * 64 rows at a time goes through here */
+    if (yt == FQ_F32 && p.out16) p.d_bytes = al((size_t)(m * n) * gsz);
+    if (yt != FQ_F32) p.d_bytes = al((size_t)((m < 64 ? (m > 1 ? m : 1) : 64) * n) * 4);
     if (bt >= 0 && bt != FQ_F32) p.b_bytes = al((size_t)n * 4); /* for the f32 fallback */
     p.total = NN_ALIGN + p.w_bytes + p.x_bytes + p.b_bytes + p.d_bytes + NN_WORKSPACE_BYTES;
     return p;
 }
 
-int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd) {
-    return (int64_t)((plan_linear(qw, wt, bt, m, n, k, rnd).total + 3) / 4);
+int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd,
+                               fq_dtype xt, fq_dtype yt) {
+    return (int64_t)((plan_linear(qw, wt, bt, m, n, k, rnd, xt, yt).total + 3) / 4);
 }
 
 static cudaDataType_t blas_type(fq_dtype t) {
@@ -309,7 +316,8 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
                             const fq_qtensor *qw, const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch,
                             fq_dtype rnd) {
     const int64_t n = qw ? qw->info.shape[0] : w->shape[0], k = qw ? qw->info.shape[1] : w->shape[1];
-    const lin_plan p = plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd);
+    const lin_plan p =
+        plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd, x->dtype, y->dtype);
     if ((size_t)scratch->numel * 4 < p.total)
         return fq_err(ctx, FQ_ERR_SHAPE, "linear: scratch holds %lld bytes, needs %zu", (long long)scratch->numel * 4,
                       p.total);
@@ -340,12 +348,16 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "weight conversion", dev);
         wg = wbuf;
     }
+    /* x as is when it already has the GEMM dtype (bf16 activations of a bf16
+     * model), else converted exactly (its values are rounded to rnd) */
     const void *xg = x->buf.ptr;
-    if (p.x_bytes) {
-        e = fq_cuda_nn_convert(x->buf.ptr, FQ_F32, xbuf, p.gt, m * k, st);
+    const int y16 = y->dtype != FQ_F32;
+    if (x->dtype != p.gt) {
+        e = fq_cuda_nn_convert(x->buf.ptr, x->dtype, xbuf, p.gt, m * k, st);
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "input conversion", dev);
         xg = xbuf;
     }
+    if (k == 0 && y16) return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: in_features 0 with a 16-bit output");
     if (k == 0) {
         /* no products: y = bias (or 0), rounded */
         const float *bg = bias ? (const float *)bias->buf.ptr : NULL;
@@ -358,10 +370,12 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         if (!e) e = fq_cuda_nn_round(F(y), m * n, rnd, st);
         return e ? fq_cuda_status(ctx, (cudaError_t)e, "bias fill", dev) : FQ_OK;
     }
-    if (p.out16) {
-        fq_status s = gemm(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt, dbuf, p.gt,
-                           m, n, k, ws);
+    if (p.out16 && (!y16 || y->dtype == p.gt)) {
+        /* a bf16 y takes the GEMM's 16-bit result directly */
+        fq_status s = gemm(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt,
+                           y16 ? y->buf.ptr : dbuf, p.gt, m, n, k, ws);
         if (s == FQ_OK) {
+            if (y16) return FQ_OK;
             e = fq_cuda_nn_convert(dbuf, p.gt, F(y), FQ_F32, m * n, st); /* exact */
             return e ? fq_cuda_status(ctx, (cudaError_t)e, "output widening", dev) : FQ_OK;
         }
@@ -373,6 +387,22 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         e = fq_cuda_nn_convert(bias->buf.ptr, bias->dtype, bbuf, FQ_F32, n, st);
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "bias conversion", dev);
         bg = bbuf;
+    }
+    if (y16) {
+        /* a 16-bit y: f32 results of as many rows as dbuf holds, each narrowed
+         * with one rounding (round to nearest even, as fq_round_to) */
+        const int64_t per = (int64_t)(p.d_bytes / ((size_t)n * 4));
+        if (per < 1) return fq_err(ctx, FQ_ERR_SHAPE, "linear: no room for one f32 output row");
+        const size_t xrow = (size_t)k * fq_dtype_size(p.gt);
+        for (int64_t r0 = 0; r0 < m; r0 += per) {
+            const int64_t rows = m - r0 < per ? m - r0 : per;
+            FQ_TRY(gemm(ctx, d, p.gt, wg, (const char *)xg + (size_t)r0 * xrow, bg, FQ_F32, dbuf, FQ_F32, rows, n, k,
+                        ws));
+            e = fq_cuda_nn_convert(dbuf, FQ_F32, (char *)y->buf.ptr + (size_t)(r0 * n) * fq_dtype_size(y->dtype),
+                                   y->dtype, rows * n, st);
+            if (e) return fq_cuda_status(ctx, (cudaError_t)e, "output narrowing", dev);
+        }
+        return FQ_OK;
     }
     FQ_TRY(gemm(ctx, d, p.gt, wg, xg, bg, FQ_F32, F(y), FQ_F32, m, n, k, ws));
     e = fq_cuda_nn_round(F(y), m * n, rnd, st);
@@ -399,7 +429,7 @@ fq_status fq_nncu_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, i
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
     const int64_t d = x->shape[2];
-    int e = fq_cuda_nn_adaln(F(x), F(y), x->shape[0], x->shape[1], d, F(mod) + shift_chunk * d,
+    int e = fq_cuda_nn_adaln(x->buf.ptr, y->buf.ptr, x->dtype, x->shape[0], x->shape[1], d, F(mod) + shift_chunk * d,
                              F(mod) + scale_chunk * d, nchunks * d, eps, rnd, r.d->stream);
     return end(ctx, &r, e, "adaln", FQ_NN_CLASS_OTHER);
 }
@@ -409,7 +439,7 @@ fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int
     run_t r;
     FQ_TRY(begin(ctx, h->buf.dev, &r));
     const int64_t d = h->shape[2];
-    int e = fq_cuda_nn_gated_add(F(h), F(mod) + gate_chunk * d, nchunks * d, F(a), h->shape[0], h->shape[1], d, rnd,
+    int e = fq_cuda_nn_gated_add(h->buf.ptr, F(mod) + gate_chunk * d, nchunks * d, a->buf.ptr, h->dtype, h->shape[0], h->shape[1], d, rnd,
                                  r.d->stream);
     return end(ctx, &r, e, "gated_add", FQ_NN_CLASS_OTHER);
 }
@@ -419,7 +449,7 @@ fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weig
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
     const int64_t dh = weight->shape[0];
-    int e = fq_cuda_nn_rmsnorm(F(x), weight->buf.ptr, weight->dtype, F(y), x->numel / dh, dh, eps, rnd, r.d->stream);
+    int e = fq_cuda_nn_rmsnorm(x->buf.ptr, weight->buf.ptr, weight->dtype, y->buf.ptr, x->dtype, x->numel / dh, dh, eps, rnd, r.d->stream);
     return end(ctx, &r, e, "rmsnorm", FQ_NN_CLASS_OTHER);
 }
 
@@ -436,7 +466,7 @@ fq_status fq_nncu_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const 
                        fq_dtype rnd) {
     run_t r;
     FQ_TRY(begin(ctx, x->buf.dev, &r));
-    int e = fq_cuda_nn_rope(F(x), F(cos_t), F(sin_t), x->shape[0], x->shape[1], heads, x->shape[2] / heads, rnd,
+    int e = fq_cuda_nn_rope(x->buf.ptr, x->dtype, F(cos_t), F(sin_t), x->shape[0], x->shape[1], heads, x->shape[2] / heads, rnd,
                             r.d->stream);
     return end(ctx, &r, e, "rope", FQ_NN_CLASS_OTHER);
 }
@@ -476,7 +506,7 @@ fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k,
         sp = (void *)a;
         sb = have > skip ? have - skip : 0;
     }
-    int e = fq_cuda_nn_attention(F(q), F(k), F(v), F(out), q->shape[0], q->shape[1], heads, q->shape[2] / heads, sp,
+    int e = fq_cuda_nn_attention(q->buf.ptr, k->buf.ptr, v->buf.ptr, out->buf.ptr, q->dtype, q->shape[0], q->shape[1], heads, q->shape[2] / heads, sp,
                                  sb, rnd, (fq_attn_impl)impl, r.d->stream);
     return end(ctx, &r, e, "attention", FQ_NN_CLASS_ATTENTION);
 }

@@ -25,7 +25,8 @@ fq_status fq_nncu_cat(fq_ctx *ctx, int split, const fq_tensor *whole, const fq_t
 /* ---- linear ---- */
 /* Scratch floats of a CUDA linear y[m, n] = x[m, k] · Wᵀ + b: the weight dense
  * of dtype wt (qw == 0) or 4-bit (qw == 1); bias dtype bt (-1: no bias). */
-int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd);
+int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd,
+                               fq_dtype xt, fq_dtype yt);
 /* Exactly one of w, qw. */
 fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
                          const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd);

@@ -91,9 +91,9 @@ struct Mma<__half> {
 /* ---- packing f32 [B, S, H*dh] -> 16-bit [B*H, Sp, DP] ----------------------------------- */
 
 /* One thread per 8-element chunk of one packed row of q, k or v. */
-template <typename T>
+template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-    k_attn_pack(const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
+    k_attn_pack(const I *__restrict__ q, const I *__restrict__ k, const I *__restrict__ v,
                 T *__restrict__ packed, int64_t B, int64_t S, int64_t Sp, int64_t H, int64_t dh, int DP) {
     const int64_t cpr = DP / 8, per = B * H * Sp * cpr, n = 3 * per;
     const int64_t plane = B * H * Sp * DP;
@@ -101,12 +101,12 @@ __global__ void __launch_bounds__(kThreads)
         const int which = (int)(i / per);
         const int64_t j = i - which * per, c = j % cpr, row = j / cpr; /* row = bh*Sp + s */
         const int64_t s = row % Sp, bh = row / Sp, b = bh / H, h = bh - b * H;
-        const float *src = which == 0 ? q : which == 1 ? k : v;
+        const I *src = which == 0 ? q : which == 1 ? k : v;
         float f[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             const int64_t d = c * 8 + e;
-            f[e] = s < S && d < dh ? src[((b * S + s) * H + h) * dh + d] : 0.0f;
+            f[e] = s < S && d < dh ? ldv(src, ((b * S + s) * H + h) * dh + d) : 0.0f;
         }
         *reinterpret_cast<uint4 *>(packed + which * plane + row * DP + c * 8) =
             make_uint4(Mma<T>::pack(f[0], f[1]), Mma<T>::pack(f[2], f[3]), Mma<T>::pack(f[4], f[5]),
@@ -132,10 +132,10 @@ struct MmaCfg {
 
 /* ---- the flash-attention kernel --------------------------------------------------------------- */
 
-template <typename T, int DH, int NW>
+template <typename T, int DH, int NW, typename O>
 __global__ void __launch_bounds__(NW * 32, 1)
     k_attn_mma(const T *__restrict__ qp, const T *__restrict__ kp, const T *__restrict__ vp,
-               float *__restrict__ out, int64_t S, int64_t Sp, int64_t H, int64_t dh, float scale_log2, int rnd) {
+               O *__restrict__ out, int64_t S, int64_t Sp, int64_t H, int64_t dh, float scale_log2, int rnd) {
     using C = MmaCfg<DH, NW>;
     constexpr int BM = C::BM, CH = C::CH, NT = NW * 32;
     constexpr int KS = DH / 16;  /* k-steps of Q·Kᵀ             */
@@ -274,12 +274,12 @@ __global__ void __launch_bounds__(NW * 32, 1)
     for (int h = 0; h < 2; h++) {
         const int64_t row = q0 + warp * 16 + g + 8 * h;
         if (row >= S) continue;
-        float *dst = out + ((b * S + row) * H + hd) * dh;
+        O *dst = out + ((b * S + row) * H + hd) * dh;
 #pragma unroll
         for (int t = 0; t < ON; t++) {
             const int64_t d = t * 8 + 2 * qd;
-            if (d < dh) dst[d] = rnd_to(__fdiv_rn(o[t][2 * h], lrow[h]), rnd);
-            if (d + 1 < dh) dst[d + 1] = rnd_to(__fdiv_rn(o[t][2 * h + 1], lrow[h]), rnd);
+            if (d < dh) stv(dst, d, rnd_to(__fdiv_rn(o[t][2 * h], lrow[h]), rnd));
+            if (d + 1 < dh) stv(dst, d + 1, rnd_to(__fdiv_rn(o[t][2 * h + 1], lrow[h]), rnd));
         }
     }
 }
@@ -350,29 +350,33 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 
 template <typename T, int DH, int NW>
 int prepare_mma() {
-    return (int)cudaFuncSetAttribute(k_attn_mma<T, DH, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)MmaCfg<DH, NW>::smem);
+    int e = (int)cudaFuncSetAttribute(k_attn_mma<T, DH, NW, float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)MmaCfg<DH, NW>::smem);
+    if (!e)
+        e = (int)cudaFuncSetAttribute(k_attn_mma<T, DH, NW, __nv_bfloat16>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MmaCfg<DH, NW>::smem);
+    return e;
 }
 
-template <typename T, int DH, int NW>
-int launch_mma(const T *packed, float *out, int64_t B, int64_t S, int64_t Sp, int64_t H, int64_t dh, int rnd,
+template <typename T, int DH, int NW, typename O>
+int launch_mma(const T *packed, O *out, int64_t B, int64_t S, int64_t Sp, int64_t H, int64_t dh, int rnd,
                cudaStream_t st) {
     const int64_t plane = B * H * Sp * DH;
     const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)dh));
     dim3 grid((unsigned)((S + MmaCfg<DH, NW>::BM - 1) / MmaCfg<DH, NW>::BM), (unsigned)(B * H));
-    k_attn_mma<T, DH, NW><<<grid, NW * 32, MmaCfg<DH, NW>::smem, st>>>(packed, packed + plane, packed + 2 * plane,
+    k_attn_mma<T, DH, NW, O><<<grid, NW * 32, MmaCfg<DH, NW>::smem, st>>>(packed, packed + plane, packed + 2 * plane,
                                                                       out, S, Sp, H, dh, scale_log2, rnd);
     return launch_status();
 }
 
-template <typename T>
-int run_mma(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t S, int64_t H,
+template <typename T, typename I>
+int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, int64_t H,
             int64_t dh, void *scratch, int rnd, cudaStream_t st) {
     const int DP = padded_dh(dh);
     const int64_t Sp = round_up(S, kSeqAlign);
     T *packed = static_cast<T *>(scratch);
     const int64_t chunks = 3 * B * H * Sp * (DP / 8);
-    k_attn_pack<T><<<grid_for(chunks), kThreads, 0, st>>>(q, k, v, packed, B, S, Sp, H, dh, DP);
+    k_attn_pack<T, I><<<grid_for(chunks), kThreads, 0, st>>>(q, k, v, packed, B, S, Sp, H, dh, DP);
     int e = launch_status();
     if (e) return e;
     switch (DP) {
@@ -424,21 +428,36 @@ extern "C" int fq_cuda_nn_attention_prepare(void) {
     return e;
 }
 
-extern "C" int fq_cuda_nn_attention(const float *q, const float *k, const float *v, float *out, int64_t batch,
-                                    int64_t seq, int64_t heads, int64_t dh, void *scratch, size_t scratch_bytes,
-                                    fq_dtype rnd, fq_attn_impl impl, cudaStream_t st) {
+extern "C" int fq_cuda_nn_attention(const void *q, const void *k, const void *v, void *out, fq_dtype xt,
+                                    int64_t batch, int64_t seq, int64_t heads, int64_t dh, void *scratch,
+                                    size_t scratch_bytes, fq_dtype rnd, fq_attn_impl impl, cudaStream_t st) {
+    typedef __nv_bfloat16 bf;
     if (batch <= 0 || seq <= 0 || heads <= 0) return 0;
     if (!fq_cuda_nn_attention_supported(dh, rnd, impl) || batch * heads > 65535) return (int)cudaErrorInvalidValue;
+    if (xt != FQ_F32 && xt != FQ_BF16) return (int)cudaErrorInvalidValue;
     impl = fq_cuda_nn_attention_pick(dh, rnd, impl);
     if (impl == FQ_ATTN_MMA) {
         if (!scratch || scratch_bytes < fq_cuda_nn_attention_scratch_bytes(batch, seq, heads, dh, rnd, impl) ||
             ((uintptr_t)scratch & 255u))
             return (int)cudaErrorInvalidValue;
-        return rnd == FQ_BF16 ? run_mma<__nv_bfloat16>(q, k, v, out, batch, seq, heads, dh, scratch, (int)rnd, st)
-                              : run_mma<__half>(q, k, v, out, batch, seq, heads, dh, scratch, (int)rnd, st);
+        if (xt == FQ_BF16) {
+            const bf *qb = static_cast<const bf *>(q), *kb = static_cast<const bf *>(k), *vb = static_cast<const bf *>(v);
+            bf *ob = static_cast<bf *>(out);
+            return rnd == FQ_BF16 ? run_mma<bf>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, st)
+                                  : run_mma<__half>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, st);
+        }
+        const float *qf = static_cast<const float *>(q), *kf = static_cast<const float *>(k),
+                    *vf = static_cast<const float *>(v);
+        float *of = static_cast<float *>(out);
+        return rnd == FQ_BF16 ? run_mma<bf>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, st)
+                              : run_mma<__half>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, st);
     }
+    if (xt != FQ_F32) return (int)cudaErrorInvalidValue; /* the SIMT kernel runs on f32 storage */
     const float scale = (float)(1.0 / sqrt((double)dh));
     dim3 grid((unsigned)((seq + kSimtWarps - 1) / kSimtWarps), (unsigned)(batch * heads));
-    k_attn_simt<<<grid, kSimtWarps * 32, simt_smem(dh), st>>>(q, k, v, out, seq, heads, dh, scale, (int)rnd);
+    k_attn_simt<<<grid, kSimtWarps * 32, simt_smem(dh), st>>>(static_cast<const float *>(q),
+                                                              static_cast<const float *>(k),
+                                                              static_cast<const float *>(v), static_cast<float *>(out),
+                                                              seq, heads, dh, scale, (int)rnd);
     return launch_status();
 }

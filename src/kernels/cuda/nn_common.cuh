@@ -41,6 +41,13 @@ __device__ __forceinline__ float load_any(const void *p, int t, int64_t i) {
     }
 }
 
+/* Activation storage: f32, or bf16 holding values already rounded to bf16
+ * (the ops store rnd_to(v, FQ_BF16), so the narrowing below is exact). */
+__device__ __forceinline__ float ldv(const float *p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ldv(const __nv_bfloat16 *p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void stv(float *p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void stv(__nv_bfloat16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
 /* Grid for a grid-stride loop over n items with kThreads threads per block. */
 inline unsigned grid_for(int64_t n, int64_t per_thread = 1) {
     int64_t b = (n + (int64_t)kThreads * per_thread - 1) / ((int64_t)kThreads * per_thread);

@@ -16,7 +16,9 @@
  * on the current device (the caller holds the guard of the data's device), on
  * the stream it is given; it never allocates, never synchronizes and returns a
  * cudaError_t as int (0 = success; the launch error otherwise). Sizes and
- * indices are 64-bit. Activations are f32 in memory; `rnd` (FQ_F32 / FQ_BF16 /
+ * indices are 64-bit. Activations are f32 in memory, or bf16 where a launcher
+ * takes an activation dtype `xt` (FQ_F32 or FQ_BF16; bf16 storage holds values
+ * already rounded to bf16, so it changes no result, only the bytes moved); `rnd` (FQ_F32 / FQ_BF16 /
  * FQ_F16) names the dtype whose rounding the kernel reproduces, exactly where
  * the CPU kernel applies fq_round_to. Products and sums whose rounding the CPU
  * code fixes are written with explicit round-to-nearest intrinsics, so that no
@@ -56,20 +58,20 @@ extern "C" {
 /* ---- elementwise (nn_elementwise.cu); n elements, in place allowed ------------------ */
 
 /* y = rnd(x), x of dtype xt (f32/f16/bf16/f64). */
-int fq_cuda_nn_cast(const void *x, fq_dtype xt, float *y, int64_t n, fq_dtype rnd, cudaStream_t st);
+int fq_cuda_nn_cast(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, fq_dtype rnd, cudaStream_t st);
 /* y = rnd(x * alpha) */
 int fq_cuda_nn_scale(const float *x, float alpha, float *y, int64_t n, fq_dtype rnd, cudaStream_t st);
 /* y = rnd(a + b) */
 int fq_cuda_nn_add(const float *a, const float *b, float *y, int64_t n, fq_dtype rnd, cudaStream_t st);
 /* y = rnd(silu(x)), y = rnd(gelu_tanh(x)) (PyTorch's formula and order, f32) */
-int fq_cuda_nn_silu(const float *x, float *y, int64_t n, fq_dtype rnd, cudaStream_t st);
-int fq_cuda_nn_gelu_tanh(const float *x, float *y, int64_t n, fq_dtype rnd, cudaStream_t st);
+int fq_cuda_nn_silu(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st);
+int fq_cuda_nn_gelu_tanh(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st);
 /* x = min(max(x, lo), hi); NaN stays NaN */
 int fq_cuda_nn_clamp(float *x, int64_t n, float lo, float hi, cudaStream_t st);
 /* x = rnd(x) */
 int fq_cuda_nn_round(float *x, int64_t n, fq_dtype rnd, cudaStream_t st);
 /* h[b,r,:] = rnd(h[b,r,:] + rnd(gate[b*mod_stride + :] * a[b,r,:])), h/a [batch, rows, d] */
-int fq_cuda_nn_gated_add(float *h, const float *gate, int64_t mod_stride, const float *a, int64_t batch,
+int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stride, const void *a, fq_dtype xt, int64_t batch,
                          int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st);
 /* y (yt) = x (xt) for f32/f16/bf16, rounding to nearest even when narrowing. */
 int fq_cuda_nn_convert(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st);
@@ -84,10 +86,10 @@ int fq_cuda_nn_random(void *y, fq_dtype t, int64_t n, uint64_t seed, float scale
 
 /* fq_cpu_adaln on the GPU: x, y [batch, rows, d] (in place allowed); shift/scale
  * row b at ptr + b*mod_stride. Mean and variance in f64, as on the CPU. */
-int fq_cuda_nn_adaln(const float *x, float *y, int64_t batch, int64_t rows, int64_t d, const float *shift,
+int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t rows, int64_t d, const float *shift,
                      const float *scale, int64_t mod_stride, float eps, fq_dtype rnd, cudaStream_t st);
 /* fq_cpu_rmsnorm: x, y [groups, d] (in place allowed); w [d] of dtype wt (f32/f16/bf16). */
-int fq_cuda_nn_rmsnorm(const float *x, const void *w, fq_dtype wt, float *y, int64_t groups, int64_t d,
+int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dtype xt, int64_t groups, int64_t d,
                        float eps, fq_dtype rnd, cudaStream_t st);
 
 /* ---- positions and time (nn_rope.cu) --------------------------------------------------- */
@@ -96,7 +98,7 @@ int fq_cuda_nn_rmsnorm(const float *x, const void *w, fq_dtype wt, float *y, int
 int fq_cuda_nn_rope_table(const float *ids, int64_t seq, const int64_t axes[3], double theta, float *cos_t,
                           float *sin_t, int64_t dh, cudaStream_t st);
 /* fq_cpu_rope: x [batch, seq, heads*dh] in place; cos, sin [seq, dh]. */
-int fq_cuda_nn_rope(float *x, const float *cos_t, const float *sin_t, int64_t batch, int64_t seq,
+int fq_cuda_nn_rope(void *x, fq_dtype xt, const float *cos_t, const float *sin_t, int64_t batch, int64_t seq,
                     int64_t heads, int64_t dh, fq_dtype rnd, cudaStream_t st);
 /* fq_cpu_timestep_proj; neg_log = (float)(-ln 10000) computed by the caller. */
 int fq_cuda_nn_timestep_proj(const float *t, int64_t batch, int64_t half, float neg_log, float *out,
@@ -130,8 +132,8 @@ int fq_cuda_nn_attention_prepare(void);
  * unrounded values), the output rounded after normalization. q, k, v, out:
  * [batch, seq, heads*dh] f32. scratch: 256-byte aligned, at least
  * fq_cuda_nn_attention_scratch_bytes. */
-int fq_cuda_nn_attention(const float *q, const float *k, const float *v, float *out, int64_t batch, int64_t seq,
-                         int64_t heads, int64_t dh, void *scratch, size_t scratch_bytes, fq_dtype rnd,
+int fq_cuda_nn_attention(const void *q, const void *k, const void *v, void *out, fq_dtype xt, int64_t batch,
+                         int64_t seq, int64_t heads, int64_t dh, void *scratch, size_t scratch_bytes, fq_dtype rnd,
                          fq_attn_impl impl, cudaStream_t st);
 
 #ifdef __cplusplus

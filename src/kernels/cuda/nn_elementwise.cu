@@ -24,12 +24,13 @@ int run_map(int64_t n, const F &f, cudaStream_t st) {
     return launch_status();
 }
 
+template <typename T>
 struct Cast {
     const void *x;
     int xt;
-    float *y;
+    T *y;
     int rnd;
-    __device__ void operator()(int64_t i) const { y[i] = rnd_to(load_any(x, xt, i), rnd); }
+    __device__ void operator()(int64_t i) const { stv(y, i, rnd_to(load_any(x, xt, i), rnd)); }
 };
 
 struct Scale {
@@ -47,27 +48,29 @@ struct Add {
     __device__ void operator()(int64_t i) const { y[i] = rnd_to(__fadd_rn(a[i], b[i]), rnd); }
 };
 
+template <typename T>
 struct Silu {
-    const float *x;
-    float *y;
+    const T *x;
+    T *y;
     int rnd;
     __device__ void operator()(int64_t i) const {
-        const float v = x[i];
-        y[i] = rnd_to(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), rnd);
+        const float v = ldv(x, i);
+        stv(y, i, rnd_to(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), rnd));
     }
 };
 
+template <typename T>
 struct GeluTanh {
-    const float *x;
-    float *y;
+    const T *x;
+    T *y;
     int rnd;
     __device__ void operator()(int64_t i) const {
         /* 0.5 * v * (1 + tanh(beta * (v + kappa * v^3))), each step an f32 op */
         const float beta = (float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5), kappa = 0.044715f;
-        const float v = x[i];
+        const float v = ldv(x, i);
         const float cube = __fmul_rn(__fmul_rn(v, v), v);
         const float inner = __fmul_rn(beta, __fadd_rn(v, __fmul_rn(kappa, cube)));
-        y[i] = rnd_to(__fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(inner))), rnd);
+        stv(y, i, rnd_to(__fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(inner))), rnd));
     }
 };
 
@@ -86,15 +89,17 @@ struct Round {
     __device__ void operator()(int64_t i) const { x[i] = rnd_to(x[i], rnd); }
 };
 
+template <typename T>
 struct GatedAdd {
-    float *h;
-    const float *gate, *a;
+    T *h;
+    const float *gate;
+    const T *a;
     int64_t mod_stride, rows, d;
     int rnd;
     __device__ void operator()(int64_t i) const {
         const int64_t row = i / d, col = i - row * d, b = row / rows;
         const float g = gate[b * mod_stride + col];
-        h[i] = rnd_to(__fadd_rn(h[i], rnd_to(__fmul_rn(g, a[i]), rnd)), rnd);
+        stv(h, i, rnd_to(__fadd_rn(ldv(h, i), rnd_to(__fmul_rn(g, ldv(a, i)), rnd)), rnd));
     }
 };
 
@@ -200,8 +205,11 @@ int64_t convert_bulk(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n
 
 } // namespace
 
-extern "C" int fq_cuda_nn_cast(const void *x, fq_dtype xt, float *y, int64_t n, fq_dtype rnd, cudaStream_t st) {
-    return run_map(n, Cast{x, (int)xt, y, (int)rnd}, st);
+extern "C" int fq_cuda_nn_cast(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, fq_dtype rnd,
+                               cudaStream_t st) {
+    if (yt == FQ_BF16)
+        return run_map(n, Cast<__nv_bfloat16>{x, (int)xt, static_cast<__nv_bfloat16 *>(y), (int)rnd}, st);
+    return run_map(n, Cast<float>{x, (int)xt, static_cast<float *>(y), (int)rnd}, st);
 }
 
 extern "C" int fq_cuda_nn_scale(const float *x, float alpha, float *y, int64_t n, fq_dtype rnd, cudaStream_t st) {
@@ -212,12 +220,17 @@ extern "C" int fq_cuda_nn_add(const float *a, const float *b, float *y, int64_t 
     return run_map(n, Add{a, b, y, (int)rnd}, st);
 }
 
-extern "C" int fq_cuda_nn_silu(const float *x, float *y, int64_t n, fq_dtype rnd, cudaStream_t st) {
-    return run_map(n, Silu{x, y, (int)rnd}, st);
+extern "C" int fq_cuda_nn_silu(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st) {
+    typedef __nv_bfloat16 bf;
+    if (xt == FQ_BF16) return run_map(n, Silu<bf>{static_cast<const bf *>(x), static_cast<bf *>(y), (int)rnd}, st);
+    return run_map(n, Silu<float>{static_cast<const float *>(x), static_cast<float *>(y), (int)rnd}, st);
 }
 
-extern "C" int fq_cuda_nn_gelu_tanh(const float *x, float *y, int64_t n, fq_dtype rnd, cudaStream_t st) {
-    return run_map(n, GeluTanh{x, y, (int)rnd}, st);
+extern "C" int fq_cuda_nn_gelu_tanh(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st) {
+    typedef __nv_bfloat16 bf;
+    if (xt == FQ_BF16)
+        return run_map(n, GeluTanh<bf>{static_cast<const bf *>(x), static_cast<bf *>(y), (int)rnd}, st);
+    return run_map(n, GeluTanh<float>{static_cast<const float *>(x), static_cast<float *>(y), (int)rnd}, st);
 }
 
 extern "C" int fq_cuda_nn_clamp(float *x, int64_t n, float lo, float hi, cudaStream_t st) {
@@ -229,10 +242,18 @@ extern "C" int fq_cuda_nn_round(float *x, int64_t n, fq_dtype rnd, cudaStream_t 
     return run_map(n, Round{x, (int)rnd}, st);
 }
 
-extern "C" int fq_cuda_nn_gated_add(float *h, const float *gate, int64_t mod_stride, const float *a, int64_t batch,
-                                    int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st) {
+extern "C" int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stride, const void *a, fq_dtype xt,
+                                    int64_t batch, int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st) {
+    typedef __nv_bfloat16 bf;
     if (d <= 0 || rows <= 0) return 0;
-    return run_map(batch * rows * d, GatedAdd{h, gate, a, mod_stride, rows, d, (int)rnd}, st);
+    if (xt == FQ_BF16)
+        return run_map(batch * rows * d,
+                       GatedAdd<bf>{static_cast<bf *>(h), gate, static_cast<const bf *>(a), mod_stride, rows, d, (int)rnd},
+                       st);
+    return run_map(batch * rows * d,
+                   GatedAdd<float>{static_cast<float *>(h), gate, static_cast<const float *>(a), mod_stride, rows, d,
+                                   (int)rnd},
+                   st);
 }
 
 extern "C" int fq_cuda_nn_convert(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st) {

@@ -14,70 +14,84 @@ namespace {
 /* One block per row (grid-stride over rows); rows of the batch item b share
  * shift/scale at b*mod_stride. In place allowed: every thread reads and writes
  * only its own elements after the two reductions. */
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    k_adaln(const float *x, float *y, int64_t nrows, int64_t rows, int64_t d,
+    k_adaln(const T *x, T *y, int64_t nrows, int64_t rows, int64_t d,
             const float *__restrict__ shift, const float *__restrict__ scale, int64_t mod_stride, float eps,
             int rnd) {
     __shared__ double sh[33];
     for (int64_t r = blockIdx.x; r < nrows; r += gridDim.x) {
-        const float *xr = x + r * d;
-        float *yr = y + r * d;
+        const T *xr = x + r * d;
+        T *yr = y + r * d;
         const int64_t b = r / rows;
         const float *sft = shift + b * mod_stride, *scl = scale + b * mod_stride;
         double s = 0.0;
-        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) s += (double)xr[i];
+        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) s += (double)ldv(xr, i);
         const double mean = block_sum(s, sh) / (double)d;
         double q = 0.0;
         for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-            const double c = (double)xr[i] - mean;
+            const double c = (double)ldv(xr, i) - mean;
             q += c * c;
         }
         const double rstd = 1.0 / sqrt(block_sum(q, sh) / (double)d + (double)eps);
         for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-            const float nrm = rnd_to((float)(((double)xr[i] - mean) * rstd), rnd);
+            const float nrm = rnd_to((float)(((double)ldv(xr, i) - mean) * rstd), rnd);
             const float t = rnd_to(__fmul_rn(nrm, rnd_to(__fadd_rn(1.0f, scl[i]), rnd)), rnd);
-            yr[i] = rnd_to(__fadd_rn(t, sft[i]), rnd);
+            stv(yr, i, rnd_to(__fadd_rn(t, sft[i]), rnd));
         }
     }
 }
 
 /* One warp per group of d (a head); 8 groups per block. */
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    k_rmsnorm(const float *x, const void *__restrict__ w, int wt, float *y, int64_t groups,
+    k_rmsnorm(const T *x, const void *__restrict__ w, int wt, T *y, int64_t groups,
               int64_t d, float eps, int rnd) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t wpb = blockDim.x >> 5;
     for (int64_t g = (int64_t)blockIdx.x * wpb + warp; g < groups; g += (int64_t)gridDim.x * wpb) {
-        const float *xr = x + g * d;
-        float *yr = y + g * d;
+        const T *xr = x + g * d;
+        T *yr = y + g * d;
         double q = 0.0;
-        for (int64_t i = lane; i < d; i += 32) q += (double)xr[i] * (double)xr[i];
+        for (int64_t i = lane; i < d; i += 32) q += (double)ldv(xr, i) * (double)ldv(xr, i);
         q = warp_sum(q);
         const double r = 1.0 / sqrt(q / (double)d + (double)eps);
         for (int64_t i = lane; i < d; i += 32)
-            yr[i] = rnd_to((float)((double)xr[i] * r * (double)load_any(w, wt, i)), rnd);
+            stv(yr, i, rnd_to((float)((double)ldv(xr, i) * r * (double)load_any(w, wt, i)), rnd));
     }
 }
 
 } // namespace
 
-extern "C" int fq_cuda_nn_adaln(const float *x, float *y, int64_t batch, int64_t rows, int64_t d,
+extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t rows, int64_t d,
                                 const float *shift, const float *scale, int64_t mod_stride, float eps,
                                 fq_dtype rnd, cudaStream_t st) {
     const int64_t nrows = batch * rows;
     if (nrows <= 0 || d <= 0) return 0;
     int threads = d >= kThreads ? kThreads : (int)((d + 31) / 32 * 32);
     const unsigned grid = (unsigned)(nrows < (1 << 20) ? nrows : (1 << 20));
-    k_adaln<<<grid, threads, 0, st>>>(x, y, nrows, rows, d, shift, scale, mod_stride, eps, (int)rnd);
+    if (xt == FQ_BF16)
+        k_adaln<__nv_bfloat16><<<grid, threads, 0, st>>>(static_cast<const __nv_bfloat16 *>(x),
+                                                         static_cast<__nv_bfloat16 *>(y), nrows, rows, d, shift, scale,
+                                                         mod_stride, eps, (int)rnd);
+    else
+        k_adaln<float><<<grid, threads, 0, st>>>(static_cast<const float *>(x), static_cast<float *>(y), nrows, rows, d,
+                                                 shift, scale, mod_stride, eps, (int)rnd);
     return launch_status();
 }
 
-extern "C" int fq_cuda_nn_rmsnorm(const float *x, const void *w, fq_dtype wt, float *y, int64_t groups, int64_t d,
+extern "C" int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dtype xt, int64_t groups, int64_t d,
                                   float eps, fq_dtype rnd, cudaStream_t st) {
     if (groups <= 0 || d <= 0) return 0;
     const int64_t wpb = kThreads / 32;
     int64_t blocks = (groups + wpb - 1) / wpb;
     if (blocks > (1 << 20)) blocks = 1 << 20;
-    k_rmsnorm<<<(unsigned)blocks, kThreads, 0, st>>>(x, w, (int)wt, y, groups, d, eps, (int)rnd);
+    if (xt == FQ_BF16)
+        k_rmsnorm<__nv_bfloat16><<<(unsigned)blocks, kThreads, 0, st>>>(static_cast<const __nv_bfloat16 *>(x), w,
+                                                                        (int)wt, static_cast<__nv_bfloat16 *>(y),
+                                                                        groups, d, eps, (int)rnd);
+    else
+        k_rmsnorm<float><<<(unsigned)blocks, kThreads, 0, st>>>(static_cast<const float *>(x), w, (int)wt,
+                                                                static_cast<float *>(y), groups, d, eps, (int)rnd);
     return launch_status();
 }
