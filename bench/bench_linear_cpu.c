@@ -9,7 +9,7 @@
  *   4. the GEMV / GEMM crossover in M that fq_cpu_linear4_pick encodes.
  * Usage: bench_linear_cpu [--threads N] [--seconds S] [--quick] [--only mem,gemv,gemm,cross]
  *                         [--shape NxK]
- * (also `fluxq bench linear-cpu ...`). Results: docs/linear.md. */
+ * (fluxq links it in as fq_bench_linear_cpu for `fluxq bench`). Results: docs/linear.md. */
 #include "core/core.h"
 #include "kernels/cpu/linear4_cpu.h"
 

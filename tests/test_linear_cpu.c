@@ -218,7 +218,7 @@ static void run_case(fq_ctx *ctx, const lcase *c) {
      * bit-identical for 1, 2 and 3 threads. */
     fq_cpu_linear4_args a = {fq_tensor_host_data(p.x), c->xt, p.b ? fq_tensor_host_data(p.b) : NULL,
                              p.b ? (fq_dtype)(c->bias - 1) : FQ_F32, fq_tensor_host_data(p.y), c->yt, c->m,
-                             fq_w4_view_of(p.w.q)};
+                             fq_w4_view_of(p.w.q), 1 /* threads even for these small shapes */};
     size_t ybytes = fq_tensor_nbytes(p.y);
     void *first = malloc(ybytes ? ybytes : 1);
     for (int isa = FQ_CPU_ISA_SCALAR; isa <= (int)fq_cpu_isa_best(); isa++) {
@@ -284,18 +284,31 @@ static void test_errors(fq_ctx *ctx) {
     fq_tensor *b = make_tensor(ctx, FQ_F32, 1, &bsz, gen_x);
     CHECK_OK(ctx, fq_linear_4bit(ctx, x, w.q, b, y));
 
-    /* x, bias or y on another device. Without a GPU the tensor's recorded
-     * device is changed for the call (the check reads only that). */
+    /* x, bias or y on another device: a real copy on cuda:0 when there is a
+     * GPU, else the tensor's recorded device is changed for the call (the
+     * check reads only that, and nothing runs). */
     fq_tensor *ops[3] = {x, b, y};
     const char *roles[3] = {"x", "bias", "y"};
+    const int gpu = fq_cuda_device_count() > 0;
+    const fq_device other = gpu ? FQ_CUDA(0) : FQ_CUDA(1);
+    char oname[16];
+    fq_device_name(other, oname, sizeof oname);
     for (int i = 0; i < 3; i++) {
         CHECK_OK(ctx, fq_tensor_set_name(ctx, ops[i], roles[i][0] == 'x' ? "blocks.3.in" : roles[i]));
+        fq_tensor *args[3] = {x, b, y}, *moved = NULL;
         fq_device saved = ops[i]->buf.dev;
-        ops[i]->buf.dev = FQ_CUDA(1);
-        fq_status s = fq_linear_4bit(ctx, x, w.q, b, y);
+        if (gpu) {
+            CHECK_OK(ctx, fq_tensor_copy_to(ctx, ops[i], other, &moved));
+            if (!moved) continue;
+            args[i] = moved;
+        } else {
+            ops[i]->buf.dev = other;
+        }
+        fq_status s = fq_linear_4bit(ctx, args[0], w.q, args[1], args[2]);
         ops[i]->buf.dev = saved;
+        fq_tensor_free(moved);
         CHECK(s == FQ_ERR_DEVICE_MISMATCH, "%s elsewhere -> %s", roles[i], fq_status_str(s));
-        CHECK(has(ctx, roles[i]) && has(ctx, "cuda:1") && has(ctx, "cpu"), "message: %s", fq_ctx_error(ctx));
+        CHECK(has(ctx, roles[i]) && has(ctx, oname) && has(ctx, "cpu"), "message: %s", fq_ctx_error(ctx));
     }
 
     /* Wrong shapes. */
@@ -400,7 +413,9 @@ int main(void) {
         {40, 70, 2048, FP4, 2048, 0, FQ_BF16, FQ_BF16, FQ_F32 + 1, 2}, /* longer rows                   */
         {8, 33, 3072, NF4, 64, 1, FQ_BF16, FQ_BF16, FQ_BF16 + 1, 2},   /* FLUX-like row, 8 x rows       */
         {7, 20, 1312, NF4, 256, 1, FQ_F32, FQ_F32, 0, 2},              /* GEMV k-slices, straddling     */
-        {1, 9, 12288, FP4, 64, 0, FQ_BF16, FQ_F32, 0, 2},              /* long row, GEMV k-slices       */
+        {1, 9, 12288, FP4, 32, 1, FQ_BF16, FQ_F32, 0, 2},              /* long row: > 256 blocks a row  */
+        {2, 41, 640, FP4, 64, 1, FQ_BF16, FQ_F16, FQ_F32 + 1, 2},      /* 2 x rows, 4-row groups + tail */
+        {1, 13, 1024, NF4, 256, 0, FQ_F16, FQ_BF16, 0, 2},             /* 1 x row, bigger blocks        */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(ctx, &cases[i]);
     test_errors(ctx);

@@ -72,7 +72,7 @@ static fq_status check_dtypes(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *
 static fq_status linear_cpu(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                             fq_tensor *y, int64_t m) {
     fq_cpu_linear4_args a = {x->buf.ptr, x->dtype, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : FQ_F32,
-                             y->buf.ptr, y->dtype, m, fq_w4_view_of(w)};
+                             y->buf.ptr, y->dtype, m, fq_w4_view_of(w), 0};
     const fq_cpu_isa isa = fq_cpu_isa_best();
     fq_linear_kernel kern = (fq_linear_kernel)ctx->linear_kernel;
     if (kern == FQ_LINEAR_AUTO) kern = fq_cpu_linear4_pick(m, a.w.n, a.w.k, isa);

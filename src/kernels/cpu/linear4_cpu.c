@@ -147,13 +147,17 @@ static int64_t gemv_rows_per_task(const fq_cpu_linear4_args *a, int nthreads) {
     return (rows + 3) / 4 * 4;
 }
 
-/* Slots of x per pass over a task's rows: r rows of x times the slice should
- * stay in L1 (with 8 rows of K = 3072 they would not, and every FMA would
- * wait on L2). A slice is a multiple of the blocksize when rows hold whole
- * blocks, since the SIMD row loop then walks whole blocks. */
-static int64_t gemv_slice(const fq_w4_view *w, int r) {
-    int64_t s = (r == 1 ? 32 * 1024 : 20 * 1024) / (4 * (int64_t)r);
-    if (s > FQ_L4_SLICE_MAX) s = FQ_L4_SLICE_MAX;
+/* Slots of x per pass over a task's rows. With 3 or more rows of x, r rows
+ * times the slice should stay in L1 (8 rows of K = 3072 do not, and every
+ * FMA would wait on L2: slicing measured 1.5-2x faster at 4 rows). One or
+ * two rows are not sliced: slices cut the weight stream into pieces whose
+ * prefetches were lost (measured 30% slower at K = 12288), and the kernel
+ * reuses each x load for 4 weight rows anyway.
+ * A slice is a multiple of the blocksize when rows hold whole blocks, since
+ * the SIMD row loop then walks whole blocks. */
+static int64_t gemv_slice(const fq_w4_view *w, int r, int64_t kp) {
+    if (r <= 2) return kp > 0 ? kp : 1;
+    int64_t s = (20 * 1024) / (4 * (int64_t)r);
     const int64_t unit = w->k % w->blocksize == 0 ? w->blocksize : FQ_L4_CHUNK;
     s = s / unit * unit;
     return s < unit ? unit : s;
@@ -169,7 +173,7 @@ static void gemv_task(void *arg, int64_t t) {
     for (int64_t n = n0; n < n1; n++) bias[n - n0] = fq_l4_bias(a, n);
     for (int64_t m0 = 0; m0 < a->m; m0 += FQ_L4_GEMV_R) {
         int r = a->m - m0 < FQ_L4_GEMV_R ? (int)(a->m - m0) : FQ_L4_GEMV_R;
-        const int64_t slice = gemv_slice(&a->w, r);
+        const int64_t slice = gemv_slice(&a->w, r, kp);
         memset(out, 0, sizeof(float) * (size_t)((n1 - n0) * r));
         /* The task's packed rows are small enough to stay in L2 between slices. */
         for (int64_t k0 = 0; k0 < kp; k0 += slice)
@@ -216,9 +220,11 @@ void fq_cpu_linear4(fq_ctx *ctx, fq_linear_kernel kern, fq_cpu_isa isa, const fq
     int64_t ntasks = (a->w.n + j.rows_per_task - 1) / j.rows_per_task;
     if (!simd_gemv_ok(ops, a)) {
         /* GEMM without SIMD, or a K the SIMD decoder cannot stride: scalar. */
-        fq_parallel_for(ctx, ntasks, scalar_task, &j);
+        fq_l4_run(ctx, ntasks, scalar_task, &j, a->always_threads || a->m * a->w.n * a->w.k > (1 << 18));
         return;
     }
-    fq_parallel_for(ctx, a->m, pack_task, &j);
-    fq_parallel_for(ctx, ntasks, gemv_task, &j);
+    /* Below ~1 MB of weights (a few tens of us) threads cost more than they save. */
+    const int64_t bytes = a->w.n * a->w.k / 2 * (1 + (a->m - 1) / FQ_L4_GEMV_R);
+    fq_l4_run(ctx, a->m, pack_task, &j, a->always_threads || a->m * a->w.k > (1 << 18));
+    fq_l4_run(ctx, ntasks, gemv_task, &j, a->always_threads || bytes > (1 << 20));
 }

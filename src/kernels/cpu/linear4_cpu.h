@@ -37,6 +37,7 @@ typedef struct {
     fq_dtype y_dtype;
     int64_t m;          /* rows of x and y                                 */
     fq_w4_view w;       /* [n, k] host pointers                            */
+    int always_threads; /* tests: use the threads even for small problems  */
 } fq_cpu_linear4_args;
 
 /* The kernel FQ_LINEAR_AUTO means for this problem on this ISA. */

@@ -80,18 +80,21 @@ static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, 
         for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();
     if (K % B == 0) {
         const int64_t b0 = f0 >> lg, bs = k0 >> lg, be = (k1 + B - 1) >> lg;
-        float am_nested[FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
-        const float *am = w->absmax + b0 + bs;
-        if (NESTED) {
-            for (int64_t b = bs; b < be; b++) am_nested[b - bs] = block_absmax(1, w, b0 + b);
-            am = am_nested;
-        }
-        for (int64_t b = bs; b < be; b++) {
-            const lut2 ls = scale(base, am[b - bs]);
-            const uint8_t *pb = p + ((b << lg) >> 1);
-            const float *xb = xd + (b << lg);
-            _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
-            for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, A, acc);
+        float am_nested[FQ_L4_AM_RUN];
+        for (int64_t bc = bs; bc < be; bc += FQ_L4_AM_RUN) {
+            const int64_t bce = bc + FQ_L4_AM_RUN < be ? bc + FQ_L4_AM_RUN : be;
+            const float *am = w->absmax + b0 + bc;
+            if (NESTED) {
+                for (int64_t b = bc; b < bce; b++) am_nested[b - bc] = block_absmax(1, w, b0 + b);
+                am = am_nested;
+            }
+            for (int64_t b = bc; b < bce; b++) {
+                const lut2 ls = scale(base, am[b - bc]);
+                const uint8_t *pb = p + ((b << lg) >> 1);
+                const float *xb = xd + (b << lg);
+                _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
+                for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, A, acc);
+            }
         }
     } else {
         for (int64_t k = k0; k < k1; k += 32) {

@@ -80,26 +80,29 @@ static inline __attribute__((always_inline)) void gemv_row(const fq_w4_view *w, 
     if (K % B == 0) {
         /* Rows hold whole blocks (every FLUX shape; k0, k1 are multiples of B
          * or K): one scaled table per block. A nested state's absmax is
-         * rebuilt for the slice first, so that the block loop carries no
-         * chain of dependent scalar loads. */
+         * rebuilt for a run of blocks first, so that the block loop carries
+         * no chain of dependent scalar loads. */
         const int64_t b0 = f0 >> lg, bs = k0 >> lg, be = (k1 + B - 1) >> lg;
-        float am_nested[FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
-        const float *am = w->absmax + b0 + bs;
-        if (NESTED) {
-            for (int64_t b = bs; b < be; b++) am_nested[b - bs] = block_absmax(1, w, b0 + b);
-            am = am_nested;
-        }
-        for (int64_t b = bs; b < be; b++) {
-            const __m512 ls = _mm512_mul_ps(lut, _mm512_set1_ps(am[b - bs]));
-            const uint8_t *pb = p + ((b << lg) >> 1);
-            const float *xb = xd + (b << lg);
-            /* The hardware prefetcher alone left the decode waiting on memory
-             * (measured: +10-15% GEMV bandwidth with this). */
-            _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
-            if (U == 2 && B >= 64)
-                for (int64_t j = 0; j < B; j += 64) step64(pb + (j >> 1), xb + j, ldx, ls, R, acc);
-            else
-                for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, acc);
+        float am_nested[FQ_L4_AM_RUN];
+        for (int64_t bc = bs; bc < be; bc += FQ_L4_AM_RUN) {
+            const int64_t bce = bc + FQ_L4_AM_RUN < be ? bc + FQ_L4_AM_RUN : be;
+            const float *am = w->absmax + b0 + bc;
+            if (NESTED) {
+                for (int64_t b = bc; b < bce; b++) am_nested[b - bc] = block_absmax(1, w, b0 + b);
+                am = am_nested;
+            }
+            for (int64_t b = bc; b < bce; b++) {
+                const __m512 ls = _mm512_mul_ps(lut, _mm512_set1_ps(am[b - bc]));
+                const uint8_t *pb = p + ((b << lg) >> 1);
+                const float *xb = xd + (b << lg);
+                /* The hardware prefetcher alone left the decode waiting on
+                 * memory (measured: +10-15% GEMV bandwidth with this). */
+                _mm_prefetch((const char *)pb + FQ_L4_PREFETCH, _MM_HINT_T0);
+                if (U == 2 && B >= 64)
+                    for (int64_t j = 0; j < B; j += 64) step64(pb + (j >> 1), xb + j, ldx, ls, R, acc);
+                else
+                    for (int64_t j = 0; j < B; j += 32) step32(pb + (j >> 1), xb + j, ldx, ls, R, acc);
+            }
         }
     } else {
         /* Blocks straddle rows: look the block up per 32 weights. */
@@ -126,52 +129,59 @@ static inline __attribute__((always_inline)) void gemv_rows(const fq_w4_view *w,
     const int lg = fq_l4_log2(B);
     const int64_t bs = k0 >> lg, be = (k1 + B - 1) >> lg;
     const uint8_t *p[4];
-    const float *am[4];
-    float am_nested[NESTED ? 4 : 1][FQ_L4_SLICE_MAX / FQ_L4_CHUNK];
+    int64_t b0[4];
+    float am_nested[NESTED ? 4 : 1][FQ_L4_AM_RUN];
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++) {
-        const int64_t f0 = (n + g) * K, b0 = f0 >> lg;
-        p[g] = w->packed + f0 / 2;
-        am[g] = w->absmax + b0 + bs;
-        if (NESTED) {
-            for (int64_t b = bs; b < be; b++) am_nested[g][b - bs] = block_absmax(1, w, b0 + b);
-            am[g] = am_nested[g];
-        }
+        b0[g] = (n + g) * K >> lg;
+        p[g] = w->packed + (n + g) * K / 2;
     }
     __m512 acc[4][2][2];
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++)
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) acc[g][r][0] = acc[g][r][1] = _mm512_setzero_ps();
-    for (int64_t b = bs; b < be; b++) {
-        __m512 ls[4];
-        /* Prefetch FQ_L4_PREFETCH bytes ahead along the row, or past its end
-         * into the same row of the next group (the next bytes this loop
-         * reads of that stream), not into the neighbour row another stream
-         * of this group is reading already. */
-        int64_t ahead = ((b << lg) >> 1) + FQ_L4_PREFETCH;
-        if (ahead >= K / 2) ahead += (G - 1) * (K / 2);
+    for (int64_t bc = bs; bc < be; bc += FQ_L4_AM_RUN) {
+        const int64_t bce = bc + FQ_L4_AM_RUN < be ? bc + FQ_L4_AM_RUN : be;
+        const float *am[4];
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++) {
-            ls[g] = _mm512_mul_ps(lut, _mm512_set1_ps(am[g][b - bs]));
-            _mm_prefetch((const char *)p[g] + ahead, _MM_HINT_T0);
-        }
-        for (int64_t k = b << lg; k < (b + 1) << lg; k += 32) {
-            __m512 xe[2], xo[2];
-#pragma GCC unroll 2
-            for (int r = 0; r < R; r++) {
-                xe[r] = _mm512_loadu_ps(xd + r * ldx + k);
-                xo[r] = _mm512_loadu_ps(xd + r * ldx + k + 16);
+            am[g] = w->absmax + b0[g] + bc;
+            if (NESTED) {
+                for (int64_t b = bc; b < bce; b++) am_nested[g][b - bc] = block_absmax(1, w, b0[g] + b);
+                am[g] = am_nested[g];
             }
+        }
+        for (int64_t b = bc; b < bce; b++) {
+            __m512 ls[4];
+            /* Prefetch FQ_L4_PREFETCH bytes ahead along the row, or past its
+             * end into the same row of the next group (the next bytes this
+             * loop reads of that stream), not into the neighbour row another
+             * stream of this group is reading already. */
+            int64_t ahead = ((b << lg) >> 1) + FQ_L4_PREFETCH;
+            if (ahead >= K / 2) ahead += (G - 1) * (K / 2);
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++) {
-                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p[g] + (k >> 1))));
-                const __m512 e = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), ls[g]);
-                const __m512 o = _mm512_permutexvar_ps(q, ls[g]);
+                ls[g] = _mm512_mul_ps(lut, _mm512_set1_ps(am[g][b - bc]));
+                _mm_prefetch((const char *)p[g] + ahead, _MM_HINT_T0);
+            }
+            for (int64_t k = b << lg; k < (b + 1) << lg; k += 32) {
+                __m512 xe[2], xo[2];
 #pragma GCC unroll 2
                 for (int r = 0; r < R; r++) {
-                    acc[g][r][0] = _mm512_fmadd_ps(e, xe[r], acc[g][r][0]);
-                    acc[g][r][1] = _mm512_fmadd_ps(o, xo[r], acc[g][r][1]);
+                    xe[r] = _mm512_loadu_ps(xd + r * ldx + k);
+                    xo[r] = _mm512_loadu_ps(xd + r * ldx + k + 16);
+                }
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p[g] + (k >> 1))));
+                    const __m512 e = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), ls[g]);
+                    const __m512 o = _mm512_permutexvar_ps(q, ls[g]);
+#pragma GCC unroll 2
+                    for (int r = 0; r < R; r++) {
+                        acc[g][r][0] = _mm512_fmadd_ps(e, xe[r], acc[g][r][0]);
+                        acc[g][r][1] = _mm512_fmadd_ps(o, xo[r], acc[g][r][1]);
+                    }
                 }
             }
         }

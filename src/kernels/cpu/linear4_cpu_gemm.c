@@ -87,6 +87,7 @@ void fq_l4_gemm(fq_ctx *ctx, const fq_l4_isa_ops *ops, const fq_cpu_linear4_args
                   fq_l4_pad(a->w.k), (a->m + ops->nr - 1) / ops->nr, nb_of(ops), 0};
     g.ntn = (a->w.n + g.nb - 1) / g.nb;
     const int64_t ntm = (a->m + FQ_L4_MT - 1) / FQ_L4_MT;
-    fq_parallel_for(ctx, g.nsl, pack_task, &g);
-    fq_parallel_for(ctx, ntm * g.ntn, gemm_task, &g);
+    fq_l4_run(ctx, g.nsl, pack_task, &g, a->always_threads || a->m * a->w.k > (1 << 18));
+    /* 2 * 32 * N * K flops per sliver; under ~16 MFLOP (tens of us) stay on one thread. */
+    fq_l4_run(ctx, ntm * g.ntn, gemm_task, &g, a->always_threads || g.nsl * a->w.n * a->w.k > (1 << 23));
 }

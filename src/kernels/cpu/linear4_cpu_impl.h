@@ -20,7 +20,7 @@ enum {
     FQ_L4_KC = 256,    /* k-extent of one GEMM tile (and stride of a decoded tile) */
     FQ_L4_GEMV_R = 8,  /* rows of x one GEMV pass multiplies (bounded by registers) */
     FQ_L4_MT = 128,    /* x rows of one GEMM task (a multiple of every NR)         */
-    FQ_L4_SLICE_MAX = 8192, /* longest k-slice of one GEMV pass (bounds per-slice buffers) */
+    FQ_L4_AM_RUN = 256,     /* blocks whose nested absmax the GEMV rebuilds at a time   */
     FQ_L4_PREFETCH = 2048   /* bytes ahead the GEMV prefetches packed weights (tuned here) */
 };
 
@@ -142,6 +142,15 @@ typedef struct {
 
 const fq_l4_isa_ops *fq_l4_ops_avx2(void);
 const fq_l4_isa_ops *fq_l4_ops_avx512(void);
+
+/* fn(arg, i) for i in [0, n): over the context's threads, or inline on the
+ * caller's thread when `parallel` is 0. fq_parallel_for starts its threads
+ * on every call (about 40 us here), more than a small layer takes alone. */
+static inline void fq_l4_run(fq_ctx *ctx, int64_t n, void (*fn)(void *, int64_t), void *arg, int parallel) {
+    if (parallel) fq_parallel_for(ctx, n, fn, arg);
+    else
+        for (int64_t i = 0; i < n; i++) fn(arg, i);
+}
 
 /* Scalar decode of slots [k0, k0 + kc) of row n (any K; slots past K are 0). */
 void fq_l4_decode_scalar(const fq_w4_view *w, int64_t n, int64_t k0, int64_t kc, float *dst);
