@@ -475,8 +475,12 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
     for (int impl = FQ_LIN4_GEMV_SIMPLE; impl < FQ_LIN4_COUNT; impl++) {
         int cfgs[64], nc = 0;
         cfgs[nc++] = 0;
-        if (impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_STREAM)
+        if (impl == FQ_LIN4_GEMV_TC)
             for (int i = 0; i < 8; i++) cfgs[nc++] = gemv_cfg[i];
+        if (impl == FQ_LIN4_GEMV_STREAM) /* decode (exact, hmul, loads only) x batch x K slices */
+            for (int d = 1; d <= 3; d++)
+                for (int u = 0; u < 2; u++)
+                    for (int ks = 0; ks <= 8; ks = ks ? ks * 2 : 1) cfgs[nc++] = d << 5 | u << 4 | ks;
         if (impl == FQ_LIN4_GEMM_MMA)
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
         if (impl == FQ_LIN4_GEMM_WGMMA)

@@ -488,7 +488,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 run_and_check(ctx, FQ_LIN4_SELECT(impl, 0), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 if (!sh->sweep) continue;
                 static const int gemv_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K split, deep bit */
-                static const int stream_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K slices, small batch bit */
+                static const int stream_codes[6] = {0x21, 0x42, 0x24, 0x48, 0x51, 0x38}; /* decode, batch, K slices */
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMV_STREAM ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS

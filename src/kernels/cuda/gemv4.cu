@@ -360,8 +360,14 @@ typedef struct {
     int lg2bs;
 } st_args;
 
-#define ST_TBL_BYTES (256 * 16 * 8)
+#define ST_TBL_BYTES (256 * 32 * 4)
 #define ST_SMEM_BYTES (ST_TBL_BYTES + (16 + 256 + 8 * 2 * 32) * 4)
+
+/* Decode variants: exact (f32 code * absmax, rounded once, as dequantize does);
+ * HMUL (bf16 only: bf16(code) * bf16(absmax) in one bf16x2 multiply, i.e. the weight
+ * rounded three times instead of once; half the shared-memory traffic); LOADS (a
+ * bench-only probe that streams the weight and skips the arithmetic: wrong results). */
+enum { ST_EXACT = 0, ST_HMUL = 1, ST_LOADS = 2 };
 
 static __device__ __forceinline__ uint4 st_ld_stream(const void *p) {
     uint4 v;
@@ -375,8 +381,18 @@ static __device__ __forceinline__ float st_mul_ftz(float a, float b) {
     asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
 }
+/* Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16): the whole slice
+ * of a warp goes out at once, beyond what registers could hold in flight. A hint
+ * into L2, the coherent point, so it never returns stale data. */
+static __device__ __forceinline__ void st_prefetch_l2(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p; (void)bytes;
+#endif
+}
 
-template <typename T, bool NESTED, int U>
+template <typename T, bool NESTED, int U, int DEC>
 __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_args a) {
     extern __shared__ __align__(16) uint8_t st_sm[];
     float *qm_s = (float *)(st_sm + ST_TBL_BYTES);
@@ -389,10 +405,22 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     const int64_t C = (K + 127) >> 7; /* chunks per row */
     const int64_t c_beg = C * wk / ks, c_end = C * (wk + 1) / ks;
     const int64_t row = min(n0 + g, N - 1);
-    const uint8_t *prow = a.w.packed + row * (K >> 1) + 16 * t;
+    const int64_t rowb = K >> 1; /* bytes per row */
+    const uint8_t *prow = a.w.packed + row * rowb + 16 * t;
     const int64_t eoff = row * K + 32 * t; /* flat index of this lane's first element of chunk 0 */
     const bool xok = g < M;
     const T *xrow = (const T *)a.x + (xok ? g : 0) * K + 32 * t;
+
+    /* the warp's whole slice of W (8 rows) and the tile's absmax bytes into L2 */
+    if (lane < 8 && c_beg < c_end) {
+        const int64_t r = min(n0 + lane, N - 1);
+        const int64_t b0 = c_beg * 64, b1 = min(c_end * 64, rowb);
+        if (r == n0 + lane || lane == 0) st_prefetch_l2(a.w.packed + r * rowb + b0, (uint32_t)(b1 - b0));
+    } else if (lane == 8 && NESTED && wk == 0) {
+        const int64_t kb = K >> a.lg2bs, r1 = min(n0 + 8, N);
+        const int64_t q0 = (n0 * kb) & ~(int64_t)15, q1 = (r1 * kb + 15) & ~(int64_t)15;
+        st_prefetch_l2(a.w.qabsmax + q0, (uint32_t)(q1 - q0));
+    }
 
     uint4 wv0[U], wv1[U];
     uint32_t qv0[U], qv1[U];
@@ -405,7 +433,10 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
             if (ok) {
                 wv[u] = st_ld_stream(prow + c * 64);
                 const int64_t blk = (eoff + c * 128) >> a.lg2bs;
-                if (NESTED) {
+                if (DEC == ST_LOADS) {
+                    qv[u] = 0;
+                    av[u] = 1.0f;
+                } else if (NESTED) {
                     qv[u] = __ldg(&a.w.qabsmax[blk]);
                     av[u] = __ldg(&a.w.nested_absmax[blk >> 8]);
                 } else {
@@ -426,22 +457,32 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
     __syncthreads();
     {
-        const int b = tid; /* 256 threads: one table entry each, 16 copies = 8 x 16 bytes */
+        const int b = tid; /* 256 threads: one table entry (byte value) each */
         const float lo = qm_s[b >> 4], hi = qm_s[b & 15];
-        const uint4 vv = make_uint4(__float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi));
+        uint4 vv;
+        if (DEC == ST_EXACT) { /* 16 copies of the f32 pair: lane l reads copy l % 16 */
+            vv = make_uint4(__float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi));
+        } else { /* 32 copies of the packed pair: lane l reads copy l */
+            const uint32_t v = fq_mma_t<T>::pack(lo, hi);
+            vv = make_uint4(v, v, v, v);
+        }
         uint4 *dst = (uint4 *)(st_sm + b * 128);
 #pragma unroll
         for (int j = 0; j < 8; j++) dst[(j + b) & 7] = vv;
     }
     __syncthreads();
 
-    const uint32_t tl = (uint32_t)(lane & 15) * 8; /* this lane's copy, in bytes */
+    const uint32_t tl = DEC == ST_EXACT ? (uint32_t)(lane & 15) * 8 : (uint32_t)lane * 4; /* this lane's copy */
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     auto compute = [&](int64_t cb, const uint4 (&wv)[U], const uint32_t (&qv)[U], const float (&av)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t c = cb + u;
             if (c >= c_end) break; /* warp-uniform */
+            if (DEC == ST_LOADS) {
+                acc[0] += __uint_as_float((wv[u].x ^ wv[u].y ^ wv[u].z ^ wv[u].w) & 0x3fffffffu);
+                continue;
+            }
             float am;
             if (NESTED) am = __fadd_rn(st_mul_ftz(code_s[qv[u]], av[u]), a.w.offset);
             else am = av[u];
@@ -453,16 +494,27 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
             const uint32_t wds[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
             const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
                                      xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+            __nv_bfloat162 am2 = __float2bfloat162_rn(am);
 #pragma unroll
             for (int s = 0; s < 8; s++) {
                 const uint32_t wd = wds[s >> 1];
                 const int sh = (s & 1) * 16;
                 const uint32_t i0 = ((wd >> sh) & 0xffu) * 128u + tl;
                 const uint32_t i1 = ((wd >> (sh + 8)) & 0xffu) * 128u + tl;
-                const float2 p0 = *(const float2 *)(st_sm + i0);
-                const float2 p1 = *(const float2 *)(st_sm + i1);
-                const uint32_t b0 = fq_mma_t<T>::pack(st_mul_ftz(p0.x, am), st_mul_ftz(p0.y, am));
-                const uint32_t b1 = fq_mma_t<T>::pack(st_mul_ftz(p1.x, am), st_mul_ftz(p1.y, am));
+                uint32_t b0, b1;
+                if (DEC == ST_EXACT) {
+                    const float2 p0 = *(const float2 *)(st_sm + i0);
+                    const float2 p1 = *(const float2 *)(st_sm + i1);
+                    b0 = fq_mma_t<T>::pack(st_mul_ftz(p0.x, am), st_mul_ftz(p0.y, am));
+                    b1 = fq_mma_t<T>::pack(st_mul_ftz(p1.x, am), st_mul_ftz(p1.y, am));
+                } else {
+                    __nv_bfloat162 p0 = *(const __nv_bfloat162 *)(st_sm + i0);
+                    __nv_bfloat162 p1 = *(const __nv_bfloat162 *)(st_sm + i1);
+                    p0 = __hmul2(p0, am2);
+                    p1 = __hmul2(p1, am2);
+                    b0 = *(uint32_t *)&p0;
+                    b1 = *(uint32_t *)&p1;
+                }
                 fq_mma16816<T>(acc, xw[2 * s], 0u, xw[2 * s + 1], 0u, b0, b1);
             }
         }
@@ -497,6 +549,17 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     }
 }
 
+typedef void (*st_kernel_fn)(st_args);
+#define ST_FNS(T, U, DEC) {gemv4_stream_kernel<T, false, U, DEC>, gemv4_stream_kernel<T, true, U, DEC>}
+/* [bf16 = 0, f16 = 1][U = 4: 0, U = 2: 1][decode][nested] (f16 has no HMUL variant:
+ * its absmax may not fit f16; it runs exact) */
+static const st_kernel_fn g_st_fns[2][2][3][2] = {
+    {{ST_FNS(__nv_bfloat16, 4, 0), ST_FNS(__nv_bfloat16, 4, 1), ST_FNS(__nv_bfloat16, 4, 2)},
+     {ST_FNS(__nv_bfloat16, 2, 0), ST_FNS(__nv_bfloat16, 2, 1), ST_FNS(__nv_bfloat16, 2, 2)}},
+    {{ST_FNS(__half, 4, 0), ST_FNS(__half, 4, 0), ST_FNS(__half, 4, 2)},
+     {ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 2)}},
+};
+
 extern "C" int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
     return is_mma_dtype(io->x_dtype) && is_io_dtype(io->y_dtype) && io->m <= 8 && w->blocksize >= 32 &&
            w->k >= 32 && w->k % w->blocksize == 0 && w->n >= 1 && ((uintptr_t)io->x & 15) == 0 &&
@@ -504,16 +567,14 @@ extern "C" int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_
 }
 
 extern "C" int fq_cuda_gemv4_stream_prepare(void) {
-    const void *fns[] = {
-        (const void *)gemv4_stream_kernel<__nv_bfloat16, false, 4>, (const void *)gemv4_stream_kernel<__nv_bfloat16, true, 4>,
-        (const void *)gemv4_stream_kernel<__half, false, 4>,        (const void *)gemv4_stream_kernel<__half, true, 4>,
-        (const void *)gemv4_stream_kernel<__nv_bfloat16, false, 2>, (const void *)gemv4_stream_kernel<__nv_bfloat16, true, 2>,
-        (const void *)gemv4_stream_kernel<__half, false, 2>,        (const void *)gemv4_stream_kernel<__half, true, 2>,
-    };
-    for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
-        cudaError_t e = cudaFuncSetAttribute(fns[i], cudaFuncAttributeMaxDynamicSharedMemorySize, ST_SMEM_BYTES);
-        if (e != cudaSuccess) return (int)e;
-    }
+    for (int i = 0; i < 2; i++)
+        for (int u = 0; u < 2; u++)
+            for (int d = 0; d < 3; d++)
+                for (int n = 0; n < 2; n++) {
+                    cudaError_t e = cudaFuncSetAttribute(g_st_fns[i][u][d][n], cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         ST_SMEM_BYTES);
+                    if (e != cudaSuccess) return (int)e;
+                }
     return (int)cudaSuccess;
 }
 
@@ -540,7 +601,8 @@ static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
 }
 
 /* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 2 chunks
- * per load batch instead of 4. */
+ * per load batch instead of 4; bits 5..6: decode (0 = automatic, 1 = exact, 2 = HMUL,
+ * 3 = loads only: a bench probe with wrong results). */
 extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                     int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_stream_supported(w, io)) return (int)cudaErrorInvalidValue;
@@ -548,6 +610,8 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
     int ks = cfg & 15;
     const int small_u = (cfg >> 4) & 1;
     if (ks != 1 && ks != 2 && ks != 4 && ks != 8) ks = stream_pick_ks(w->n, w->k, sm_count, small_u ? 3 : 2);
+    const int dsel = (cfg >> 5) & 3;
+    const int dec = dsel == 0 ? ST_EXACT : dsel - 1;
     const int64_t tiles = (w->n + 7) / 8;
     const int64_t blocks = (tiles + 8 / ks - 1) / (8 / ks);
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
@@ -560,25 +624,8 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
     a.e = *e;
     a.ks = ks;
     a.lg2bs = fq_log2i(w->blocksize);
-    const dim3 grid((unsigned)blocks);
-    const bool bf = io->x_dtype == FQ_BF16;
-    if (small_u) {
-        if (bf) {
-            if (w->nested) gemv4_stream_kernel<__nv_bfloat16, true, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-            else gemv4_stream_kernel<__nv_bfloat16, false, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-        } else {
-            if (w->nested) gemv4_stream_kernel<__half, true, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-            else gemv4_stream_kernel<__half, false, 2><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-        }
-    } else {
-        if (bf) {
-            if (w->nested) gemv4_stream_kernel<__nv_bfloat16, true, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-            else gemv4_stream_kernel<__nv_bfloat16, false, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-        } else {
-            if (w->nested) gemv4_stream_kernel<__half, true, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-            else gemv4_stream_kernel<__half, false, 4><<<grid, 256, ST_SMEM_BYTES, stream>>>(a);
-        }
-    }
+    g_st_fns[io->x_dtype == FQ_BF16 ? 0 : 1][small_u][dec][w->nested ? 1 : 0]<<<(unsigned)blocks, 256, ST_SMEM_BYTES,
+                                                                                stream>>>(a);
     return (int)cudaGetLastError();
 }
 
