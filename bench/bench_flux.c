@@ -346,6 +346,13 @@ int fq_bench_flux(int argc, char **argv) {
                    (long long)ops[k]);
         if (ms[0] > 0) printf("  linears: %.1f TFLOP/s; ", lin_f / (ms[0] * 1e9));
         if (ms[1] > 0) printf("attention: %.1f TFLOP/s\n", att_f / (ms[1] * 1e9));
+        const char *on[64];
+        double oms[64];
+        int64_t oc[64];
+        int no = fq_nn_prof_ops(prof, 64, on, oms, oc);
+        printf("  by op:");
+        for (int k = 0; k < no; k++) printf("%s %s %.2f ms (%lld)", k ? "," : "", on[k], oms[k], (long long)oc[k]);
+        printf("\n");
     }
 
     /* baselines in the same run */

@@ -1125,7 +1125,7 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
     if (!xb || !yb || !mod || !cs || !sn || !w || !bias || !nw || !ob || !ab) goto done;
     CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 3, ys, &o32));
     int64_t lsz = fq_nn_linear_scratch(ctx, w, bias, B * S, R), asz = fq_nn_attention_scratch(d, B, S, H, dh, R);
-    int64_t l1[1] = {lsz > asz ? lsz : asz};
+    int64_t l1[1] = {(lsz > asz ? lsz : asz) + 2 * B * S * D}; /* room for an f32 weight's widened x too */
     CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 1, l1, &sf));
     CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 1, l1, &sb));
     if (!sf || !sb || !o32) goto done;
@@ -1167,6 +1167,23 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
             same16(ctx, "linear, f32 weight", of, ob);
         }
         fq_tensor_free(w32);
+    }
+    /* 256 tokens: bf16 q, k, v read in place (no packing, no scratch) */
+    {
+        int64_t s2[3] = {1, 256, D};
+        fq_tensor *q2 = dev_rand16(ctx, d, FQ_F32, 3, s2, 21, 3.0f), *k2 = dev_rand16(ctx, d, FQ_F32, 3, s2, 22, 3.0f);
+        fq_tensor *v2 = dev_rand16(ctx, d, FQ_F32, 3, s2, 23, 1.0f), *o2 = NULL, *o2b = NULL;
+        fq_tensor *q2b = dev_to(ctx, q2, FQ_BF16), *k2b = dev_to(ctx, k2, FQ_BF16), *v2b = dev_to(ctx, v2, FQ_BF16);
+        CHECK(fq_nn_attention_scratch_io(d, 1, 256, H, dh, R, FQ_BF16) == 0, "bf16 attention at 256 tokens needs no scratch");
+        CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_F32, 3, s2, &o2));
+        CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_BF16, 3, s2, &o2b));
+        if (q2b && k2b && v2b && o2 && o2b) {
+            CHECK_OK(ctx, fq_nn_attention(ctx, q2, k2, v2, H, o2, sf, R));
+            CHECK_OK(ctx, fq_nn_attention(ctx, q2b, k2b, v2b, H, o2b, NULL, R));
+            same16(ctx, "attention, read in place", o2, o2b);
+        }
+        fq_tensor_free(q2), fq_tensor_free(k2), fq_tensor_free(v2), fq_tensor_free(o2), fq_tensor_free(o2b);
+        fq_tensor_free(q2b), fq_tensor_free(k2b), fq_tensor_free(v2b);
     }
     /* bf16 tensors are refused on the CPU and at f32 compute */
     CHECK(fq_nn_gelu_tanh(ctx, yb, yb, FQ_F32) != FQ_OK, "bf16 activations at f32 compute are refused");

@@ -146,7 +146,8 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     set_shape(p, B_MLP, 3, B, S, F);
     set_shape(p, B_CAT, 3, B, S, D + F);
     set_shape(p, B_ATT, 1,
-              fq_nn_attention_scratch(m->device, B, S, c->num_attention_heads, c->attention_head_dim, m->compute_dtype),
+              fq_nn_attention_scratch_io(m->device, B, S, c->num_attention_heads, c->attention_head_dim,
+                                         m->compute_dtype, fq_nn_act_dtype(m->device, m->compute_dtype)),
               0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
     set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);

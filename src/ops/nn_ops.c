@@ -287,7 +287,7 @@ int64_t fq_nn_linear_q4_scratch_io(fq_ctx *ctx, const fq_qtensor *w, const fq_te
     (void)xt;
     (void)yt;
     if (rnd == FQ_F32) {
-        fq_cpu_linear4_args a = {NULL, FQ_F32, NULL, bias ? bias->dtype : FQ_F32, NULL, FQ_F32, m, fq_w4_view_of(w)};
+        fq_cpu_linear4_args a = {NULL, FQ_F32, NULL, bias ? bias->dtype : FQ_F32, NULL, FQ_F32, m, fq_w4_view_of(w), 0};
         fq_cpu_isa isa = fq_cpu_isa_best();
         return (int64_t)((fq_cpu_linear4_scratch_bytes(q4_kernel(ctx, m, w, isa), isa, &a) + 3) / 4);
     }
@@ -387,7 +387,7 @@ fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, 
         /* f32 compute: the fused 4-bit CPU kernels of fq_linear_4bit, with the
          * caller's (planned) scratch instead of a per-call allocation. */
         fq_cpu_linear4_args a = {x->buf.ptr, FQ_F32, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : FQ_F32,
-                                 y->buf.ptr, FQ_F32, m, fq_w4_view_of(w)};
+                                 y->buf.ptr, FQ_F32, m, fq_w4_view_of(w), 0};
         fq_cpu_isa isa = fq_cpu_isa_best();
         fq_cpu_linear4(ctx, q4_kernel(ctx, m, w, isa), isa, &a, scratch ? scratch->buf.ptr : NULL);
         return FQ_OK;
@@ -529,10 +529,10 @@ fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {
     return FQ_OK;
 }
 
-int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
-                                     fq_dtype rnd, int impl) {
+static int64_t attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd,
+                                 int impl, fq_dtype xt) {
 #ifdef FQ_HAVE_CUDA
-    if (dev.type == FQ_DEVICE_CUDA) return fq_nncu_attention_scratch(batch, s, heads, dh, rnd, impl);
+    if (dev.type == FQ_DEVICE_CUDA) return fq_nncu_attention_scratch(batch, s, heads, dh, rnd, impl, xt);
 #else
     (void)dev;
     (void)batch;
@@ -541,7 +541,18 @@ int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, in
     (void)rnd;
     (void)impl;
 #endif
+    (void)xt;
     return fq_cpu_attention_scratch(s);
+}
+
+int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                     fq_dtype rnd, int impl) {
+    return attention_scratch(dev, batch, s, heads, dh, rnd, impl, FQ_F32);
+}
+
+int64_t fq_nn_attention_scratch_io(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd,
+                                   fq_dtype xt) {
+    return attention_scratch(dev, batch, s, heads, dh, rnd, FQ_NN_ATTN_AUTO, xt);
 }
 
 int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd) {
@@ -582,7 +593,7 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: batch * heads = %lld exceeds 65535 on CUDA", op,
                       (long long)(B * heads));
 #endif
-    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_attention_scratch_impl(dev, B, S, heads, dh, rnd, impl), dev));
+    FQ_TRY(scratch_check(ctx, op, scratch, attention_scratch(dev, B, S, heads, dh, rnd, impl, q->dtype), dev));
     DISPATCH(dev, fq_nncu_attention(ctx, q, k, v, heads, out, scratch, rnd, impl));
     fq_cpu_attention(F(q), F(k), F(v), F(out), B, S, heads, dh, F(scratch), rnd);
     return FQ_OK;
@@ -658,6 +669,15 @@ fq_status fq_nn_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES], 
     (void)ms;
     (void)ops;
     return fq_err(ctx, FQ_ERR_UNSUPPORTED, "nn_prof: built without CUDA");
+#endif
+}
+
+int fq_nn_prof_ops(const fq_nn_prof *p, int cap, const char **names, double *ms, int64_t *count) {
+#ifdef FQ_HAVE_CUDA
+    return p ? fq_nncu_prof_ops(p, cap, names, ms, count) : 0;
+#else
+    (void)p, (void)cap, (void)names, (void)ms, (void)count;
+    return 0;
 #endif
 }
 

@@ -116,6 +116,10 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
 /* Scratch floats fq_nn_attention needs on dev for q [batch, s, heads*dh]. */
 int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd);
+/* The same for q, k, v of dtype xt (above: f32); bf16 activations with head
+ * dim 128 and a multiple of 128 tokens are read in place and need none. */
+int64_t fq_nn_attention_scratch_io(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd,
+                                   fq_dtype xt);
 /* out = softmax(q·kᵀ/sqrt(dh))·v per batch and head; q, k, v, out: [B, S, H*dh].
  * CUDA: tensor cores (bf16/f16 rounding, head dim <= 128), else an f32 kernel
  * (head dim <= 512). */
@@ -161,6 +165,9 @@ fq_status fq_nn_prof_start(fq_ctx *ctx, fq_nn_prof *p);
 /* Waits for the device; ms[c] and ops[c] receive the time and op count per class.
  * FQ_ERR_INVALID_ARG if more ops ran than the profiler had events for. */
 fq_status fq_nn_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES], int64_t ops[FQ_NN_CLASSES]);
+/* After fq_nn_prof_stop: the time and count per op name (the op of each
+ * event, e.g. "linear", "adaln"), at most cap names; returns how many. */
+int fq_nn_prof_ops(const fq_nn_prof *p, int cap, const char **names, double *ms, int64_t *count);
 void fq_nn_prof_free(fq_nn_prof *p);
 
 #endif

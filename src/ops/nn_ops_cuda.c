@@ -41,6 +41,8 @@ struct fq_nn_prof {
     int cap, n, overflow;
     cudaEvent_t *ev;
     unsigned char *cls;
+    const char **name; /* the op of each event (string literals) */
+    float *dt;         /* ms from the previous event, filled by stop */
 };
 
 typedef struct {
@@ -54,7 +56,7 @@ static fq_status begin(fq_ctx *ctx, fq_device dev, run_t *r) {
 }
 
 /* Records the profiler's event for an op of class cls (when one is running). */
-static int prof_mark(fq_cuda_dev *d, fq_nn_class cls) {
+static int prof_mark(fq_cuda_dev *d, fq_nn_class cls, const char *op) {
     fq_nn_prof *p = d->nn_prof;
     if (!p) return 0;
     if (p->n >= p->cap) {
@@ -62,13 +64,14 @@ static int prof_mark(fq_cuda_dev *d, fq_nn_class cls) {
         return 0;
     }
     int e = (int)cudaEventRecord(p->ev[p->n], d->stream);
+    p->name[p->n] = op;
     p->cls[p->n++] = (unsigned char)cls;
     return e;
 }
 
 /* Leaves the guard; rc: a launcher's cudaError_t. */
 static fq_status end(fq_ctx *ctx, run_t *r, int rc, const char *op, fq_nn_class cls) {
-    if (rc == 0) rc = prof_mark(r->d, cls);
+    if (rc == 0) rc = prof_mark(r->d, cls, op);
     fq_cuda_guard_exit(&r->g);
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, op, r->d->index);
     return FQ_OK;
@@ -483,8 +486,9 @@ int fq_nncu_attention_supported(int64_t dh, fq_dtype rnd, int impl) {
     return fq_cuda_nn_attention_supported(dh, rnd, (fq_attn_impl)impl);
 }
 
-int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl) {
-    size_t b = fq_cuda_nn_attention_scratch_bytes(batch, s, heads, dh, rnd, (fq_attn_impl)impl);
+int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl,
+                                  fq_dtype xt) {
+    size_t b = fq_cuda_nn_attention_scratch_bytes(batch, s, heads, dh, rnd, (fq_attn_impl)impl, xt);
     return b ? (int64_t)((b + NN_ALIGN + 3) / 4) : 0;
 }
 
@@ -578,6 +582,8 @@ void fq_nncu_prof_free(fq_nn_prof *p) {
     }
     free(p->ev);
     free(p->cls);
+    free(p->name);
+    free(p->dt);
     free(p);
 }
 
@@ -590,7 +596,9 @@ fq_status fq_nncu_prof_create(fq_ctx *ctx, int device, int events, fq_nn_prof **
     p->device = device;
     p->ev = calloc((size_t)events, sizeof *p->ev);
     p->cls = calloc((size_t)events, 1);
-    if (!p->ev || !p->cls) {
+    p->name = calloc((size_t)events, sizeof *p->name);
+    p->dt = calloc((size_t)events, sizeof *p->dt);
+    if (!p->ev || !p->cls || !p->name || !p->dt) {
         fq_nncu_prof_free(p);
         return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
     }
@@ -620,7 +628,7 @@ fq_status fq_nncu_prof_start(fq_ctx *ctx, fq_nn_prof *p) {
     p->n = 0;
     p->overflow = 0;
     d->nn_prof = p;
-    int e = prof_mark(d, FQ_NN_CLASS_OTHER); /* the start */
+    int e = prof_mark(d, FQ_NN_CLASS_OTHER, "start"); /* the start */
     fq_cuda_guard_exit(&g);
     if (e) {
         d->nn_prof = NULL;
@@ -640,6 +648,7 @@ fq_status fq_nncu_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES]
     for (int i = 1; i < p->n && e == cudaSuccess; i++) {
         float t = 0.0f;
         e = cudaEventElapsedTime(&t, p->ev[i - 1], p->ev[i]);
+        p->dt[i] = t;
         ms[p->cls[i]] += t;
         ops[p->cls[i]]++;
     }
@@ -648,6 +657,21 @@ fq_status fq_nncu_prof_stop(fq_ctx *ctx, fq_nn_prof *p, double ms[FQ_NN_CLASSES]
     if (p->overflow)
         return fq_err(ctx, FQ_ERR_INVALID_ARG, "nn_prof: more than %d ops ran; the profile is incomplete", p->cap);
     return FQ_OK;
+}
+int fq_nncu_prof_ops(const fq_nn_prof *p, int cap, const char **names, double *ms, int64_t *count) {
+    int n = 0;
+    for (int i = 1; i < p->n; i++) {
+        int j = 0;
+        while (j < n && strcmp(names[j], p->name[i]) != 0) j++;
+        if (j == n) {
+            if (n == cap) continue;
+            names[n] = p->name[i], ms[n] = 0.0, count[n] = 0;
+            n++;
+        }
+        ms[j] += p->dt[i];
+        count[j]++;
+    }
+    return n;
 }
 #else
 typedef int fq_nn_ops_cuda_unused; /* ISO C forbids an empty translation unit */

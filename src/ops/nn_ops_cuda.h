@@ -25,6 +25,7 @@ fq_status fq_nncu_cat(fq_ctx *ctx, int split, const fq_tensor *whole, const fq_t
 /* ---- linear ---- */
 /* Scratch floats of a CUDA linear y[m, n] = x[m, k] · Wᵀ + b: the weight dense
  * of dtype wt (qw == 0) or 4-bit (qw == 1); bias dtype bt (-1: no bias). */
+int fq_nncu_prof_ops(const fq_nn_prof *p, int cap, const char **names, double *ms, int64_t *count);
 int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd,
                                fq_dtype xt, fq_dtype yt);
 /* Exactly one of w, qw. */
@@ -45,7 +46,8 @@ fq_status fq_nncu_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const 
 fq_status fq_nncu_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
 /* 1 if implementation impl (FQ_NN_ATTN_*) can run head dim dh with rounding rnd. */
 int fq_nncu_attention_supported(int64_t dh, fq_dtype rnd, int impl);
-int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl);
+int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl,
+                                  fq_dtype xt);
 fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v, int64_t heads,
                             fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl);
 

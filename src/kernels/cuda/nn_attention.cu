@@ -19,6 +19,7 @@
 #include "kernels/cuda/nn_common.cuh"
 
 #include <math.h>
+#include <type_traits>
 
 using namespace fqnn;
 
@@ -132,10 +133,14 @@ struct MmaCfg {
 
 /* ---- the flash-attention kernel --------------------------------------------------------------- */
 
+/* q, k, v rows of head bh = b*H + h start at b*bstride + h*hstride and are ld
+ * elements apart: the packed tiles (ld DH, hstride Sp*DH), or bf16 activations
+ * [B, S, H*dh] read in place (ld H*dh, hstride dh; S a multiple of BM). */
 template <typename T, int DH, int NW, typename O>
 __global__ void __launch_bounds__(NW * 32, 1)
     k_attn_mma(const T *__restrict__ qp, const T *__restrict__ kp, const T *__restrict__ vp,
-               O *__restrict__ out, int64_t S, int64_t Sp, int64_t H, int64_t dh, float scale_log2, int rnd) {
+               O *__restrict__ out, int64_t S, int64_t ld, int64_t bstride, int64_t hstride, int64_t H, int64_t dh,
+               float scale_log2, int rnd) {
     using C = MmaCfg<DH, NW>;
     constexpr int BM = C::BM, CH = C::CH, NT = NW * 32;
     constexpr int KS = DH / 16;  /* k-steps of Q·Kᵀ             */
@@ -148,21 +153,22 @@ __global__ void __launch_bounds__(NW * 32, 1)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int64_t bh = blockIdx.y, q0 = (int64_t)blockIdx.x * BM;
-    const T *gQ = qp + (bh * Sp + q0) * DH;
-    const T *gK = kp + bh * Sp * DH;
-    const T *gV = vp + bh * Sp * DH;
+    const int64_t base = (bh / H) * bstride + (bh % H) * hstride;
+    const T *gQ = qp + base + q0 * ld;
+    const T *gK = kp + base;
+    const T *gV = vp + base;
 
     for (int i = tid; i < BM * CH; i += NT) {
         const int r = i / CH, c = i % CH;
-        cp_async16(sQ + swz<DH>(r, c), gQ + (int64_t)r * DH + c * 8);
+        cp_async16(sQ + swz<DH>(r, c), gQ + (int64_t)r * ld + c * 8);
     }
     auto load_kv = [&](int64_t tile, int stage) {
-        const T *k = gK + tile * kBN * DH, *v = gV + tile * kBN * DH;
+        const T *k = gK + tile * kBN * ld, *v = gV + tile * kBN * ld;
         T *dk = sK + stage * kBN * DH, *dv = sV + stage * kBN * DH;
         for (int i = tid; i < kBN * CH; i += NT) {
             const int r = i / CH, c = i % CH;
-            cp_async16(dk + swz<DH>(r, c), k + (int64_t)r * DH + c * 8);
-            cp_async16(dv + swz<DH>(r, c), v + (int64_t)r * DH + c * 8);
+            cp_async16(dk + swz<DH>(r, c), k + (int64_t)r * ld + c * 8);
+            cp_async16(dv + swz<DH>(r, c), v + (int64_t)r * ld + c * 8);
         }
     };
     load_kv(0, 0);
@@ -359,19 +365,31 @@ int prepare_mma() {
 }
 
 template <typename T, int DH, int NW, typename O>
-int launch_mma(const T *packed, O *out, int64_t B, int64_t S, int64_t Sp, int64_t H, int64_t dh, int rnd,
-               cudaStream_t st) {
-    const int64_t plane = B * H * Sp * DH;
+int launch_mma(const T *q, const T *k, const T *v, O *out, int64_t B, int64_t S, int64_t ld, int64_t bstride,
+               int64_t hstride, int64_t H, int64_t dh, int rnd, cudaStream_t st) {
     const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)dh));
     dim3 grid((unsigned)((S + MmaCfg<DH, NW>::BM - 1) / MmaCfg<DH, NW>::BM), (unsigned)(B * H));
-    k_attn_mma<T, DH, NW, O><<<grid, NW * 32, MmaCfg<DH, NW>::smem, st>>>(packed, packed + plane, packed + 2 * plane,
-                                                                      out, S, Sp, H, dh, scale_log2, rnd);
+    k_attn_mma<T, DH, NW, O><<<grid, NW * 32, MmaCfg<DH, NW>::smem, st>>>(q, k, v, out, S, ld, bstride, hstride, H, dh,
+                                                                      scale_log2, rnd);
     return launch_status();
+}
+
+/* bf16 activations of the compute dtype with head dim 128 and S a multiple of
+ * the query tile need no packing: the kernel reads them in place. */
+template <typename T, typename I>
+bool attn_direct(const I *q, const I *k, const I *v, int64_t S, int64_t dh) {
+    if constexpr (!std::is_same<T, I>::value) return false;
+    const uintptr_t a = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v;
+    return dh == 128 && S % MmaCfg<128, 8>::BM == 0 && (a & 15u) == 0;
 }
 
 template <typename T, typename I>
 int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, int64_t H,
             int64_t dh, void *scratch, int rnd, cudaStream_t st) {
+    if constexpr (std::is_same<T, I>::value) {
+        if (attn_direct<T, I>(q, k, v, S, dh))
+            return launch_mma<T, 128, 8>(q, k, v, out, B, S, H * dh, S * H * dh, dh, H, dh, rnd, st);
+    }
     const int DP = padded_dh(dh);
     const int64_t Sp = round_up(S, kSeqAlign);
     T *packed = static_cast<T *>(scratch);
@@ -379,11 +397,13 @@ int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, in
     k_attn_pack<T, I><<<grid_for(chunks), kThreads, 0, st>>>(q, k, v, packed, B, S, Sp, H, dh, DP);
     int e = launch_status();
     if (e) return e;
+    const int64_t plane = B * H * Sp * DP;
+    const T *pq = packed, *pk = packed + plane, *pv = packed + 2 * plane;
     switch (DP) {
-    case 16: return launch_mma<T, 16, 4>(packed, out, B, S, Sp, H, dh, rnd, st);
-    case 32: return launch_mma<T, 32, 4>(packed, out, B, S, Sp, H, dh, rnd, st);
-    case 64: return launch_mma<T, 64, 4>(packed, out, B, S, Sp, H, dh, rnd, st);
-    default: return launch_mma<T, 128, 8>(packed, out, B, S, Sp, H, dh, rnd, st);
+    case 16: return launch_mma<T, 16, 4>(pq, pk, pv, out, B, S, 16, H * Sp * 16, Sp * 16, H, dh, rnd, st);
+    case 32: return launch_mma<T, 32, 4>(pq, pk, pv, out, B, S, 32, H * Sp * 32, Sp * 32, H, dh, rnd, st);
+    case 64: return launch_mma<T, 64, 4>(pq, pk, pv, out, B, S, 64, H * Sp * 64, Sp * 64, H, dh, rnd, st);
+    default: return launch_mma<T, 128, 8>(pq, pk, pv, out, B, S, 128, H * Sp * 128, Sp * 128, H, dh, rnd, st);
     }
 }
 
@@ -407,8 +427,9 @@ extern "C" fq_attn_impl fq_cuda_nn_attention_pick(int64_t dh, fq_dtype rnd, fq_a
 }
 
 extern "C" size_t fq_cuda_nn_attention_scratch_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dh,
-                                                     fq_dtype rnd, fq_attn_impl impl) {
+                                                     fq_dtype rnd, fq_attn_impl impl, fq_dtype xt) {
     if (fq_cuda_nn_attention_pick(dh, rnd, impl) != FQ_ATTN_MMA) return 0;
+    if (xt == rnd && dh == 128 && seq % MmaCfg<128, 8>::BM == 0) return 0; /* read in place */
     return (size_t)(3 * batch * heads * round_up(seq, kSeqAlign) * padded_dh(dh)) * 2;
 }
 
@@ -437,9 +458,8 @@ extern "C" int fq_cuda_nn_attention(const void *q, const void *k, const void *v,
     if (xt != FQ_F32 && xt != FQ_BF16) return (int)cudaErrorInvalidValue;
     impl = fq_cuda_nn_attention_pick(dh, rnd, impl);
     if (impl == FQ_ATTN_MMA) {
-        if (!scratch || scratch_bytes < fq_cuda_nn_attention_scratch_bytes(batch, seq, heads, dh, rnd, impl) ||
-            ((uintptr_t)scratch & 255u))
-            return (int)cudaErrorInvalidValue;
+        const size_t need = fq_cuda_nn_attention_scratch_bytes(batch, seq, heads, dh, rnd, impl, xt);
+        if (need && (!scratch || scratch_bytes < need || ((uintptr_t)scratch & 255u))) return (int)cudaErrorInvalidValue;
         if (xt == FQ_BF16) {
             const bf *qb = static_cast<const bf *>(q), *kb = static_cast<const bf *>(k), *vb = static_cast<const bf *>(v);
             bf *ob = static_cast<bf *>(out);

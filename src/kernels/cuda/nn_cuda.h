@@ -123,7 +123,7 @@ int fq_cuda_nn_attention_supported(int64_t dh, fq_dtype rnd, fq_attn_impl impl);
 /* Scratch bytes the kernel needs (the MMA kernel packs q, k, v as 16-bit
  * [batch*heads, seq rounded up to 128, head dim rounded up to 16..128]). */
 size_t fq_cuda_nn_attention_scratch_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dh, fq_dtype rnd,
-                                          fq_attn_impl impl);
+                                          fq_attn_impl impl, fq_dtype xt);
 /* Raises the dynamic shared-memory limit of every attention kernel on the
  * CURRENT device. Call once per device before the first launch there. */
 int fq_cuda_nn_attention_prepare(void);

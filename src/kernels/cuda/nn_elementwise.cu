@@ -89,19 +89,21 @@ struct Round {
     __device__ void operator()(int64_t i) const { x[i] = rnd_to(x[i], rnd); }
 };
 
+/* h = rnd(h + rnd(gate * a)) with rows along grid y and columns along x: no
+ * 64-bit division per element. */
 template <typename T>
-struct GatedAdd {
-    T *h;
-    const float *gate;
-    const T *a;
-    int64_t mod_stride, rows, d;
-    int rnd;
-    __device__ void operator()(int64_t i) const {
-        const int64_t row = i / d, col = i - row * d, b = row / rows;
-        const float g = gate[b * mod_stride + col];
-        stv(h, i, rnd_to(__fadd_rn(ldv(h, i), rnd_to(__fmul_rn(g, ldv(a, i)), rnd)), rnd));
+__global__ void __launch_bounds__(kThreads)
+    k_gated_add(T *__restrict__ h, const float *__restrict__ gate, int64_t mod_stride, const T *__restrict__ a,
+                int64_t nrows, int64_t rows, int64_t d, int rnd) {
+    for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+        const float *g = gate + (r / rows) * mod_stride;
+        T *hr = h + r * d;
+        const T *ar = a + r * d;
+        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < d; c += (int64_t)gridDim.x * blockDim.x)
+            stv(hr, c, rnd_to(__fadd_rn(ldv(hr, c), rnd_to(__fmul_rn(g[c], ldv(ar, c)), rnd)), rnd));
     }
-};
+}
+
 
 template <typename To>
 struct Convert {
@@ -245,15 +247,16 @@ extern "C" int fq_cuda_nn_round(float *x, int64_t n, fq_dtype rnd, cudaStream_t 
 extern "C" int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stride, const void *a, fq_dtype xt,
                                     int64_t batch, int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st) {
     typedef __nv_bfloat16 bf;
-    if (d <= 0 || rows <= 0) return 0;
+    if (d <= 0 || rows <= 0 || batch <= 0) return 0;
+    const int64_t nrows = batch * rows, gx = (d + kThreads - 1) / kThreads;
+    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(nrows < 65535 ? nrows : 65535));
     if (xt == FQ_BF16)
-        return run_map(batch * rows * d,
-                       GatedAdd<bf>{static_cast<bf *>(h), gate, static_cast<const bf *>(a), mod_stride, rows, d, (int)rnd},
-                       st);
-    return run_map(batch * rows * d,
-                   GatedAdd<float>{static_cast<float *>(h), gate, static_cast<const float *>(a), mod_stride, rows, d,
-                                   (int)rnd},
-                   st);
+        k_gated_add<bf><<<grid, kThreads, 0, st>>>(static_cast<bf *>(h), gate, mod_stride, static_cast<const bf *>(a),
+                                                   nrows, rows, d, (int)rnd);
+    else
+        k_gated_add<float><<<grid, kThreads, 0, st>>>(static_cast<float *>(h), gate, mod_stride,
+                                                      static_cast<const float *>(a), nrows, rows, d, (int)rnd);
+    return launch_status();
 }
 
 extern "C" int fq_cuda_nn_convert(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st) {

@@ -42,6 +42,47 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+/* The same for d <= PER * blockDim.x with the row held in registers: x is
+ * read once. Thread t sums elements t, t + blockDim.x, ... in that order, as
+ * k_adaln does, so the results are the same bits. */
+template <typename T, int PER>
+__global__ void __launch_bounds__(kThreads)
+    k_adaln_reg(const T *x, T *y, int64_t nrows, int64_t rows, int64_t d, const float *__restrict__ shift,
+                const float *__restrict__ scale, int64_t mod_stride, float eps, int rnd) {
+    __shared__ double sh[33];
+    for (int64_t r = blockIdx.x; r < nrows; r += gridDim.x) {
+        const T *xr = x + r * d;
+        T *yr = y + r * d;
+        const int64_t b = r / rows;
+        const float *sft = shift + b * mod_stride, *scl = scale + b * mod_stride;
+        float v[PER];
+        double s = 0.0;
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
+            v[j] = i < d ? ldv(xr, i) : 0.0f;
+            if (i < d) s += (double)v[j];
+        }
+        const double mean = block_sum(s, sh) / (double)d;
+        double q = 0.0;
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
+            const double c = (double)v[j] - mean;
+            if (i < d) q += c * c;
+        }
+        const double rstd = 1.0 / sqrt(block_sum(q, sh) / (double)d + (double)eps);
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
+            if (i >= d) continue;
+            const float nrm = rnd_to((float)(((double)v[j] - mean) * rstd), rnd);
+            const float t = rnd_to(__fmul_rn(nrm, rnd_to(__fadd_rn(1.0f, scl[i]), rnd)), rnd);
+            stv(yr, i, rnd_to(__fadd_rn(t, sft[i]), rnd));
+        }
+    }
+}
+
 /* One warp per group of d (a head); 8 groups per block. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -70,6 +111,16 @@ extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t bat
     if (nrows <= 0 || d <= 0) return 0;
     int threads = d >= kThreads ? kThreads : (int)((d + 31) / 32 * 32);
     const unsigned grid = (unsigned)(nrows < (1 << 20) ? nrows : (1 << 20));
+    typedef __nv_bfloat16 bf;
+    if (threads == kThreads && d <= 16 * kThreads) {
+        if (xt == FQ_BF16)
+            k_adaln_reg<bf, 16><<<grid, threads, 0, st>>>(static_cast<const bf *>(x), static_cast<bf *>(y), nrows, rows,
+                                                          d, shift, scale, mod_stride, eps, (int)rnd);
+        else
+            k_adaln_reg<float, 16><<<grid, threads, 0, st>>>(static_cast<const float *>(x), static_cast<float *>(y),
+                                                             nrows, rows, d, shift, scale, mod_stride, eps, (int)rnd);
+        return launch_status();
+    }
     if (xt == FQ_BF16)
         k_adaln<__nv_bfloat16><<<grid, threads, 0, st>>>(static_cast<const __nv_bfloat16 *>(x),
                                                          static_cast<__nv_bfloat16 *>(y), nrows, rows, d, shift, scale,
