@@ -334,7 +334,8 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
     case FQ_LIN4_GEMV_TC: rc = fq_cuda_gemv4_tc(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream); break;
     case FQ_LIN4_GEMV_STREAM:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_STREAM));
-        rc = fq_cuda_gemv4_stream(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream);
+        rc = fq_cuda_gemv4_stream(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0),
+                                  d->stream);
         break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));

@@ -16,6 +16,8 @@
  * only rounding of W is that of the code value to the MMA type. */
 #include "kernels/cuda/lin4_common.cuh"
 
+#include <string.h>
+
 /* ---- reference kernel ------------------------------------------------------------ */
 
 typedef struct {
@@ -411,7 +413,14 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     const bool xok = g < M;
     const T *xrow = (const T *)a.x + (xok ? g : 0) * K + 32 * t;
 
-    /* the warp's whole slice of W (8 rows) and the tile's absmax bytes into L2 */
+    /* Programmatic dependent launch (sm_90): let the next kernel in the stream start
+     * its blocks as ours retire; it waits in griddepcontrol.wait for our results. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+    /* The warp's whole slice of W (8 rows) and the tile's absmax bytes into L2, before
+     * waiting for the previous kernel: L2 is the coherent point, so a prefetch cannot
+     * return data older than what that kernel writes there. */
     if (lane < 8 && c_beg < c_end) {
         const int64_t r = min(n0 + lane, N - 1);
         const int64_t b0 = c_beg * 64, b1 = min(c_end * 64, rowb);
@@ -421,6 +430,10 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
         const int64_t q0 = (n0 * kb) & ~(int64_t)15, q1 = (r1 * kb + 15) & ~(int64_t)15;
         st_prefetch_l2(a.w.qabsmax + q0, (uint32_t)(q1 - q0));
     }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory"); /* no-op without a programmatic launch */
+#endif
 
     uint4 wv0[U], wv1[U];
     uint32_t qv0[U], qv1[U];
@@ -474,6 +487,7 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
 
     const uint32_t tl = DEC == ST_EXACT ? (uint32_t)(lane & 15) * 8 : (uint32_t)lane * 4; /* this lane's copy */
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* odd MMA steps: two independent chains */
     auto compute = [&](int64_t cb, const uint4 (&wv)[U], const uint32_t (&qv)[U], const float (&av)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -515,7 +529,7 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
                     b0 = *(uint32_t *)&p0;
                     b1 = *(uint32_t *)&p1;
                 }
-                fq_mma16816<T>(acc, xw[2 * s], 0u, xw[2 * s + 1], 0u, b0, b1);
+                fq_mma16816<T>((s & 1) ? acc2 : acc, xw[2 * s], 0u, xw[2 * s + 1], 0u, b0, b1);
             }
         }
     };
@@ -527,6 +541,8 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
         if (cb + U < c_end) compute(cb + U, wv1, qv1, av1);
     }
 
+    acc[0] += acc2[0];
+    acc[1] += acc2[1];
     /* acc[0], acc[1] = (x row g, W rows n0 + 2t, n0 + 2t + 1) */
     if (ks > 1) {
         red[(warp * 2 + 0) * 32 + lane] = acc[0];
@@ -602,7 +618,8 @@ static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
 
 /* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 2 chunks
  * per load batch instead of 4; bits 5..6: decode (0 = automatic, 1 = exact, 2 = HMUL,
- * 3 = loads only: a bench probe with wrong results). */
+ * 3 = loads only: a bench probe with wrong results); bit 7: plain launch (the caller
+ * sets it before sm_90), else a programmatic dependent launch. */
 extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                     int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_stream_supported(w, io)) return (int)cudaErrorInvalidValue;
@@ -624,8 +641,25 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
     a.e = *e;
     a.ks = ks;
     a.lg2bs = fq_log2i(w->blocksize);
-    g_st_fns[io->x_dtype == FQ_BF16 ? 0 : 1][small_u][dec][w->nested ? 1 : 0]<<<(unsigned)blocks, 256, ST_SMEM_BYTES,
-                                                                                stream>>>(a);
+    const st_kernel_fn fn = g_st_fns[io->x_dtype == FQ_BF16 ? 0 : 1][small_u][dec][w->nested ? 1 : 0];
+    if (cfg & 0x80) { /* before sm_90: no programmatic dependent launch */
+        fn<<<(unsigned)blocks, 256, ST_SMEM_BYTES, stream>>>(a);
+        return (int)cudaGetLastError();
+    }
+    cudaLaunchConfig_t lc;
+    memset(&lc, 0, sizeof lc);
+    cudaLaunchAttribute attr[1];
+    memset(attr, 0, sizeof attr);
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.gridDim = dim3((unsigned)blocks);
+    lc.blockDim = dim3(256);
+    lc.dynamicSmemBytes = ST_SMEM_BYTES;
+    lc.stream = stream;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    cudaError_t err = cudaLaunchKernelEx(&lc, fn, a);
+    if (err != cudaSuccess) return (int)err;
     return (int)cudaGetLastError();
 }
 
