@@ -16,8 +16,6 @@
  * only rounding of W is that of the code value to the MMA type. */
 #include "kernels/cuda/lin4_common.cuh"
 
-#include <string.h>
-
 /* ---- reference kernel ------------------------------------------------------------ */
 
 typedef struct {
@@ -646,10 +644,8 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
         fn<<<(unsigned)blocks, 256, ST_SMEM_BYTES, stream>>>(a);
         return (int)cudaGetLastError();
     }
-    cudaLaunchConfig_t lc;
-    memset(&lc, 0, sizeof lc);
-    cudaLaunchAttribute attr[1];
-    memset(attr, 0, sizeof attr);
+    cudaLaunchConfig_t lc = {};
+    cudaLaunchAttribute attr[1] = {};
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     lc.gridDim = dim3((unsigned)blocks);
