@@ -150,20 +150,35 @@ static fq_tensor *rand_tensor(fq_ctx *ctx, fq_device dev, int nd, const int64_t 
     } while (0)
 
 /* Times `iters` calls of the attention op (after 2 warmups); returns ms per call. */
-static double time_attention(fq_ctx *ctx, fq_device dev, int64_t S, int64_t H, int64_t dh, fq_dtype rnd, int iters) {
+/* q, k, v, out in the forward's activation dtype; impl: FQ_NN_ATTN_AUTO or a forced kernel. */
+static fq_tensor *as_act(fq_ctx *ctx, fq_tensor *t, fq_dtype act, fq_dtype rnd) {
+    fq_tensor *r = NULL;
+    if (!t || act == FQ_F32) return t;
+    if (fq_tensor_create(ctx, t->buf.dev, act, t->ndim, t->shape, &r) == FQ_OK && fq_nn_cast(ctx, t, r, rnd) != FQ_OK) {
+        fq_tensor_free(r);
+        r = NULL;
+    }
+    fq_tensor_free(t);
+    return r;
+}
+
+static double time_attention(fq_ctx *ctx, fq_device dev, int64_t S, int64_t H, int64_t dh, fq_dtype rnd, int impl,
+                             int iters) {
     double ms = -1;
     int64_t sh[3] = {1, S, H * dh};
-    fq_tensor *q = rand_tensor(ctx, dev, 3, sh, 11, 3.0f, 0.0f, rnd), *k = rand_tensor(ctx, dev, 3, sh, 12, 1.0f, 0.0f, rnd);
-    fq_tensor *v = rand_tensor(ctx, dev, 3, sh, 13, 1.0f, 0.0f, rnd), *o = NULL, *scr = NULL;
+    const fq_dtype act = fq_nn_act_dtype(dev, rnd);
+    fq_tensor *q = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 11, 3.0f, 0.0f, rnd), act, rnd);
+    fq_tensor *k = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 12, 1.0f, 0.0f, rnd), act, rnd);
+    fq_tensor *v = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 13, 1.0f, 0.0f, rnd), act, rnd), *o = NULL, *scr = NULL;
     int64_t ss[1] = {fq_nn_attention_scratch(dev, 1, S, H, dh, rnd)};
     if (ss[0] < 1) ss[0] = 1;
     if (!q || !k || !v) goto out;
-    BTRY("attention buffers", fq_tensor_create(ctx, dev, FQ_F32, 3, sh, &o));
+    BTRY("attention buffers", fq_tensor_create(ctx, dev, act, 3, sh, &o));
     BTRY("attention scratch", fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &scr));
-    for (int i = 0; i < 2; i++) BTRY("attention", fq_nn_attention(ctx, q, k, v, H, o, scr, rnd));
+    for (int i = 0; i < 2; i++) BTRY("attention", fq_nn_attention_impl(ctx, q, k, v, H, o, scr, rnd, impl));
     BTRY("sync", fq_nn_sync(ctx, dev));
     double t0 = now_ms();
-    for (int i = 0; i < iters; i++) BTRY("attention", fq_nn_attention(ctx, q, k, v, H, o, scr, rnd));
+    for (int i = 0; i < iters; i++) BTRY("attention", fq_nn_attention_impl(ctx, q, k, v, H, o, scr, rnd, impl));
     BTRY("sync", fq_nn_sync(ctx, dev));
     ms = (now_ms() - t0) / iters;
 out:
@@ -362,12 +377,17 @@ int fq_bench_flux(int argc, char **argv) {
         const int64_t S0 = 4608;
         fq_flux_plan_free(plan); /* make room */
         plan = NULL;
-        double a0 = time_attention(ctx, dev, S0, 24, 128, cd, 10);
+        double a0 = time_attention(ctx, dev, S0, 24, 128, cd, FQ_NN_ATTN_AUTO, 10);
         if (a0 > 0)
-            printf("attention kernel, %lld tokens, 24 heads, d 128, %s: %.3f ms, %.1f TFLOP/s\n", (long long)S0,
-                   fq_dtype_name(cd), a0, 4.0 * S0 * S0 * 128 * 24 / (a0 * 1e9));
+            printf("attention kernel, %lld tokens, 24 heads, d 128, %s (%s storage): %.3f ms, %.1f TFLOP/s\n",
+                   (long long)S0, fq_dtype_name(cd), fq_dtype_name(fq_nn_act_dtype(dev, cd)), a0,
+                   4.0 * S0 * S0 * 128 * 24 / (a0 * 1e9));
+        double a0b = time_attention(ctx, dev, S0, 24, 128, cd, FQ_NN_ATTN_MMA1, 10);
+        if (a0b > 0)
+            printf("  the same with one query m-tile per warp (the earlier kernel): %.3f ms, %.1f TFLOP/s\n", a0b,
+                   4.0 * S0 * S0 * 128 * 24 / (a0b * 1e9));
         if (S != S0 || H != 24 || dh != 128) {
-            double a1 = time_attention(ctx, dev, S, H, dh, cd, 10);
+            double a1 = time_attention(ctx, dev, S, H, dh, cd, FQ_NN_ATTN_AUTO, 10);
             if (a1 > 0)
                 printf("attention kernel, %lld tokens, %lld heads, d %lld, %s: %.3f ms, %.1f TFLOP/s\n", (long long)S,
                        (long long)H, (long long)dh, fq_dtype_name(cd), a1, 4.0 * S * S * dh * H / (a1 * 1e9));

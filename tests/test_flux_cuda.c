@@ -597,7 +597,7 @@ static void test_attention(fq_ctx *ctx, fq_device dev) {
         {1, 257, 2, 128, FQ_BF16, FQ_NN_ATTN_AUTO, 8.0f}, {2, 600, 2, 128, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
         {1, 300, 2, 100, FQ_BF16, FQ_NN_ATTN_MMA, 3.0f}, {1, 200, 2, 128, FQ_BF16, FQ_NN_ATTN_SIMT, 3.0f},
         {2, 55, 2, 16, FQ_F32, FQ_NN_ATTN_AUTO, 3.0f},  {1, 300, 2, 128, FQ_F32, FQ_NN_ATTN_AUTO, 3.0f},
-        {1, 40, 1, 320, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f},
+        {1, 40, 1, 320, FQ_BF16, FQ_NN_ATTN_AUTO, 3.0f}, {2, 600, 2, 128, FQ_BF16, FQ_NN_ATTN_MMA1, 3.0f},
     };
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         const attn_case *c = &cases[ci];
@@ -1181,6 +1181,9 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
             CHECK_OK(ctx, fq_nn_attention(ctx, q2, k2, v2, H, o2, sf, R));
             CHECK_OK(ctx, fq_nn_attention(ctx, q2b, k2b, v2b, H, o2b, NULL, R));
             same16(ctx, "attention, read in place", o2, o2b);
+            /* the one-m-tile kernel gives the same bits as the two-m-tile one */
+            CHECK_OK(ctx, fq_nn_attention_impl(ctx, q2b, k2b, v2b, H, o2b, NULL, R, FQ_NN_ATTN_MMA1));
+            same16(ctx, "attention, one m-tile per warp", o2, o2b);
         }
         fq_tensor_free(q2), fq_tensor_free(k2), fq_tensor_free(v2), fq_tensor_free(o2), fq_tensor_free(o2b);
         fq_tensor_free(q2b), fq_tensor_free(k2b), fq_tensor_free(v2b);

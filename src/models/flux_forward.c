@@ -232,11 +232,32 @@ static fq_status mlp2(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *
     return lin(ctx, p, l2, tmp, out);
 }
 
-/* q|k|v of the joint attention: text rows first, then image rows, per batch. */
+/* Tokens [t0, t0 + n) of a batch-1 tensor [1, S, D], as [1, n, D] (a view). */
+static fq_tensor tokens(const fq_tensor *t, int64_t t0, int64_t n) {
+    fq_tensor v = *t;
+    const size_t es = fq_dtype_size(t->dtype);
+    v.shape[1] = n;
+    v.numel = n * t->shape[2];
+    v.buf.ptr = (char *)t->buf.ptr + (size_t)(t0 * t->shape[2]) * es;
+    v.buf.bytes = (size_t)v.numel * es;
+    return v;
+}
+
+/* q|k|v of the joint attention: text rows first, then image rows, per batch.
+ * At batch 1 the projections write their rows of `out` directly. */
 static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
                             const fq_tensor *wn_img, const fq_tensor *wn_txt, fq_tensor *out) {
     fq_dtype cd = p->m->compute_dtype;
     fq_tensor ti = V(p, B_TI), tc = V(p, B_TC), nh = V(p, B_NH), nc = V(p, B_NC);
+    if (p->B == 1) {
+        ti = tokens(out, p->St, p->Si);
+        tc = tokens(out, 0, p->St);
+        FQ_TRY(lin(ctx, p, img, &nh, &ti));
+        FQ_TRY(lin(ctx, p, txt, &nc, &tc));
+        if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
+        if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
+        return FQ_OK;
+    }
     FQ_TRY(lin(ctx, p, img, &nh, &ti));
     FQ_TRY(lin(ctx, p, txt, &nc, &tc));
     if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
@@ -270,9 +291,15 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     FQ_TRY(fq_nn_rope(ctx, &q, &cos_t, &sin_t, heads, cd));
     FQ_TRY(fq_nn_rope(ctx, &k, &cos_t, &sin_t, heads, cd));
     FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
-    FQ_TRY(fq_nn_split(ctx, &o, 1, &tc, &ti));
-    FQ_TRY(lin(ctx, p, &bl->to_out, &ti, &nh));
-    FQ_TRY(lin(ctx, p, &bl->to_add_out, &tc, &nc));
+    fq_tensor oi = ti, oc = tc; /* the image and text rows of o */
+    if (B == 1) {
+        oi = tokens(&o, p->St, p->Si);
+        oc = tokens(&o, 0, p->St);
+    } else {
+        FQ_TRY(fq_nn_split(ctx, &o, 1, &oc, &oi));
+    }
+    FQ_TRY(lin(ctx, p, &bl->to_out, &oi, &nh));
+    FQ_TRY(lin(ctx, p, &bl->to_add_out, &oc, &nc));
     tap(p, &nh, "transformer_blocks.%lld.attn.hidden_states", (long long)i);
     tap(p, &nc, "transformer_blocks.%lld.attn.encoder_hidden_states", (long long)i);
 

@@ -579,7 +579,7 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
     FQ_TRY(same_shape(ctx, op, "out", out, q));
     const fq_device dev = out->buf.dev;
     const int64_t B = q->shape[0], S = q->shape[1], dh = q->shape[2] / heads;
-    if (impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_SIMT)
+    if (impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_MMA1)
         return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: unknown implementation %d", op, impl);
 #ifdef FQ_HAVE_CUDA
     if (dev.type == FQ_DEVICE_CUDA && !fq_nncu_attention_supported(dh, rnd, impl))
@@ -587,7 +587,9 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
                       "%s: head dim %lld with %s rounding is not supported on CUDA by the %s kernel "
                       "(tensor cores: bf16/f16, head dim <= %d; f32 kernel: head dim <= %d)",
                       op, (long long)dh, fq_dtype_name(rnd),
-                      impl == FQ_NN_ATTN_MMA ? "tensor-core" : impl == FQ_NN_ATTN_SIMT ? "f32" : "any",
+                      impl == FQ_NN_ATTN_MMA || impl == FQ_NN_ATTN_MMA1 ? "tensor-core"
+                      : impl == FQ_NN_ATTN_SIMT                          ? "f32"
+                                                                         : "any",
                       FQ_ATTN_MMA_MAX_DH, FQ_ATTN_SIMT_MAX_DH);
     if (dev.type == FQ_DEVICE_CUDA && B * heads > 65535)
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: batch * heads = %lld exceeds 65535 on CUDA", op,

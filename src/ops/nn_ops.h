@@ -130,7 +130,7 @@ fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, c
  * (FQ_NN_ATTN_AUTO / _MMA / _SIMT, the values of fq_attn_impl in
  * kernels/cuda/nn_cuda.h); FQ_ERR_UNSUPPORTED if it cannot run the operands.
  * On the CPU the argument is ignored. */
-enum { FQ_NN_ATTN_AUTO = 0, FQ_NN_ATTN_MMA = 1, FQ_NN_ATTN_SIMT = 2 };
+enum { FQ_NN_ATTN_AUTO = 0, FQ_NN_ATTN_MMA = 1, FQ_NN_ATTN_SIMT = 2, FQ_NN_ATTN_MMA1 = 3 };
 int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
                                      fq_dtype rnd, int impl);
 fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,

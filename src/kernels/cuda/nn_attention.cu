@@ -290,6 +290,182 @@ __global__ void __launch_bounds__(NW * 32, 1)
     }
 }
 
+
+/* ---- head dim 128: two query m-tiles per warp ---------------------------------------------------
+ *
+ * The same flash attention for DH = 128 with 4 warps of 32 query rows each
+ * (BM = 128): every K/V fragment read from shared memory feeds two m-tiles,
+ * halving the shared-memory traffic per MMA, which bounds the one-m-tile
+ * kernel above; Q stays in shared memory and is re-read per k-step. Every
+ * row sees the same operations in the same order as in k_attn_mma, so the
+ * results are the same bits. Two CTAs per SM (96 KB of shared memory each). */
+constexpr int kM2Warps = 4, kM2Rows = 128, kM2DH = 128;
+constexpr size_t kM2Smem = (size_t)(kM2Rows * kM2DH + 4 * kBN * kM2DH) * 2;
+
+template <typename T, typename O>
+__global__ void __launch_bounds__(kM2Warps * 32, 2)
+    k_attn_mma2(const T *__restrict__ qp, const T *__restrict__ kp, const T *__restrict__ vp, O *__restrict__ out,
+                int64_t S, int64_t ld, int64_t bstride, int64_t hstride, int64_t H, int64_t dh, float scale_log2,
+                int rnd) {
+    constexpr int DH = kM2DH, BM = kM2Rows, CH = DH / 8, NT = kM2Warps * 32, MT = 2;
+    constexpr int KS = DH / 16, SN = kBN / 8, ON = DH / 8;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T *sQ = reinterpret_cast<T *>(smem_raw);
+    T *sK = sQ + BM * DH;      /* [2][kBN][DH] */
+    T *sV = sK + 2 * kBN * DH; /* [2][kBN][DH] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int64_t bh = blockIdx.y, q0 = (int64_t)blockIdx.x * BM;
+    const int64_t base = (bh / H) * bstride + (bh % H) * hstride;
+    const T *gQ = qp + base + q0 * ld;
+    const T *gK = kp + base;
+    const T *gV = vp + base;
+
+    for (int i = tid; i < BM * CH; i += NT) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sQ + swz<DH>(r, c), gQ + (int64_t)r * ld + c * 8);
+    }
+    auto load_kv = [&](int64_t tile, int stage) {
+        const T *k = gK + tile * kBN * ld, *v = gV + tile * kBN * ld;
+        T *dk = sK + stage * kBN * DH, *dv = sV + stage * kBN * DH;
+        for (int i = tid; i < kBN * CH; i += NT) {
+            const int r = i / CH, c = i % CH;
+            cp_async16(dk + swz<DH>(r, c), k + (int64_t)r * ld + c * 8);
+            cp_async16(dv + swz<DH>(r, c), v + (int64_t)r * ld + c * 8);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    const int64_t ntiles = (S + kBN - 1) / kBN;
+    const int g = lane >> 2, qd = lane & 3;
+    float o[MT][ON][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int t = 0; t < ON; t++) o[m][t][0] = o[m][t][1] = o[m][t][2] = o[m][t][3] = 0.0f;
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++) mrow[m][0] = mrow[m][1] = -INFINITY, lrow[m][0] = lrow[m][1] = 0.0f;
+
+    for (int64_t j = 0; j < ntiles; j++) {
+        if (j + 1 < ntiles) load_kv(j + 1, (int)((j + 1) & 1));
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const T *ks = sK + (j & 1) * kBN * DH, *vs = sV + (j & 1) * kBN * DH;
+
+        float s[MT][SN][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int t = 0; t < SN; t++) s[m][t][0] = s[m][t][1] = s[m][t][2] = s[m][t][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            uint32_t qf[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                const int mi = lane >> 3, r = warp * 32 + m * 16 + (mi & 1) * 8 + (lane & 7), c = kk * 2 + (mi >> 1);
+                ldsm_x4(qf[m][0], qf[m][1], qf[m][2], qf[m][3], sQ + swz<DH>(r, c));
+            }
+#pragma unroll
+            for (int nn = 0; nn < SN / 2; nn++) {
+                const int mi = lane >> 3, r = nn * 16 + (mi >> 1) * 8 + (lane & 7), c = kk * 2 + (mi & 1);
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, ks + swz<DH>(r, c));
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    Mma<T>::run(s[m][2 * nn], qf[m], b0, b1);
+                    Mma<T>::run(s[m][2 * nn + 1], qf[m], b2, b3);
+                }
+            }
+        }
+        if ((j + 1) * kBN > S) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int t = 0; t < SN; t++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (j * kBN + t * 8 + 2 * qd + (e & 1) >= S) s[m][t][e] = -INFINITY;
+        }
+
+        uint32_t pf[MT][kBN / 16][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            float mnew[2], alpha[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int t = 0; t < SN; t++) mx = fmaxf(mx, fmaxf(s[m][t][2 * h], s[m][t][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                mnew[h] = fmaxf(mrow[m][h], mx * scale_log2);
+                alpha[h] = exp2f(mrow[m][h] - mnew[h]);
+                mrow[m][h] = mnew[h];
+                lrow[m][h] *= alpha[h];
+            }
+#pragma unroll
+            for (int t = 0; t < SN; t++) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    p[e] = exp2f(fmaf(s[m][t][e], scale_log2, -mnew[e >> 1]));
+                    lrow[m][e >> 1] += p[e];
+                }
+                pf[m][t >> 1][(t & 1) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
+                pf[m][t >> 1][(t & 1) * 2 + 1] = Mma<T>::pack(p[2], p[3]);
+            }
+#pragma unroll
+            for (int t = 0; t < ON; t++) {
+                o[m][t][0] *= alpha[0];
+                o[m][t][1] *= alpha[0];
+                o[m][t][2] *= alpha[1];
+                o[m][t][3] *= alpha[1];
+            }
+        }
+#pragma unroll
+        for (int kb = 0; kb < kBN / 16; kb++) {
+#pragma unroll
+            for (int dn = 0; dn < DH / 16; dn++) {
+                const int mi = lane >> 3, r = kb * 16 + (mi & 1) * 8 + (lane & 7), c = dn * 2 + (mi >> 1);
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3, vs + swz<DH>(r, c));
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    Mma<T>::run(o[m][2 * dn], pf[m][kb], b0, b1);
+                    Mma<T>::run(o[m][2 * dn + 1], pf[m][kb], b2, b3);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+    const int64_t b = bh / H, hd = bh - b * H;
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            lrow[m][h] += __shfl_xor_sync(0xffffffffu, lrow[m][h], 1);
+            lrow[m][h] += __shfl_xor_sync(0xffffffffu, lrow[m][h], 2);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t row = q0 + warp * 32 + m * 16 + g + 8 * h;
+            if (row >= S) continue;
+            O *dst = out + ((b * S + row) * H + hd) * dh;
+#pragma unroll
+            for (int t = 0; t < ON; t++) {
+                const int64_t d = t * 8 + 2 * qd;
+                if (d < dh) stv(dst, d, rnd_to(__fdiv_rn(o[m][t][2 * h], lrow[m][h]), rnd));
+                if (d + 1 < dh) stv(dst, d + 1, rnd_to(__fdiv_rn(o[m][t][2 * h + 1], lrow[m][h]), rnd));
+            }
+        }
+    }
+}
+
 /* ---- the SIMT kernel ------------------------------------------------------------------------------ */
 
 size_t simt_smem(int64_t dh) {
@@ -354,6 +530,25 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 
 /* ---- launching ------------------------------------------------------------------------------------ */
 
+template <typename T>
+int prepare_mma2() {
+    int e = (int)cudaFuncSetAttribute(k_attn_mma2<T, float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kM2Smem);
+    if (!e)
+        e = (int)cudaFuncSetAttribute(k_attn_mma2<T, __nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)kM2Smem);
+    return e;
+}
+
+template <typename T, typename O>
+int launch_mma2(const T *q, const T *k, const T *v, O *out, int64_t B, int64_t S, int64_t ld, int64_t bstride,
+                int64_t hstride, int64_t H, int64_t dh, int rnd, cudaStream_t st) {
+    const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)dh));
+    dim3 grid((unsigned)((S + kM2Rows - 1) / kM2Rows), (unsigned)(B * H));
+    k_attn_mma2<T, O><<<grid, kM2Warps * 32, kM2Smem, st>>>(q, k, v, out, S, ld, bstride, hstride, H, dh, scale_log2,
+                                                           rnd);
+    return launch_status();
+}
+
 template <typename T, int DH, int NW>
 int prepare_mma() {
     int e = (int)cudaFuncSetAttribute(k_attn_mma<T, DH, NW, float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -385,10 +580,11 @@ bool attn_direct(const I *q, const I *k, const I *v, int64_t S, int64_t dh) {
 
 template <typename T, typename I>
 int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, int64_t H,
-            int64_t dh, void *scratch, int rnd, cudaStream_t st) {
+            int64_t dh, void *scratch, int rnd, int one, cudaStream_t st) {
     if constexpr (std::is_same<T, I>::value) {
         if (attn_direct<T, I>(q, k, v, S, dh))
-            return launch_mma<T, 128, 8>(q, k, v, out, B, S, H * dh, S * H * dh, dh, H, dh, rnd, st);
+            return one ? launch_mma<T, 128, 8>(q, k, v, out, B, S, H * dh, S * H * dh, dh, H, dh, rnd, st)
+                       : launch_mma2<T>(q, k, v, out, B, S, H * dh, S * H * dh, dh, H, dh, rnd, st);
     }
     const int DP = padded_dh(dh);
     const int64_t Sp = round_up(S, kSeqAlign);
@@ -403,7 +599,9 @@ int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, in
     case 16: return launch_mma<T, 16, 4>(pq, pk, pv, out, B, S, 16, H * Sp * 16, Sp * 16, H, dh, rnd, st);
     case 32: return launch_mma<T, 32, 4>(pq, pk, pv, out, B, S, 32, H * Sp * 32, Sp * 32, H, dh, rnd, st);
     case 64: return launch_mma<T, 64, 4>(pq, pk, pv, out, B, S, 64, H * Sp * 64, Sp * 64, H, dh, rnd, st);
-    default: return launch_mma<T, 128, 8>(pq, pk, pv, out, B, S, 128, H * Sp * 128, Sp * 128, H, dh, rnd, st);
+    default:
+        return one ? launch_mma<T, 128, 8>(pq, pk, pv, out, B, S, 128, H * Sp * 128, Sp * 128, H, dh, rnd, st)
+                   : launch_mma2<T>(pq, pk, pv, out, B, S, 128, H * Sp * 128, Sp * 128, H, dh, rnd, st);
     }
 }
 
@@ -412,7 +610,8 @@ int run_mma(const I *q, const I *k, const I *v, I *out, int64_t B, int64_t S, in
 extern "C" int fq_cuda_nn_attention_supported(int64_t dh, fq_dtype rnd, fq_attn_impl impl) {
     if (dh < 1) return 0;
     switch (impl) {
-    case FQ_ATTN_MMA: return (rnd == FQ_BF16 || rnd == FQ_F16) && dh <= FQ_ATTN_MMA_MAX_DH;
+    case FQ_ATTN_MMA:
+    case FQ_ATTN_MMA1: return (rnd == FQ_BF16 || rnd == FQ_F16) && dh <= FQ_ATTN_MMA_MAX_DH;
     case FQ_ATTN_SIMT: return dh <= FQ_ATTN_SIMT_MAX_DH;
     case FQ_ATTN_AUTO:
         return fq_cuda_nn_attention_supported(dh, rnd, FQ_ATTN_MMA) ||
@@ -428,7 +627,7 @@ extern "C" fq_attn_impl fq_cuda_nn_attention_pick(int64_t dh, fq_dtype rnd, fq_a
 
 extern "C" size_t fq_cuda_nn_attention_scratch_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dh,
                                                      fq_dtype rnd, fq_attn_impl impl, fq_dtype xt) {
-    if (fq_cuda_nn_attention_pick(dh, rnd, impl) != FQ_ATTN_MMA) return 0;
+    if (fq_cuda_nn_attention_pick(dh, rnd, impl) == FQ_ATTN_SIMT) return 0;
     if (xt == rnd && dh == 128 && seq % MmaCfg<128, 8>::BM == 0) return 0; /* read in place */
     return (size_t)(3 * batch * heads * round_up(seq, kSeqAlign) * padded_dh(dh)) * 2;
 }
@@ -439,6 +638,8 @@ extern "C" int fq_cuda_nn_attention_prepare(void) {
     if (!e) e = prepare_mma<__nv_bfloat16, 32, 4>();
     if (!e) e = prepare_mma<__nv_bfloat16, 64, 4>();
     if (!e) e = prepare_mma<__nv_bfloat16, 128, 8>();
+    if (!e) e = prepare_mma2<__nv_bfloat16>();
+    if (!e) e = prepare_mma2<__half>();
     if (!e) e = prepare_mma<__half, 16, 4>();
     if (!e) e = prepare_mma<__half, 32, 4>();
     if (!e) e = prepare_mma<__half, 64, 4>();
@@ -457,20 +658,21 @@ extern "C" int fq_cuda_nn_attention(const void *q, const void *k, const void *v,
     if (!fq_cuda_nn_attention_supported(dh, rnd, impl) || batch * heads > 65535) return (int)cudaErrorInvalidValue;
     if (xt != FQ_F32 && xt != FQ_BF16) return (int)cudaErrorInvalidValue;
     impl = fq_cuda_nn_attention_pick(dh, rnd, impl);
-    if (impl == FQ_ATTN_MMA) {
+    if (impl == FQ_ATTN_MMA || impl == FQ_ATTN_MMA1) {
+        const int one = impl == FQ_ATTN_MMA1;
         const size_t need = fq_cuda_nn_attention_scratch_bytes(batch, seq, heads, dh, rnd, impl, xt);
         if (need && (!scratch || scratch_bytes < need || ((uintptr_t)scratch & 255u))) return (int)cudaErrorInvalidValue;
         if (xt == FQ_BF16) {
             const bf *qb = static_cast<const bf *>(q), *kb = static_cast<const bf *>(k), *vb = static_cast<const bf *>(v);
             bf *ob = static_cast<bf *>(out);
-            return rnd == FQ_BF16 ? run_mma<bf>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, st)
-                                  : run_mma<__half>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, st);
+            return rnd == FQ_BF16 ? run_mma<bf>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, one, st)
+                                  : run_mma<__half>(qb, kb, vb, ob, batch, seq, heads, dh, scratch, (int)rnd, one, st);
         }
         const float *qf = static_cast<const float *>(q), *kf = static_cast<const float *>(k),
                     *vf = static_cast<const float *>(v);
         float *of = static_cast<float *>(out);
-        return rnd == FQ_BF16 ? run_mma<bf>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, st)
-                              : run_mma<__half>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, st);
+        return rnd == FQ_BF16 ? run_mma<bf>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, one, st)
+                              : run_mma<__half>(qf, kf, vf, of, batch, seq, heads, dh, scratch, (int)rnd, one, st);
     }
     if (xt != FQ_F32) return (int)cudaErrorInvalidValue; /* the SIMT kernel runs on f32 storage */
     const float scale = (float)(1.0 / sqrt((double)dh));

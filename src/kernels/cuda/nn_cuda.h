@@ -110,7 +110,9 @@ int fq_cuda_nn_timestep_proj(const float *t, int64_t batch, int64_t half, float 
 typedef enum {
     FQ_ATTN_AUTO = 0,
     FQ_ATTN_MMA,  /* tensor cores: rnd bf16/f16 and head dim <= 128                */
-    FQ_ATTN_SIMT  /* f32 CUDA cores: any rnd, head dim <= FQ_ATTN_SIMT_MAX_DH      */
+    FQ_ATTN_SIMT, /* f32 CUDA cores: any rnd, head dim <= FQ_ATTN_SIMT_MAX_DH      */
+    FQ_ATTN_MMA1  /* as MMA, with one query m-tile per warp at head dim 128 too    */
+                  /* (the kernel before the two-m-tile one; for comparisons)      */
 } fq_attn_impl;
 
 #define FQ_ATTN_MMA_MAX_DH 128
