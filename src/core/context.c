@@ -37,6 +37,7 @@ fq_status fq_ctx_create(fq_ctx **out) {
 
 void fq_ctx_free(fq_ctx *ctx) {
     if (!ctx) return;
+    fq_pool_free(ctx->pool);
 #ifdef FQ_HAVE_CUDA
     fq_cuda_dev_release_all(ctx);
 #endif

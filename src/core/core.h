@@ -17,6 +17,7 @@ struct fq_ctx {
     void *log_user;
     fq_log_level log_min;
     int nthreads;                               /* CPU kernels; default: online cores */
+    struct fq_pool *pool;                       /* worker threads, made on first use  */
     struct fq_cuda_dev *cuda[FQ_MAX_CUDA_DEVICES]; /* created on first use of cuda:N   */
     int linear_kernel;                          /* fq_linear_kernel; 0 = auto      */
     /* Test hook: when > 0, counts allocations down and fails the one reaching 0. */
@@ -90,8 +91,12 @@ fq_status fq_check_float(fq_ctx *ctx, const char *op, const char *role, const fq
 
 /* ---- threads ---------------------------------------------------------------- */
 
-/* Runs fn(arg, i) for i in [0, n) over the context's threads; returns when done. */
+/* Runs fn(arg, i) for i in [0, n) over the context's threads; returns when done.
+ * Called from inside a task, or while another thread uses the context's pool,
+ * it runs the tasks on the calling thread. */
 void fq_parallel_for(fq_ctx *ctx, int64_t n, void (*fn)(void *arg, int64_t i), void *arg);
+struct fq_pool;
+void fq_pool_free(struct fq_pool *p);
 
 /* ---- small helpers ---------------------------------------------------------- */
 
