@@ -443,6 +443,59 @@ static fq_status pick_compute_dtype(loader *L, int requested) {
     return FQ_OK;
 }
 
+/* A BFL single file without a config: the sizes its shapes determine (block
+ * counts, widths, head dim from the q/k norm scales, guidance), the rest from
+ * FLUX.1's values (the config defaults). Fills cfg, a JSON object. */
+static const fq_st_tensor *bfl_find(const fq_st_set *set, const char *pre, const char *name) {
+    char k[256];
+    snprintf(k, sizeof k, "%s%s", pre, name);
+    return fq_st_set_find(set, k);
+}
+
+static int64_t bfl_count(const fq_st_set *set, const char *pre, const char *block) {
+    char k[256];
+    int64_t n = 0;
+    for (;; n++) {
+        snprintf(k, sizeof k, "%s%s.%lld.%s", pre, block, (long long)n,
+                 block[0] == 'd' ? "img_attn.norm.query_norm.scale" : "norm.query_norm.scale");
+        if (!fq_st_set_find(set, k)) return n;
+    }
+}
+
+static fq_status infer_bfl_config(fq_ctx *ctx, const char *path, cJSON *cfg) {
+    fq_st_set *set = NULL;
+    FQ_TRY(fq_st_set_open(ctx, path, &set));
+    const char *pre = fq_st_set_find(set, "model.diffusion_model.img_in.weight") ? "model.diffusion_model." : "";
+    const fq_st_tensor *img = bfl_find(set, pre, "img_in.weight"), *txt = bfl_find(set, pre, "txt_in.weight"),
+                       *vec = bfl_find(set, pre, "vector_in.in_layer.weight"),
+                       *qn = bfl_find(set, pre, "double_blocks.0.img_attn.norm.query_norm.scale"),
+                       *fin = bfl_find(set, pre, "final_layer.linear.weight");
+    fq_status s = FQ_OK;
+    if (!img || !txt || !vec || !qn || !fin || img->ndim != 2 || txt->ndim != 2 || vec->ndim != 2 || qn->ndim != 1 ||
+        fin->ndim != 2 || qn->shape[0] <= 0 || img->shape[0] % qn->shape[0] != 0) {
+        s = fq_err(ctx, FQ_ERR_FORMAT, "flux: %s does not look like a FLUX.1 BFL checkpoint (img_in, txt_in, "
+                   "vector_in, double_blocks.0 q-norm or final_layer missing or misshapen); pass --config", path);
+    } else {
+        struct { const char *k; int64_t v; } f[] = {
+            {"num_layers", bfl_count(set, pre, "double_blocks")},
+            {"num_single_layers", bfl_count(set, pre, "single_blocks")},
+            {"attention_head_dim", qn->shape[0]},
+            {"num_attention_heads", img->shape[0] / qn->shape[0]},
+            {"in_channels", img->shape[1]},
+            {"out_channels", fin->shape[0]},
+            {"joint_attention_dim", txt->shape[1]},
+            {"pooled_projection_dim", vec->shape[1]},
+        };
+        for (size_t i = 0; i < sizeof f / sizeof *f; i++) cJSON_AddNumberToObject(cfg, f[i].k, (double)f[i].v);
+        cJSON_AddBoolToObject(cfg, "guidance_embeds", bfl_find(set, pre, "guidance_in.in_layer.weight") != NULL);
+        fq_log(ctx, FQ_LOG_INFO, "flux: %s has no config; inferred %lld double and %lld single blocks, %lld heads of "
+               "%lld, the rest from FLUX.1's config", path, (long long)f[0].v, (long long)f[1].v, (long long)f[3].v,
+               (long long)f[2].v);
+    }
+    fq_st_set_close(set);
+    return s;
+}
+
 static fq_status load_all(loader *L, const char *path, const fq_flux_load_params *p) {
     fq_ctx *ctx = L->ctx;
     int folder = is_dir(path);
@@ -450,12 +503,17 @@ static fq_status load_all(loader *L, const char *path, const fq_flux_load_params
     char cfgp[4096];
     FQ_TRY(config_file(ctx, path, folder, p->config_path, cfgp, sizeof cfgp));
     struct stat sb;
-    if (L->bfl && !p->config_path && stat(cfgp, &sb) != 0)
-        return fq_err(ctx, FQ_ERR_IO, "flux: %s is a BFL single file, which holds no config; no %s beside it "
-                      "(pass the diffusers transformer config.json as config_path)", path, cfgp);
     cJSON *cfg = NULL;
-    FQ_TRY(fq_config_read(ctx, cfgp, &cfg));
-    fq_status s = fq_flux_config_from_json(ctx, cfg, &L->m->cfg);
+    fq_status s = FQ_OK;
+    if (L->bfl && !p->config_path && stat(cfgp, &sb) != 0) {
+        /* a single file holds no config: infer what its shapes determine */
+        if (!(cfg = cJSON_CreateObject())) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux: out of host memory");
+        s = infer_bfl_config(ctx, path, cfg);
+        snprintf(cfgp, sizeof cfgp, "(config inferred from %s)", path);
+    } else {
+        FQ_TRY(fq_config_read(ctx, cfgp, &cfg));
+    }
+    if (s == FQ_OK) s = fq_flux_config_from_json(ctx, cfg, &L->m->cfg);
     if (s == FQ_OK) s = fq_config_get_bnb(ctx, cfg, &L->have_bnb, &L->bnb);
     cJSON_Delete(cfg);
     if (s != FQ_OK) return fq_err_prefix(ctx, s, "%s", cfgp);
