@@ -120,8 +120,8 @@ int main(void) {
 
     /* help and usage errors */
     CHECK(fluxq("--help") == 0 && strstr(g_out, "quantize"), "--help: %s", g_out);
-    const char *cmds[] = {"quantize", "dequantize", "inspect", "demo", "bench"};
-    for (int i = 0; i < 5; i++) {
+    const char *cmds[] = {"quantize", "dequantize", "inspect", "demo", "bench", "forward", "audit"};
+    for (int i = 0; i < 7; i++) {
         char a[64];
         snprintf(a, sizeof a, "%s --help", cmds[i]);
         CHECK(fluxq(a) == 0 && strstr(g_out, "usage:"), "%s --help: %s", cmds[i], g_out);
@@ -255,6 +255,42 @@ int main(void) {
         CHECK(strstr(buf, "\"odd\""), "float linear weight listed in llm_int8_skip_modules: %s", buf);
     }
     CHECK(fluxq("dequantize model-nf4 model-back --device cpu") == 0, "folder dequantize: %s", g_out);
+
+    /* forward and audit on the tiny golden FLUX model (fixtures: tests/fixtures/flux) */
+    {
+        char root[4096], args[8192];
+        if (!getcwd(root, sizeof root)) root[0] = '\0';
+        snprintf(args, sizeof args, "forward --model '%s/tests/fixtures/flux/flux/model_fp32' --inputs "
+                 "'%s/tests/fixtures/flux/flux/inputs.safetensors' --output fwd.safetensors --device cpu", root, root);
+        CHECK(fluxq(args) == 0, "forward: %s", g_out);
+        char p[512], q[4200];
+        snprintf(p, sizeof p, "%s/fwd.safetensors", g_dir);
+        snprintf(q, sizeof q, "%s/tests/fixtures/flux/flux/outputs.safetensors", root);
+        fq_st_file *a = NULL, *b = NULL;
+        CHECK_OK(ctx, fq_st_open(ctx, p, &a));
+        CHECK_OK(ctx, fq_st_open(ctx, q, &b));
+        const fq_st_tensor *y = a ? fq_st_find(a, "sample") : NULL, *r = b ? fq_st_find(b, "out.f64_cpu") : NULL;
+        double e = 0, nn = 0;
+        int same = y && r && y->numel == r->numel && y->dtype == FQ_F32 && r->dtype == FQ_F64;
+        for (int64_t i = 0; same && i < y->numel; i++) {
+            float v;
+            double w;
+            memcpy(&v, (const char *)y->data + 4 * i, 4);
+            memcpy(&w, (const char *)r->data + 8 * i, 8);
+            e += (v - w) * (v - w);
+            nn += w * w;
+        }
+        CHECK(same && sqrt(e / nn) < 2e-5, "forward output vs float64 diffusers: rel L2 %.3g", same ? sqrt(e / nn) : -1.0);
+        fq_st_close(a);
+        fq_st_close(b);
+        snprintf(args, sizeof args, "forward --model '%s/tests/fixtures/flux/flux/model_fp32' --inputs in.safetensors "
+                 "--output fwd2.safetensors --device cpu", root);
+        CHECK(fluxq(args) == 1 && strstr(g_out, "hidden_states") && !exists("fwd2.safetensors"),
+              "forward with wrong inputs -> 1, names the input, no output: %s", g_out);
+        snprintf(args, sizeof args, "audit --model '%s/tests/fixtures/flux/flux/model_nf4_dq' --quiet", root);
+        CHECK(fluxq(args) == 0 && strstr(g_out, "every buffer is on cpu"), "audit: %s", g_out);
+        CHECK(fluxq("forward --inputs a --output b") == 2, "forward without --model -> 2");
+    }
 
     /* the demo runs on the CPU */
     CHECK(fluxq("demo --device cpu") == 0 && strstr(g_out, "same bytes: yes"), "demo: %s", g_out);
