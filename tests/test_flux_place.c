@@ -2,12 +2,14 @@
  * moves and quantization at load (with injected allocation failures). */
 #include "check.h"
 #include "core/qtensor.h"
+#include "io/bnb_io.h"
 #include "io/safetensors.h"
 #include "models/flux_place.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define FIX "tests/fixtures/flux/flux"
 
@@ -67,6 +69,78 @@ static fq_flux_model *load(fq_ctx *ctx, const char *dir, fq_device dev) {
     fq_flux_model *m = NULL;
     CHECK_OK(ctx, fq_flux_load(ctx, dir, &lp, &m));
     return m;
+}
+
+/* Writes a Forge-style single file: BFL names with bitsandbytes 4-bit weights. */
+static int write_forge(fq_ctx *ctx, const char *src, const char *dst, int dq) {
+    fq_st_file *f = NULL;
+    fq_st_writer *w = NULL;
+    fq_status s = fq_st_open(ctx, src, &f);
+    if (s == FQ_OK) s = fq_st_writer_create(ctx, &w);
+    fq_quant_params qp = fq_quant_default_params();
+    qp.double_quant = dq;
+    for (int64_t i = 0; s == FQ_OK && i < fq_st_count(f); i++) {
+        const fq_st_tensor *t = fq_st_get(f, i);
+        size_t n = strlen(t->name);
+        if (t->ndim == 2 && n > 7 && !strcmp(t->name + n - 7, ".weight")) {
+            fq_tensor *x = NULL;
+            fq_qtensor *q = NULL;
+            s = fq_tensor_from_host(ctx, FQ_CPU, t->dtype, t->ndim, t->shape, t->data, &x);
+            if (s == FQ_OK) s = fq_quantize_4bit(ctx, x, &qp, &q);
+            if (s == FQ_OK) s = fq_bnb_write(ctx, w, t->name, q);
+            fq_qtensor_free(q);
+            fq_tensor_free(x);
+        } else {
+            s = fq_st_writer_add(ctx, w, t->name, t->dtype, t->ndim, t->shape, t->data, t->nbytes, 0);
+        }
+    }
+    if (s == FQ_OK) s = fq_st_writer_commit(ctx, w, dst);
+    CHECK(s == FQ_OK, "writing %s: %s", dst, fq_ctx_error(ctx));
+    fq_st_writer_free(w);
+    fq_st_close(f);
+    return s == FQ_OK;
+}
+
+/* Forge-style NF4 single files: fused 4-bit qkv/linear1/final modulation are split
+ * into diffusers' layers; without double quant the blocks are exactly those of the
+ * diffusers model quantized layer by layer, so the output is bit-identical. */
+static void test_forge(fq_ctx *ctx) {
+    char dir[] = "/tmp/fluxq_forge_XXXXXX", f0[64], f1[64];
+    if (!mkdtemp(dir)) return;
+    snprintf(f0, sizeof f0, "%s/nf4.safetensors", dir);
+    snprintf(f1, sizeof f1, "%s/nf4dq.safetensors", dir);
+    if (write_forge(ctx, FIX "/model_bfl_fp32.safetensors", f0, 0) &&
+        write_forge(ctx, FIX "/model_bfl_fp32.safetensors", f1, 1)) {
+        fq_flux_load_params lp = fq_flux_load_default_params();
+        lp.config_path = FIX "/model_fp32/config.json";
+        fq_flux_model *a = NULL, *b = NULL, *c = load(ctx, FIX "/model_fp32", FQ_CPU);
+        CHECK_OK(ctx, fq_flux_load(ctx, f0, &lp, &a));
+        CHECK_OK(ctx, fq_flux_load(ctx, f1, &lp, &b));
+        fq_quant_params qp = fq_quant_default_params();
+        if (c) CHECK_OK(ctx, fq_flux_quantize(ctx, c, &qp, NULL, 0));
+        if (a && b && c) {
+            CHECK(a->quantized && a->blocks[0].to_q.qw && a->single[0].proj_mlp.qw, "Forge file loads as 4-bit");
+            int64_t na, nb, nc;
+            float *ya = forward(ctx, a, &na), *yb = forward(ctx, b, &nb), *yc = forward(ctx, c, &nc);
+            CHECK(ya && yc && na == nc && memcmp(ya, yc, sizeof(float) * (size_t)na) == 0,
+                  "Forge NF4 file == diffusers model quantized at load (bit-identical)");
+            double e = 0, r = 0;
+            for (int64_t i = 0; ya && yb && i < na; i++) {
+                e += (double)(yb[i] - ya[i]) * (yb[i] - ya[i]);
+                r += (double)ya[i] * ya[i];
+            }
+            CHECK(yb && sqrt(e / r) < 0.05, "double-quant Forge file: rel L2 %.3g to the single-quant one", sqrt(e / r));
+            free(ya);
+            free(yb);
+            free(yc);
+        }
+        fq_flux_free(a);
+        fq_flux_free(b);
+        fq_flux_free(c);
+    }
+    unlink(f0);
+    unlink(f1);
+    rmdir(dir);
 }
 
 int main(void) {
@@ -160,6 +234,7 @@ int main(void) {
         free(ya);
         fq_flux_free(m);
     }
+    test_forge(ctx);
     free(y0);
     free(y1);
     for (int i = 0; i < 7; i++) fq_tensor_free(g_in[i]);

@@ -183,8 +183,89 @@ static fq_status load_vec(loader *L, const char *key, int64_t n, fq_tensor **out
     return load_rows(L, full, n, 1, &n, &all, 1, out);
 }
 
+/* The f32 absmax of every block of q (host), reconstructed from the double-quant
+ * state exactly as dequantize does: ftz(code[q] * nested_absmax) + offset.
+ * Caller frees. */
+static float *absmax_f32(fq_ctx *ctx, const fq_qtensor *q, fq_status *s) {
+    const fq_qtensor_info *qi = &q->info;
+    float *a = malloc(sizeof(float) * (size_t)(qi->nblocks ? qi->nblocks : 1));
+    if (!a) { *s = fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux: out of host memory"); return NULL; }
+    if (!qi->double_quant) {
+        memcpy(a, q->m[FQ_QMEMBER_ABSMAX].ptr, sizeof(float) * (size_t)qi->nblocks);
+        *s = FQ_OK;
+        return a;
+    }
+    int64_t nq[1] = {qi->nblocks}, nn[1] = {qi->nested_nblocks};
+    fq_tensor *tq = NULL, *tn = NULL, *out = NULL;
+    *s = fq_tensor_from_host(ctx, FQ_CPU, FQ_U8, 1, nq, q->m[FQ_QMEMBER_ABSMAX].ptr, &tq);
+    if (*s == FQ_OK) *s = fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 1, nn, q->m[FQ_QMEMBER_NESTED_ABSMAX].ptr, &tn);
+    if (*s == FQ_OK) *s = fq_tensor_create(ctx, FQ_CPU, FQ_F32, 1, nq, &out);
+    if (*s == FQ_OK) *s = fq_dequantize_8bit_dynamic(ctx, tq, tn, 256, out);
+    if (*s == FQ_OK) {
+        const float *d = fq_tensor_host_data(out);
+        for (int64_t i = 0; i < qi->nblocks; i++) a[i] = d[i] + qi->offset;
+    }
+    fq_tensor_free(tq);
+    fq_tensor_free(tn);
+    fq_tensor_free(out);
+    if (*s != FQ_OK) { free(a); return NULL; }
+    return a;
+}
+
+/* Rows (pieces) of a fused 4-bit BFL weight (Forge-style NF4 files: fused qkv,
+ * linear1, the final modulation) as one 4-bit tensor. Pieces start and end on
+ * block boundaries, so their packed bytes and absmax are those of the fused
+ * tensor; a double-quantized state keeps its exact per-block absmax in f32
+ * (the nested statistics of the fused tensor do not split). */
+static fq_status load_q4_rows(loader *L, const char *wk, int64_t file_rows, int64_t in, const piece *pc, int npc,
+                              int64_t rows, fq_qtensor **out) {
+    fq_ctx *ctx = L->ctx;
+    fq_qtensor *full = NULL;
+    FQ_TRY(fq_bnb_load(ctx, L->set, wk, FQ_CPU, &full));
+    const fq_qtensor_info *fi = &full->info;
+    fq_status s = FQ_OK;
+    if (fi->ndim != 2 || fi->shape[0] != file_rows || fi->shape[1] != in)
+        s = fq_err(ctx, FQ_ERR_SHAPE, "flux: 4-bit tensor '%s' in %s has shape [%lld, %lld]; config.json implies "
+                   "[%lld, %lld]", wk, L->path, (long long)fi->shape[0], (long long)(fi->ndim > 1 ? fi->shape[1] : 0),
+                   (long long)file_rows, (long long)in);
+    for (int i = 0; s == FQ_OK && i < npc; i++)
+        if ((pc[i].row0 * in) % fi->blocksize || ((pc[i].row0 + pc[i].nrows) * in) % fi->blocksize)
+            s = fq_err(ctx, FQ_ERR_UNSUPPORTED, "flux: 4-bit tensor '%s': rows %lld..%lld do not fall on blocks of %lld; "
+                       "it cannot be split into diffusers' layers", wk, (long long)pc[i].row0,
+                       (long long)(pc[i].row0 + pc[i].nrows), (long long)fi->blocksize);
+    float *am = s == FQ_OK ? absmax_f32(ctx, full, &s) : NULL;
+    fq_qtensor_info oi = *fi;
+    oi.shape[0] = rows;
+    oi.double_quant = 0;
+    oi.offset = 0.0f;
+    uint8_t *packed = NULL;
+    float *absmax = NULL;
+    if (s == FQ_OK) {
+        packed = malloc((size_t)(rows * in + 1) / 2);
+        absmax = malloc(sizeof(float) * (size_t)((rows * in) / fi->blocksize + 1));
+        if (!packed || !absmax) s = fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux: out of host memory");
+    }
+    int64_t pe = 0; /* elements written */
+    for (int i = 0; s == FQ_OK && i < npc; i++) {
+        int64_t e0 = pc[i].row0 * in, ne = pc[i].nrows * in;
+        memcpy(packed + pe / 2, (const uint8_t *)full->m[FQ_QMEMBER_PACKED].ptr + e0 / 2, (size_t)ne / 2);
+        memcpy(absmax + pe / fi->blocksize, am + e0 / fi->blocksize, sizeof(float) * (size_t)(ne / fi->blocksize));
+        pe += ne;
+    }
+    if (s == FQ_OK) {
+        const void *members[FQ_QMEMBER_COUNT] = {packed, absmax, full->m[FQ_QMEMBER_QUANT_MAP].ptr, NULL, NULL};
+        s = fq_qtensor_from_members(ctx, L->dev, &oi, members, out);
+        if (s == FQ_OK) s = fq_qtensor_set_name(ctx, *out, wk);
+    }
+    free(packed);
+    free(absmax);
+    free(am);
+    fq_qtensor_free(full);
+    return s;
+}
+
 /* A linear layer whose weight is `base`.weight (rows as pieces of file_rows) and
- * bias `base`.bias. 4-bit weights must be taken whole. */
+ * bias `base`.bias. */
 static fq_status load_linear_rows(loader *L, const char *base, int64_t file_rows, int64_t in, const piece *pc,
                                   int npc, fq_flux_linear *out) {
     char wk[256], bk[256];
@@ -194,14 +275,13 @@ static fq_status load_linear_rows(loader *L, const char *base, int64_t file_rows
     for (int i = 0; i < npc; i++) rows += pc[i].nrows;
     fq_quant_type qt;
     if (fq_bnb_is_quantized(L->set, wk, &qt)) {
-        if (npc != 1 || pc[0].row0 != 0 || pc[0].nrows != file_rows)
-            return fq_err(L->ctx, FQ_ERR_UNSUPPORTED,
-                          "flux: '%s' is 4-bit and would have to be split or reordered (BFL fused layout); "
-                          "only dense BFL files are supported", wk);
         if (L->have_bnb && qt != L->bnb.quant_type)
             return fq_err(L->ctx, FQ_ERR_FORMAT, "flux: '%s' is %s but config.json's quantization_config says %s",
                           wk, fq_quant_type_name(qt), fq_quant_type_name(L->bnb.quant_type));
-        FQ_TRY(fq_bnb_load(L->ctx, L->set, wk, L->dev, &out->qw));
+        if (npc != 1 || pc[0].row0 != 0 || pc[0].nrows != file_rows)
+            FQ_TRY(load_q4_rows(L, wk, file_rows, in, pc, npc, rows, &out->qw));
+        else
+            FQ_TRY(fq_bnb_load(L->ctx, L->set, wk, L->dev, &out->qw));
         fq_qtensor_info qi;
         fq_qtensor_get_info(out->qw, &qi);
         if (qi.ndim != 2 || qi.shape[0] != rows || qi.shape[1] != in) {
@@ -540,7 +620,8 @@ static fq_status load_all(loader *L, const char *path, const fq_flux_load_params
         if (s == FQ_OK && L->have_bnb && !L->m->quantized)
             s = fq_err(ctx, FQ_ERR_FORMAT, "flux: config.json has a bitsandbytes quantization_config but %s holds no "
                        "4-bit weights", path);
-        if (s == FQ_OK && !L->have_bnb && L->m->quantized)
+        /* Forge-style BFL files carry 4-bit weights without any config */
+        if (s == FQ_OK && !L->have_bnb && L->m->quantized && !L->bfl)
             s = fq_err(ctx, FQ_ERR_FORMAT, "flux: %s holds 4-bit weights but config.json has no quantization_config",
                        path);
         if (s == FQ_OK) s = pick_compute_dtype(L, p->compute_dtype);
