@@ -328,26 +328,31 @@ extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, c
 /* ---- streaming kernel for M <= 8 -------------------------------------------------------
  *
  * gemv4_stream: the weight is streamed once with 16-byte ld.global.nc.L1::no_allocate
- * loads and decoded exactly as dequantize does: w = round_to_T(code[nibble] * absmax)
+ * loads. Two decodes: exact, as dequantize does, w = round_to_T(code[nibble] * absmax)
  * (f32 product with ftz; nested absmax = (code256[q] * nested_absmax, ftz) + offset,
- * two roundings). The rounded weights feed mma.sync m16n8k16 as the B operand (8 W
- * rows = the 8 columns), x is the A operand (rows g < M of the 16; the rest zero),
- * so the tensor cores do the FMAs and the f32 accumulation.
+ * two roundings); and (bf16 only) HMUL, w = bf16(bf16(code) * bf16(absmax)) in one
+ * bf16x2 multiply. The decoded weights feed mma.sync m16n8k16 as the A operand (16 W
+ * rows), x is the B operand (columns g < M of the 8; the rest zero), so the tensor
+ * cores do the FMAs and the f32 accumulation.
  *
- * A warp owns a tile of 8 W rows and a slice of K in chunks of 128 elements (64
- * bytes per row). Lane (g, t) loads bytes [16t, 16t+16) of each chunk of row g:
- * 32 consecutive elements, inside one absmax block (blocksize >= 32, K a multiple
- * of it). MMA step s (0..7) of a chunk takes byte 2s (elements 4s, 4s+1 -> B slots
- * 2t, 2t+1) and byte 2s+1 (elements 4s+2, +3 -> slots 2t+8, 2t+9), and x elements
- * 4s .. 4s+3 of the same 32 in the same A slots: the k order inside an MMA is
- * permuted identically for A and B. Chunks are loaded U at a time, the next U
- * while the current ones are decoded (two register buffers).
+ * A warp owns a tile of 16 W rows and a slice of K in chunks of 128 elements (64
+ * bytes per row). Lane (g, t) loads bytes [16t, 16t+16) of each chunk of rows g and
+ * g+8: 32 consecutive elements each, inside one absmax block (blocksize >= 32, K a
+ * multiple of it). MMA step s (0..7) of a chunk takes byte 2s (elements 4s, 4s+1 ->
+ * A slots 2t, 2t+1) and byte 2s+1 (elements 4s+2, +3 -> slots 2t+8, 2t+9), and x
+ * elements 4s .. 4s+3 of the same 32 in the same B slots: the k order inside an MMA
+ * is permuted identically for A and B. Chunks are loaded U at a time, the next U
+ * while the current ones are decoded (two register buffers); before that, each warp
+ * asks L2 for its whole slice (cp.async.bulk.prefetch), so the DRAM sees every
+ * request at once.
  *
- * The decode table: 256 byte values x 16 copies of the f32 pair (code[hi], code[lo])
- * (32 KB); lane l reads copy l % 16, so the 16 lanes of each LDS.64 phase hit
- * distinct banks. A block is 8 warps = ks K-slices x 8/ks row tiles; the ks partial
- * sums of a tile are added in a fixed order (results do not depend on timing).
- * Each block runs one group of tiles; the hardware balances the blocks over SMs. */
+ * The decode table (32 KB): 256 byte values x 16 copies of the f32 pair (code[hi],
+ * code[lo]) (exact; lane l reads copy l % 16, so the 16 lanes of each LDS.64 phase
+ * hit distinct banks), or x 32 copies of the packed bf16 pair (HMUL; lane l reads
+ * copy l). A block is 8 warps = ks K-slices x 8/ks row tiles; the ks partial sums
+ * of a tile are added in a fixed order (results do not depend on timing). Each block
+ * runs one group of tiles; the hardware balances the blocks over SMs. On sm_90 the
+ * kernel is launched as a programmatic dependent launch. */
 
 typedef struct {
     fq_lin4_weight w;
@@ -361,7 +366,7 @@ typedef struct {
 } st_args;
 
 #define ST_TBL_BYTES (256 * 32 * 4)
-#define ST_SMEM_BYTES (ST_TBL_BYTES + (16 + 256 + 8 * 2 * 32) * 4)
+#define ST_SMEM_BYTES (ST_TBL_BYTES + (16 + 256 + 8 * 4 * 32) * 4)
 
 /* Decode variants: exact (f32 code * absmax, rounded once, as dequantize does);
  * HMUL (bf16 only: bf16(code) * bf16(absmax) in one bf16x2 multiply, i.e. the weight
@@ -393,7 +398,7 @@ static __device__ __forceinline__ void st_prefetch_l2(const void *p, uint32_t by
 }
 
 template <typename T, bool NESTED, int U, int DEC>
-__global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_args a) {
+__global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_args a) {
     extern __shared__ __align__(16) uint8_t st_sm[];
     float *qm_s = (float *)(st_sm + ST_TBL_BYTES);
     float *code_s = qm_s + 16;
@@ -401,68 +406,72 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int ks = a.ks, wr = warp / ks, wk = warp - wr * ks;
     const int64_t N = a.w.n, K = a.w.k, M = a.m;
-    const int64_t n0 = ((int64_t)blockIdx.x * (8 / ks) + wr) * 8;
+    const int64_t n0 = ((int64_t)blockIdx.x * (8 / ks) + wr) * 16;
     const int64_t C = (K + 127) >> 7; /* chunks per row */
     const int64_t c_beg = C * wk / ks, c_end = C * (wk + 1) / ks;
-    const int64_t row = min(n0 + g, N - 1);
+    const int64_t rowA = min(n0 + g, N - 1), rowB = min(n0 + g + 8, N - 1);
     const int64_t rowb = K >> 1; /* bytes per row */
-    const uint8_t *prow = a.w.packed + row * rowb + 16 * t;
-    const int64_t eoff = row * K + 32 * t; /* flat index of this lane's first element of chunk 0 */
+    const uint8_t *pA = a.w.packed + rowA * rowb + 16 * t, *pB = a.w.packed + rowB * rowb + 16 * t;
+    const int64_t eA = rowA * K + 32 * t, eB = rowB * K + 32 * t; /* flat index of the lane's chunk-0 element */
     const bool xok = g < M;
-    const T *xrow = (const T *)a.x + (xok ? g : 0) * K + 32 * t;
+    const uint4 *xp = (const uint4 *)((const T *)a.x + (xok ? g : 0) * K + 32 * t);
 
     /* Programmatic dependent launch (sm_90): let the next kernel in the stream start
      * its blocks as ours retire; it waits in griddepcontrol.wait for our results. */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
-    /* The warp's whole slice of W (8 rows) and the tile's absmax bytes into L2, before
+    /* The warp's whole slice of W (16 rows) and the tile's absmax bytes into L2, before
      * waiting for the previous kernel: L2 is the coherent point, so a prefetch cannot
      * return data older than what that kernel writes there. */
-    if (lane < 8 && c_beg < c_end) {
+    if (lane < 16 && c_beg < c_end) {
         const int64_t r = min(n0 + lane, N - 1);
         const int64_t b0 = c_beg * 64, b1 = min(c_end * 64, rowb);
         if (r == n0 + lane || lane == 0) st_prefetch_l2(a.w.packed + r * rowb + b0, (uint32_t)(b1 - b0));
-    } else if (lane == 8 && NESTED && wk == 0) {
-        const int64_t kb = K >> a.lg2bs, r1 = min(n0 + 8, N);
+    } else if (lane == 16 && NESTED && wk == 0) {
+        const int64_t kb = K >> a.lg2bs, r1 = min(n0 + 16, N);
         const int64_t q0 = (n0 * kb) & ~(int64_t)15, q1 = (r1 * kb + 15) & ~(int64_t)15;
         st_prefetch_l2(a.w.qabsmax + q0, (uint32_t)(q1 - q0));
     }
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory"); /* no-op without a programmatic launch */
 #endif
 
-    uint4 wv0[U], wv1[U];
-    uint32_t qv0[U], qv1[U];
-    float av0[U], av1[U];
-    auto load = [&](int64_t cb, uint4 (&wv)[U], uint32_t (&qv)[U], float (&av)[U]) {
+    /* per chunk and lane: 16 bytes of rows A and B, their absmax (raw) */
+    uint4 wa0[U], wb0[U], wa1[U], wb1[U];
+    uint32_t qa0[U], qb0[U], qa1[U], qb1[U];
+    float va0[U], vb0[U], va1[U], vb1[U];
+    auto load = [&](int64_t cb, uint4 (&wa)[U], uint4 (&wb)[U], uint32_t (&qa)[U], uint32_t (&qb)[U], float (&va)[U],
+                    float (&vb)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t c = cb + u;
-            const bool ok = c < c_end && c * 128 + 32 * t < K;
-            if (ok) {
-                wv[u] = st_ld_stream(prow + c * 64);
-                const int64_t blk = (eoff + c * 128) >> a.lg2bs;
+            if (c < c_end && c * 128 + 32 * t < K) {
+                wa[u] = st_ld_stream(pA + c * 64);
+                wb[u] = st_ld_stream(pB + c * 64);
+                const int64_t ba = (eA + c * 128) >> a.lg2bs, bb = (eB + c * 128) >> a.lg2bs;
                 if (DEC == ST_LOADS) {
-                    qv[u] = 0;
-                    av[u] = 1.0f;
+                    qa[u] = qb[u] = 0;
+                    va[u] = vb[u] = 1.0f;
                 } else if (NESTED) {
-                    qv[u] = __ldg(&a.w.qabsmax[blk]);
-                    av[u] = __ldg(&a.w.nested_absmax[blk >> 8]);
+                    qa[u] = __ldg(&a.w.qabsmax[ba]);
+                    qb[u] = __ldg(&a.w.qabsmax[bb]);
+                    va[u] = __ldg(&a.w.nested_absmax[ba >> 8]);
+                    vb[u] = __ldg(&a.w.nested_absmax[bb >> 8]);
                 } else {
-                    qv[u] = 0;
-                    av[u] = __ldg(&a.w.absmax[blk]);
+                    qa[u] = qb[u] = 0;
+                    va[u] = __ldg(&a.w.absmax[ba]);
+                    vb[u] = __ldg(&a.w.absmax[bb]);
                 }
             } else {
-                wv[u] = make_uint4(0, 0, 0, 0);
-                qv[u] = 0;
-                av[u] = 0.0f;
+                wa[u] = wb[u] = make_uint4(0, 0, 0, 0);
+                qa[u] = qb[u] = 0;
+                va[u] = vb[u] = 0.0f;
             }
         }
     };
     /* the first loads go out before the table is built */
-    if (c_beg < c_end) load(c_beg, wv0, qv0, av0);
+    if (c_beg < c_end) load(c_beg, wa0, wb0, qa0, qb0, va0, vb0);
 
     if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
     if (NESTED) code_s[tid] = __ldg(&a.w.nested_code[tid]);
@@ -484,94 +493,102 @@ __global__ void __launch_bounds__(256, U >= 4 ? 2 : 3) gemv4_stream_kernel(st_ar
     __syncthreads();
 
     const uint32_t tl = DEC == ST_EXACT ? (uint32_t)(lane & 15) * 8 : (uint32_t)lane * 4; /* this lane's copy */
+    /* the decoded pair of byte `by` (bits 0..7 of the argument), scaled by am */
+    auto dec = [&](uint32_t by, float am, __nv_bfloat162 am2) -> uint32_t {
+        const uint32_t off = (by & 0xffu) * 128u + tl;
+        if (DEC == ST_EXACT) {
+            const float2 p = *(const float2 *)(st_sm + off);
+            return fq_mma_t<T>::pack(st_mul_ftz(p.x, am), st_mul_ftz(p.y, am));
+        } else {
+            __nv_bfloat162 p = *(const __nv_bfloat162 *)(st_sm + off);
+            p = __hmul2(p, am2);
+            return *(uint32_t *)&p;
+        }
+    };
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* odd MMA steps: two independent chains */
-    auto compute = [&](int64_t cb, const uint4 (&wv)[U], const uint32_t (&qv)[U], const float (&av)[U]) {
+    auto compute = [&](int64_t cb, const uint4 (&wa)[U], const uint4 (&wb)[U], const uint32_t (&qa)[U],
+                       const uint32_t (&qb)[U], const float (&va)[U], const float (&vb)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t c = cb + u;
             if (c >= c_end) break; /* warp-uniform */
             if (DEC == ST_LOADS) {
-                acc[0] += __uint_as_float((wv[u].x ^ wv[u].y ^ wv[u].z ^ wv[u].w) & 0x3fffffffu);
+                acc[0] += __uint_as_float((wa[u].x ^ wa[u].y ^ wa[u].z ^ wa[u].w ^ wb[u].x) & 0x3fffffffu);
                 continue;
             }
-            float am;
-            if (NESTED) am = __fadd_rn(st_mul_ftz(code_s[qv[u]], av[u]), a.w.offset);
-            else am = av[u];
-            if (!(c * 128 + 32 * t < K)) am = 0.0f;
+            const bool kin = c * 128 + 32 * t < K;
+            float amA, amB;
+            if (NESTED) {
+                amA = __fadd_rn(st_mul_ftz(code_s[qa[u]], va[u]), a.w.offset);
+                amB = __fadd_rn(st_mul_ftz(code_s[qb[u]], vb[u]), a.w.offset);
+            } else {
+                amA = va[u];
+                amB = vb[u];
+            }
+            if (!kin) amA = amB = 0.0f;
+            const __nv_bfloat162 amA2 = __float2bfloat162_rn(amA), amB2 = __float2bfloat162_rn(amB);
             uint4 xv[4];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                xv[i] = (xok && c * 128 + 32 * t < K) ? __ldg((const uint4 *)(xrow + c * 128) + i) : make_uint4(0, 0, 0, 0);
-            const uint32_t wds[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-            const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
-                                     xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-            __nv_bfloat162 am2 = __float2bfloat162_rn(am);
+            for (int i = 0; i < 4; i++) xv[i] = (xok && kin) ? __ldg(xp + c * 16 + i) : make_uint4(0, 0, 0, 0);
+            const uint32_t wA[4] = {wa[u].x, wa[u].y, wa[u].z, wa[u].w};
+            const uint32_t wB[4] = {wb[u].x, wb[u].y, wb[u].z, wb[u].w};
 #pragma unroll
             for (int s = 0; s < 8; s++) {
-                const uint32_t wd = wds[s >> 1];
                 const int sh = (s & 1) * 16;
-                const uint32_t i0 = ((wd >> sh) & 0xffu) * 128u + tl;
-                const uint32_t i1 = ((wd >> (sh + 8)) & 0xffu) * 128u + tl;
-                uint32_t b0, b1;
-                if (DEC == ST_EXACT) {
-                    const float2 p0 = *(const float2 *)(st_sm + i0);
-                    const float2 p1 = *(const float2 *)(st_sm + i1);
-                    b0 = fq_mma_t<T>::pack(st_mul_ftz(p0.x, am), st_mul_ftz(p0.y, am));
-                    b1 = fq_mma_t<T>::pack(st_mul_ftz(p1.x, am), st_mul_ftz(p1.y, am));
-                } else {
-                    __nv_bfloat162 p0 = *(const __nv_bfloat162 *)(st_sm + i0);
-                    __nv_bfloat162 p1 = *(const __nv_bfloat162 *)(st_sm + i1);
-                    p0 = __hmul2(p0, am2);
-                    p1 = __hmul2(p1, am2);
-                    b0 = *(uint32_t *)&p0;
-                    b1 = *(uint32_t *)&p1;
-                }
-                fq_mma16816<T>((s & 1) ? acc2 : acc, xw[2 * s], 0u, xw[2 * s + 1], 0u, b0, b1);
+                const uint32_t a0 = dec(wA[s >> 1] >> sh, amA, amA2);
+                const uint32_t a2 = dec(wA[s >> 1] >> (sh + 8), amA, amA2);
+                const uint32_t a1 = dec(wB[s >> 1] >> sh, amB, amB2);
+                const uint32_t a3 = dec(wB[s >> 1] >> (sh + 8), amB, amB2);
+                const uint4 &xq = xv[s >> 1];
+                const uint32_t b0 = (s & 1) ? xq.z : xq.x, b1 = (s & 1) ? xq.w : xq.y;
+                fq_mma16816<T>((s & 1) ? acc2 : acc, a0, a1, a2, a3, b0, b1);
             }
         }
     };
 
     for (int64_t cb = c_beg; cb < c_end; cb += 2 * U) {
-        if (cb + U < c_end) load(cb + U, wv1, qv1, av1);
-        compute(cb, wv0, qv0, av0);
-        if (cb + 2 * U < c_end) load(cb + 2 * U, wv0, qv0, av0);
-        if (cb + U < c_end) compute(cb + U, wv1, qv1, av1);
+        if (cb + U < c_end) load(cb + U, wa1, wb1, qa1, qb1, va1, vb1);
+        compute(cb, wa0, wb0, qa0, qb0, va0, vb0);
+        if (cb + 2 * U < c_end) load(cb + 2 * U, wa0, wb0, qa0, qb0, va0, vb0);
+        if (cb + U < c_end) compute(cb + U, wa1, wb1, qa1, qb1, va1, vb1);
     }
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] += acc2[i];
 
-    acc[0] += acc2[0];
-    acc[1] += acc2[1];
-    /* acc[0], acc[1] = (x row g, W rows n0 + 2t, n0 + 2t + 1) */
+    /* acc[h * 2 + j] = (W row n0 + g + 8h, x row 2t + j) */
     if (ks > 1) {
-        red[(warp * 2 + 0) * 32 + lane] = acc[0];
-        red[(warp * 2 + 1) * 32 + lane] = acc[1];
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[(warp * 4 + i) * 32 + lane] = acc[i];
         __syncthreads();
         if (wk == 0)
-            for (int j = 1; j < ks; j++) {
-                acc[0] += red[((warp + j) * 2 + 0) * 32 + lane];
-                acc[1] += red[((warp + j) * 2 + 1) * 32 + lane];
-            }
+            for (int j = 1; j < ks; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[i] += red[((warp + j) * 4 + i) * 32 + lane];
     }
-    if (wk == 0 && xok) {
-        const int64_t n = n0 + 2 * t;
-        if (n + 1 < N && (N & 1) == 0) {
-            fq_stf2(a.y, a.y_dtype, g * N + n, fq_epi(a.e, n, acc[0]), fq_epi(a.e, n + 1, acc[1]));
-        } else {
-            if (n < N) fq_stf(a.y, a.y_dtype, g * N + n, fq_epi(a.e, n, acc[0]));
-            if (n + 1 < N) fq_stf(a.y, a.y_dtype, g * N + n + 1, fq_epi(a.e, n + 1, acc[1]));
+    if (wk == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t n = n0 + g + 8 * h;
+            if (n >= N) continue;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int64_t m = 2 * t + j;
+                if (m < M) fq_stf(a.y, a.y_dtype, m * N + n, fq_epi(a.e, n, acc[h * 2 + j]));
+            }
         }
     }
 }
 
 typedef void (*st_kernel_fn)(st_args);
 #define ST_FNS(T, U, DEC) {gemv4_stream_kernel<T, false, U, DEC>, gemv4_stream_kernel<T, true, U, DEC>}
-/* [bf16 = 0, f16 = 1][U = 4: 0, U = 2: 1][decode][nested] (f16 has no HMUL variant:
+/* [bf16 = 0, f16 = 1][U = 2: 0, U = 1: 1][decode][nested] (f16 has no HMUL variant:
  * its absmax may not fit f16; it runs exact) */
 static const st_kernel_fn g_st_fns[2][2][3][2] = {
-    {{ST_FNS(__nv_bfloat16, 4, 0), ST_FNS(__nv_bfloat16, 4, 1), ST_FNS(__nv_bfloat16, 4, 2)},
-     {ST_FNS(__nv_bfloat16, 2, 0), ST_FNS(__nv_bfloat16, 2, 1), ST_FNS(__nv_bfloat16, 2, 2)}},
-    {{ST_FNS(__half, 4, 0), ST_FNS(__half, 4, 0), ST_FNS(__half, 4, 2)},
-     {ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 2)}},
+    {{ST_FNS(__nv_bfloat16, 2, 0), ST_FNS(__nv_bfloat16, 2, 1), ST_FNS(__nv_bfloat16, 2, 2)},
+     {ST_FNS(__nv_bfloat16, 1, 0), ST_FNS(__nv_bfloat16, 1, 1), ST_FNS(__nv_bfloat16, 1, 2)}},
+    {{ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 0), ST_FNS(__half, 2, 2)},
+     {ST_FNS(__half, 1, 0), ST_FNS(__half, 1, 0), ST_FNS(__half, 1, 2)}},
 };
 
 extern "C" int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
@@ -595,7 +612,7 @@ extern "C" int fq_cuda_gemv4_stream_prepare(void) {
 /* K slices per row tile: enough warps to keep every SM streaming, few enough that
  * each warp has a few chunks to stream and its partial sums are cheap to add. */
 static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
-    const int64_t tiles = (n + 7) / 8, C = (k + 127) / 128;
+    const int64_t tiles = (n + 15) / 16, C = (k + 127) / 128;
     const int64_t slots = per_sm * (int64_t)(sm_count > 0 ? sm_count : 132); /* resident blocks */
     int best = 1;
     double best_cost = -1.0;
@@ -614,8 +631,8 @@ static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
     return best;
 }
 
-/* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 2 chunks
- * per load batch instead of 4; bits 5..6: decode (0 = automatic, 1 = exact, 2 = HMUL,
+/* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 1 chunk
+ * per load batch instead of 2; bits 5..6: decode (0 = automatic, 1 = exact, 2 = HMUL,
  * 3 = loads only: a bench probe with wrong results); bit 7: plain launch (the caller
  * sets it before sm_90), else a programmatic dependent launch. */
 extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
@@ -627,7 +644,7 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
     if (ks != 1 && ks != 2 && ks != 4 && ks != 8) ks = stream_pick_ks(w->n, w->k, sm_count, small_u ? 3 : 2);
     const int dsel = (cfg >> 5) & 3;
     const int dec = dsel == 0 ? ST_EXACT : dsel - 1;
-    const int64_t tiles = (w->n + 7) / 8;
+    const int64_t tiles = (w->n + 15) / 16;
     const int64_t blocks = (tiles + 8 / ks - 1) / (8 / ks);
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
     st_args a;
