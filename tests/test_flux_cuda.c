@@ -406,6 +406,22 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
             CHECK_OK(ctx, fq_nn_concat(ctx, p2, p1, 1, y));
             CHECK_OK(ctx, fq_nn_concat(ctx, d2, d1, 1, dy));
             compare(ctx, "concat", dy, y, 0, 0);
+            /* along the last dim, as a single block's cat(attn, mlp): 16-byte rows
+             * (one kernel) and 12-byte rows (cudaMemcpy2D) */
+            for (int al = 0; al < 2; al++) {
+                int64_t w1 = al ? 3 : 32, e1[3] = {2, 37, w1}, e2[3] = {2, 37, 96 - w1};
+                fq_tensor *q1 = empty(ctx, FQ_CPU, 3, e1), *q2 = empty(ctx, FQ_CPU, 3, e2), *g1 = empty(ctx, dev, 3, e1),
+                          *g2 = empty(ctx, dev, 3, e2);
+                if (q1 && q2 && g1 && g2) {
+                    CHECK_OK(ctx, fq_nn_split(ctx, x, 2, q1, q2));
+                    CHECK_OK(ctx, fq_nn_split(ctx, dx, 2, g1, g2));
+                    compare(ctx, al ? "split (last dim, 12-byte rows)" : "split (last dim)", g2, q2, 0, 0);
+                    CHECK_OK(ctx, fq_nn_concat(ctx, q1, q2, 2, y));
+                    CHECK_OK(ctx, fq_nn_concat(ctx, g1, g2, 2, dy));
+                    compare(ctx, al ? "concat (last dim, 12-byte rows)" : "concat (last dim)", dy, y, 0, 0);
+                }
+                fq_tensor_free(q1), fq_tensor_free(q2), fq_tensor_free(g1), fq_tensor_free(g2);
+            }
         }
         fq_tensor_free(p1);
         fq_tensor_free(p2);

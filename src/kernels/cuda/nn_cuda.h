@@ -75,6 +75,11 @@ int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stride, const v
                          int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st);
 /* y (yt) = x (xt) for f32/f16/bf16, rounding to nearest even when narrowing. */
 int fq_cuda_nn_convert(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, cudaStream_t st);
+/* whole [rows, ia + ib bytes] = cat(a [rows, ia], b [rows, ib]) along the row, or
+ * its inverse (split); -1 (nothing queued) unless every pointer and size is a
+ * multiple of 16 bytes. */
+int fq_cuda_nn_cat_rows(void *whole, void *a, void *b, size_t ia, size_t ib, int64_t rows, int split,
+                        cudaStream_t st);
 /* y[r, :] = row[:] (f32) for r < rows, or 0 when row is NULL. y: [rows, n]. */
 int fq_cuda_nn_fill_rows(float *y, const float *row, int64_t rows, int64_t n, cudaStream_t st);
 /* y[i] = dtype(fq_nn_hash_uniform(seed, i) * scale + shift) (f32 products and sums,

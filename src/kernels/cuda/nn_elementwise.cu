@@ -205,7 +205,33 @@ int64_t convert_bulk(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n
     return 8 * n8;
 }
 
+/* cat/split of rows: whole row r = [a row r (ia bytes) | b row r (ib bytes)],
+ * 16-byte chunks, rows along grid y. */
+__global__ void __launch_bounds__(kThreads)
+    k_cat_rows(uint4 *whole, uint4 *a, uint4 *b, int64_t ca, int64_t cb, int64_t rows, int split) {
+    const int64_t cw = ca + cb;
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        uint4 *w = whole + r * cw, *pa = a + r * ca, *pb = b + r * cb;
+        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < cw; c += (int64_t)gridDim.x * blockDim.x) {
+            uint4 *o = c < ca ? pa + c : pb + (c - ca);
+            if (split) *o = w[c];
+            else w[c] = *o;
+        }
+    }
+}
+
 } // namespace
+
+extern "C" int fq_cuda_nn_cat_rows(void *whole, void *a, void *b, size_t ia, size_t ib, int64_t rows, int split,
+                                   cudaStream_t st) {
+    if (((uintptr_t)whole | (uintptr_t)a | (uintptr_t)b | ia | ib) & 15u) return -1; /* not 16-byte aligned */
+    if (rows <= 0 || ia + ib == 0) return 0;
+    const int64_t ca = (int64_t)(ia / 16), cb = (int64_t)(ib / 16), gx = (ca + cb + kThreads - 1) / kThreads;
+    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(rows < 65535 ? rows : 65535));
+    k_cat_rows<<<grid, kThreads, 0, st>>>(static_cast<uint4 *>(whole), static_cast<uint4 *>(a), static_cast<uint4 *>(b),
+                                          ca, cb, rows, split);
+    return launch_status();
+}
 
 extern "C" int fq_cuda_nn_cast(const void *x, fq_dtype xt, void *y, fq_dtype yt, int64_t n, fq_dtype rnd,
                                cudaStream_t st) {
