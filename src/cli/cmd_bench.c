@@ -6,10 +6,12 @@
 int fq_bench_quant(int argc, char **argv);
 int fq_bench_linear(int argc, char **argv);
 int fq_bench_flux(int argc, char **argv);
+int fq_bench_linear_cpu(int argc, char **argv);
 
 static const char *HELP =
     "usage: fluxq bench quant  [--device DEV] [--iters N] [--json FILE] [--quick]\n"
     "       fluxq bench linear [--device DEV] [--iters N] [--json FILE] [--m 1,16,...]\n"
+    "       fluxq bench linear-cpu [--threads N] [--seconds S] [--quick]\n"
     "       fluxq bench flux   --config dev|schnell|PATH --random-weights [--quantize nf4]\n"
     "                          [--double-quant] [--width 1024 --height 1024] [--device DEV]\n"
     "\n"
@@ -28,5 +30,6 @@ int cmd_bench(int argc, char **argv) {
     if (!strcmp(argv[1], "quant")) return fq_bench_quant(argc - 1, argv + 1);
     if (!strcmp(argv[1], "linear")) return fq_bench_linear(argc - 1, argv + 1);
     if (!strcmp(argv[1], "flux")) return fq_bench_flux(argc - 1, argv + 1);
-    return cli_usage_error("bench", "unknown benchmark '%s' (quant, linear or flux)", argv[1]);
+    if (!strcmp(argv[1], "linear-cpu")) return fq_bench_linear_cpu(argc - 1, argv + 1);
+    return cli_usage_error("bench", "unknown benchmark '%s' (quant, linear, linear-cpu or flux)", argv[1]);
 }

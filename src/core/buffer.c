@@ -4,6 +4,9 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+
+enum { HUGE_ALIGN = 2 << 20, HUGE_MIN = 8 << 20 };
 
 /* Allocation counters per device: [0] the CPU, [1 + i] cuda:i. */
 static struct {
@@ -50,9 +53,12 @@ fq_status fq_buf_alloc(fq_ctx *ctx, fq_device dev, size_t bytes, fq_buffer *out)
         return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes on %s (injected)",
                       bytes, fq_device_name(dev, dn, sizeof dn));
     if (dev.type == FQ_DEVICE_CPU) {
-        size_t n = bytes ? bytes : 1;
-        if (posix_memalign(&b.ptr, 64, n) != 0)
+        /* Large buffers (weights, activations) on 2 MiB boundaries with transparent
+         * huge pages: streaming kernels then miss the TLB far less. */
+        size_t n = bytes ? bytes : 1, align = n >= HUGE_MIN ? HUGE_ALIGN : 64;
+        if (posix_memalign(&b.ptr, align, n) != 0)
             return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes on cpu", bytes);
+        if (align == HUGE_ALIGN) (void)madvise(b.ptr, n, MADV_HUGEPAGE); /* a hint; failure is harmless */
     } else {
 #ifdef FQ_HAVE_CUDA
         FQ_TRY(fq_cuda_alloc(ctx, dev.index, bytes, &b.ptr));
