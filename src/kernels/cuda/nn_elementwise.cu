@@ -17,10 +17,19 @@ __global__ void __launch_bounds__(kThreads) k_map(int64_t n, F f) {
     for (int64_t i = gtid(); i < n; i += gstride()) f(i);
 }
 
+/* The same with 32-bit index arithmetic (n < 2^31): fewer instructions per
+ * element for the cheap functors. */
+template <class F>
+__global__ void __launch_bounds__(kThreads) k_map32(uint32_t n, F f) {
+    const uint32_t stride = gridDim.x * blockDim.x;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) f((int64_t)i);
+}
+
 template <class F>
 int run_map(int64_t n, const F &f, cudaStream_t st) {
     if (n <= 0) return 0;
-    k_map<F><<<grid_for(n, 4), kThreads, 0, st>>>(n, f);
+    if (n < ((int64_t)1 << 31)) k_map32<F><<<grid_for(n, 4), kThreads, 0, st>>>((uint32_t)n, f);
+    else k_map<F><<<grid_for(n, 4), kThreads, 0, st>>>(n, f);
     return launch_status();
 }
 
@@ -89,18 +98,22 @@ struct Round {
     __device__ void operator()(int64_t i) const { x[i] = rnd_to(x[i], rnd); }
 };
 
-/* h = rnd(h + rnd(gate * a)) with rows along grid y and columns along x: no
- * 64-bit division per element. */
+/* h = rnd(h + rnd(gate * a)) with batch items along grid z, their rows along
+ * y and columns along x: no integer division at all (a 64-bit division per
+ * element made this kernel compute-bound). */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     k_gated_add(T *__restrict__ h, const float *__restrict__ gate, int64_t mod_stride, const T *__restrict__ a,
-                int64_t nrows, int64_t rows, int64_t d, int rnd) {
-    for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
-        const float *g = gate + (r / rows) * mod_stride;
-        T *hr = h + r * d;
-        const T *ar = a + r * d;
-        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < d; c += (int64_t)gridDim.x * blockDim.x)
-            stv(hr, c, rnd_to(__fadd_rn(ldv(hr, c), rnd_to(__fmul_rn(g[c], ldv(ar, c)), rnd)), rnd));
+                int64_t batch, int64_t rows, int64_t d, int rnd) {
+    for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
+        const float *g = gate + b * mod_stride;
+        for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+            T *hr = h + (b * rows + r) * d;
+            const T *ar = a + (b * rows + r) * d;
+            for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < d;
+                 c += (int64_t)gridDim.x * blockDim.x)
+                stv(hr, c, rnd_to(__fadd_rn(ldv(hr, c), rnd_to(__fmul_rn(g[c], ldv(ar, c)), rnd)), rnd));
+        }
     }
 }
 
@@ -274,14 +287,15 @@ extern "C" int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stri
                                     int64_t batch, int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st) {
     typedef __nv_bfloat16 bf;
     if (d <= 0 || rows <= 0 || batch <= 0) return 0;
-    const int64_t nrows = batch * rows, gx = (d + kThreads - 1) / kThreads;
-    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(nrows < 65535 ? nrows : 65535));
+    const int64_t gx = (d + kThreads - 1) / kThreads;
+    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(rows < 65535 ? rows : 65535),
+                    (unsigned)(batch < 65535 ? batch : 65535));
     if (xt == FQ_BF16)
         k_gated_add<bf><<<grid, kThreads, 0, st>>>(static_cast<bf *>(h), gate, mod_stride, static_cast<const bf *>(a),
-                                                   nrows, rows, d, (int)rnd);
+                                                   batch, rows, d, (int)rnd);
     else
         k_gated_add<float><<<grid, kThreads, 0, st>>>(static_cast<float *>(h), gate, mod_stride,
-                                                      static_cast<const float *>(a), nrows, rows, d, (int)rnd);
+                                                      static_cast<const float *>(a), batch, rows, d, (int)rnd);
     return launch_status();
 }
 

@@ -46,14 +46,15 @@ __global__ void __launch_bounds__(kThreads)
  * read once. Thread t sums elements t, t + blockDim.x, ... in that order, as
  * k_adaln does, so the results are the same bits. */
 template <typename T, int PER>
-__global__ void __launch_bounds__(kThreads)
-    k_adaln_reg(const T *x, T *y, int64_t nrows, int64_t rows, int64_t d, const float *__restrict__ shift,
+__global__ void __launch_bounds__(kThreads, PER <= 12 ? 3 : 2)
+    k_adaln_reg(const T *x, T *y, int64_t batch, int64_t rows, int64_t d, const float *__restrict__ shift,
                 const float *__restrict__ scale, int64_t mod_stride, float eps, int rnd) {
     __shared__ double sh[33];
-    for (int64_t r = blockIdx.x; r < nrows; r += gridDim.x) {
+    for (int64_t b = blockIdx.y; b < batch; b += gridDim.y)
+    for (int64_t rr = blockIdx.x; rr < rows; rr += gridDim.x) {
+        const int64_t r = b * rows + rr; /* batch items along grid y: no division */
         const T *xr = x + r * d;
         T *yr = y + r * d;
-        const int64_t b = r / rows;
         const float *sft = shift + b * mod_stride, *scl = scale + b * mod_stride;
         float v[PER];
         double s = 0.0;
@@ -113,12 +114,23 @@ extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t bat
     const unsigned grid = (unsigned)(nrows < (1 << 20) ? nrows : (1 << 20));
     typedef __nv_bfloat16 bf;
     if (threads == kThreads && d <= 16 * kThreads) {
-        if (xt == FQ_BF16)
-            k_adaln_reg<bf, 16><<<grid, threads, 0, st>>>(static_cast<const bf *>(x), static_cast<bf *>(y), nrows, rows,
-                                                          d, shift, scale, mod_stride, eps, (int)rnd);
-        else
-            k_adaln_reg<float, 16><<<grid, threads, 0, st>>>(static_cast<const float *>(x), static_cast<float *>(y),
-                                                             nrows, rows, d, shift, scale, mod_stride, eps, (int)rnd);
+        const dim3 g2((unsigned)(rows < (1 << 20) ? rows : (1 << 20)), (unsigned)(batch < 65535 ? batch : 65535));
+        const bf *xb = static_cast<const bf *>(x);
+        const float *xf = static_cast<const float *>(x);
+        if (d <= 12 * kThreads) { /* FLUX's 3072: 12 values per thread */
+            if (xt == FQ_BF16)
+                k_adaln_reg<bf, 12><<<g2, threads, 0, st>>>(xb, static_cast<bf *>(y), batch, rows, d, shift, scale,
+                                                            mod_stride, eps, (int)rnd);
+            else
+                k_adaln_reg<float, 12><<<g2, threads, 0, st>>>(xf, static_cast<float *>(y), batch, rows, d, shift,
+                                                               scale, mod_stride, eps, (int)rnd);
+        } else if (xt == FQ_BF16) {
+            k_adaln_reg<bf, 16><<<g2, threads, 0, st>>>(xb, static_cast<bf *>(y), batch, rows, d, shift, scale,
+                                                        mod_stride, eps, (int)rnd);
+        } else {
+            k_adaln_reg<float, 16><<<g2, threads, 0, st>>>(xf, static_cast<float *>(y), batch, rows, d, shift, scale,
+                                                           mod_stride, eps, (int)rnd);
+        }
         return launch_status();
     }
     if (xt == FQ_BF16)

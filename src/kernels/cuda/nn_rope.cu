@@ -41,17 +41,20 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-/* One thread per pair (x[2i], x[2i+1]) of one head of one token: tokens
- * (b*seq + s) along grid y, the heads*dh/2 pairs of a token along x. */
+/* One thread per pair (x[2i], x[2i+1]) of one head of one token: batch items
+ * along grid z, tokens along y, the heads*dh/2 pairs of a token along x (a
+ * token's row is far below 2^32 elements, so its pair index divides in 32
+ * bits; no 64-bit division per element). */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    k_rope(T *x, const float *__restrict__ cos_t, const float *__restrict__ sin_t, int64_t ntok, int64_t seq,
+    k_rope(T *x, const float *__restrict__ cos_t, const float *__restrict__ sin_t, int64_t batch, int64_t seq,
            int64_t heads, int64_t dh, int rnd) {
-    const int64_t half = dh / 2, per = heads * half;
-    for (int64_t t = blockIdx.y; t < ntok; t += gridDim.y) {
-      const int64_t s = t % seq;
-      for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < per; j += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t hd = j / half, pr = j - hd * half;
+    const uint32_t half = (uint32_t)(dh / 2), per = (uint32_t)(heads * (dh / 2));
+    for (int64_t b = blockIdx.z; b < batch; b += gridDim.z)
+    for (int64_t s = blockIdx.y; s < seq; s += gridDim.y) {
+      const int64_t t = b * seq + s;
+      for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < per; j += gridDim.x * blockDim.x) {
+        const uint32_t hd = j / half, pr = j - hd * half;
         T *v = x + (t * heads + hd) * dh + 2 * pr;
         const float *c = cos_t + s * dh + 2 * pr, *sn = sin_t + s * dh + 2 * pr;
         const float re = ldv(v, 0), im = ldv(v, 1);
@@ -88,15 +91,18 @@ extern "C" int fq_cuda_nn_rope_table(const float *ids, int64_t seq, const int64_
 
 extern "C" int fq_cuda_nn_rope(void *x, fq_dtype xt, const float *cos_t, const float *sin_t, int64_t batch, int64_t seq,
                                int64_t heads, int64_t dh, fq_dtype rnd, cudaStream_t st) {
-    const int64_t ntok = batch * seq, per = heads * (dh / 2);
-    if (ntok <= 0 || per <= 0) return 0;
+    const int64_t per = heads * (dh / 2);
+    if (batch <= 0 || seq <= 0 || per <= 0) return 0;
+    if (per >= ((int64_t)1 << 32)) return (int)cudaErrorInvalidValue; /* one token's row: below 2^32 pairs */
     const int64_t gx = (per + kThreads - 1) / kThreads;
-    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(ntok < 65535 ? ntok : 65535));
+    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(seq < 65535 ? seq : 65535),
+                    (unsigned)(batch < 65535 ? batch : 65535));
     if (xt == FQ_BF16)
-        k_rope<__nv_bfloat16><<<grid, kThreads, 0, st>>>(static_cast<__nv_bfloat16 *>(x), cos_t, sin_t, ntok, seq,
+        k_rope<__nv_bfloat16><<<grid, kThreads, 0, st>>>(static_cast<__nv_bfloat16 *>(x), cos_t, sin_t, batch, seq,
                                                          heads, dh, (int)rnd);
     else
-        k_rope<float><<<grid, kThreads, 0, st>>>(static_cast<float *>(x), cos_t, sin_t, ntok, seq, heads, dh, (int)rnd);
+        k_rope<float><<<grid, kThreads, 0, st>>>(static_cast<float *>(x), cos_t, sin_t, batch, seq, heads, dh,
+                                                 (int)rnd);
     return launch_status();
 }
 
