@@ -135,8 +135,12 @@ static fq_lin4_impl best_gemv(const fq_cuda_dev *d, const lin_op *op) {
 static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
     fq_lin4_impl k = best_gemm(d, op);
     if (k == FQ_LIN4_NONE) return FQ_LIN4_DEQUANT_BLAS;
-    if (op->io.m >= LIN_DQ_MIN_M) return FQ_LIN4_DEQUANT_BLAS;
-    return k;
+    /* H100 (2026-11-27): the fused GEMMs win below ~192 rows; at 256 rows only where
+     * K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
+     * dequantize + cuBLASLt wins everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
+    const int64_t m = op->io.m;
+    if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
+    return FQ_LIN4_DEQUANT_BLAS;
 }
 
 static fq_lin4_impl best_gemm(const fq_cuda_dev *d, const lin_op *op) {

@@ -346,7 +346,8 @@ extern "C" int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, c
  * asks L2 for its whole slice (cp.async.bulk.prefetch), so the DRAM sees every
  * request at once.
  *
- * The decode table (32 KB): 256 byte values x 16 copies of the f32 pair (code[hi],
+ * The decode table (64 KB, entry b at byte b * 256, 128 bytes used, so that one byte
+ * permute forms a lookup address): 256 byte values x 16 copies of the f32 pair (code[hi],
  * code[lo]) (exact; lane l reads copy l % 16, so the 16 lanes of each LDS.64 phase
  * hit distinct banks), or x 32 copies of the packed bf16 pair (HMUL; lane l reads
  * copy l). A block is 8 warps = ks K-slices x 8/ks row tiles; the ks partial sums
@@ -365,7 +366,7 @@ typedef struct {
     int lg2bs;
 } st_args;
 
-#define ST_TBL_BYTES (256 * 32 * 4)
+#define ST_TBL_BYTES (256 * 256) /* entry b at b * 256 bytes (128 used): one PRMT forms an address */
 #define ST_SMEM_BYTES (ST_TBL_BYTES + (16 + 256 + 8 * 4 * 32) * 4)
 
 /* Decode variants: exact (f32 code * absmax, rounded once, as dequantize does);
@@ -486,16 +487,17 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
             const uint32_t v = fq_mma_t<T>::pack(lo, hi);
             vv = make_uint4(v, v, v, v);
         }
-        uint4 *dst = (uint4 *)(st_sm + b * 128);
+        uint4 *dst = (uint4 *)(st_sm + b * 256);
 #pragma unroll
         for (int j = 0; j < 8; j++) dst[(j + b) & 7] = vv;
     }
     __syncthreads();
 
     const uint32_t tl = DEC == ST_EXACT ? (uint32_t)(lane & 15) * 8 : (uint32_t)lane * 4; /* this lane's copy */
-    /* the decoded pair of byte `by` (bits 0..7 of the argument), scaled by am */
-    auto dec = [&](uint32_t by, float am, __nv_bfloat162 am2) -> uint32_t {
-        const uint32_t off = (by & 0xffu) * 128u + tl;
+    /* the decoded pair of byte j of word wd, scaled by am; the table offset
+     * byte * 256 + tl is one byte permute: (tl byte 0, wd byte j, 0, 0) */
+    auto dec = [&](uint32_t wd, int j, float am, __nv_bfloat162 am2) -> uint32_t {
+        const uint32_t off = __byte_perm(tl, wd, 0x1140u + ((uint32_t)j << 4));
         if (DEC == ST_EXACT) {
             const float2 p = *(const float2 *)(st_sm + off);
             return fq_mma_t<T>::pack(st_mul_ftz(p.x, am), st_mul_ftz(p.y, am));
@@ -535,11 +537,11 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
             const uint32_t wB[4] = {wb[u].x, wb[u].y, wb[u].z, wb[u].w};
 #pragma unroll
             for (int s = 0; s < 8; s++) {
-                const int sh = (s & 1) * 16;
-                const uint32_t a0 = dec(wA[s >> 1] >> sh, amA, amA2);
-                const uint32_t a2 = dec(wA[s >> 1] >> (sh + 8), amA, amA2);
-                const uint32_t a1 = dec(wB[s >> 1] >> sh, amB, amB2);
-                const uint32_t a3 = dec(wB[s >> 1] >> (sh + 8), amB, amB2);
+                const int j = (s & 1) * 2;
+                const uint32_t a0 = dec(wA[s >> 1], j, amA, amA2);
+                const uint32_t a2 = dec(wA[s >> 1], j + 1, amA, amA2);
+                const uint32_t a1 = dec(wB[s >> 1], j, amB, amB2);
+                const uint32_t a3 = dec(wB[s >> 1], j + 1, amB, amB2);
                 const uint4 &xq = xv[s >> 1];
                 const uint32_t b0 = (s & 1) ? xq.z : xq.x, b1 = (s & 1) ? xq.w : xq.y;
                 fq_mma16816<T>((s & 1) ? acc2 : acc, a0, a1, a2, a3, b0, b1);
