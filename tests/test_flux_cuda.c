@@ -1184,6 +1184,22 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
         }
         fq_tensor_free(w32);
     }
+    /* rmsnorm + RoPE in one pass = the two ops, on tokens 30.. of 100-row tables */
+    {
+        int64_t t2[2] = {100, dh};
+        fq_tensor *c2 = dev_rand16(ctx, d, FQ_F32, 2, t2, 24, 1.0f), *s2 = dev_rand16(ctx, d, FQ_F32, 2, t2, 25, 1.0f);
+        fq_tensor cv = c2 ? fq_nn_view_rows(c2, 30, S) : *xf, sv = s2 ? fq_nn_view_rows(s2, 30, S) : *xf;
+        for (int sb16 = 0; c2 && s2 && sb16 < 2; sb16++) {
+            fq_tensor *a1 = sb16 ? ab : af, *a2 = dev_to(ctx, a1, a1->dtype); /* a copy (bf16-valued) */
+            if (!a2) continue;
+            CHECK_OK(ctx, fq_nn_rmsnorm_heads(ctx, a1, nw, 1e-6f, a1, R));
+            CHECK_OK(ctx, fq_nn_rope(ctx, a1, &cv, &sv, H, R));
+            CHECK_OK(ctx, fq_nn_rmsnorm_rope(ctx, a2, nw, 1e-6f, c2, s2, 30, H, R));
+            same16(ctx, sb16 ? "rmsnorm_rope (bf16)" : "rmsnorm_rope (f32)", a1, a2);
+            fq_tensor_free(a2);
+        }
+        fq_tensor_free(c2), fq_tensor_free(s2);
+    }
     /* 256 tokens: bf16 q, k, v read in place (no packing, no scratch) */
     {
         int64_t s2[3] = {1, 256, D};

@@ -243,26 +243,29 @@ static fq_tensor tokens(const fq_tensor *t, int64_t t0, int64_t n) {
     return v;
 }
 
-/* q|k|v of the joint attention: text rows first, then image rows, per batch.
- * At batch 1 the projections write their rows of `out` directly. */
+/* q|k|v of the joint attention: text rows first, then image rows, per batch;
+ * q and k (rope) RMS-normed and rotated by their positions (text tokens
+ * first in the RoPE tables). At batch 1 the projections write their rows of
+ * `out` directly. */
 static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
-                            const fq_tensor *wn_img, const fq_tensor *wn_txt, fq_tensor *out) {
-    fq_dtype cd = p->m->compute_dtype;
-    fq_tensor ti = V(p, B_TI), tc = V(p, B_TC), nh = V(p, B_NH), nc = V(p, B_NC);
+                            const fq_tensor *wn_img, const fq_tensor *wn_txt, int rope, fq_tensor *out) {
+    const fq_dtype cd = p->m->compute_dtype;
+    const int64_t heads = p->m->cfg.num_attention_heads;
+    fq_tensor ti = V(p, B_TI), tc = V(p, B_TC), nh = V(p, B_NH), nc = V(p, B_NC), cs = V(p, B_COS), sn = V(p, B_SIN);
     if (p->B == 1) {
         ti = tokens(out, p->St, p->Si);
         tc = tokens(out, 0, p->St);
-        FQ_TRY(lin(ctx, p, img, &nh, &ti));
-        FQ_TRY(lin(ctx, p, txt, &nc, &tc));
-        if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
-        if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
-        return FQ_OK;
     }
     FQ_TRY(lin(ctx, p, img, &nh, &ti));
     FQ_TRY(lin(ctx, p, txt, &nc, &tc));
-    if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
-    if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
-    return fq_nn_concat(ctx, &tc, &ti, 1, out);
+    if (rope) {
+        FQ_TRY(fq_nn_rmsnorm_rope(ctx, &ti, wn_img, RMS_EPS, &cs, &sn, p->St, heads, cd));
+        FQ_TRY(fq_nn_rmsnorm_rope(ctx, &tc, wn_txt, RMS_EPS, &cs, &sn, 0, heads, cd));
+    } else {
+        if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
+        if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
+    }
+    return p->B == 1 ? FQ_OK : fq_nn_concat(ctx, &tc, &ti, 1, out);
 }
 
 static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, int64_t i) {
@@ -271,7 +274,7 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, F = m->cfg.mlp_dim;
     fq_tensor h = V(p, B_H), nh = V(p, B_NH), ti = V(p, B_TI), c = V(p, B_C), nc = V(p, B_NC), tc = V(p, B_TC);
     fq_tensor q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O), att = V(p, B_ATT);
-    fq_tensor tact = V(p, B_TACT), mi = V(p, B_MODI), mc = V(p, B_MODC), cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
+    fq_tensor tact = V(p, B_TACT), mi = V(p, B_MODI), mc = V(p, B_MODC);
     fq_tensor mlp_i = V3(p, B_MLP, B, p->Si, F), mlp_c = V3(p, B_MLP, B, p->St, F);
 
     /* AdaLN-Zero of both streams */
@@ -285,11 +288,9 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     tap(p, &nc, "transformer_blocks.%lld.norm1_context.x", (long long)i);
 
     /* joint attention over [text; image] with RMS-normed q, k and RoPE */
-    FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, &q));
-    FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, &k));
-    FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, &v));
-    FQ_TRY(fq_nn_rope(ctx, &q, &cos_t, &sin_t, heads, cd));
-    FQ_TRY(fq_nn_rope(ctx, &k, &cos_t, &sin_t, heads, cd));
+    FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, 1, &q));
+    FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, 1, &k));
+    FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, 0, &v));
     FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
     fq_tensor oi = ti, oc = tc; /* the image and text rows of o */
     if (B == 1) {
@@ -343,12 +344,10 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp, &mlp, cd));
 
     FQ_TRY(lin(ctx, p, &sb->to_q, &nx, &q));
-    FQ_TRY(fq_nn_rmsnorm_heads(ctx, &q, sb->norm_q, RMS_EPS, &q, cd));
+    FQ_TRY(fq_nn_rmsnorm_rope(ctx, &q, sb->norm_q, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
     FQ_TRY(lin(ctx, p, &sb->to_k, &nx, &k));
-    FQ_TRY(fq_nn_rmsnorm_heads(ctx, &k, sb->norm_k, RMS_EPS, &k, cd));
+    FQ_TRY(fq_nn_rmsnorm_rope(ctx, &k, sb->norm_k, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
     FQ_TRY(lin(ctx, p, &sb->to_v, &nx, &v));
-    FQ_TRY(fq_nn_rope(ctx, &q, &cos_t, &sin_t, heads, cd));
-    FQ_TRY(fq_nn_rope(ctx, &k, &cos_t, &sin_t, heads, cd));
     FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
     tap(p, &o, "single_transformer_blocks.%lld.attn", (long long)i);
 

@@ -517,6 +517,32 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
     return FQ_OK;
 }
 
+fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
+                             const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd) {
+    const char *op = "rmsnorm_rope";
+    FQ_TRY(check_act(ctx, op, "x", x, x->buf.dev, rnd, NULL));
+    FQ_TRY(check(ctx, op, "cos", cos_t, x->buf.dev, 1));
+    FQ_TRY(check(ctx, op, "sin", sin_t, x->buf.dev, 1));
+    if (weight) FQ_TRY(check(ctx, op, "weight", weight, x->buf.dev, 0));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (x->ndim != 3 || heads <= 0 || x->shape[2] % heads != 0)
+        return shape_err(ctx, op, "x", x, "[batch, tokens, heads*head_dim]");
+    const int64_t n = x->shape[1], dh = x->shape[2] / heads;
+    if (cos_t->ndim != 2 || cos_t->shape[1] != dh || t0 < 0 || t0 + n > cos_t->shape[0])
+        return shape_err(ctx, op, "cos", cos_t, "[tokens >= t0 + x's tokens, head_dim]");
+    FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
+    if (weight && (weight->ndim != 1 || weight->shape[0] != dh))
+        return shape_err(ctx, op, "weight", weight, "[head_dim]");
+#ifdef FQ_HAVE_CUDA
+    if (weight && x->buf.dev.type == FQ_DEVICE_CUDA && dh % 32 == 0)
+        return fq_nncu_rmsnorm_rope(ctx, x, weight, eps, cos_t, sin_t, t0, heads, rnd);
+#endif
+    /* the two ops (the CPU, odd head dims, no norm) on the tables' rows t0.. */
+    fq_tensor cv = fq_nn_view_rows(cos_t, t0, n), sv = fq_nn_view_rows(sin_t, t0, n);
+    if (weight) FQ_TRY(fq_nn_rmsnorm_heads(ctx, x, weight, eps, x, rnd));
+    return fq_nn_rope(ctx, x, &cv, &sv, heads, rnd);
+}
+
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {
     const char *op = "timestep_proj";
     FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 1));

@@ -112,6 +112,12 @@ fq_status fq_nn_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes
 /* Applies RoPE in place to x [B, S, H*dh] with tables [S, dh]. */
 fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t,
                      int64_t heads, fq_dtype rnd);
+/* x = rope(rmsnorm_heads(x, weight)) in place, x [B, n, H*dh] holding the tokens
+ * [t0, t0 + n) of the RoPE tables [S, dh]: fq_nn_rmsnorm_heads then fq_nn_rope
+ * with the tables' rows t0.., the same results; one pass on CUDA (dh a
+ * multiple of 32). weight NULL: RoPE alone. */
+fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
+                             const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd);
 /* Sinusoidal projection (flip_sin_to_cos, shift 0) of t [B] into out [B, 2*half]. */
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
 /* Scratch floats fq_nn_attention needs on dev for q [batch, s, heads*dh]. */

@@ -462,6 +462,16 @@ fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weig
     return end(ctx, &r, e, "rmsnorm", FQ_NN_CLASS_OTHER);
 }
 
+fq_status fq_nncu_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
+                               const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, x->buf.dev, &r));
+    const int64_t dh = weight->shape[0];
+    int e = fq_cuda_nn_rmsnorm_rope(x->buf.ptr, x->dtype, weight->buf.ptr, weight->dtype, F(cos_t), F(sin_t),
+                                    x->shape[0], x->shape[1], heads, t0, dh, eps, rnd, r.d->stream);
+    return end(ctx, &r, e, "rmsnorm_rope", FQ_NN_CLASS_OTHER);
+}
+
 fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
                              fq_tensor *cos_t, fq_tensor *sin_t) {
     run_t r;

@@ -97,6 +97,13 @@ int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t
 int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dtype xt, int64_t groups, int64_t d,
                        float eps, fq_dtype rnd, cudaStream_t st);
 
+/* fq_cuda_nn_rmsnorm then fq_cuda_nn_rope in one pass, in place (the same bits):
+ * x [batch, n, heads*d] of dtype xt whose tokens use rows t0.. of cos, sin [*, d];
+ * d a multiple of 32. */
+int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t, const float *sin_t,
+                            int64_t batch, int64_t n, int64_t heads, int64_t t0, int64_t d, float eps, fq_dtype rnd,
+                            cudaStream_t st);
+
 /* ---- positions and time (nn_rope.cu) --------------------------------------------------- */
 
 /* fq_cpu_rope_table: ids [seq, 3] f32; cos, sin [seq, dh]; angles in f64. */

@@ -103,7 +103,56 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+/* k_rmsnorm then RoPE in one pass, in place: x [groups = ntok*heads, d] whose
+ * token t (of each batch item's n) takes row t0 + t of cos/sin [*, d]. Lane l
+ * holds elements l + 32j as in k_rmsnorm (same sums, same bits); the pair
+ * (2p, 2p+1) of RoPE sits in lanes (l, l+1) of one j, so the partner comes
+ * by a shuffle. d a multiple of 32. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_rope(T *x, const void *__restrict__ w, int wt, const float *__restrict__ cos_t,
+                   const float *__restrict__ sin_t, int64_t groups, int64_t heads, int64_t n, int64_t t0, int64_t d,
+                   float eps, int rnd) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t wpb = blockDim.x >> 5;
+    for (int64_t g = (int64_t)blockIdx.x * wpb + warp; g < groups; g += (int64_t)gridDim.x * wpb) {
+        T *xr = x + g * d;
+        const int64_t row = t0 + (g / heads) % n;
+        const float *cr = cos_t + row * d, *sr = sin_t + row * d;
+        double q = 0.0;
+        for (int64_t i = lane; i < d; i += 32) q += (double)ldv(xr, i) * (double)ldv(xr, i);
+        q = warp_sum(q);
+        const double r = 1.0 / sqrt(q / (double)d + (double)eps);
+        for (int64_t i = lane; i < d; i += 32) {
+            const float v = rnd_to((float)((double)ldv(xr, i) * r * (double)load_any(w, wt, i)), rnd);
+            const float o = __shfl_xor_sync(0xffffffffu, v, 1);
+            float res;
+            if (!(lane & 1)) res = __fadd_rn(__fmul_rn(v, cr[i]), __fmul_rn(-o, sr[i]));  /* re*c - im*s */
+            else res = __fadd_rn(__fmul_rn(v, cr[i]), __fmul_rn(o, sr[i]));              /* im*c + re*s */
+            stv(xr, i, rnd_to(res, rnd));
+        }
+    }
+}
+
 } // namespace
+
+extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
+                                       const float *sin_t, int64_t batch, int64_t n, int64_t heads, int64_t t0,
+                                       int64_t d, float eps, fq_dtype rnd, cudaStream_t st) {
+    const int64_t groups = batch * n * heads;
+    if (groups <= 0 || d <= 0) return 0;
+    if (d % 32) return (int)cudaErrorInvalidValue;
+    const int64_t wpb = kThreads / 32;
+    int64_t blocks = (groups + wpb - 1) / wpb;
+    if (blocks > (1 << 20)) blocks = 1 << 20;
+    if (xt == FQ_BF16)
+        k_rmsnorm_rope<__nv_bfloat16><<<(unsigned)blocks, kThreads, 0, st>>>(
+            static_cast<__nv_bfloat16 *>(x), w, (int)wt, cos_t, sin_t, groups, heads, n, t0, d, eps, (int)rnd);
+    else
+        k_rmsnorm_rope<float><<<(unsigned)blocks, kThreads, 0, st>>>(static_cast<float *>(x), w, (int)wt, cos_t, sin_t,
+                                                                     groups, heads, n, t0, d, eps, (int)rnd);
+    return launch_status();
+}
 
 extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t rows, int64_t d,
                                 const float *shift, const float *scale, int64_t mod_stride, float eps,
