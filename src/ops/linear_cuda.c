@@ -7,7 +7,7 @@
  * call is asynchronous: it returns once the work is queued on the stream.
  *
  * Automatic choice (measured on an H100, bench/results/bench_linear_h100_*.txt):
- *   M <= 8    gemv4_stream (W rounded exactly like dequantize), else
+ *   M <= 2    gemv4_stream (W rounded exactly like dequantize), else
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
  *   M > 16    below LIN_DQ_MIN_M rows gemm4_wgmma on sm_90 (when built), else
  *             gemm4_mma on sm_80+, when they support the operands; from
@@ -28,7 +28,7 @@
 #include <string.h>
 
 #define LIN_GEMV_MAX_M 16
-#define LIN_STREAM_MAX_M 8
+#define LIN_STREAM_MAX_M 2
 #define LIN_DQ_MIN_M 192
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u

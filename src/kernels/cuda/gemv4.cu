@@ -611,41 +611,39 @@ extern "C" int fq_cuda_gemv4_stream_prepare(void) {
     return (int)cudaSuccess;
 }
 
-/* K slices per row tile: enough warps to keep every SM streaming, few enough that
- * each warp has a few chunks to stream and its partial sums are cheap to add. */
-static int stream_pick_ks(int64_t n, int64_t k, int sm_count, int per_sm) {
+/* Automatic K slices and batch, from the H100 sweeps (bench_linear --sweep, M = 1,
+ * 2026-11-27): with many row tiles (21504 x 3072: 1344 tiles) one or two slices and,
+ * for the exact decode, U = 1 (three blocks per SM) were best (exact: U 1 x 2 slices
+ * 28.7 us vs 30-33 us; HMUL: U 2 x 1 slice 25.1 us); with few tiles (3072 rows: 192
+ * tiles) 8 slices and U = 2 (3072 x 15360: 21.3 us exact, 18.4 us HMUL). A warp keeps
+ * at least two chunks to stream. */
+static void stream_pick(int64_t n, int64_t k, int dec, int *ks, int *small_u) {
     const int64_t tiles = (n + 15) / 16, C = (k + 127) / 128;
-    const int64_t slots = per_sm * (int64_t)(sm_count > 0 ? sm_count : 132); /* resident blocks */
-    int best = 1;
-    double best_cost = -1.0;
-    for (int ks = 1; ks <= 8; ks *= 2) {
-        if (ks > 1 && C / ks < 2) break;
-        const int64_t groups = (tiles * ks + 7) / 8;
-        double waves = (double)groups / (double)slots;
-        if (waves < 1.0) waves = 1.0; /* under one wave the SMs are not all busy anyway */
-        /* blocks are scheduled dynamically: about half a block's time of tail */
-        const double cost = (waves + 0.5) * ((double)((C + ks - 1) / ks) + 3.0);
-        if (best_cost < 0.0 || cost < best_cost) {
-            best_cost = cost;
-            best = ks;
-        }
+    if (tiles >= 1024) {
+        *small_u = dec == ST_EXACT;
+        *ks = dec == ST_EXACT ? 2 : 1;
+    } else {
+        *small_u = 0;
+        *ks = 8;
     }
-    return best;
+    while (*ks > 1 && C / *ks < 2) *ks >>= 1;
 }
 
-/* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8); bit 4: U = 1 chunk
- * per load batch instead of 2; bits 5..6: decode (0 = automatic, 1 = exact, 2 = HMUL,
+/* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8; 0 = automatic, which
+ * also chooses U); bit 4: U = 1 chunk per load batch instead of 2; bits 5..6: decode
+ * (0 = automatic = exact, 1 = exact, 2 = HMUL (bf16 x; f16 runs exact),
  * 3 = loads only: a bench probe with wrong results); bit 7: plain launch (the caller
  * sets it before sm_90), else a programmatic dependent launch. */
 extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                     int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_stream_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (io->m <= 0) return (int)cudaSuccess;
-    int ks = cfg & 15;
-    const int small_u = (cfg >> 4) & 1;
-    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) ks = stream_pick_ks(w->n, w->k, sm_count, small_u ? 3 : 2);
+    (void)sm_count;
+    int ks = cfg & 15, small_u = (cfg >> 4) & 1;
     const int dsel = (cfg >> 5) & 3;
-    const int dec = dsel == 0 ? ST_EXACT : dsel - 1;
+    int dec = dsel == 0 ? ST_EXACT : dsel - 1;
+    if (dec == ST_HMUL && io->x_dtype != FQ_BF16) dec = ST_EXACT; /* f16: its absmax may not fit f16 */
+    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) stream_pick(w->n, w->k, dec, &ks, &small_u);
     const int64_t tiles = (w->n + 15) / 16;
     const int64_t blocks = (tiles + 8 / ks - 1) / (8 / ks);
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
