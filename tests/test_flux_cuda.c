@@ -315,15 +315,23 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
         CHECK_OK(ctx, fq_nn_add(ctx, dx, da, dy, rnd));
         snprintf(w, sizeof w, "add (%s)", fq_dtype_name(rnd));
         compare(ctx, w, dy, y, 0, 0);
-        /* transcendental functions: CUDA's expf/tanhf may differ from glibc's by an ulp */
+        /* Transcendental functions are not bit-exact across devices, by decision:
+         * PyTorch itself runs CUDA's expf/tanhf on the GPU and other code on the
+         * CPU, so neither side defines "the" bits; the model-level golden checks
+         * bound the effect. CUDA's expf and tanhf are within 2 ulp, glibc's within
+         * 1, and the formulas add a few correctly rounded steps, so every f32
+         * element is within ~4 ulp (4 * 2^-23 = 4.8e-7 relative): rel L2 <= 5e-7,
+         * and any element may differ in its last bits (H100: 1.7e-8, ~14% of
+         * elements). Rounded to bf16/f16, an ulp difference rarely survives: at
+         * most 5% of the elements and the rounding dtype's half ulp in rel L2. */
         CHECK_OK(ctx, fq_nn_silu(ctx, x, y, rnd));
         CHECK_OK(ctx, fq_nn_silu(ctx, dx, dy, rnd));
         snprintf(w, sizeof w, "silu (%s)", fq_dtype_name(rnd));
-        compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 2e-3, rnd == FQ_F32 ? fq_tensor_numel(y) : fq_tensor_numel(y) / 20);
+        compare(ctx, w, dy, y, rnd == FQ_F32 ? 5e-7 : 2e-3, rnd == FQ_F32 ? fq_tensor_numel(y) : fq_tensor_numel(y) / 20);
         CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, x, y, rnd));
         CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, dx, dy, rnd));
         snprintf(w, sizeof w, "gelu_tanh (%s)", fq_dtype_name(rnd));
-        compare(ctx, w, dy, y, rnd == FQ_F32 ? 1e-6 : 2e-3, rnd == FQ_F32 ? fq_tensor_numel(y) : fq_tensor_numel(y) / 20);
+        compare(ctx, w, dy, y, rnd == FQ_F32 ? 5e-7 : 2e-3, rnd == FQ_F32 ? fq_tensor_numel(y) : fq_tensor_numel(y) / 20);
 
         /* AdaLN with a [B, 6D] modulation, chunks 3 (shift) and 4 (scale) */
         int64_t msh[2] = {2, 6 * 96};
@@ -466,9 +474,13 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
         if (t && o && dout && dt) {
             CHECK_OK(ctx, fq_nn_timestep_proj(ctx, t, o));
             CHECK_OK(ctx, fq_nn_timestep_proj(ctx, dt, dout));
-            /* an ulp of expf moves an argument of 3504 rad by 2.4e-4: CUDA's and glibc's
-             * expf/cosf may differ there (diffusers' golden bf16 run used CUDA's) */
-            compare(ctx, "timestep_proj (args up to 3504 rad)", dout, o, 5e-4, 3 * 256);
+            /* an ulp of expf (or of the f32 product t*freq) moves an argument of
+             * 3504 rad by up to 2.4e-4 rad, and cos/sin by as much; with
+             * cos^2 + sin^2 = 1 per pair, rel L2 <= 2.4e-4 * sqrt(2) = 3.4e-4 if
+             * every argument moved. CUDA's and glibc's expf/cosf/sinf do differ
+             * there (H100: 1.99e-5, 280 of 768); diffusers' golden bf16 run used
+             * CUDA's, and the golden models bound the effect downstream. */
+            compare(ctx, "timestep_proj (args up to 3504 rad)", dout, o, 3.5e-4, 3 * 256);
         }
         fq_tensor_free(t);
         fq_tensor_free(o);
@@ -912,15 +924,20 @@ static void test_golden(fq_ctx *ctx, fq_device dev) {
     golden_spec nf4 = {"flux", "model_nf4", NULL, 1, NULL, 0};
     golden_spec nf4dq = {"flux", "model_nf4_dq", NULL, 1, NULL, 0};
     golden_spec fp4 = {"flux", "model_fp4", NULL, 1, NULL, 0};
-    /* the golden tolerances are the CPU test's; the distance to the CPU forward is
-     * a diagnostic bound (same rounding points, other summation orders) */
+    /* The golden bars (vs diffusers / float64) are the CPU test's and unchanged.
+     * The distance to the CPU forward is a diagnostic with the same rounding
+     * points and other summation orders: at f32 each forward is ~1.7e-5 from
+     * float64 (as diffusers' own fp32 CUDA run), and the two errors are largely
+     * independent (H100: 1.82e-5 apart), so 2e-5; at bf16 the measured distance
+     * is <= 1.7e-3 (NF4: 0, the same bits) and 2e-2 leaves room for GEMM
+     * algorithm choices on other cards. */
     golden_case(ctx, dev, &f32, "out.f64_cpu", 0, 2e-5, NULL);
     golden_case(ctx, dev, &f32s, "out.f64_cpu", 0, 2e-5, NULL);
     golden_case(ctx, dev, &bfl, "out.f64_cpu", 0, 2e-5, NULL);
-    golden_case(ctx, dev, &bf16, "out.bf16_cuda", 0.05, 3e-2, NULL);
-    golden_case(ctx, dev, &nf4, "out.model_nf4", 0.05, 3e-2, NULL);
-    golden_case(ctx, dev, &nf4dq, "out.model_nf4_dq", 0.05, 3e-2, NULL);
-    golden_case(ctx, dev, &fp4, "out.model_fp4", 0.05, 3e-2, NULL);
+    golden_case(ctx, dev, &bf16, "out.bf16_cuda", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &nf4, "out.model_nf4", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &nf4dq, "out.model_nf4_dq", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &fp4, "out.model_fp4", 0.05, 2e-2, NULL);
 }
 
 /* ---- 5. same results everywhere; no allocation inside a forward ---------------------------------- */
@@ -1037,7 +1054,9 @@ static void test_random_devices(fq_ctx *ctx, fq_device dev) {
     printf("random head-dim-128 models, %s vs the CPU:\n", fq_device_name(dev, dn, sizeof dn));
     fq_flux_config c = tiny_config(1);
     struct { fq_dtype wt; int quant, dq; double tol; const char *what; } kinds[] = {
-        {FQ_F32, 0, 0, 2e-5, "f32"}, {FQ_BF16, 0, 0, 3e-2, "bf16"}, {FQ_BF16, 1, 1, 3e-2, "nf4+dq"}};
+        /* f32: two forwards each ~1.5e-5 from the exact result (H100: 1.66e-5
+         * apart); bf16: H100 3.3e-3 and 2.9e-3 */
+        {FQ_F32, 0, 0, 2e-5, "f32"}, {FQ_BF16, 0, 0, 2e-2, "bf16"}, {FQ_BF16, 1, 1, 2e-2, "nf4+dq"}};
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         fq_flux_model *mc = random_model(ctx, &c, FQ_CPU, kinds[k].wt, kinds[k].quant, kinds[k].dq, 42);
         fq_flux_model *mg = random_model(ctx, &c, dev, kinds[k].wt, kinds[k].quant, kinds[k].dq, 42);
