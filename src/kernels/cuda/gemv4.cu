@@ -611,22 +611,40 @@ extern "C" int fq_cuda_gemv4_stream_prepare(void) {
     return (int)cudaSuccess;
 }
 
-/* Automatic K slices and batch, from the H100 sweeps (bench_linear --sweep, M = 1,
- * 2026-11-27): with many row tiles (21504 x 3072: 1344 tiles) one or two slices and,
- * for the exact decode, U = 1 (three blocks per SM) were best (exact: U 1 x 2 slices
- * 28.7 us vs 30-33 us; HMUL: U 2 x 1 slice 25.1 us); with few tiles (3072 rows: 192
- * tiles) 8 slices and U = 2 (3072 x 15360: 21.3 us exact, 18.4 us HMUL). A warp keeps
- * at least two chunks to stream. */
-static void stream_pick(int64_t n, int64_t k, int dec, int *ks, int *small_u) {
+/* Automatic K slices and batch. The H100 sweeps (bench_linear --sweep, M = 1,
+ * 2026-11-27) were fastest when all blocks fit in one wave of resident blocks, with
+ * as many blocks as possible: 21504 x 3072 (1344 row tiles) U = 1 (3 blocks per SM) x
+ * 2 slices = 336 blocks, 0.85 of a wave: 28.7 us, vs 30-51 us for the other choices;
+ * 3072 x 15360 and 3072 x 3072 (192 tiles) U = 2 (2 blocks per SM) x 8 slices: 21.3 and
+ * 7.1 us. So: the most blocks that fit in one wave (ties: U = 2, more bytes in flight
+ * per warp); with more tiles than one wave holds, the fewest waves. A warp keeps at
+ * least two chunks to stream. */
+static void stream_pick(int64_t n, int64_t k, int sm_count, int *ks, int *small_u) {
     const int64_t tiles = (n + 15) / 16, C = (k + 127) / 128;
-    if (tiles >= 1024) {
-        *small_u = dec == ST_EXACT;
-        *ks = dec == ST_EXACT ? 2 : 1;
-    } else {
-        *small_u = 0;
-        *ks = 8;
+    const int64_t sms = sm_count > 0 ? sm_count : 132;
+    int64_t best_blocks = -1;
+    double best_waves = 0.0;
+    *ks = 1;
+    *small_u = 0;
+    for (int u1 = 0; u1 < 2; u1++) {
+        const int64_t slots = sms * (u1 ? 3 : 2);
+        for (int s = 1; s <= 8; s *= 2) {
+            if (s > 1 && C / s < 2) break;
+            const int64_t blocks = (tiles * s + 7) / 8;
+            const double waves = (double)blocks / (double)slots;
+            int better;
+            if (best_blocks < 0) better = 1;
+            else if (waves <= 1.0 && best_waves <= 1.0) better = blocks > best_blocks;
+            else if (waves <= 1.0 || best_waves <= 1.0) better = waves <= 1.0;
+            else better = waves < best_waves;
+            if (better) {
+                best_blocks = blocks;
+                best_waves = waves;
+                *ks = s;
+                *small_u = u1;
+            }
+        }
     }
-    while (*ks > 1 && C / *ks < 2) *ks >>= 1;
 }
 
 /* cfg (0 = automatic): bits 0..3 = K slices ks (1, 2, 4 or 8; 0 = automatic, which
@@ -638,12 +656,11 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
                                     int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_stream_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (io->m <= 0) return (int)cudaSuccess;
-    (void)sm_count;
     int ks = cfg & 15, small_u = (cfg >> 4) & 1;
     const int dsel = (cfg >> 5) & 3;
     int dec = dsel == 0 ? ST_EXACT : dsel - 1;
     if (dec == ST_HMUL && io->x_dtype != FQ_BF16) dec = ST_EXACT; /* f16: its absmax may not fit f16 */
-    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) stream_pick(w->n, w->k, dec, &ks, &small_u);
+    if (ks != 1 && ks != 2 && ks != 4 && ks != 8) stream_pick(w->n, w->k, sm_count, &ks, &small_u);
     const int64_t tiles = (w->n + 15) / 16;
     const int64_t blocks = (tiles + 8 / ks - 1) / (8 / ks);
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
