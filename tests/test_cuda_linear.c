@@ -17,8 +17,10 @@
  *
  * Tolerances (u = unit roundoff of the named type: bf16 2^-9, f16 2^-12, f32 0):
  *  - weight rounding u_w: gemv4_simple and f32 x: 0; gemv4_tc: u of the MMA type
- *    (the code value is rounded, absmax applied in f32); gemm4_* and dequantize +
- *    cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it);
+ *    (the code value is rounded, absmax applied in f32); gemm4_*, gemv4_stream and
+ *    dequantize + cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it;
+ *    gemv4_stream's HMUL decode, cfg 0x4_, rounds code, absmax and product: still
+ *    well inside 5 u S2);
  *  - output rounding u_y: u of y's type (half an ulp: 2^-8 bf16, 2^-11 f16);
  *  - per element |y - ref| <= 5 u_w S2 + 2 u_y |ref| + 4e-6 S1 + 1e-30, with
  *    S1 = sum_k |W x|, S2 = sqrt(sum_k (W x)^2) (+ |bias|);

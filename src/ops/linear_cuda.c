@@ -9,10 +9,10 @@
  * Automatic choice (measured on an H100, bench/results/bench_linear_h100_*.txt):
  *   M <= 2    gemv4_stream (W rounded exactly like dequantize), else
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
- *   M > 16    below LIN_DQ_MIN_M rows gemm4_wgmma on sm_90 (when built), else
- *             gemm4_mma on sm_80+, when they support the operands; from
- *             LIN_DQ_MIN_M rows on (and whatever they do not support) dequantize
- *             + cuBLASLt, which is faster there.
+ *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
+ *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
+ *             they support the operands; otherwise dequantize + cuBLASLt, which
+ *             is faster there (so the automatic choice never loses to it).
  * ctx->linear_kernel forces a family (FQ_LINEAR_GEMV / GEMM / DEQUANT_BLAS);
  * a forced family that cannot run the operands falls back to one that can
  * (GEMV -> gemv4_simple, GEMM -> dequantize + cuBLASLt). The internal values

@@ -84,10 +84,15 @@ int fq_cuda_gemv4_tc_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 int fq_cuda_gemv4_tc(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                      int sm_count, int ksplit, cudaStream_t stream);
 
-/* Streaming kernel for M <= 8 (sm_80+): 16-byte weight loads, W decoded exactly as
- * dequantize rounds it (code * absmax in f32, rounded once to x's type), products
- * and f32 sums on tensor cores. cfg (0 = choose): bits 0..3 = K slices per row tile
- * (1, 2, 4, 8), bit 4 = 2 chunks per load batch instead of 4. */
+/* Streaming kernel for M <= 8 (sm_80+): 16-byte weight loads, W decoded by default
+ * exactly as dequantize rounds it (code * absmax in f32 with ftz, the nested absmax
+ * rebuilt with the same two roundings, rounded once to x's type), products and f32
+ * sums on tensor cores; on sm_90 an L2 bulk prefetch of each warp's slice and a
+ * programmatic dependent launch. cfg (0 = choose): bits 0..3 = K slices per 16-row
+ * tile (1, 2, 4, 8; 0 = automatic slices and batch), bit 4 = 1 chunk per load batch
+ * instead of 2, bits 5..6 = decode (0/1 exact, 2 bf16 HMUL: faster, W rounded three
+ * times; 3 = loads-only bench probe, WRONG results), bit 7 = plain launch (set it
+ * before sm_90). */
 int fq_cuda_gemv4_stream_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 /* Sets the kernels' dynamic shared-memory limit on the CURRENT device (once per device). */
 int fq_cuda_gemv4_stream_prepare(void);
