@@ -258,7 +258,7 @@ int main(void) {
 
     /* forward and audit on the tiny golden FLUX model (fixtures: tests/fixtures/flux) */
     {
-        char root[4096], args[8192];
+        char root[4096], args[16384];
         if (!getcwd(root, sizeof root)) root[0] = '\0';
         snprintf(args, sizeof args, "forward --model '%s/tests/fixtures/flux/flux/model_fp32' --inputs "
                  "'%s/tests/fixtures/flux/flux/inputs.safetensors' --output fwd.safetensors --device cpu", root, root);
