@@ -292,6 +292,52 @@ int main(void) {
         CHECK(fluxq("forward --inputs a --output b") == 2, "forward without --model -> 2");
     }
 
+    /* fluxq quantize of diffusers' bf16 folder writes the very bytes diffusers +
+     * bitsandbytes saved for NF4, FP4 and NF4 with double quant */
+    {
+        static const struct { const char *args, *out, *ref; } k[] = {
+            {"", "q-nf4", "model_nf4"}, {"--type fp4", "q-fp4", "model_fp4"}, {"--double-quant", "q-nf4dq", "model_nf4_dq"}};
+        char root[4096];
+        if (!getcwd(root, sizeof root)) root[0] = '\0';
+        for (int i = 0; i < 3; i++) {
+            char args[9000], a[9000], b[9000];
+            snprintf(args, sizeof args, "quantize '%s/tests/fixtures/flux/flux/model_bf16' %s --device cpu --quiet %s", root,
+                     k[i].out, k[i].args);
+            CHECK(fluxq(args) == 0, "%s: %s", args, g_out);
+            snprintf(a, sizeof a, "%s/%s/diffusion_pytorch_model.safetensors", g_dir, k[i].out);
+            snprintf(b, sizeof b, "%s/tests/fixtures/flux/flux/%s/diffusion_pytorch_model.safetensors", root, k[i].ref);
+            size_t na = 0, nb = 0;
+            char *da = NULL, *db = NULL;
+            FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+            if (fa && fb) {
+                fseek(fa, 0, SEEK_END), fseek(fb, 0, SEEK_END);
+                na = (size_t)ftell(fa), nb = (size_t)ftell(fb);
+                rewind(fa), rewind(fb);
+                da = malloc(na + 1), db = malloc(nb + 1);
+                if (da && db && (fread(da, 1, na, fa) != na || fread(db, 1, nb, fb) != nb)) na = nb + 1;
+            }
+            CHECK(da && db && na == nb && memcmp(da, db, na) == 0, "%s: weights byte-identical to diffusers' %s",
+                  k[i].out, k[i].ref);
+            if (fa) fclose(fa);
+            if (fb) fclose(fb);
+            free(da);
+            free(db);
+            /* the quantization_config is the one diffusers wrote */
+            snprintf(a, sizeof a, "%s/%s/config.json", g_dir, k[i].out);
+            snprintf(b, sizeof b, "%s/tests/fixtures/flux/flux/%s/config.json", root, k[i].ref);
+            char ta[8192] = {0}, tb[8192] = {0};
+            fa = fopen(a, "rb"), fb = fopen(b, "rb");
+            if (fa) { if (fread(ta, 1, sizeof ta - 1, fa) == 0) ta[0] = 0; fclose(fa); }
+            if (fb) { if (fread(tb, 1, sizeof tb - 1, fb) == 0) tb[0] = 0; fclose(fb); }
+            cJSON *ja = cJSON_Parse(ta), *jb = cJSON_Parse(tb);
+            CHECK(ja && jb && cJSON_Compare(cJSON_GetObjectItem(ja, "quantization_config"),
+                                            cJSON_GetObjectItem(jb, "quantization_config"), 1),
+                  "%s: quantization_config as diffusers wrote it", k[i].out);
+            cJSON_Delete(ja);
+            cJSON_Delete(jb);
+        }
+    }
+
     /* the demo runs on the CPU */
     CHECK(fluxq("demo --device cpu") == 0 && strstr(g_out, "same bytes: yes"), "demo: %s", g_out);
 
