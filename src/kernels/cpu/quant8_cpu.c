@@ -65,6 +65,10 @@ void fq_cpu_quantize8(const float *x, float offset, int64_t n, int64_t blocksize
 
 void fq_cpu_dequantize8(const uint8_t *q, const float *absmax, const float *code, float offset,
                         int64_t n, int64_t blocksize, float *out) {
-    for (int64_t i = 0; i < n; i++)
-        out[i] = ftz(ftz(code[q[i]]) * ftz(absmax[i / blocksize])) + offset;
+    /* block by block: no 64-bit division per element */
+    for (int64_t b0 = 0; b0 < n; b0 += blocksize) {
+        const float a = ftz(absmax[b0 / blocksize]);
+        const int64_t end = n - b0 < blocksize ? n : b0 + blocksize;
+        for (int64_t i = b0; i < end; i++) out[i] = ftz(ftz(code[q[i]]) * a) + offset;
+    }
 }
