@@ -2,6 +2,7 @@
  * and diffusers wrote, bad quant states and members, Python float repr, and
  * the diffusers config.json quantization_config. */
 #include "check.h"
+#include "support/files.h"
 #include "core/core.h"
 #include "io/bnb_io.h"
 #include "io/json_util.h"
@@ -26,19 +27,6 @@ static const char *tmp_path(const char *name) {
     k = (k + 1) % 8;
     snprintf(buf[k], sizeof buf[k], "%s/%s", g_dir, name);
     return buf[k];
-}
-
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc((size_t)sz + 1);
-    *n = fread(b, 1, (size_t)sz, f);
-    b[*n] = 0;
-    fclose(f);
-    return b;
 }
 
 static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
@@ -132,7 +120,7 @@ static void roundtrip_file(fq_ctx *ctx, const char *src, int want_quantized) {
     CHECK(g && fq_st_count(g) == fq_st_set_count(set), "same tensor count");
     fq_st_close(g);
     size_t na = 0, nb = 0;
-    unsigned char *a = read_all(src, &na), *b = read_all(out, &nb);
+    unsigned char *a = tf_read_all(src, &na), *b = tf_read_all(out, &nb);
     CHECK(a && b && na == nb && !memcmp(a, b, na), "%s: whole file byte-identical (%zu vs %zu)", src, na, nb);
     free(a);
     free(b);
@@ -175,7 +163,7 @@ static void test_golden(fq_ctx *ctx) {
  * unaligned in the mapping; loading must still work (and be UBSan-clean). */
 static void test_unaligned(fq_ctx *ctx) {
     size_t n = 0;
-    unsigned char *b = read_all(FIX "linear4bit_fp4.state_dict.safetensors", &n);
+    unsigned char *b = tf_read_all(FIX "linear4bit_fp4.state_dict.safetensors", &n);
     uint64_t hlen = 0;
     for (int i = 7; b && i >= 0; i--) hlen = (hlen << 8) | b[i];
     CHECK(b && b[8 + hlen - 1] == ' ', "the fixture's header has padding to remove");
@@ -382,7 +370,7 @@ static void test_config(fq_ctx *ctx) {
         CHECK_OK(ctx, fq_config_read(ctx, g[i].file, &cfg));
         if (!cfg) continue;
         size_t n = 0;
-        unsigned char *orig = read_all(g[i].file, &n);
+        unsigned char *orig = tf_read_all(g[i].file, &n);
         char *s = config_string(ctx, cfg);
         CHECK(s && orig && !strcmp(s, (char *)orig), "%s re-serialized byte-identical:\n%s", g[i].file, s ? s : "");
         free(s);
@@ -398,7 +386,7 @@ static void test_config(fq_ctx *ctx) {
         const char *out = tmp_path("config.json");
         CHECK_OK(ctx, fq_config_write(ctx, out, cfg));
         size_t m = 0;
-        unsigned char *back = read_all(out, &m);
+        unsigned char *back = tf_read_all(out, &m);
         CHECK(back && orig && m == n && !memcmp(back, orig, n), "%s: written config byte-identical", g[i].file);
         free(back);
         free(orig);

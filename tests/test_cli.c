@@ -1,6 +1,7 @@
 /* The fluxq command end to end: exit codes, outputs, and that bad input leaves
  * nothing behind. Runs the binary named by $FLUXQ (set by tests/run.sh). */
 #include "check.h"
+#include "support/files.h"
 #include "io/bnb_io.h"
 #include "io/safetensors.h"
 
@@ -246,13 +247,13 @@ int main(void) {
     {
         char p[512];
         snprintf(p, sizeof p, "%s/model-nf4/config.json", g_dir);
-        FILE *f = fopen(p, "rb");
-        char buf[4096] = {0};
-        if (f) { size_t n = fread(buf, 1, sizeof buf - 1, f); buf[n] = 0; fclose(f); }
+        char *buf = (char *)tf_read_all(p, NULL);
+        if (!buf) buf = calloc(1, 1);
         CHECK(strstr(buf, "\"quant_method\": \"bitsandbytes\"") && strstr(buf, "\"bnb_4bit_quant_type\": \"nf4\"") &&
                   strstr(buf, "\"_class_name\": \"Toy\""),
               "config: %s", buf);
         CHECK(strstr(buf, "\"odd\""), "float linear weight listed in llm_int8_skip_modules: %s", buf);
+        free(buf);
     }
     CHECK(fluxq("dequantize model-nf4 model-back --device cpu") == 0, "folder dequantize: %s", g_out);
 
@@ -306,30 +307,14 @@ int main(void) {
             CHECK(fluxq(args) == 0, "%s: %s", args, g_out);
             snprintf(a, sizeof a, "%s/%s/diffusion_pytorch_model.safetensors", g_dir, k[i].out);
             snprintf(b, sizeof b, "%s/tests/fixtures/flux/flux/%s/diffusion_pytorch_model.safetensors", root, k[i].ref);
-            size_t na = 0, nb = 0;
-            char *da = NULL, *db = NULL;
-            FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-            if (fa && fb) {
-                fseek(fa, 0, SEEK_END), fseek(fb, 0, SEEK_END);
-                na = (size_t)ftell(fa), nb = (size_t)ftell(fb);
-                rewind(fa), rewind(fb);
-                da = malloc(na + 1), db = malloc(nb + 1);
-                if (da && db && (fread(da, 1, na, fa) != na || fread(db, 1, nb, fb) != nb)) na = nb + 1;
-            }
-            CHECK(da && db && na == nb && memcmp(da, db, na) == 0, "%s: weights byte-identical to diffusers' %s",
-                  k[i].out, k[i].ref);
-            if (fa) fclose(fa);
-            if (fb) fclose(fb);
-            free(da);
-            free(db);
+            CHECK(tf_same_bytes(a, b), "%s: weights byte-identical to diffusers' %s", k[i].out, k[i].ref);
             /* the quantization_config is the one diffusers wrote */
             snprintf(a, sizeof a, "%s/%s/config.json", g_dir, k[i].out);
             snprintf(b, sizeof b, "%s/tests/fixtures/flux/flux/%s/config.json", root, k[i].ref);
-            char ta[8192] = {0}, tb[8192] = {0};
-            fa = fopen(a, "rb"), fb = fopen(b, "rb");
-            if (fa) { if (fread(ta, 1, sizeof ta - 1, fa) == 0) ta[0] = 0; fclose(fa); }
-            if (fb) { if (fread(tb, 1, sizeof tb - 1, fb) == 0) tb[0] = 0; fclose(fb); }
-            cJSON *ja = cJSON_Parse(ta), *jb = cJSON_Parse(tb);
+            char *ta = (char *)tf_read_all(a, NULL), *tb = (char *)tf_read_all(b, NULL);
+            cJSON *ja = ta ? cJSON_Parse(ta) : NULL, *jb = tb ? cJSON_Parse(tb) : NULL;
+            free(ta);
+            free(tb);
             CHECK(ja && jb && cJSON_Compare(cJSON_GetObjectItem(ja, "quantization_config"),
                                             cJSON_GetObjectItem(jb, "quantization_config"), 1),
                   "%s: quantization_config as diffusers wrote it", k[i].out);

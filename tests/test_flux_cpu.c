@@ -4,6 +4,7 @@
  * bf16 CUDA outputs, the BFL single-file layout vs the diffusers folder, and
  * broken checkpoints (built at test time in a temporary folder). */
 #include "check.h"
+#include "support/files.h"
 #include "core/core.h"
 #include "core/qtensor.h"
 #include "io/safetensors.h"
@@ -438,19 +439,6 @@ static void write_text(const char *path, const char *text) {
     if (f) { fputs(text, f); fclose(f); }
 }
 
-static char *read_text(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    size_t got = fread(s, 1, (size_t)n, f);
-    s[got] = 0;
-    fclose(f);
-    return s;
-}
-
 /* Replaces the first occurrence of `from` in s with `to` (returns a new string). */
 static char *replace(const char *s, const char *from, const char *to) {
     const char *p = strstr(s, from);
@@ -524,7 +512,7 @@ static int write_model(fq_ctx *ctx, const char *dir, edit_kind kind, const char 
     }
     for (int s = 0; s < shards; s++) fq_st_writer_free(w[s]);
     fq_st_set_close(src);
-    char *cfg = read_text(FIX "/flux/model_fp32/config.json");
+    char *cfg = (char *)tf_read_all(FIX "/flux/model_fp32/config.json", NULL);
     snprintf(p, sizeof p, "%s/config.json", dir);
     if (cfg) write_text(p, cfg);
     free(cfg);
@@ -558,7 +546,7 @@ static void expect_fail(fq_ctx *ctx, const char *what, const char *dir, fq_statu
 static void set_config(const char *dir, const char *from, const char *to) {
     char p[512];
     snprintf(p, sizeof p, "%s/config.json", dir);
-    char *c = read_text(p), *r = replace(c, from, to);
+    char *c = (char *)tf_read_all(p, NULL), *r = replace(c, from, to);
     write_text(p, r);
     free(c);
     free(r);

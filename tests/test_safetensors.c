@@ -1,6 +1,7 @@
 /* safetensors: header validation against corrupt/lying files, sharded sets,
  * the writer (every dtype, the reference byte layout, failed commits). */
 #include "check.h"
+#include "support/files.h"
 #include "core/core.h"
 #include "io/safetensors.h"
 
@@ -42,18 +43,6 @@ static void write_st(const char *path, uint64_t hlen_field, const char *hdr, siz
 
 static void write_st_hdr(const char *path, const char *hdr, size_t dlen) {
     write_st(path, strlen(hdr), hdr, dlen);
-}
-
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc((size_t)sz + 1);
-    *n = fread(b, 1, (size_t)sz, f);
-    fclose(f);
-    return b;
 }
 
 static int exists(const char *p) {
@@ -315,7 +304,7 @@ static void test_writer_roundtrip(fq_ctx *ctx) {
     fq_st_writer_free(w);
 
     size_t n = 0;
-    unsigned char *raw = read_all(p, &n);
+    unsigned char *raw = tf_read_all(p, &n);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0 && raw; i--) hlen = (hlen << 8) | raw[i];
     CHECK(raw && hlen % 8 == 0 && 8 + hlen <= n, "header padded to a multiple of 8: %llu", (unsigned long long)hlen);
@@ -371,7 +360,7 @@ static void test_writer_matches_reference(fq_ctx *ctx, const char *src) {
     fq_st_writer_free(w);
     fq_st_close(f);
     size_t na = 0, nb = 0;
-    unsigned char *a = read_all(src, &na), *b = read_all(p, &nb);
+    unsigned char *a = tf_read_all(src, &na), *b = tf_read_all(p, &nb);
     CHECK(a && b && na == nb && !memcmp(a, b, na), "%s rewritten byte-identical (%zu vs %zu bytes)", src, na, nb);
     free(a);
     free(b);
@@ -400,7 +389,7 @@ static void test_failed_commits(fq_ctx *ctx) {
     fq_st_writer_test_fail(w, 3);
     CHECK(fq_st_writer_commit(ctx, w, p) == FQ_ERR_IO, "rename fails");
     size_t n = 0;
-    unsigned char *b = read_all(p, &n);
+    unsigned char *b = tf_read_all(p, &n);
     CHECK(b && n == 4 && !memcmp(b, "keep", 4) && count_temp_files() == 0, "old file kept");
     free(b);
     /* A stale temp file of the same pid does not block a commit. */
