@@ -4,6 +4,7 @@
 #   make SAN=1 test      the same under AddressSanitizer + UBSan (build-san/)
 #   make CUDA=0          force a CPU-only build
 #   make CUDA_ARCHS="90" choose the real architectures (default 80 86 89 90)
+#   make CUDNN=0         CUDA without cuDNN (found by its header otherwise)
 
 SAN        ?= 0
 BUILD      ?= $(if $(filter 1,$(SAN)),build-san,build)
@@ -41,6 +42,13 @@ ifeq ($(CUDA),1)
   LDLIBS  += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static -ldl -lrt -Wl,-rpath,$(CUDA_HOME)/lib64
   # nvcc's kernel launch stubs use guarded statics and EH personality (libstdc++).
   LDLIBS  += -lstdc++
+  # cuDNN (fused attention, src/ops/attn_cudnn.c) whenever its header is found;
+  # CUDNN=0 builds without it (our attention kernel only).
+  CUDNN ?= $(if $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h /usr/include/*-linux-gnu/cudnn.h),1,0)
+  ifeq ($(CUDNN),1)
+    CFLAGS += -DFQ_HAVE_CUDNN
+    LDLIBS += -lcudnn
+  endif
 endif
 
 OBJ := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_S:%.S=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.o)

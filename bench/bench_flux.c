@@ -13,8 +13,10 @@
  *    library's allocator on the device and the driver's view (cudaMemGetInfo);
  *  - with --profile: the share of the step in linears / attention / the rest
  *    (a CUDA event after each op, one extra forward);
- *  - baselines measured in the same run: the attention kernel alone at the
- *    step's token count (24 heads, d 128 for FLUX.1), and a dense bf16 linear
+ *  - baselines measured in the same run: the attention op alone (24 heads,
+ *    d 128 for FLUX.1) at 4608, 4096 and 512 tokens (and the step's count), with
+ *    cuDNN's fused kernel (what the forward runs when the build has cuDNN) and
+ *    with our tensor-core kernel, and a dense bf16 linear
  *    op (cuBLASLt with the op's conversions) of the size of a q projection.
  *
  * Usage: bench_flux [--config dev|schnell|PATH] [--random-weights | --model PATH]
@@ -170,9 +172,11 @@ static double time_attention(fq_ctx *ctx, fq_device dev, int64_t S, int64_t H, i
     fq_tensor *q = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 11, 3.0f, 0.0f, rnd), act, rnd);
     fq_tensor *k = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 12, 1.0f, 0.0f, rnd), act, rnd);
     fq_tensor *v = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 13, 1.0f, 0.0f, rnd), act, rnd), *o = NULL, *scr = NULL;
-    int64_t ss[1] = {fq_nn_attention_scratch(dev, 1, S, H, dh, rnd)};
-    if (ss[0] < 1) ss[0] = 1;
+    int64_t ss[1] = {fq_nn_attention_scratch(dev, 1, S, H, dh, rnd)}, sp = 0;
     if (!q || !k || !v) goto out;
+    BTRY("attention plan", fq_nn_attention_plan(ctx, dev, 1, S, H, dh, rnd, act, impl, &sp)); /* cuDNN: built here */
+    if (sp > ss[0]) ss[0] = sp;
+    if (ss[0] < 1) ss[0] = 1;
     BTRY("attention buffers", fq_tensor_create(ctx, dev, act, 3, sh, &o));
     BTRY("attention scratch", fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &scr));
     for (int i = 0; i < 2; i++) BTRY("attention", fq_nn_attention_impl(ctx, q, k, v, H, o, scr, rnd, impl));
@@ -377,11 +381,18 @@ int fq_bench_flux(int argc, char **argv) {
         const int64_t S0 = 4608;
         fq_flux_plan_free(plan); /* make room */
         plan = NULL;
-        double a0 = time_attention(ctx, dev, S0, 24, 128, cd, FQ_NN_ATTN_AUTO, 10);
-        if (a0 > 0)
-            printf("attention kernel, %lld tokens, 24 heads, d 128, %s (%s storage): %.3f ms, %.1f TFLOP/s\n",
-                   (long long)S0, fq_dtype_name(cd), fq_dtype_name(fq_nn_act_dtype(dev, cd)), a0,
-                   4.0 * S0 * S0 * 128 * 24 / (a0 * 1e9));
+        /* cuDNN's fused kernel and ours on the same inputs, one after the other */
+        const int64_t sizes[3] = {S0, 4096, 512};
+        for (int si = 0; si < 3; si++) {
+            const int64_t Sa = sizes[si];
+            const double fl = 4.0 * Sa * Sa * 128 * 24;
+            double ac = time_attention(ctx, dev, Sa, 24, 128, cd, FQ_NN_ATTN_CUDNN, 20);
+            double am = time_attention(ctx, dev, Sa, 24, 128, cd, FQ_NN_ATTN_MMA, 20);
+            printf("attention op, %lld tokens, 24 heads, d 128, %s (%s storage): cuDNN fused %.3f ms = %.1f TFLOP/s;"
+                   " ours (mma) %.3f ms = %.1f TFLOP/s\n",
+                   (long long)Sa, fq_dtype_name(cd), fq_dtype_name(fq_nn_act_dtype(dev, cd)), ac,
+                   ac > 0 ? fl / (ac * 1e9) : 0.0, am, am > 0 ? fl / (am * 1e9) : 0.0);
+        }
         double a0b = time_attention(ctx, dev, S0, 24, 128, cd, FQ_NN_ATTN_MMA1, 10);
         if (a0b > 0)
             printf("  the same with one query m-tile per warp (the earlier kernel): %.3f ms, %.1f TFLOP/s\n", a0b,

@@ -1181,7 +1181,8 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
     CHECK_OK(ctx, fq_nn_rope(ctx, xb, cs, sn, H, R));
     same16(ctx, "rope", xf, xb);
     CHECK_OK(ctx, fq_nn_attention(ctx, xf, yf, af, H, af, sf, R));
-    CHECK_OK(ctx, fq_nn_attention(ctx, xb, yb, ab, H, ab, sb, R));
+    /* our kernel both times: AUTO takes cuDNN for bf16 storage (tests/test_cuda_attention.c) */
+    CHECK_OK(ctx, fq_nn_attention_impl(ctx, xb, yb, ab, H, ab, sb, R, FQ_NN_ATTN_MMA));
     same16(ctx, "attention", af, ab);
     /* a linear: f32 in/out, bf16 in/out, bf16 in and f32 out */
     CHECK_OK(ctx, fq_nn_linear(ctx, af, w, bias, of, sf, R));
@@ -1230,7 +1231,7 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
         CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_BF16, 3, s2, &o2b));
         if (q2b && k2b && v2b && o2 && o2b) {
             CHECK_OK(ctx, fq_nn_attention(ctx, q2, k2, v2, H, o2, sf, R));
-            CHECK_OK(ctx, fq_nn_attention(ctx, q2b, k2b, v2b, H, o2b, NULL, R));
+            CHECK_OK(ctx, fq_nn_attention_impl(ctx, q2b, k2b, v2b, H, o2b, NULL, R, FQ_NN_ATTN_MMA));
             same16(ctx, "attention, read in place", o2, o2b);
             /* the one-m-tile kernel gives the same bits as the two-m-tile one */
             CHECK_OK(ctx, fq_nn_attention_impl(ctx, q2b, k2b, v2b, H, o2b, NULL, R, FQ_NN_ATTN_MMA1));

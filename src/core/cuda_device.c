@@ -92,6 +92,7 @@ void fq_cuda_dev_release_all(fq_ctx *ctx) {
         fq_cuda_guard g;
         if (fq_cuda_guard_enter(NULL, i, &g) == FQ_OK) {
             (void)cudaStreamSynchronize(d->stream);
+            if (d->cudnn_release) d->cudnn_release(d);
             fq_buf_free(&d->lin_scratch);
             fq_buf_free(&d->lin_workspace);
             if (d->blaslt) (void)cublasLtDestroy(d->blaslt);

@@ -59,6 +59,12 @@ typedef struct fq_cuda_dev {
     fq_cuda_nn_algo nn_algo[32];    /* cuBLASLt choices for the dense GEMMs, round robin */
     int nn_algo_next;
     struct fq_nn_prof *nn_prof;     /* op timing (benchmarks); NULL when off         */
+    /* cuDNN (src/ops/attn_cudnn.c, builds with FQ_HAVE_CUDNN): the handle, bound to
+     * `stream`, and the fused-attention plans, created on first use (a plan's
+     * fq_nn_attention_plan); freed by cudnn_release, which release_all calls. */
+    void *cudnn;                    /* cudnnHandle_t                                 */
+    struct fq_attn_cudnn_cache *attn_cudnn;
+    void (*cudnn_release)(struct fq_cuda_dev *d);
 } fq_cuda_dev;
 
 /* Returns the state of cuda:device (creating it), with the guard NOT left entered. */

@@ -116,6 +116,10 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
                       (long long)batch, (long long)txt_tokens, (long long)img_tokens);
     /* whatever the ops need on the device is created now, not during a forward */
     FQ_TRY(fq_nn_prepare(ctx, m->device));
+    int64_t att_scratch = 0; /* attention's plan (cuDNN) is built here too */
+    FQ_TRY(fq_nn_attention_plan(ctx, m->device, batch, txt_tokens + img_tokens, m->cfg.num_attention_heads,
+                                m->cfg.attention_head_dim, m->compute_dtype,
+                                fq_nn_act_dtype(m->device, m->compute_dtype), FQ_NN_ATTN_AUTO, &att_scratch));
     fq_flux_plan *p = calloc(1, sizeof *p);
     if (!p) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux_plan: out of host memory");
     const fq_flux_config *c = &m->cfg;
@@ -145,10 +149,7 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     for (int id = B_Q; id <= B_NX; id++) set_shape(p, id, 3, B, S, D);
     set_shape(p, B_MLP, 3, B, S, F);
     set_shape(p, B_CAT, 3, B, S, D + F);
-    set_shape(p, B_ATT, 1,
-              fq_nn_attention_scratch_io(m->device, B, S, c->num_attention_heads, c->attention_head_dim,
-                                         m->compute_dtype, fq_nn_act_dtype(m->device, m->compute_dtype)),
-              0, 0);
+    set_shape(p, B_ATT, 1, att_scratch, 0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
     set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
     size_t off = 0;

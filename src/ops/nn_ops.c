@@ -585,6 +585,19 @@ int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t
     return fq_nn_attention_scratch_impl(dev, batch, s, heads, dh, rnd, FQ_NN_ATTN_AUTO);
 }
 
+fq_status fq_nn_attention_plan(fq_ctx *ctx, fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                               fq_dtype rnd, fq_dtype xt, int impl, int64_t *scratch) {
+    FQ_TRY(fq_device_check(ctx, dev));
+    if (batch < 1 || s < 1 || heads < 1 || dh < 1 || impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_CUDNN)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention_plan: bad sizes or implementation %d", impl);
+    *scratch = attention_scratch(dev, batch, s, heads, dh, rnd, impl, xt);
+#ifdef FQ_HAVE_CUDA
+    if (dev.type == FQ_DEVICE_CUDA)
+        return fq_nncu_attention_plan(ctx, dev.index, batch, s, heads, dh, rnd, xt, impl, scratch);
+#endif
+    return FQ_OK;
+}
+
 fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                           int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd) {
     return fq_nn_attention_impl(ctx, q, k, v, heads, out, scratch, rnd, FQ_NN_ATTN_AUTO);
@@ -605,16 +618,18 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
     FQ_TRY(same_shape(ctx, op, "out", out, q));
     const fq_device dev = out->buf.dev;
     const int64_t B = q->shape[0], S = q->shape[1], dh = q->shape[2] / heads;
-    if (impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_MMA1)
+    if (impl < FQ_NN_ATTN_AUTO || impl > FQ_NN_ATTN_CUDNN)
         return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: unknown implementation %d", op, impl);
 #ifdef FQ_HAVE_CUDA
     if (dev.type == FQ_DEVICE_CUDA && !fq_nncu_attention_supported(dh, rnd, impl))
         return fq_err(ctx, FQ_ERR_UNSUPPORTED,
                       "%s: head dim %lld with %s rounding is not supported on CUDA by the %s kernel "
-                      "(tensor cores: bf16/f16, head dim <= %d; f32 kernel: head dim <= %d)",
+                      "(tensor cores: bf16/f16, head dim <= %d; f32 kernel: head dim <= %d; cuDNN: "
+                      "bf16/f16, head dim a multiple of 8 <= 256, builds with cuDNN)",
                       op, (long long)dh, fq_dtype_name(rnd),
                       impl == FQ_NN_ATTN_MMA || impl == FQ_NN_ATTN_MMA1 ? "tensor-core"
                       : impl == FQ_NN_ATTN_SIMT                          ? "f32"
+                      : impl == FQ_NN_ATTN_CUDNN                         ? "cuDNN"
                                                                          : "any",
                       FQ_ATTN_MMA_MAX_DH, FQ_ATTN_SIMT_MAX_DH);
     if (dev.type == FQ_DEVICE_CUDA && B * heads > 65535)

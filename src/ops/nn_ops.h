@@ -127,16 +127,27 @@ int64_t fq_nn_attention_scratch(fq_device dev, int64_t batch, int64_t s, int64_t
 int64_t fq_nn_attention_scratch_io(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd,
                                    fq_dtype xt);
 /* out = softmax(q·kᵀ/sqrt(dh))·v per batch and head; q, k, v, out: [B, S, H*dh].
- * CUDA: tensor cores (bf16/f16 rounding, head dim <= 128), else an f32 kernel
- * (head dim <= 512). */
+ * CUDA: cuDNN's fused flash attention when the library has cuDNN, q, k, v, out
+ * are stored in the compute dtype (bf16/f16) and the head dim is a multiple of
+ * 8 up to 256; else our tensor-core kernel (bf16/f16 rounding, head dim <= 128),
+ * else an f32 kernel (head dim <= 512). */
 fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                           int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd);
 
 /* Tests and benchmarks: attention with one CUDA implementation forced
- * (FQ_NN_ATTN_AUTO / _MMA / _SIMT, the values of fq_attn_impl in
- * kernels/cuda/nn_cuda.h); FQ_ERR_UNSUPPORTED if it cannot run the operands.
- * On the CPU the argument is ignored. */
-enum { FQ_NN_ATTN_AUTO = 0, FQ_NN_ATTN_MMA = 1, FQ_NN_ATTN_SIMT = 2, FQ_NN_ATTN_MMA1 = 3 };
+ * (FQ_NN_ATTN_AUTO / _MMA / _SIMT / _MMA1, the values of fq_attn_impl in
+ * kernels/cuda/nn_cuda.h; FQ_NN_ATTN_CUDNN: cuDNN's fused attention);
+ * FQ_ERR_UNSUPPORTED if it cannot run the operands. On the CPU the argument
+ * is ignored. */
+enum { FQ_NN_ATTN_AUTO = 0, FQ_NN_ATTN_MMA = 1, FQ_NN_ATTN_SIMT = 2, FQ_NN_ATTN_MMA1 = 3, FQ_NN_ATTN_CUDNN = 4 };
+/* Sets attention up on dev ahead of a forward and returns in *scratch the
+ * scratch floats fq_nn_attention_impl(..., impl) then needs for q, k, v of
+ * dtype xt: fq_nn_attention_scratch_io's, grown to hold cuDNN's workspace when
+ * the cuDNN path runs. CUDA with cuDNN: the fused-attention plan of these sizes
+ * is built now, so that the forward builds nothing. impl AUTO: sizes cuDNN has
+ * no plan for are no error (our kernel runs them); FQ_NN_ATTN_CUDNN: they are. */
+fq_status fq_nn_attention_plan(fq_ctx *ctx, fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                               fq_dtype rnd, fq_dtype xt, int impl, int64_t *scratch);
 int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
                                      fq_dtype rnd, int impl);
 fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,

@@ -22,6 +22,7 @@
 
 #include "core/cuda_device.h"
 #include "kernels/cuda/nn_cuda.h"
+#include "ops/attn_cudnn.h"
 #include "kernels/kernels.h"
 
 #include <cublasLt.h>
@@ -499,32 +500,78 @@ fq_status fq_nncu_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out)
 }
 
 int fq_nncu_attention_supported(int64_t dh, fq_dtype rnd, int impl) {
+    if (impl == FQ_NN_ATTN_CUDNN) return fq_attn_cudnn_available() && fq_attn_cudnn_shape_ok(dh, rnd, rnd);
     return fq_cuda_nn_attention_supported(dh, rnd, (fq_attn_impl)impl);
 }
 
+/* Our kernels' scratch; cuDNN's workspace is added by fq_nncu_attention_plan. */
 int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl,
                                   fq_dtype xt) {
+    if (impl == FQ_NN_ATTN_CUDNN) return 0;
     size_t b = fq_cuda_nn_attention_scratch_bytes(batch, s, heads, dh, rnd, (fq_attn_impl)impl, xt);
     return b ? (int64_t)((b + NN_ALIGN + 3) / 4) : 0;
+}
+
+/* Whether impl sends these operands to cuDNN (AUTO: whenever cuDNN takes them). */
+static int use_cudnn(int impl, int64_t dh, fq_dtype rnd, fq_dtype xt) {
+    return impl == FQ_NN_ATTN_CUDNN || (impl == FQ_NN_ATTN_AUTO && fq_attn_cudnn_available() &&
+                                        fq_attn_cudnn_shape_ok(dh, rnd, xt));
+}
+
+fq_status fq_nncu_attention_plan(fq_ctx *ctx, int device, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                 fq_dtype rnd, fq_dtype xt, int impl, int64_t *scratch) {
+    if (!use_cudnn(impl, dh, rnd, xt)) return FQ_OK;
+    if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_available())
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention_plan: this build has no cuDNN (cudnn.h was not found)");
+    if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_shape_ok(dh, rnd, xt))
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                      "attention_plan (cuDNN): needs bf16/f16 q, k, v stored as the compute dtype and a head dim "
+                      "that is a multiple of 8 <= 256 (got %s storage, %s compute, head dim %lld)",
+                      fq_dtype_name(xt), fq_dtype_name(rnd), (long long)dh);
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    int ok = 0;
+    size_t ws = 0;
+    FQ_TRY(fq_attn_cudnn_plan(ctx, d, rnd, batch, s, heads, dh, impl == FQ_NN_ATTN_CUDNN, &ok, &ws));
+    const int64_t need = ok && ws ? (int64_t)((ws + NN_ALIGN + 3) / 4) : 0;
+    if (need > *scratch) *scratch = need;
+    return FQ_OK;
 }
 
 fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v, int64_t heads,
                             fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl) {
     run_t r;
+    const int64_t dh = q->shape[2] / heads;
+    if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_shape_ok(dh, rnd, q->dtype))
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                      "attention (cuDNN): q, k, v, out must be stored as the compute dtype (bf16/f16); got %s "
+                      "storage with %s compute",
+                      fq_dtype_name(q->dtype), fq_dtype_name(rnd));
     FQ_TRY(begin(ctx, out->buf.dev, &r));
-    if (!(r.d->nn_prepared & NN_PREP_ATTENTION)) {
-        /* fq_nn_prepare does this ahead of a forward; a bare op call gets it here */
-        int e = fq_cuda_nn_attention_prepare();
-        if (e) return end(ctx, &r, e, "attention (cudaFuncSetAttribute)", FQ_NN_CLASS_ATTENTION);
-        r.d->nn_prepared |= NN_PREP_ATTENTION;
-    }
-    void *sp = NULL;
+    void *sp = NULL; /* the scratch, 256-byte aligned: our packed q, k, v or cuDNN's workspace */
     size_t sb = 0;
     if (scratch && scratch->buf.ptr) {
         uintptr_t a = ((uintptr_t)scratch->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1);
         size_t skip = a - (uintptr_t)scratch->buf.ptr, have = (size_t)scratch->numel * 4;
         sp = (void *)a;
         sb = have > skip ? have - skip : 0;
+    }
+    if (use_cudnn(impl, dh, rnd, q->dtype)) {
+        int ran = 0;
+        fq_status s = fq_attn_cudnn_run(ctx, r.d, rnd, q->shape[0], q->shape[1], heads, dh, q->buf.ptr, k->buf.ptr,
+                                        v->buf.ptr, out->buf.ptr, sp, sb, impl == FQ_NN_ATTN_CUDNN, &ran);
+        if (s != FQ_OK) {
+            fq_cuda_guard_exit(&r.g);
+            return s;
+        }
+        if (ran) return end(ctx, &r, 0, "attention", FQ_NN_CLASS_ATTENTION);
+        /* AUTO and no cuDNN plan for these sizes: our kernel */
+    }
+    if (!(r.d->nn_prepared & NN_PREP_ATTENTION)) {
+        /* fq_nn_prepare does this ahead of a forward; a bare op call gets it here */
+        int e = fq_cuda_nn_attention_prepare();
+        if (e) return end(ctx, &r, e, "attention (cudaFuncSetAttribute)", FQ_NN_CLASS_ATTENTION);
+        r.d->nn_prepared |= NN_PREP_ATTENTION;
     }
     int e = fq_cuda_nn_attention(q->buf.ptr, k->buf.ptr, v->buf.ptr, out->buf.ptr, q->dtype, q->shape[0], q->shape[1], heads, q->shape[2] / heads, sp,
                                  sb, rnd, (fq_attn_impl)impl, r.d->stream);

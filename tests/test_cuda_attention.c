@@ -1,0 +1,270 @@
+/* cuDNN's fused attention (FQ_NN_ATTN_CUDNN, what AUTO runs for bf16 storage)
+ * on every CUDA device, against a float64 reference and against our kernel.
+ *
+ * q, k, v and out are bf16 rows [B, S, H*dh] of one device buffer, as in a
+ * Flux plan's arena, read and written in place; out starts as NaN. The bar is
+ * derived from the rounding points the fused kernel shares with ours: per
+ * element i, |err_i| <= u (|o_i| + sum_j p_ij |v_j|) to first order, u = 2^-8
+ * (bf16): the output rounded once, and the probabilities rounded to bf16
+ * before P·V (everything else is f32, ~2^-24 relative). The test holds the
+ * normwise error under the norm of that bound, and cuDNN within twice it of our
+ * kernel; AUTO gives cuDNN's bits; a second run gives the same bits.
+ *
+ * Skips without a GPU or in a build without cuDNN. */
+#include "check.h"
+#include "core/core.h"
+#include "kernels/cpu/nn_cpu.h"
+#include "ops/nn_ops.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* out[i] = softmax(q·kᵀ/sqrt(dh))·v in float64; bnd[i] = sum_j p_ij |v_j|. */
+static void ref64(const float *q, const float *k, const float *v, double *out, double *bnd, int64_t B, int64_t S,
+                  int64_t H, int64_t dh) {
+    const int64_t ld = H * dh;
+    double *p = malloc(sizeof(double) * (size_t)S);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t i = 0; i < S; i++) {
+                const float *qi = q + (b * S + i) * ld + h * dh;
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j < S; j++) {
+                    const float *kj = k + (b * S + j) * ld + h * dh;
+                    double d = 0;
+                    for (int64_t e = 0; e < dh; e++) d += (double)qi[e] * kj[e];
+                    p[j] = d / sqrt((double)dh);
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                for (int64_t j = 0; j < S; j++) sum += (p[j] = exp(p[j] - mx));
+                for (int64_t j = 0; j < S; j++) p[j] /= sum;
+                for (int64_t e = 0; e < dh; e++) {
+                    double acc = 0, abs_acc = 0;
+                    for (int64_t j = 0; j < S; j++) {
+                        const double vj = v[(b * S + j) * ld + h * dh + e];
+                        acc += p[j] * vj;
+                        abs_acc += p[j] * fabs(vj);
+                    }
+                    out[(b * S + i) * ld + h * dh + e] = acc;
+                    bnd[(b * S + i) * ld + h * dh + e] = abs_acc;
+                }
+            }
+    free(p);
+}
+
+static double rel_l2(const float *a, const double *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double rel_l2_ff(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int all_finite(const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(a[i])) return 0;
+    return 1;
+}
+
+/* Deterministic uniform values in [-scale, scale), rounded to bf16. */
+static void fill(float *x, int64_t n, uint64_t seed, float scale) {
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 12345;
+    for (int64_t i = 0; i < n; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        x[i] = (float)((double)(s >> 11) / 9007199254740992.0 * 2.0 - 1.0) * scale;
+    }
+    fq_cpu_round(x, n, FQ_BF16);
+}
+
+static uint16_t bf16_bits(float f) { /* f is bf16-valued: its upper half */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
+}
+
+/* A view's values on the host as f32 (NULL on failure, reported). */
+static float *fetch(fq_ctx *ctx, const fq_tensor *t) {
+    const int64_t n = t->numel;
+    uint16_t *raw = malloc((size_t)n * 2);
+    float *f = malloc((size_t)n * 4);
+    fq_status s = raw && f ? fq_tensor_to_host(ctx, t, raw) : FQ_ERR_OUT_OF_MEMORY;
+    CHECK(s == FQ_OK, "copy to host: %s", fq_ctx_error(ctx));
+    if (s == FQ_OK) fq_cpu_to_f32(raw, FQ_BF16, n, f);
+    free(raw);
+    if (s != FQ_OK) {
+        free(f);
+        return NULL;
+    }
+    return f;
+}
+
+typedef struct {
+    int64_t B, S, H, dh;
+    int edge; /* cuDNN may have no plan for it: then reported, not failed */
+} acase;
+
+static void run_case(fq_ctx *ctx, fq_device dev, const acase *c, uint64_t seed) {
+    const int64_t n = c->B * c->S * c->H * c->dh;
+    const size_t seg = ((size_t)n * 2 + 255) & ~(size_t)255; /* 256-byte aligned views, as a plan's */
+    const int64_t sh[3] = {c->B, c->S, c->H * c->dh};
+    float *hq = malloc((size_t)n * 4), *hk = malloc((size_t)n * 4), *hv = malloc((size_t)n * 4);
+    double *ref = malloc((size_t)n * 8), *bnd = malloc((size_t)n * 8);
+    uint16_t *arena_h = malloc(5 * seg);
+    fq_tensor *arena = NULL, *scr = NULL;
+    float *oc = NULL, *oc2 = NULL, *om = NULL, *oa = NULL;
+    if (!hq || !hk || !hv || !ref || !bnd || !arena_h) goto done;
+    fill(hq, n, seed, 3.0f);
+    fill(hk, n, seed + 1, 1.0f);
+    fill(hv, n, seed + 2, 1.0f);
+    memset(arena_h, 0xff, 5 * seg); /* bf16 0xffff: NaN in every output slot */
+    for (int64_t i = 0; i < n; i++) {
+        arena_h[i] = bf16_bits(hq[i]);
+        arena_h[seg / 2 + i] = bf16_bits(hk[i]);
+        arena_h[seg + i] = bf16_bits(hv[i]);
+    }
+    int64_t an[1] = {(int64_t)(5 * seg / 2)};
+    CHECK_OK(ctx, fq_tensor_from_host(ctx, dev, FQ_BF16, 1, an, arena_h, &arena));
+    if (!arena) goto done;
+    fq_tensor q = fq_nn_view(&arena->buf, 0, FQ_BF16, 3, sh, "q"), k = fq_nn_view(&arena->buf, seg, FQ_BF16, 3, sh, "k");
+    fq_tensor v = fq_nn_view(&arena->buf, 2 * seg, FQ_BF16, 3, sh, "v");
+    fq_tensor o1 = fq_nn_view(&arena->buf, 3 * seg, FQ_BF16, 3, sh, "o_cudnn");
+    fq_tensor o2 = fq_nn_view(&arena->buf, 4 * seg, FQ_BF16, 3, sh, "o_ours");
+
+    /* the plan ahead, as a Flux plan does; its workspace is scratch */
+    int64_t ns = 0, na = 0, nm = fq_nn_attention_scratch_impl(dev, c->B, c->S, c->H, c->dh, FQ_BF16, FQ_NN_ATTN_MMA);
+    fq_status ps = fq_nn_attention_plan(ctx, dev, c->B, c->S, c->H, c->dh, FQ_BF16, FQ_BF16, FQ_NN_ATTN_CUDNN, &ns);
+    if (ps == FQ_ERR_UNSUPPORTED && c->edge) {
+        printf("  B%lld S%-4lld H%lld dh%-3lld: cuDNN has no plan (%s)\n", (long long)c->B, (long long)c->S,
+               (long long)c->H, (long long)c->dh, fq_ctx_error(ctx));
+        goto done;
+    }
+    CHECK(ps == FQ_OK, "cuDNN plan B%lld S%lld H%lld dh%lld: %s", (long long)c->B, (long long)c->S, (long long)c->H,
+          (long long)c->dh, fq_ctx_error(ctx));
+    CHECK_OK(ctx, fq_nn_attention_plan(ctx, dev, c->B, c->S, c->H, c->dh, FQ_BF16, FQ_BF16, FQ_NN_ATTN_AUTO, &na));
+    CHECK(na >= ns, "AUTO's scratch (%lld floats) holds cuDNN's workspace (%lld)", (long long)na, (long long)ns);
+    if (c->dh > 128) nm = 0; /* our tensor-core kernel does not run it */
+    int64_t ss[1] = {1 + (ns > nm ? ns : nm)};
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &scr));
+    CHECK_OK(ctx, fq_nn_attention_impl(ctx, &q, &k, &v, c->H, &o1, scr, FQ_BF16, FQ_NN_ATTN_CUDNN));
+    oc = fetch(ctx, &o1);
+    /* our kernel on the same rows (head dim <= 128) */
+    const int ours = c->dh <= 128;
+    if (ours) {
+        CHECK_OK(ctx, fq_nn_attention_impl(ctx, &q, &k, &v, c->H, &o2, scr, FQ_BF16, FQ_NN_ATTN_MMA));
+        om = fetch(ctx, &o2);
+    }
+    /* AUTO: cuDNN's bits; and cuDNN again: the same bits */
+    CHECK_OK(ctx, fq_nn_attention(ctx, &q, &k, &v, c->H, &o2, scr, FQ_BF16));
+    oa = fetch(ctx, &o2);
+    CHECK_OK(ctx, fq_nn_attention_impl(ctx, &q, &k, &v, c->H, &o1, scr, FQ_BF16, FQ_NN_ATTN_CUDNN));
+    oc2 = fetch(ctx, &o1);
+    if (!oc || !oa || !oc2 || (ours && !om)) goto done;
+
+    ref64(hq, hk, hv, ref, bnd, c->B, c->S, c->H, c->dh);
+    const double u = 1.0 / 256; /* bf16 unit roundoff */
+    double bn = 0, rn = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double b = u * (fabs(ref[i]) + bnd[i]);
+        bn += b * b;
+        rn += ref[i] * ref[i];
+    }
+    const double bar = 1.05 * sqrt(bn / rn);
+    const double e_c = rel_l2(oc, ref, n), e_m = ours ? rel_l2(om, ref, n) : -1, e_cm = ours ? rel_l2_ff(oc, om, n) : -1;
+    printf("  B%lld S%-4lld H%lld dh%-3lld: vs f64: cuDNN %.3g, ours %.3g (bar %.3g); cuDNN vs ours %.3g\n",
+           (long long)c->B, (long long)c->S, (long long)c->H, (long long)c->dh, e_c, e_m, bar, e_cm);
+    CHECK(all_finite(oc, n), "cuDNN output finite (the NaN poison overwritten)");
+    CHECK(e_c <= bar, "cuDNN attention rel L2 %.3g to float64 > bar %.3g", e_c, bar);
+    if (ours) {
+        CHECK(e_m <= bar, "our attention rel L2 %.3g to float64 > bar %.3g", e_m, bar);
+        CHECK(e_cm <= 2 * bar, "cuDNN vs our kernel: rel L2 %.3g > %.3g", e_cm, 2 * bar);
+    }
+    CHECK(!memcmp(oa, oc, (size_t)n * 4), "AUTO with bf16 storage runs cuDNN (the same bits)");
+    CHECK(!memcmp(oc2, oc, (size_t)n * 4), "cuDNN attention: two runs give the same bits");
+done:
+    free(hq), free(hk), free(hv), free(ref), free(bnd), free(arena_h);
+    free(oc), free(oc2), free(om), free(oa);
+    fq_tensor_free(arena);
+    fq_tensor_free(scr);
+}
+
+static void test_device(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("cuDNN attention on %s, bf16 rows read in place:\n", fq_device_name(dev, dn, sizeof dn));
+    /* refused where cuDNN cannot run: f32 storage and head dims it lacks */
+    int64_t sh[3] = {1, 8, 128};
+    fq_tensor *x = NULL, *y = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 3, sh, &x));
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 3, sh, &y));
+    if (x && y) {
+        fq_status s = fq_nn_attention_impl(ctx, x, x, x, 1, y, NULL, FQ_BF16, FQ_NN_ATTN_CUDNN);
+        CHECK(s == FQ_ERR_UNSUPPORTED && strstr(fq_ctx_error(ctx), "cuDNN"), "f32 storage: %s", fq_ctx_error(ctx));
+        s = fq_nn_attention_impl(ctx, x, x, x, 1, y, NULL, FQ_F32, FQ_NN_ATTN_CUDNN);
+        CHECK(s == FQ_ERR_UNSUPPORTED, "f32 compute: %s", fq_ctx_error(ctx));
+    }
+    fq_tensor_free(x);
+    fq_tensor_free(y);
+    /* out over v: refused by cuDNN (other CTAs still read v), AUTO runs our kernel */
+    int64_t sb[3] = {1, 70, 256};
+    fq_tensor *a = NULL, *b = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_BF16, 3, sb, &a));
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_BF16, 3, sb, &b));
+    if (a && b) {
+        CHECK_OK(ctx, fq_nn_random(ctx, a, 5, 1.0f, 0.0f));
+        CHECK_OK(ctx, fq_nn_random(ctx, b, 6, 1.0f, 0.0f));
+        int64_t nsc[1] = {fq_nn_attention_scratch_io(dev, 1, 70, 2, 128, FQ_BF16, FQ_BF16) + 1};
+        fq_tensor *sc = NULL;
+        CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 1, nsc, &sc));
+        fq_status s = fq_nn_attention_impl(ctx, a, a, b, 2, b, sc, FQ_BF16, FQ_NN_ATTN_CUDNN);
+        CHECK(s == FQ_ERR_INVALID_ARG && strstr(fq_ctx_error(ctx), "overlaps"), "out = v with cuDNN: %s",
+              fq_ctx_error(ctx));
+        CHECK_OK(ctx, fq_nn_attention(ctx, a, a, b, 2, b, sc, FQ_BF16));
+        CHECK_OK(ctx, fq_nn_sync(ctx, dev));
+        fq_tensor_free(sc);
+    }
+    fq_tensor_free(a);
+    fq_tensor_free(b);
+    int64_t ns = 0;
+    fq_status s = fq_nn_attention_plan(ctx, dev, 1, 8, 1, 20, FQ_BF16, FQ_BF16, FQ_NN_ATTN_CUDNN, &ns);
+    CHECK(s == FQ_ERR_UNSUPPORTED, "head dim 20 with cuDNN: %s", fq_ctx_error(ctx));
+    CHECK_OK(ctx, fq_nn_attention_plan(ctx, dev, 1, 8, 1, 20, FQ_BF16, FQ_BF16, FQ_NN_ATTN_AUTO, &ns));
+
+    /* S not a multiple of 64 or 128, batch 2, one token, FLUX's head dim and others */
+    const acase cases[] = {{2, 333, 3, 128, 0}, {1, 1000, 2, 128, 0}, {2, 77, 4, 64, 0},
+                           {2, 600, 1, 128, 0},  {1, 1, 2, 128, 1},    {1, 130, 2, 256, 1}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(ctx, dev, &cases[i], 7100 + 10 * i);
+}
+
+int main(void) {
+    fq_ctx *ctx;
+    if (fq_ctx_create(&ctx) != FQ_OK) return 1;
+    const int ndev = fq_has_cuda() ? fq_cuda_device_count() : 0;
+    if (ndev == 0) {
+        SKIP("no CUDA device (%s): cuDNN attention not tested", fq_has_cuda() ? "none visible" : "CPU-only build");
+    } else {
+        int64_t ns = 0;
+        fq_status s = fq_nn_attention_plan(ctx, FQ_CUDA(0), 1, 128, 1, 128, FQ_BF16, FQ_BF16, FQ_NN_ATTN_CUDNN, &ns);
+        if (s == FQ_ERR_UNSUPPORTED && strstr(fq_ctx_error(ctx), "no cuDNN")) {
+            SKIP("this build has no cuDNN: %s", fq_ctx_error(ctx));
+        } else {
+            CHECK_OK(ctx, s);
+            for (int d = 0; d < ndev; d++) test_device(ctx, FQ_CUDA(d));
+        }
+    }
+    fq_ctx_free(ctx);
+    return check_summary("test_cuda_attention");
+}
