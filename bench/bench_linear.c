@@ -25,7 +25,8 @@
  *
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
- *                     [--no-rotate] [--sweep] [--quick]
+ *                     [--no-rotate] [--sweep] [--quick] [--variants impl:cfg,...]
+ * (--variants: sweep only these selections, e.g. gemv4_bulk:0x1,gemv4_tc:0)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -467,6 +468,31 @@ static int target_for(int64_t m, double ratio, double w_copy) {
     return -1;
 }
 
+/* --variants impl:cfg,...: sweep only these selections (e.g. gemv4_bulk:0x1,gemv4_tc:0). */
+static struct { int impl, cfg; } g_variants[32];
+static int g_nvariants;
+
+static int parse_variants(const char *s) {
+    g_nvariants = 0;
+    while (*s && g_nvariants < 32) {
+        const char *colon = strchr(s, ':');
+        if (!colon) return -1;
+        int impl = -1;
+        for (int i = FQ_LIN4_GEMV_SIMPLE; i < FQ_LIN4_COUNT; i++) {
+            const char *nm = fq_lin4_impl_name((fq_lin4_impl)i);
+            if (strlen(nm) == (size_t)(colon - s) && !strncmp(nm, s, (size_t)(colon - s))) impl = i;
+        }
+        char *end;
+        const long cfg = strtol(colon + 1, &end, 0);
+        if (impl < 0 || end == colon + 1 || cfg < 0 || cfg > 255 || (*end && *end != ',')) return -1;
+        g_variants[g_nvariants].impl = impl;
+        g_variants[g_nvariants].cfg = (int)cfg;
+        g_nvariants++;
+        s = *end ? end + 1 : end;
+    }
+    return g_nvariants;
+}
+
 /* Every implementation x configuration that can run the case, for tuning. */
 static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
                        int64_t k) {
@@ -486,8 +512,16 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
         if (impl == FQ_LIN4_GEMM_WGMMA)
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
                 for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
+        if (g_nvariants) { /* only the listed selections */
+            nc = 0;
+            for (int v = 0; v < g_nvariants; v++)
+                if (g_variants[v].impl == impl) cfgs[nc++] = g_variants[v].cfg;
+            if (!nc) continue;
+        }
         if (!fq_linear4_cuda_can_run(g->ctx, (fq_lin4_impl)impl, oa->x, oa->w[0], oa->y)) continue;
-        if (m <= 16 && impl != FQ_LIN4_GEMV_TC && impl != FQ_LIN4_GEMV_STREAM) continue; /* small M: GEMVs only */
+        if (m <= 16 && impl != FQ_LIN4_GEMV_TC && impl != FQ_LIN4_GEMV_STREAM && impl != FQ_LIN4_GEMV_BULK &&
+            !g_nvariants)
+            continue; /* small M: GEMVs only */
         if (impl == FQ_LIN4_GEMV_SIMPLE && m * n * k > ((int64_t)1 << 33)) continue; /* too slow to matter */
         for (int c = 0; c < nc; c++) {
             oa->sel = FQ_LIN4_SELECT(impl, cfgs[c]);
@@ -696,10 +730,20 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--no-dq")) dq = 0;
         else if (!strcmp(a, "--no-rotate")) rotate = 0;
         else if (!strcmp(a, "--sweep")) sweep = 1;
+#ifdef FQ_HAVE_CUDA
+        else if (!strcmp(a, "--variants") && i + 1 < argc) {
+            if (parse_variants(argv[++i]) <= 0) {
+                fprintf(stderr, "bench_linear: bad --variants (impl:cfg,...)\n");
+                return 2;
+            }
+            sweep = 1;
+        }
+#endif
         else if (!strcmp(a, "--quick")) quick = 1;
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
-                   "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n");
+                   "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
+                   "                    [--variants impl:cfg,...]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }

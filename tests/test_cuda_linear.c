@@ -7,7 +7,7 @@
  * absmax in f32, absmax = code256[q] * nested_absmax + offset with double quant)
  * and x, bias taken as the values their dtype holds.
  *
- * Every implementation (gemv4_simple, gemv4_tc, gemm4_mma, gemm4_wgmma, dequantize
+ * Every implementation (gemv4_simple, gemv4_tc, gemv4_stream, gemv4_bulk, gemm4_mma, gemm4_wgmma, dequantize
  * + cuBLASLt) runs every case it can run, plus the public choices (AUTO, GEMV,
  * GEMM, DEQUANT_BLAS), over NF4/FP4, nested or not, x f32/f16/bf16, y f32/f16/bf16,
  * bias or not (bias in several dtypes), odd M, N not a multiple of the tile, K not
@@ -16,8 +16,9 @@
  * every call, so an unwritten element fails.
  *
  * Tolerances (u = unit roundoff of the named type: bf16 2^-9, f16 2^-12, f32 0):
- *  - weight rounding u_w: gemv4_simple and f32 x: 0; gemv4_tc: u of the MMA type
- *    (the code value is rounded, absmax applied in f32); gemm4_*, gemv4_stream and
+ *  - weight rounding u_w: gemv4_simple and f32 x: 0; gemv4_tc and gemv4_bulk's fast
+ *    decode: u of the MMA type (the code value is rounded, absmax applied in f32);
+ *    gemm4_*, gemv4_stream, gemv4_bulk's exact decode and
  *    dequantize + cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it;
  *    gemv4_stream's HMUL decode, cfg 0x4_, rounds code, absmax and product: still
  *    well inside 5 u S2);
@@ -29,7 +30,9 @@
  *
  * With two GPUs: the weight is moved cuda:0 -> cuda:1 (fq_qtensor_move) and every
  * kernel must give bit-identical output there. Every kernel is also run twice and
- * must be bit-identical (no races, no order dependence). */
+ * must be bit-identical (no races, no order dependence). The exact small-M decodes
+ * (and FQ_LIN4_AUTO_EXACT) are also checked against a reference whose W is rounded
+ * to x's type like dequantize does, to f32 summation error (test_exact_rounding). */
 #include "check.h"
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -317,7 +320,7 @@ static fq_status run_linear(fq_ctx *ctx, int d, int sel, const hweight *w, const
     free(poison);
     if (s != FQ_OK) return s;
     ctx->linear_kernel = sel;
-    if (sel >= FQ_LIN4_EXACT) s = fq_linear4_cuda(ctx, xt, w->q, b ? b->t[d] : NULL, y, m);
+    if (sel >= FQ_LIN4_EXACT || sel == FQ_LIN4_AUTO_EXACT) s = fq_linear4_cuda(ctx, xt, w->q, b ? b->t[d] : NULL, y, m);
     else s = fq_linear_4bit(ctx, xt, w->q, b ? b->t[d] : NULL, y);
     ctx->linear_kernel = FQ_LINEAR_AUTO;
     if (s == FQ_OK) {
@@ -402,6 +405,13 @@ static const shape_t g_shapes[] = {
     {1, 1000, 3136, 64, 1},   /* K = 24.5 chunks of 128 (gemv4_stream)    */
     {2, 77, 1600, 32, 1},     /* N not a multiple of 8, blocksize 32      */
     {8, 264, 4096, 256, 1},   /* the largest gemv4_stream M               */
+    {1, 1000, 3072, 64, 1},   /* gemv4_bulk: N not a multiple of 16, 3 stages per tile */
+    {2, 77, 1664, 32, 1},     /* gemv4_bulk: a short last stage, blocksize 32 */
+    {1, 40, 8192, 4096, 1},   /* blocksize 4096                           */
+    {2, 300, 2048, 1024, 0},  /* blocksize 1024                           */
+    {1, 48, 6144, 256, 0},    /* blocksize 256, long K                    */
+    {1, 5000, 256, 64, 1},    /* gemv4_bulk: several tiles per block      */
+    {2, 4500, 384, 128, 1},   /* the same with M = 2, blocksize 128       */
     {33, 200, 256, 64, 1},    /* smallest GEMM M; N, M not tile multiples */
     {130, 384, 512, 128, 1},
     {257, 520, 1024, 64, 0},
@@ -411,7 +421,7 @@ static const shape_t g_shapes[] = {
     {4608, 128, 256, 64, 1},  /* Flux token count                         */
 };
 
-static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM,
+static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
                                        FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS};
 
 static int g_ndev;
@@ -491,8 +501,10 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 if (!sh->sweep) continue;
                 static const int gemv_codes[6] = {1, 2, 4, 8, 0x11, 0x18}; /* K split, deep bit */
                 static const int stream_codes[6] = {0x21, 0x42, 0x24, 0x48, 0x51, 0x38}; /* decode, batch, K slices */
+                static const int bulk_codes[6] = {1, 2, 0x05, 0x0a, 0x1d, 0x81}; /* decode, prefetch, grid, launch */
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMV_STREAM ? 6
+                           : impl == FQ_LIN4_GEMV_BULK   ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                                                         : 0;
@@ -500,6 +512,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     int code = cfg;
                     if (impl == FQ_LIN4_GEMV_TC) code = gemv_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMV_STREAM) code = stream_codes[cfg - 1];
+                    if (impl == FQ_LIN4_GEMV_BULK) code = bulk_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
@@ -522,9 +535,9 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 }
                 CHECK(impl != FQ_LIN4_NONE, "no kernel for public choice %d: %s", p, fq_ctx_error(ctx));
                 if (impl == FQ_LIN4_NONE) continue;
-                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM, "GEMV -> %s", fq_lin4_impl_name(impl));
+                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK, "GEMV -> %s", fq_lin4_impl_name(impl));
                 if (p == 3) CHECK(impl == FQ_LIN4_DEQUANT_BLAS, "DEQUANT_BLAS -> %s", fq_lin4_impl_name(impl));
-                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
+                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
                 snprintf(what, sizeof what, "public %d (%s)", p, fq_lin4_impl_name(impl));
                 run_and_check(ctx, pub[p], what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
             }
@@ -570,6 +583,85 @@ static void test_selection(fq_ctx *ctx) {
     hweight_free(&w);
 }
 
+/* The exact GEMV decodes (gemv4_bulk cfg 1, gemv4_stream cfg 0x21) use the very
+ * weights dequantize writes: against a reference whose W is rounded to x's type
+ * (bf16/f16 of the f32 code * absmax) they agree to f32 summation error alone
+ * (tolerance with u_w = 0, f32 y), which the fast decodes (code rounded before the
+ * absmax is applied) do not meet. */
+static void test_exact_rounding(fq_ctx *ctx) {
+    static const struct { int64_t m, n, k, bs; fq_quant_type qt; int nested; fq_dtype xdt; } cases[] = {
+        {1, 1000, 3072, 64, FQ_QUANT_NF4, 1, FQ_BF16},
+        {2, 77, 1664, 32, FQ_QUANT_FP4, 0, FQ_F16},
+        {1, 300, 2048, 256, FQ_QUANT_FP4, 1, FQ_BF16},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        hweight w;
+        if (!make_weight(ctx, FQ_CUDA(0), cases[ci].qt, cases[ci].nested, cases[ci].n, cases[ci].k, cases[ci].bs, &w))
+            return;
+        hact x;
+        href r = {0};
+        if (!make_act(ctx, 1, cases[ci].xdt, cases[ci].m, cases[ci].k, 0, &x)) {
+            hweight_free(&w);
+            return;
+        }
+        /* W as dequantize rounds it to x's type */
+        float *wq = malloc((size_t)(w.n * w.k) * 4);
+        int ok = wq != NULL;
+        for (int64_t i = 0; ok && i < w.n * w.k; i++)
+            wq[i] = x.dt == FQ_BF16 ? from_bf16(to_bf16(w.wdq[i])) : from_f16(to_f16(w.wdq[i]));
+        float *keep = w.wdq;
+        if (ok) {
+            w.wdq = wq;
+            ok = make_ref(&w, &x, &r);
+            w.wdq = keep;
+        }
+        CHECK(ok, "out of host memory");
+        /* impl NONE: the automatic exact choice (FQ_LIN4_AUTO_EXACT) */
+        static const struct { fq_lin4_impl impl; int cfg; int exact; } sels[] = {
+            {FQ_LIN4_GEMV_BULK, FQ_GEMV4_BULK_EXACT, 1}, {FQ_LIN4_GEMV_STREAM, 0x21, 1}, {FQ_LIN4_NONE, 0, 1},
+            {FQ_LIN4_GEMV_BULK, 2, 0}};
+        for (size_t si = 0; ok && si < sizeof sels / sizeof sels[0]; si++) {
+            fq_tensor *yt = NULL;
+            int64_t ys[2] = {x.m, w.n};
+            int can = sels[si].impl == FQ_LIN4_NONE;
+            if (!can && fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK) {
+                can = fq_linear4_cuda_can_run(ctx, sels[si].impl, x.t[0], w.q, yt);
+                fq_tensor_free(yt);
+            }
+            if (!can) continue;
+            unsigned char *y = NULL;
+            const int sel = sels[si].impl == FQ_LIN4_NONE ? FQ_LIN4_AUTO_EXACT
+                                                          : FQ_LIN4_SELECT(sels[si].impl, sels[si].cfg);
+            fq_status s = run_linear(ctx, 0, sel, &w, &x, NULL, FQ_F32, &y);
+            CHECK(s == FQ_OK, "exact rounding run: %s", fq_ctx_error(ctx));
+            if (s == FQ_OK) {
+                char what[96];
+                snprintf(what, sizeof what, "%s cfg %d vs W rounded like dequantize",
+                         sels[si].impl == FQ_LIN4_NONE ? "auto exact" : fq_lin4_impl_name(sels[si].impl), sels[si].cfg);
+                if (sels[si].exact) {
+                    compare(what, &w, &x, NULL, &r, FQ_F32, y, 0.0);
+                } else {
+                    /* the fast decode must differ from it by more than summation error
+                     * somewhere (else this test could not tell the two apart) */
+                    double worst = 0;
+                    for (int64_t e = 0; e < x.m * w.n; e++) {
+                        float v;
+                        memcpy(&v, y + 4 * e, 4);
+                        const double d = fabs((double)v - r.ref[e]) / (4e-6 * r.s1[e] + 1e-30);
+                        if (d > worst) worst = d;
+                    }
+                    CHECK(worst > 1.0, "%s: the fast decode matches the exact weights (worst %.3g)", what, worst);
+                }
+            }
+            free(y);
+        }
+        free(wq);
+        href_free(&r);
+        hact_free(&x);
+        hweight_free(&w);
+    }
+}
+
 /* The dequantize kernel (the fallback's first half) agrees with the host formula. */
 static void test_dequant_agrees(fq_ctx *ctx) {
     for (int nested = 0; nested < 2; nested++) {
@@ -603,12 +695,15 @@ int main(int argc, char **argv) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    int gemv_only = argc > 1 && strcmp(argv[1], "--gemv") == 0; /* the M <= 16 shapes only */
     if (g_ndev < 2) SKIP("one GPU: the cuda:0 -> cuda:1 identity checks need two");
     test_selection(ctx);
     test_dequant_agrees(ctx);
+    test_exact_rounding(ctx);
     int counter = 0;
     for (size_t i = 0; i < sizeof g_shapes / sizeof g_shapes[0]; i++) {
         if (quick && g_shapes[i].m * g_shapes[i].n * g_shapes[i].k > 50000000) continue;
+        if (gemv_only && g_shapes[i].m > 16) continue;
         const int f0 = g_fail;
         test_shape(ctx, &g_shapes[i], &counter);
         fprintf(stderr, "shape M=%lld N=%lld K=%lld bs=%lld: %s\n", (long long)g_shapes[i].m, (long long)g_shapes[i].n,

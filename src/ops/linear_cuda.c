@@ -7,7 +7,8 @@
  * call is asynchronous: it returns once the work is queued on the stream.
  *
  * Automatic choice (measured on an H100, bench/results/bench_linear_h100_*.txt):
- *   M <= 2    gemv4_stream (W rounded exactly like dequantize), else
+ *   M <= 2    gemv4_bulk (sm_90) up to 2^24 weights, gemv4_tc above, else
+ *             gemv4_stream;
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
  *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
  *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
@@ -17,7 +18,9 @@
  * a forced family that cannot run the operands falls back to one that can
  * (GEMV -> gemv4_simple, GEMM -> dequantize + cuBLASLt). The internal values
  * FQ_LIN4_SELECT(impl, cfg) (tests, benchmarks) select one implementation and
- * fail with FQ_ERR_UNSUPPORTED instead of falling back. */
+ * fail with FQ_ERR_UNSUPPORTED instead of falling back; FQ_LIN4_AUTO_EXACT is the
+ * automatic choice restricted to kernels whose weights are bit-identical to
+ * dequantize_4bit's (the small-M fast kernels round W differently). */
 #ifdef FQ_HAVE_CUDA
 #include "core/cuda_device.h"
 #include "kernels/cuda/linear_cuda.h"
@@ -29,14 +32,17 @@
 
 #define LIN_GEMV_MAX_M 16
 #define LIN_STREAM_MAX_M 2
+#define LIN_BULK_MAX_NK ((int64_t)1 << 24)        /* gemv4_bulk (fast) up to this many weights  */
+#define LIN_BULK_EXACT_MAX_NK ((int64_t)10 << 20) /* gemv4_bulk (exact) up to this many weights */
 #define LIN_DQ_MIN_M 192
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u
 #define LIN_PREP_GEMV_STREAM 4u
+#define LIN_PREP_GEMV_BULK 8u
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
-                                                  "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream"};
+                                                  "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream", "gemv4_bulk"};
 
 const char *fq_lin4_impl_name(fq_lin4_impl k) {
     return (unsigned)k < FQ_LIN4_COUNT ? g_impl_names[k] : "?";
@@ -114,6 +120,7 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
     case FQ_LIN4_DEQUANT_BLAS: return 1;
     case FQ_LIN4_GEMV_TC: return d->cc_major >= 8 && fq_cuda_gemv4_tc_supported(&op->w, &op->io);
     case FQ_LIN4_GEMV_STREAM: return d->cc_major >= 8 && fq_cuda_gemv4_stream_supported(&op->w, &op->io);
+    case FQ_LIN4_GEMV_BULK: return d->cc_major >= 9 && fq_cuda_gemv4_bulk_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_MMA: return d->cc_major >= 8 && fq_cuda_gemm4_mma_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_WGMMA:
         return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_wgmma_built() &&
@@ -124,10 +131,35 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
 
 static fq_lin4_impl best_gemm(const fq_cuda_dev *d, const lin_op *op);
 
-/* The best GEMV-family kernel for op (M <= LIN_GEMV_MAX_M). */
+/* The best GEMV-family kernel for op (M <= LIN_GEMV_MAX_M). H100, M = 1 and 2
+ * (bench/results/bench_linear_gemv_h100_2026-11-27.txt): gemv4_bulk is fastest on
+ * small weights (3072x3072: 6.2 us vs 7.1 stream, 7.2 tc; 3072x4096: 7.6 vs 7.9,
+ * 8.7), gemv4_tc on the large ones (12288x3072 .. 21504x3072: 2-10 % ahead of
+ * gemv4_stream, 12-18 % ahead of gemv4_bulk). Both round W differently from
+ * dequantize (within the bf16/f16 tolerance); FQ_LIN4_AUTO_EXACT keeps it exact. */
 static fq_lin4_impl best_gemv(const fq_cuda_dev *d, const lin_op *op) {
-    if (op->io.m <= LIN_STREAM_MAX_M && can_run(d, FQ_LIN4_GEMV_STREAM, op)) return FQ_LIN4_GEMV_STREAM;
+    if (op->io.m <= LIN_STREAM_MAX_M) {
+        const int small = op->w.n * op->w.k <= LIN_BULK_MAX_NK;
+        if (small && can_run(d, FQ_LIN4_GEMV_BULK, op)) return FQ_LIN4_GEMV_BULK;
+        if (!small && can_run(d, FQ_LIN4_GEMV_TC, op)) return FQ_LIN4_GEMV_TC;
+        if (can_run(d, FQ_LIN4_GEMV_STREAM, op)) return FQ_LIN4_GEMV_STREAM;
+    }
     return can_run(d, FQ_LIN4_GEMV_TC, op) ? FQ_LIN4_GEMV_TC : FQ_LIN4_GEMV_SIMPLE;
+}
+
+/* FQ_LIN4_AUTO_EXACT for M <= LIN_GEMV_MAX_M: the fastest kernel whose weights are
+ * bit-identical to dequantize_4bit's (gemv4_bulk exact on small weights: 3072x3072
+ * 6.7 us vs 7.1; else gemv4_stream), or FQ_LIN4_NONE (the caller goes on to the
+ * GEMM choice, whose kernels round that way too). */
+static fq_lin4_impl best_gemv_exact(const fq_cuda_dev *d, const lin_op *op, int *cfg) {
+    if (op->io.m <= LIN_STREAM_MAX_M && op->w.n * op->w.k <= LIN_BULK_EXACT_MAX_NK &&
+        can_run(d, FQ_LIN4_GEMV_BULK, op)) {
+        *cfg = FQ_GEMV4_BULK_EXACT;
+        return FQ_LIN4_GEMV_BULK;
+    }
+    if (can_run(d, FQ_LIN4_GEMV_STREAM, op)) return FQ_LIN4_GEMV_STREAM; /* cfg 0: exact */
+    if (can_run(d, FQ_LIN4_GEMV_SIMPLE, op) && op->io.x_dtype == FQ_F32) return FQ_LIN4_GEMV_SIMPLE;
+    return FQ_LIN4_NONE;
 }
 
 /* Automatic choice for M > LIN_GEMV_MAX_M: the fused GEMM where it beats dequantize
@@ -170,6 +202,10 @@ static fq_lin4_impl choose(fq_ctx *ctx, const fq_cuda_dev *d, int sel, const lin
             return FQ_LIN4_NONE;
         }
         return (fq_lin4_impl)impl;
+    }
+    if (sel == FQ_LIN4_AUTO_EXACT) {
+        fq_lin4_impl k = op->io.m <= LIN_GEMV_MAX_M ? best_gemv_exact(d, op, cfg) : FQ_LIN4_NONE;
+        return k != FQ_LIN4_NONE ? k : auto_gemm(d, op);
     }
     switch (sel) {
     case FQ_LINEAR_GEMV: return best_gemv(d, op);
@@ -324,6 +360,7 @@ static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
     if (d->lin_prepared & bit) return FQ_OK;
     int rc = bit == LIN_PREP_GEMM_MMA    ? fq_cuda_gemm4_mma_prepare(d->smem_optin)
              : bit == LIN_PREP_GEMV_STREAM ? fq_cuda_gemv4_stream_prepare()
+             : bit == LIN_PREP_GEMV_BULK   ? fq_cuda_gemv4_bulk_prepare()
                                            : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
@@ -340,6 +377,10 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_STREAM));
         rc = fq_cuda_gemv4_stream(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0),
                                   d->stream);
+        break;
+    case FQ_LIN4_GEMV_BULK:
+        FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_BULK));
+        rc = fq_cuda_gemv4_bulk(&op->w, &op->io, &op->e, d->sm_count, cfg, d->stream);
         break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));

@@ -22,6 +22,7 @@
  *    == 0 (every absmax block inside one row), x 16-byte aligned.
  *  - gemv4_stream (M <= 8): x f16/bf16, blocksize >= 32, K % blocksize == 0, x and
  *    the packed weight 16-byte aligned.
+ *  - gemv4_bulk (M <= 2, sm_90 build and device): as gemv4_stream, and K % 128 == 0.
  *  - gemm4_mma (sm_80+) and gemm4_wgmma (sm_90a): the same as gemv4_tc.
  */
 #ifndef FQ_LINEAR_CUDA_H
@@ -99,6 +100,23 @@ int fq_cuda_gemv4_stream_prepare(void);
 int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                          int sm_count, int cfg, cudaStream_t stream);
 
+/* M <= 2 streaming kernel for sm_90 (gemv4_bulk.cu): the weight goes through a
+ * ring of shared-memory stages filled by bulk copies (cp.async.bulk + mbarriers)
+ * plus L2 prefetches further ahead; programmatic dependent launch. Needs x f16/bf16,
+ * K % 128 == 0, blocksize >= 32, K % blocksize == 0, x and packed 16-byte aligned.
+ * cfg (0 = choose): bits 0..1 decode (0/2 fast: code rounded to x's type, absmax
+ * applied in f32 to each 32-element partial sum; 1 exact: W rounded exactly like
+ * dequantize; 3 loads-only bench probe, WRONG results); bits 2..3 L2 prefetch (0 =
+ * the block's whole range at start, 1 none, 2 = 24 stages beyond the ring, 3 = 8);
+ * bit 4 = grid sized for one block per SM; bit 7 = plain launch. _built() is 0
+ * when the build has no sm_90 code. */
+#define FQ_GEMV4_BULK_EXACT 1
+int fq_cuda_gemv4_bulk_built(void);
+int fq_cuda_gemv4_bulk_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemv4_bulk_prepare(void);
+int fq_cuda_gemv4_bulk(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                       int sm_count, int cfg, cudaStream_t stream);
+
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
  * needs more shared memory than smem_optin is replaced by the automatic choice). */
@@ -154,6 +172,7 @@ typedef enum {
     FQ_LIN4_GEMM_WGMMA,   /* wgmma GEMM (FQ_LINEAR_GEMM on sm_90)                            */
     FQ_LIN4_DEQUANT_BLAS, /* dequantize to a scratch + cuBLASLt (FQ_LINEAR_DEQUANT_BLAS)     */
     FQ_LIN4_GEMV_STREAM,  /* M <= 8 streaming kernel, W rounded like dequantize (FQ_LINEAR_GEMV) */
+    FQ_LIN4_GEMV_BULK,    /* M <= 2 bulk-copy streaming kernel, sm_90 (FQ_LINEAR_GEMV)     */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 
@@ -165,6 +184,12 @@ const char *fq_lin4_impl_name(fq_lin4_impl k);
  * The public values (fq_linear_kernel) fall back to a kernel that can. */
 #define FQ_LIN4_EXACT 1000
 #define FQ_LIN4_SELECT(impl, cfg) (FQ_LIN4_EXACT + (int)(impl) * 256 + (int)(cfg))
+/* ctx->linear_kernel value: the automatic choice among kernels whose weights are
+ * bit-identical to what dequantize_4bit writes (code * absmax in f32, rounded once
+ * to x's type): gemv4_bulk exact / gemv4_stream at small M, the GEMM choice above.
+ * The plain automatic choice at M <= 16 runs faster kernels that round the code
+ * value instead (errors within the same bf16/f16 tolerance, not bit-identical). */
+#define FQ_LIN4_AUTO_EXACT (FQ_LIN4_EXACT - 1)
 
 #include "core/core.h"
 /* Which implementation fq_linear_4bit would run for these operands on w's device
