@@ -25,7 +25,8 @@
  *
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
- *                     [--no-rotate] [--sweep] [--quick] [--variants impl:cfg,...]
+ *                     [--no-rotate] [--sweep] [--quick] [--variants impl:cfg,...] [--impl NAME]
+ * (--impl: sweep every configuration of that implementation, e.g. gemm4_ws)
  * (--variants: sweep only these selections, e.g. gemv4_bulk:0x1,gemv4_tc:0)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
@@ -493,6 +494,8 @@ static int parse_variants(const char *s) {
     return g_nvariants;
 }
 
+static const char *g_sweep_only; /* --impl NAME: sweep only this implementation */
+
 /* Every implementation x configuration that can run the case, for tuning. */
 static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
                        int64_t k) {
@@ -509,6 +512,9 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
                     for (int ks = 0; ks <= 8; ks = ks ? ks * 2 : 1) cfgs[nc++] = d << 5 | u << 4 | ks;
         if (impl == FQ_LIN4_GEMM_MMA)
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
+        if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x K splits (large M: no split) */
+            for (int t = 1; t <= FQ_GEMM4_WS_CONFIGS; t++)
+                for (int s = 1; s <= (m >= 2048 ? 1 : 4); s *= 2) cfgs[nc++] = t | s << 4;
         if (impl == FQ_LIN4_GEMM_WGMMA)
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
                 for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
@@ -518,6 +524,7 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
                 if (g_variants[v].impl == impl) cfgs[nc++] = g_variants[v].cfg;
             if (!nc) continue;
         }
+        if (g_sweep_only && strcmp(g_sweep_only, fq_lin4_impl_name((fq_lin4_impl)impl)) != 0) continue;
         if (!fq_linear4_cuda_can_run(g->ctx, (fq_lin4_impl)impl, oa->x, oa->w[0], oa->y)) continue;
         if (m <= 16 && impl != FQ_LIN4_GEMV_TC && impl != FQ_LIN4_GEMV_STREAM && impl != FQ_LIN4_GEMV_BULK &&
             !g_nvariants)
@@ -528,6 +535,8 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
             double us = bl_time(g, iters, reps, body_ours, oa);
             char name[64];
             if (impl == FQ_LIN4_GEMM_MMA) snprintf(name, sizeof name, "%s", fq_cuda_gemm4_mma_config_name(cfgs[c]));
+            else if (impl == FQ_LIN4_GEMM_WS)
+                snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_ws_config_name(cfgs[c]), cfgs[c] >> 4);
             else if (impl == FQ_LIN4_GEMM_WGMMA)
                 snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_wgmma_config_name(cfgs[c]), cfgs[c] >> 4);
             else snprintf(name, sizeof name, "%s cfg 0x%x", fq_lin4_impl_name((fq_lin4_impl)impl), cfgs[c]);
@@ -731,6 +740,12 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--no-rotate")) rotate = 0;
         else if (!strcmp(a, "--sweep")) sweep = 1;
 #ifdef FQ_HAVE_CUDA
+        else if (!strcmp(a, "--impl") && i + 1 < argc) {
+            g_sweep_only = argv[++i];
+            sweep = 1;
+        }
+#endif
+#ifdef FQ_HAVE_CUDA
         else if (!strcmp(a, "--variants") && i + 1 < argc) {
             if (parse_variants(argv[++i]) <= 0) {
                 fprintf(stderr, "bench_linear: bad --variants (impl:cfg,...)\n");
@@ -743,7 +758,7 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--variants impl:cfg,...]\n");
+                   "                    [--variants impl:cfg,...] [--impl NAME]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }

@@ -419,12 +419,18 @@ static const shape_t g_shapes[] = {
     {64, 3072, 3072, 64, 1},  /* a Flux width                             */
     {1000, 136, 192, 64, 0},  /* many M tiles                             */
     {4608, 128, 256, 64, 1},  /* Flux token count                         */
+    {300, 264, 2048, 512, 1}, /* gemm4_ws: blocksize 512, 3 N tiles, 2 M tiles */
+    {77, 130, 3072, 1024, 1}, /* blocksize 1024, odd M, a partial N tile  */
+    {520, 384, 1536, 64, 1},  /* gemm4_ws: M = 2 x 216 + 88, 3 N tiles    */
+    {65, 77, 512, 64, 1},     /* odd N (gemm4_ws: the unpaired epilogue)  */
 };
 
 static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
-                                       FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS};
+                                       FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS,
+                                       FQ_LIN4_GEMM_WS};
 
 static int g_ndev;
+static const char *g_only; /* --impl NAME: run only this implementation (and skip the public choices) */
 
 /* Runs one selection on cuda:0 (twice: must be bit-identical) and, with two GPUs,
  * on cuda:1 after moving the weight there (must be bit-identical too). */
@@ -490,6 +496,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
             char what[160];
             for (size_t ii = 0; ii < sizeof g_impls / sizeof g_impls[0]; ii++) {
                 const fq_lin4_impl impl = g_impls[ii];
+                if (g_only && strcmp(g_only, fq_lin4_impl_name(impl)) != 0) continue;
                 fq_tensor *yshape = NULL; /* only its shape and dtype matter */
                 int64_t ys[2] = {sh->m, sh->n};
                 if (fq_tensor_create(ctx, FQ_CUDA(0), ydt, 2, ys, &yshape) != FQ_OK) continue;
@@ -507,6 +514,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                            : impl == FQ_LIN4_GEMV_BULK   ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
+                           : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2
                                                         : 0;
                 for (int cfg = 1; cfg <= ncfg; cfg++) {
                     int code = cfg;
@@ -515,6 +523,8 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     if (impl == FQ_LIN4_GEMV_BULK) code = bulk_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
+                    if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x (1 split, 3 splits) */
+                        code = ((cfg - 1) % FQ_GEMM4_WS_CONFIGS + 1) | (cfg > FQ_GEMM4_WS_CONFIGS ? 3 << 4 : 1 << 4);
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
                     run_and_check(ctx, FQ_LIN4_SELECT(impl, code), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 }
@@ -522,7 +532,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
             /* the public choices; AUTO must be what fq_linear4_cuda_choice says */
             static const fq_linear_kernel pub[4] = {FQ_LINEAR_AUTO, FQ_LINEAR_GEMV, FQ_LINEAR_GEMM,
                                                     FQ_LINEAR_DEQUANT_BLAS};
-            for (int p = 0; p < 4; p++) {
+            for (int p = 0; p < 4 && !g_only; p++) {
                 if (sh->m * sh->n * sh->k > 50000000 && p == 1) continue; /* GEMV at large M: slow */
                 fq_tensor *yt = NULL;
                 int64_t ys[2] = {sh->m, sh->n};
@@ -662,6 +672,62 @@ static void test_exact_rounding(fq_ctx *ctx) {
     }
 }
 
+/* gemm4_ws decodes W exactly like dequantize: with x = identity (x[m, k] = 1 if
+ * m == k) every output is one product, so y[m, n] must equal W[n, m] rounded once
+ * to x's type, bit for bit, for every format, blocksize and split. */
+static void test_ws_exact(fq_ctx *ctx) {
+    static const int64_t bss[3] = {64, 256, 1024};
+    for (int v = 0; v < 12; v++) {
+        const fq_quant_type qt = (v & 1) ? FQ_QUANT_FP4 : FQ_QUANT_NF4;
+        const int nested = (v >> 1) & 1;
+        const int64_t bs = bss[v / 4], n = 200, k = 1024;
+        const fq_dtype xdt = v % 3 == 1 ? FQ_F16 : FQ_BF16;
+        hweight w;
+        if (!make_weight(ctx, FQ_CUDA(0), qt, nested, n, k, bs, &w)) return;
+        float *xv = calloc((size_t)(k * k), sizeof(float));
+        hact x;
+        memset(&x, 0, sizeof x);
+        x.m = k;
+        x.k = k;
+        x.dt = xdt;
+        x.v = xv;
+        for (int64_t i = 0; xv && i < k; i++) xv[i * k + i] = 1.0f;
+        void *b = xv ? encode(xdt, xv, k * k) : NULL;
+        int64_t shape[2] = {k, k};
+        fq_status s = b ? fq_tensor_from_host(ctx, FQ_CUDA(0), xdt, 2, shape, b, &x.t[0]) : FQ_ERR_OUT_OF_MEMORY;
+        free(b);
+        CHECK(s == FQ_OK, "identity x: %s", fq_ctx_error(ctx));
+        for (int split = 1; s == FQ_OK && split <= 4; split += 3) {
+            unsigned char *y = NULL;
+            fq_tensor *yt = NULL;
+            int64_t ys[2] = {k, n};
+            int can = fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK &&
+                      fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, x.t[0], w.q, yt);
+            fq_tensor_free(yt);
+            if (!can) break;
+            fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, split << 4), &w, &x, NULL, FQ_F32, &y);
+            CHECK(r == FQ_OK, "gemm4_ws identity: %s", fq_ctx_error(ctx));
+            if (r == FQ_OK) {
+                int64_t bad = -1;
+                for (int64_t i = 0; i < k * n && bad < 0; i++) {
+                    const int64_t mm = i / n, nn = i % n;
+                    float want = w.wdq[nn * k + mm];
+                    want = xdt == FQ_BF16 ? from_bf16(to_bf16(want)) : from_f16(to_f16(want));
+                    float got;
+                    memcpy(&got, y + 4 * i, 4);
+                    if (got != want && !(got == 0 && want == 0)) bad = i;
+                }
+                CHECK(bad < 0, "gemm4_ws W rounding differs from dequantize at (m=%lld, n=%lld) %s%s bs=%lld x=%s "
+                      "split %d", (long long)(bad / n), (long long)(bad % n), fq_quant_type_name(qt),
+                      nested ? "+dq" : "", (long long)bs, fq_dtype_name(xdt), split);
+            }
+            free(y);
+        }
+        hact_free(&x);
+        hweight_free(&w);
+    }
+}
+
 /* The dequantize kernel (the fallback's first half) agrees with the host formula. */
 static void test_dequant_agrees(fq_ctx *ctx) {
     for (int nested = 0; nested < 2; nested++) {
@@ -695,10 +761,13 @@ int main(int argc, char **argv) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--impl") == 0) g_only = argv[i + 1];
     int gemv_only = argc > 1 && strcmp(argv[1], "--gemv") == 0; /* the M <= 16 shapes only */
     if (g_ndev < 2) SKIP("one GPU: the cuda:0 -> cuda:1 identity checks need two");
     test_selection(ctx);
     test_dequant_agrees(ctx);
+    test_ws_exact(ctx);
     test_exact_rounding(ctx);
     int counter = 0;
     for (size_t i = 0; i < sizeof g_shapes / sizeof g_shapes[0]; i++) {

@@ -38,11 +38,14 @@
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u
 #define LIN_PREP_GEMV_STREAM 4u
+#define LIN_PREP_GEMM_WS 16u
+#define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
 #define LIN_PREP_GEMV_BULK 8u
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
-                                                  "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream", "gemv4_bulk"};
+                                                  "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream", "gemv4_bulk",
+                                                  "gemm4_ws"};
 
 const char *fq_lin4_impl_name(fq_lin4_impl k) {
     return (unsigned)k < FQ_LIN4_COUNT ? g_impl_names[k] : "?";
@@ -125,6 +128,9 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
     case FQ_LIN4_GEMM_WGMMA:
         return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_wgmma_built() &&
                fq_cuda_gemm4_wgmma_supported(&op->w, &op->io);
+    case FQ_LIN4_GEMM_WS:
+        return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_ws_built() &&
+               fq_cuda_gemm4_ws_supported(&op->w, &op->io);
     default: return 0;
     }
 }
@@ -171,6 +177,10 @@ static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
      * K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
      * dequantize + cuBLASLt wins everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
     const int64_t m = op->io.m;
+    /* gemm4_ws (sm_90) at 192..384 rows: faster than dequantize + cuBLASLt at M = 256 on 6 of
+     * the 7 FLUX shapes (3072x12288: 52 vs 82 us), slower at 512 and 4608 rows
+     * (bench/results/bench_linear_gemm_h100_2026-11-27.txt). */
+    if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op)) return FQ_LIN4_GEMM_WS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
     return FQ_LIN4_DEQUANT_BLAS;
 }
@@ -360,6 +370,7 @@ static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
     if (d->lin_prepared & bit) return FQ_OK;
     int rc = bit == LIN_PREP_GEMM_MMA    ? fq_cuda_gemm4_mma_prepare(d->smem_optin)
              : bit == LIN_PREP_GEMV_STREAM ? fq_cuda_gemv4_stream_prepare()
+             : bit == LIN_PREP_GEMM_WS     ? fq_cuda_gemm4_ws_prepare()
              : bit == LIN_PREP_GEMV_BULK   ? fq_cuda_gemv4_bulk_prepare()
                                            : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
@@ -392,6 +403,14 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
         if (ws) FQ_TRY(ensure_buffer(ctx, d, &d->lin_scratch, ws));
         rc = fq_cuda_gemm4_wgmma(&op->w, &op->io, &op->e, d->sm_count, cfg, (float *)d->lin_scratch.ptr,
                                  d->lin_scratch.bytes, d->stream);
+        break;
+    }
+    case FQ_LIN4_GEMM_WS: {
+        FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_WS));
+        const size_t ws = fq_cuda_gemm4_ws_workspace(&op->w, &op->io, d->sm_count, cfg);
+        if (ws) FQ_TRY(ensure_buffer(ctx, d, &d->lin_scratch, ws));
+        rc = fq_cuda_gemm4_ws(&op->w, &op->io, &op->e, d->sm_count, cfg, (float *)d->lin_scratch.ptr,
+                              d->lin_scratch.bytes, d->stream);
         break;
     }
     case FQ_LIN4_DEQUANT_BLAS: return run_dequant_blas(ctx, d, op);

@@ -145,6 +145,22 @@ int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_
                         int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream);
 const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
 
+/* Warp-specialized large-M GEMM (sm_90a only; gemm4_ws_sm90.cu): TMA + mbarrier
+ * pipeline, W decoded exactly like dequantize into wgmma A registers. Same
+ * requirements as gemm4_wgmma. cfg: low 4 bits = x rows per tile (0 = choose,
+ * 1..FQ_GEMM4_WS_CONFIGS), bits 4..7 = K splits (0 = choose); with a split the f32
+ * partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with less, K is not split).
+ * fq_cuda_gemm4_ws_prepare (once per device, before the first launch there) sets
+ * the shared-memory limits and looks up cuTensorMapEncodeTiled. */
+#define FQ_GEMM4_WS_CONFIGS 4
+int fq_cuda_gemm4_ws_built(void);
+int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemm4_ws_prepare(void);
+size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
+int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e, int sm_count,
+                     int cfg, float *ws, size_t ws_bytes, cudaStream_t stream);
+const char *fq_cuda_gemm4_ws_config_name(int cfg);
+
 /* y[i] = epilogue(acc[i]) for an f32 [m, n] result (used after cuBLASLt when y's
  * dtype is not one cuBLASLt writes directly). acc may alias y when y is f32. */
 int fq_cuda_lin4_finish(const float *acc, const fq_lin4_io *io, int64_t n, const fq_lin4_epilogue *e,
@@ -173,6 +189,7 @@ typedef enum {
     FQ_LIN4_DEQUANT_BLAS, /* dequantize to a scratch + cuBLASLt (FQ_LINEAR_DEQUANT_BLAS)     */
     FQ_LIN4_GEMV_STREAM,  /* M <= 8 streaming kernel, W rounded like dequantize (FQ_LINEAR_GEMV) */
     FQ_LIN4_GEMV_BULK,    /* M <= 2 bulk-copy streaming kernel, sm_90 (FQ_LINEAR_GEMV)     */
+    FQ_LIN4_GEMM_WS,      /* warp-specialized TMA/wgmma GEMM, W rounded like dequantize (sm_90) */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 

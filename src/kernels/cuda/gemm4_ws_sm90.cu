@@ -1,0 +1,829 @@
+/* Warp-specialized 4-bit GEMM for Hopper (sm_90a): TMA + mbarrier pipeline,
+ * the 4-bit weight decoded straight into wgmma A-operand registers.
+ *
+ * D[n, m] = W[n, :] . x[m, :] is computed transposed, so that W (bitsandbytes'
+ * row-major [N, K/2] nibbles) is the A operand of wgmma.mma_async, taken from
+ * registers, and x (K-major) is the B operand, read by the tensor cores from
+ * shared memory with the 128-byte swizzle.
+ *
+ * A CTA has 3 warpgroups. Warpgroup 0 is the producer (setmaxnreg down to 40):
+ * one warp issues, per K tile of 64, two TMA copies into a stage of an S-deep
+ * ring - the x tile (BX rows x 128 bytes, 128-byte swizzle) and the packed W
+ * tile (128 rows x 32 bytes) - and its 32 lanes write the 128 absmax values of
+ * the tile into the stage (the nested absmax rebuilt exactly as dequantize does:
+ * add.rn(mul.rn.ftz(code256[q], nested_absmax), offset)), then arrive on the
+ * stage's "full" mbarrier (32 arrivals + the TMA bytes). Warpgroups 1 and 2 are
+ * consumers (setmaxnreg up), 64 W rows each: per k16 step a lane decodes its 8
+ * weights of rows g and g+8 as bf16/f16(code[nibble] * absmax) with mul.rn.ftz
+ * - the very values dequantize_4bit writes - into the A fragment, and issues
+ * wgmma m64nBXk16. Up to 4 wgmma groups are in flight; a stage is handed back
+ * (its "empty" mbarrier, one arrival per consumer warpgroup) once every group
+ * that read it has retired.
+ *
+ * CTAs are persistent: tile t = blockIdx.x + i * gridDim.x, tiles ordered N
+ * fastest (the CTAs running together share x tiles in L2), then M, then K split.
+ * With K split (small M), f32 partials go to a workspace that
+ * fq_cuda_lin4_splitk_reduce sums in a fixed order, so results never depend on
+ * timing.
+ *
+ * Requires: x f16/bf16 (16-byte aligned), blocksize >= 64 and K a multiple of
+ * it (one absmax per row and K tile), packed weight 16-byte aligned. */
+#include "kernels/cuda/lin4_common.cuh"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define WS_BK 64      /* K tile */
+#define WS_ROWS 128   /* W rows per tile (2 consumer warpgroups x 64) */
+#define WS_THREADS 384
+
+typedef struct {
+    fq_lin4_weight w;
+    void *y;
+    int y_dtype;
+    int lg2bs;
+    int64_t m;
+    fq_lin4_epilogue e;
+    float *partial;   /* [splits][m][n] when splits > 1 */
+    int ktiles;       /* K / WS_BK */
+    int kps;          /* K tiles per split */
+    int nt, mt, splits;
+    int probe; /* bench probes (FQ_WS_PROBE, WRONG results): 1 no decode, 2 no absmax loads, 4 no MMA, 8 no stores */
+} ws_args;
+
+/* One stage's work: tile t (N fastest, then M, then the K split), K tile kt. */
+typedef struct {
+    int64_t t;
+    int kt, kt1, n0, mti, sp;
+    uint32_t it;
+    bool valid;
+} ws_item;
+
+
+
+template <int BX, int S> struct ws_cfg {
+    static constexpr int X_STAGE = BX * 128;            /* bytes; BX % 8 == 0 => a multiple of 1024 */
+    static constexpr int W_STAGE = WS_ROWS * WS_BK / 2; /* 4096 */
+    static constexpr int STAGE = X_STAGE + W_STAGE;
+    static constexpr int SMEM = 1024 /* alignment slack */ + S * STAGE + S * WS_ROWS * 4 + 2 * S * 8 + (16 + 256) * 4;
+};
+
+#if defined(FQ_BUILD_SM90A)
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FQ_WS_DEVICE 1
+#endif
+
+#ifdef FQ_WS_DEVICE
+/* Generated: wgmma.mma_async m64nNk16, A from registers, B from shared memory
+ * (K-major, 128-byte swizzle), f32 accumulators; acc = 0 overwrites them. */
+template <typename T, int N>
+__device__ __forceinline__ void ws_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc,
+                                       uint32_t acc);
+
+template <>
+__device__ __forceinline__ void ws_mma<__nv_bfloat16, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__nv_bfloat16, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__nv_bfloat16, 216>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %113, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n216k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107"
+                 "}, {%108, %109, %110, %111}, %112, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__nv_bfloat16, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__half, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__half, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__half, 216>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %113, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n216k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107"
+                 "}, {%108, %109, %110, %111}, %112, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+template <>
+__device__ __forceinline__ void ws_mma<__half, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+
+static __device__ __forceinline__ void ws_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void ws_commit(void) {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> static __device__ __forceinline__ void ws_wait(void) {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024
+ * bytes apart; saddr lies in a 1024-aligned tile (plus the k offset). */
+static __device__ __forceinline__ uint64_t ws_desc(uint32_t saddr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((saddr & 0x3FFFFu) >> 4);
+    d |= (uint64_t)1 << 16;           /* leading byte offset (unused with this swizzle): 16 B */
+    d |= (uint64_t)(1024 >> 4) << 32; /* stride byte offset: 1024 B */
+    d |= (uint64_t)1 << 62;           /* 128-byte swizzle */
+    return d;
+}
+
+/* ---- mbarriers and TMA ---- */
+static __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.release.cta.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.release.cta.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+static __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\n"
+                 "WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+static __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                                   uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                 "%3}], [%4];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+
+static __device__ __forceinline__ float ws_mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+template <int R> static __device__ __forceinline__ void setmaxnreg_inc(void) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R> static __device__ __forceinline__ void setmaxnreg_dec(void) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+static __device__ __forceinline__ void ws_tile(const ws_args &a, int64_t total, ws_item &c) {
+    c.valid = c.t < total;
+    if (!c.valid) return;
+    const int nti = (int)(c.t % a.nt);
+    const int64_t r = c.t / a.nt;
+    c.n0 = nti * WS_ROWS;
+    c.mti = (int)(r % a.mt);
+    c.sp = (int)(r / a.mt);
+    c.kt = c.sp * a.kps;
+    c.kt1 = min(a.ktiles, c.kt + a.kps);
+}
+static __device__ __forceinline__ ws_item ws_first(const ws_args &a, int64_t total) {
+    ws_item c;
+    c.t = blockIdx.x;
+    c.it = 0;
+    ws_tile(a, total, c);
+    return c;
+}
+static __device__ __forceinline__ void ws_next(const ws_args &a, int64_t total, ws_item &c) {
+    if (!c.valid) return;
+    c.it++;
+    if (++c.kt < c.kt1) return;
+    c.t += gridDim.x;
+    ws_tile(a, total, c);
+}
+
+/* GELU (tanh form), as fq_epi computes it. */
+static __device__ __forceinline__ float ws_gelu(float v) {
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + tanhf(u));
+}
+
+template <int YT> static __device__ __forceinline__ void ws_st1(void *p, int64_t i, float v) {
+    if (YT == FQ_BF16) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    else if (YT == FQ_F16) ((__half *)p)[i] = __float2half_rn(v);
+    else ((float *)p)[i] = v;
+}
+template <int YT> static __device__ __forceinline__ void ws_st2(void *p, int64_t i, float v0, float v1) {
+    if (YT == FQ_BF16) *(__nv_bfloat162 *)((__nv_bfloat16 *)p + i) = __floats2bfloat162_rn(v0, v1);
+    else if (YT == FQ_F16) *(__half2 *)((__half *)p + i) = __floats2half2_rn(v0, v1);
+    else *(float2 *)((float *)p + i) = make_float2(v0, v1);
+}
+
+/* Stores a consumer's 64 x BX accumulator tile: acc[4j + v] is (W row nA + 8 (v >> 1),
+ * x row m0 + 8j + 2 t4 + (v & 1)). Lanes g and g ^ 1 swap one value so that each
+ * holds two neighbouring n of one x row (n = nA or nA + 8, minus 1 on odd g): one
+ * 4/8-byte store per pair when N is even (PAIR). b: the bias of those two n for the
+ * two row groups. Compile-time type and activation keep the code small (the hot
+ * loop shares the instruction cache with it). */
+template <int BX, int YT, bool GELU, bool PAIR>
+static __device__ __forceinline__ void ws_epilogue(const float *acc, void *y, int64_t M, int64_t N, int64_t m0,
+                                                   int64_t nA, bool odd, int t4, const float (&b)[2][2]) {
+#pragma unroll
+    for (int j = 0; j < BX / 8; j++) {
+        const int64_t m = m0 + 8 * j + 2 * t4 + (odd ? 1 : 0);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+            const int64_t n = nA + 8 * h - (odd ? 1 : 0);
+            float lo = (odd ? r : v0) + b[h][0], hi = (odd ? v1 : r) + b[h][1];
+            if (GELU) {
+                lo = ws_gelu(lo);
+                hi = ws_gelu(hi);
+            }
+            if (m >= M) continue;
+            if (PAIR) {
+                if (n < N) ws_st2<YT>(y, m * N + n, lo, hi);
+            } else {
+                if (n < N) ws_st1<YT>(y, m * N + n, lo);
+                if (n + 1 < N) ws_st1<YT>(y, m * N + n + 1, hi);
+            }
+        }
+    }
+}
+#endif /* FQ_WS_DEVICE */
+
+template <typename T, int BX, int S, bool NESTED>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    gemm4_ws_kernel(const __grid_constant__ CUtensorMap tmx, const __grid_constant__ CUtensorMap tmw,
+                    const ws_args a) {
+#ifdef FQ_WS_DEVICE
+    typedef ws_cfg<BX, S> C;
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = fq_smem_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *sm = smem_raw + (base - raw);
+    float *am_s = (float *)(sm + S * C::STAGE); /* [S][WS_ROWS] */
+    const uint32_t full0 = base + S * C::STAGE + S * WS_ROWS * 4, empty0 = full0 + 8 * S;
+    float *qm_s = (float *)(sm + S * C::STAGE + S * WS_ROWS * 4 + 16 * S);
+    float *code_s = qm_s + 16; /* the 256 nested codes */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t M = a.m, N = a.w.n;
+    const int64_t total = (int64_t)a.nt * a.mt * a.splits;
+
+    if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
+    if (NESTED && tid < 256) code_s[tid] = __ldg(&a.w.nested_code[tid]);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(full0 + 8 * s, 33); /* the TMA lane + 32 absmax lanes */
+            mbar_init(empty0 + 8 * s, 2);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        /* ---- producer warpgroup ---- */
+        setmaxnreg_dec<56>();
+        if (warp == 0) {
+            /* one lane issues the two TMA copies of every stage */
+            if (lane != 0) return;
+            ws_item c = ws_first(a, total);
+            while (c.valid) {
+                const int st = (int)(c.it % S);
+                mbar_wait(empty0 + 8 * st, ((c.it / S) & 1u) ^ 1u);
+                const uint32_t full = full0 + 8 * st, xs = base + st * C::STAGE;
+                mbar_arrive_tx(full, C::STAGE);
+                tma_load_2d(xs, &tmx, c.kt * WS_BK, c.mti * BX, full);
+                tma_load_2d(xs + C::X_STAGE, &tmw, c.kt * (WS_BK / 2), c.n0, full);
+                ws_next(a, total, c);
+            }
+            return;
+        }
+        /* warps 1..3: the absmax of the tile's 128 rows, stage it taken by warp
+         * 1 + it % 3; the raw values of a warp's next stage are loaded before it
+         * waits for the current one, so three to six stages of loads are in flight */
+        const int64_t kb = a.w.k >> a.lg2bs; /* absmax blocks per row */
+        const bool probe_noabs = (a.probe & 2) != 0;
+        auto load_raw = [&](const ws_item &c, uint32_t (&q)[4], float (&v)[4]) {
+            const int64_t kk = ((int64_t)c.kt * WS_BK) >> a.lg2bs;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t n = c.n0 + lane + 32 * i;
+                q[i] = 0;
+                v[i] = 0.0f;
+                if (n < N && !probe_noabs) {
+                    const int64_t blk = n * kb + kk;
+                    if (NESTED) {
+                        q[i] = __ldg(&a.w.qabsmax[blk]);
+                        v[i] = __ldg(&a.w.nested_absmax[blk >> 8]);
+                    } else {
+                        v[i] = __ldg(&a.w.absmax[blk]);
+                    }
+                }
+            }
+        };
+        ws_item c = ws_first(a, total);
+        for (int i = 1; i < warp; i++) ws_next(a, total, c);
+        uint32_t q[4], q2[4];
+        float v[4], v2[4];
+        if (c.valid) load_raw(c, q, v);
+        while (c.valid) {
+            ws_item nx = c;
+            ws_next(a, total, nx);
+            ws_next(a, total, nx);
+            ws_next(a, total, nx);
+            if (nx.valid) load_raw(nx, q2, v2);
+            const int st = (int)(c.it % S);
+            mbar_wait(empty0 + 8 * st, ((c.it / S) & 1u) ^ 1u);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                /* the nested absmax exactly as dequantize rebuilds it */
+                const float am = NESTED ? __fadd_rn(ws_mul_ftz(code_s[q[i]], v[i]), a.w.offset) : v[i];
+                am_s[st * WS_ROWS + lane + 32 * i] = (c.n0 + lane + 32 * i < N) ? am : 0.0f;
+            }
+            mbar_arrive(full0 + 8 * st);
+            c = nx;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                q[i] = q2[i];
+                v[i] = v2[i];
+            }
+        }
+        return;
+    }
+
+    /* ---- consumers ---- */
+    setmaxnreg_inc<224>();
+    const int g = lane >> 2, t4 = lane & 3, sh = 8 * t4;
+    const int cw = (warp >> 2) - 1;               /* consumer warpgroup 0/1 */
+    const int rA = cw * 64 + (warp & 3) * 16 + g; /* this lane's W rows in the tile: rA, rA + 8 */
+    const bool leader = (tid & 127) == 0;
+    const bool probe_nodec = (a.probe & 1) != 0, probe_nomma = (a.probe & 4) != 0;
+    float acc[BX / 2];
+    uint32_t af[4][4];
+    ws_item c = ws_first(a, total);
+    while (c.valid) {
+        const ws_item tile = c;
+        if (probe_nomma) {
+#pragma unroll
+            for (int i = 0; i < BX / 2; i++) acc[i] = 0.0f;
+        }
+        for (; c.valid && c.t == tile.t; ws_next(a, total, c)) {
+            const int st = (int)(c.it % S);
+            mbar_wait(full0 + 8 * st, (c.it / S) & 1u);
+            const uint8_t *wd = sm + st * C::STAGE + C::X_STAGE;
+            const uint4 pa0 = *(const uint4 *)(wd + rA * 32), pa1 = *(const uint4 *)(wd + rA * 32 + 16);
+            const uint4 pb0 = *(const uint4 *)(wd + (rA + 8) * 32), pb1 = *(const uint4 *)(wd + (rA + 8) * 32 + 16);
+            const float amA = am_s[st * WS_ROWS + rA], amB = am_s[st * WS_ROWS + rA + 8];
+            const uint32_t wa[8] = {pa0.x, pa0.y, pa0.z, pa0.w, pa1.x, pa1.y, pa1.z, pa1.w};
+            const uint32_t wb[8] = {pb0.x, pb0.y, pb0.z, pb0.w, pb1.x, pb1.y, pb1.z, pb1.w};
+            const uint32_t xa = base + st * C::STAGE;
+            const bool first = c.kt == tile.kt;
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+                /* at most 3 groups pending: the one that read af[s] (previous K tile) retired */
+                ws_wait<3>();
+                if (s == 3 && !first && leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t ua = wa[2 * s + h], ub = wb[2 * s + h];
+                    if (probe_nodec) {
+                        af[s][2 * h] = ua & 0x3f3f3f3fu;
+                        af[s][2 * h + 1] = ub & 0x3f3f3f3fu;
+                        continue;
+                    }
+                    const uint32_t ba = (ua >> sh) & 0xffu, bb = (ub >> sh) & 0xffu;
+                    af[s][2 * h] = fq_mma_t<T>::pack(ws_mul_ftz(qm_s[ba >> 4], amA), ws_mul_ftz(qm_s[ba & 15u], amA));
+                    af[s][2 * h + 1] =
+                        fq_mma_t<T>::pack(ws_mul_ftz(qm_s[bb >> 4], amB), ws_mul_ftz(qm_s[bb & 15u], amB));
+                }
+                if (probe_nomma) continue;
+                ws_fence();
+                ws_mma<T, BX>(acc, af[s][0], af[s][1], af[s][2], af[s][3], ws_desc(xa + s * 32),
+                              (!first || s > 0) ? 1u : 0u);
+                ws_commit();
+            }
+        }
+        ws_wait<0>();
+        if (leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+        if (a.probe & 8) continue;
+
+        /* epilogue (see ws_epilogue); split K: raw f32 partials */
+        const int64_t nA = tile.n0 + rA, m0 = (int64_t)tile.mti * BX;
+        const bool odd = (g & 1) != 0;
+        float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        if (!a.partial && a.e.bias) {
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int64_t n = nA + 8 * h - (odd ? 1 : 0) + i;
+                    if (n < N) b[h][i] = fq_ldf(a.e.bias, a.e.bias_dtype, n);
+                }
+        }
+        const bool pair = (N & 1) == 0, gelu = !a.partial && a.e.act == FQ_EPI_GELU_TANH;
+        void *yp = a.partial ? (void *)(a.partial + (int64_t)tile.sp * M * N) : a.y;
+        const int yt = a.partial ? FQ_F32 : a.y_dtype;
+#define WS_EPI(YT, GL, PR) ws_epilogue<BX, YT, GL, PR>(acc, yp, M, N, m0, nA, odd, t4, b)
+        if (yt == FQ_BF16 && pair && !gelu) WS_EPI(FQ_BF16, false, true);
+        else if (yt == FQ_F16 && pair && !gelu) WS_EPI(FQ_F16, false, true);
+        else if (yt == FQ_F32 && pair && !gelu) WS_EPI(FQ_F32, false, true);
+        else if (yt == FQ_BF16 && pair) WS_EPI(FQ_BF16, true, true);
+        else if (yt == FQ_F16 && pair) WS_EPI(FQ_F16, true, true);
+        else if (yt == FQ_F32 && pair) WS_EPI(FQ_F32, true, true);
+        else if (yt == FQ_BF16) { if (gelu) WS_EPI(FQ_BF16, true, false); else WS_EPI(FQ_BF16, false, false); }
+        else if (yt == FQ_F16) { if (gelu) WS_EPI(FQ_F16, true, false); else WS_EPI(FQ_F16, false, false); }
+        else { if (gelu) WS_EPI(FQ_F32, true, false); else WS_EPI(FQ_F32, false, false); }
+#undef WS_EPI
+    }
+#else
+    (void)tmx;
+    (void)tmw;
+    (void)a;
+#endif
+}
+
+/* ---- configurations, plan and launch ------------------------------------------------ */
+
+typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const ws_args);
+typedef struct {
+    int bx, smem;
+    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
+    const char *name;
+} ws_config;
+
+#define WS_CONFIG(BX, S, NAME)                                                                                  \
+    {BX, ws_cfg<BX, S>::SMEM,                                                                                   \
+     {{gemm4_ws_kernel<__half, BX, S, false>, gemm4_ws_kernel<__half, BX, S, true>},                            \
+      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false>, gemm4_ws_kernel<__nv_bfloat16, BX, S, true>}},             \
+     NAME}
+
+/* x rows per tile (the W tile is 128 rows). 216 = 4608 / 22 (rounded up to a multiple of
+ * 8): with N a multiple of 3072 the FLUX M = 4608 GEMMs then have a multiple of 4 x 132 tiles. */
+static const ws_config *ws_configs(void) {
+    static const ws_config c[FQ_GEMM4_WS_CONFIGS] = {
+        WS_CONFIG(256, 6, "ws 128x256x64 s6"),
+        WS_CONFIG(216, 6, "ws 128x216x64 s6"),
+        WS_CONFIG(192, 7, "ws 128x192x64 s7"),
+        WS_CONFIG(128, 10, "ws 128x128x64 s10"),
+    };
+    return c;
+}
+
+static PFN_cuTensorMapEncodeTiled_v12000 g_encode; /* process-wide driver entry point (same on every device) */
+
+extern "C" int fq_cuda_gemm4_ws_built(void) { return 1; }
+
+extern "C" int fq_cuda_gemm4_ws_prepare(void) {
+    if (!g_encode) {
+        void *fn = NULL;
+        enum cudaDriverEntryPointQueryResult q;
+        cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+        if (e != cudaSuccess) return (int)e;
+        if (q != cudaDriverEntryPointSuccess || !fn) return (int)cudaErrorNotSupported;
+        g_encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    const ws_config *c = ws_configs();
+    for (int i = 0; i < FQ_GEMM4_WS_CONFIGS; i++)
+        for (int t = 0; t < 2; t++)
+            for (int n = 0; n < 2; n++) {
+                cudaError_t e =
+                    cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
+                if (e != cudaSuccess) return (int)e;
+            }
+    return (int)cudaSuccess;
+}
+
+/* FQ_WS_PROBE=n (bench only; the results are then WRONG): see ws_args.probe. */
+static int ws_probe(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("FQ_WS_PROBE");
+        v = e ? atoi(e) & 15 : 0;
+    }
+    return v;
+}
+
+static int64_t ws_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+typedef struct {
+    int ci, splits, kps;
+} ws_plan;
+
+/* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose).
+ * Cost model (relative time, fitted to H100 runs): rounds of persistent tiles x (x
+ * rows of a tile + ~128 for the per-K-tile decode and W load) x (K tiles + ~3 for the
+ * fill and epilogue), plus the split-K partials written and read again. */
+static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    const int64_t sms = sm_count > 0 ? sm_count : 132;
+    const int64_t ktiles = w->k / WS_BK;
+    const int want_ci = (cfg & 15) - 1, want_splits = (cfg >> 4) & 15;
+    ws_plan best = {0, 1, (int)ktiles};
+    double best_cost = -1;
+    for (int ci = 0; ci < FQ_GEMM4_WS_CONFIGS; ci++) {
+        if (want_ci >= 0 && ci != want_ci) continue;
+        const int64_t bx = ws_configs()[ci].bx;
+        const int64_t tiles = ws_cdiv(w->n, WS_ROWS) * ws_cdiv(io->m, bx);
+        for (int64_t splits = 1; splits <= 8; splits++) {
+            if (want_splits > 0 && splits != want_splits) continue;
+            if (want_splits == 0 && splits > 1 && tiles * (splits - 1) >= sms) break;
+            if (splits > ktiles) break;
+            const int64_t kps = ws_cdiv(ktiles, splits), sp = ws_cdiv(ktiles, kps);
+            const int64_t rounds = ws_cdiv(tiles * sp, sms);
+            double cost = (double)rounds * (double)(bx + 128) * (double)(kps + 3);
+            /* partials: sp * m * n f32 written + read, against ~1 row-K-tile unit per 16 KB per SM */
+            if (sp > 1) cost += (double)sp * io->m * w->n * 8.0 / 16384.0 / (double)sms * 128.0;
+            if (best_cost < 0 || cost < best_cost) {
+                best_cost = cost;
+                best.ci = ci;
+                best.splits = (int)sp;
+                best.kps = (int)kps;
+            }
+        }
+    }
+    return best;
+}
+
+extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0) return 0;
+    const ws_plan p = ws_plan_for(w, io, sm_count, cfg);
+    return p.splits > 1 ? (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float) : 0;
+}
+
+static int ws_encode(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64_t inner, uint64_t outer,
+                     uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swz) {
+    const cuuint64_t dims[2] = {inner, outer}, strides[1] = {stride_bytes};
+    const cuuint32_t box[2] = {box_inner, box_outer}, estr[2] = {1, 1};
+    CUresult r = g_encode(map, dt, 2, ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, swz,
+                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? (int)cudaSuccess : (int)cudaErrorInvalidValue;
+}
+
+extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
+    if (!fq_cuda_gemm4_ws_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (!g_encode) return (int)cudaErrorInitializationError; /* fq_cuda_gemm4_ws_prepare not called */
+    if (io->m <= 0) return (int)cudaSuccess;
+    ws_plan p = ws_plan_for(w, io, sm_count, cfg);
+    const size_t need = (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float);
+    if (p.splits > 1 && (!ws || ws_bytes < need)) {
+        p.splits = 1;
+        p.kps = (int)(w->k / WS_BK);
+    }
+    const ws_config *c = &ws_configs()[p.ci];
+    CUtensorMap tmx, tmw;
+    int rc = ws_encode(&tmx, io->x_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                       (void *)io->x, (uint64_t)w->k, (uint64_t)io->m, (uint64_t)w->k * 2, WS_BK, (uint32_t)c->bx,
+                       CU_TENSOR_MAP_SWIZZLE_128B);
+    if (!rc)
+        rc = ws_encode(&tmw, CU_TENSOR_MAP_DATA_TYPE_UINT8, (void *)w->packed, (uint64_t)w->k / 2, (uint64_t)w->n,
+                       (uint64_t)w->k / 2, WS_BK / 2, WS_ROWS, CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (rc) return rc;
+    ws_args a;
+    memset(&a, 0, sizeof a);
+    a.w = *w;
+    a.y = io->y;
+    a.y_dtype = io->y_dtype;
+    a.lg2bs = fq_log2i(w->blocksize);
+    a.m = io->m;
+    a.e = *e;
+    a.partial = p.splits > 1 ? ws : NULL;
+    a.ktiles = (int)(w->k / WS_BK);
+    a.kps = p.kps;
+    a.nt = (int)ws_cdiv(w->n, WS_ROWS);
+    a.mt = (int)ws_cdiv(io->m, c->bx);
+    a.splits = p.splits;
+    a.probe = ws_probe();
+    const int64_t total = (int64_t)a.nt * a.mt * a.splits;
+    const int64_t sms = sm_count > 0 ? sm_count : 132;
+    const unsigned grid = (unsigned)(total < sms ? total : sms);
+    c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0]<<<grid, WS_THREADS, c->smem, stream>>>(tmx, tmw, a);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.splits == 1) return (int)err;
+    return fq_cuda_lin4_splitk_reduce(ws, p.splits, io, w->n, e, stream);
+}
+
+extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
+    const int ci = (cfg & 15) - 1;
+    return ci >= 0 && ci < FQ_GEMM4_WS_CONFIGS ? ws_configs()[ci].name : "auto";
+}
+
+#else /* !FQ_BUILD_SM90A: built without architecture 90 */
+
+extern "C" int fq_cuda_gemm4_ws_built(void) { return 0; }
+extern "C" int fq_cuda_gemm4_ws_prepare(void) { return (int)cudaSuccess; }
+extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    (void)w; (void)io; (void)sm_count; (void)cfg;
+    return 0;
+}
+extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
+    (void)w; (void)io; (void)e; (void)sm_count; (void)cfg; (void)ws; (void)ws_bytes; (void)stream;
+    return (int)cudaErrorNotSupported;
+}
+extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
+    (void)cfg;
+    return "not built";
+}
+#endif
+
+/* Limits: K < 2^31 elements (int tile coordinates), M < 2^31, TMA strides < 2^40. */
+extern "C" int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
+    const int xt = io->x_dtype, yt = io->y_dtype;
+    return fq_cuda_gemm4_ws_built() && (xt == FQ_BF16 || xt == FQ_F16) &&
+           (yt == FQ_BF16 || yt == FQ_F16 || yt == FQ_F32) && w->blocksize >= 64 && w->k >= WS_BK &&
+           w->k % w->blocksize == 0 && w->k < ((int64_t)1 << 30) && io->m < ((int64_t)1 << 31) && w->n >= 1 &&
+           ((uintptr_t)io->x & 15) == 0 && ((uintptr_t)w->packed & 15) == 0 && w->quant_map != NULL &&
+           (w->nested ? w->nested_code != NULL : 1);
+}
