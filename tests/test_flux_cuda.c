@@ -1291,10 +1291,15 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
     }
     /* GELU in the GEMM epilogue (bf16 x, weight, bias, out): against the CPU
      * computing gelu of the unrounded f32 linear result, rounded once. The
-     * GEMMs sum in other orders (f32) and tanhf differs by a few ulp, so a
-     * bf16 result may differ by one ulp where the f32 value sits near a
-     * rounding boundary: the GELU test's bounds (rel L2 2e-3, at most 5% of
-     * the elements). Columns 32.. of a 128-column output; 0..31 untouched. */
+     * GEMMs sum in other orders (f32), and cuBLASLt does not document how its
+     * GELU evaluates tanh: with a hardware approximation (relative error up to
+     * 2^-11) the f32 value before the rounding may move by ~2^-11 of its size,
+     * and far more in the negative tail where 1 + tanh cancels (values of a
+     * few 1e-3 there), so any element may be off by an ulp or more and only
+     * the norm is bounded: rel L2 <= 4e-3, one bf16 ulp (2^-8) of every
+     * element. A missing GELU, bias or column offset is off by O(1). The
+     * distance to the two-op rounding is printed. Columns 32.. of a 128-column
+     * output; 0..31 must stay untouched. */
     {
         int64_t osh[3] = {B, S, 32 + N};
         fq_tensor *go = NULL;
@@ -1328,7 +1333,7 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
                 printf("  linear + GELU epilogue vs the CPU (gelu of the f32 result): rel L2 %.3g, %lld of %lld differ;"
                        " vs the two-op rounding: rel L2 %.3g\n",
                        sqrt(num / den), (long long)nd, (long long)(B * S * N), sqrt(n2 / den));
-                CHECK(sqrt(num / den) <= 2e-3 && nd <= B * S * N / 20, "linear+gelu epilogue: rel L2 %.3g, %lld differ",
+                CHECK(sqrt(num / den) <= 4e-3, "linear+gelu epilogue: rel L2 %.3g (%lld elements differ)",
                       sqrt(num / den), (long long)nd);
                 CHECK(kept == B * S * 32, "linear+gelu wrote outside its columns");
             }
