@@ -728,9 +728,60 @@ static void test_misplaced_member(fq_ctx *ctx) {
     fq_flux_free(m);
 }
 
+/* ---- fused ops = the separate ops ---------------------------------------------------- */
+
+static fq_tensor *cpu_t(fq_ctx *ctx, int nd, const int64_t *sh, uint64_t seed, float scale) {
+    fq_tensor *t = NULL;
+    CHECK_OK(ctx, fq_tensor_create(ctx, FQ_CPU, FQ_F32, nd, sh, &t));
+    if (t && seed) CHECK_OK(ctx, fq_nn_random(ctx, t, seed, scale, 0.0f));
+    return t;
+}
+
+static void same_bits(const char *what, const fq_tensor *a, const fq_tensor *b) {
+    const int64_t n = fq_tensor_numel(a);
+    int64_t nd = 0;
+    const float *x = fq_tensor_host_data((fq_tensor *)a), *y = fq_tensor_host_data((fq_tensor *)b);
+    for (int64_t i = 0; i < n; i++) nd += memcmp(&x[i], &y[i], 4) != 0;
+    printf("  %-40s %lld of %lld elements differ\n", what, (long long)nd, (long long)n);
+    CHECK(nd == 0, "%s: %lld elements differ from the separate ops", what, (long long)nd);
+}
+
+/* gated_add_adaln = gated_add then adaln (y aliasing a, as the forward calls
+ * it); gelu_tanh_cols / copy_cols = gelu_tanh and concat along the last dim. */
+static void test_fused_ops(fq_ctx *ctx) {
+    printf("fused ops vs the separate ops (CPU):\n");
+    const fq_dtype rnds[2] = {FQ_F32, FQ_BF16};
+    for (int ri = 0; ri < 2; ri++) {
+        const fq_dtype R = rnds[ri];
+        int64_t sh[3] = {2, 9, 40}, ms[2] = {2, 6 * 40}, fs[3] = {2, 9, 24}, cs[3] = {2, 9, 64};
+        fq_tensor *h1 = cpu_t(ctx, 3, sh, 1, 2.0f), *h2 = cpu_t(ctx, 3, sh, 1, 2.0f), *a1 = cpu_t(ctx, 3, sh, 2, 1.0f),
+                  *a2 = cpu_t(ctx, 3, sh, 2, 1.0f), *mod = cpu_t(ctx, 2, ms, 3, 1.0f), *y1 = cpu_t(ctx, 3, sh, 0, 0);
+        fq_tensor *m = cpu_t(ctx, 3, fs, 4, 3.0f), *g = cpu_t(ctx, 3, fs, 0, 0), *c1 = cpu_t(ctx, 3, cs, 0, 0),
+                  *c2 = cpu_t(ctx, 3, cs, 0, 0);
+        if (h1 && h2 && a1 && a2 && mod && y1 && m && g && c1 && c2) {
+            CHECK_OK(ctx, fq_nn_gated_add(ctx, h1, mod, 2, a1, R));
+            CHECK_OK(ctx, fq_nn_adaln(ctx, h1, mod, 3, 4, 1e-6f, y1, R));
+            CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, h2, mod, 2, a2, 3, 4, 1e-6f, a2, R));
+            same_bits(R == FQ_F32 ? "gated_add_adaln h (f32)" : "gated_add_adaln h (bf16)", h1, h2);
+            same_bits(R == FQ_F32 ? "gated_add_adaln y (f32)" : "gated_add_adaln y (bf16)", y1, a2);
+            CHECK(fq_nn_gated_add_adaln(ctx, h2, mod, 2, a2, 3, 4, 1e-6f, h2, R) != FQ_OK, "y = h is refused");
+            /* cat(a1 [.., 40], gelu(m) [.., 24]) both ways */
+            CHECK_OK(ctx, fq_nn_gelu_tanh(ctx, m, g, R));
+            CHECK_OK(ctx, fq_nn_concat(ctx, a1, g, 2, c1));
+            CHECK_OK(ctx, fq_nn_gelu_tanh_cols(ctx, m, c2, 40, R));
+            CHECK_OK(ctx, fq_nn_copy_cols(ctx, a1, c2, 0));
+            same_bits(R == FQ_F32 ? "gelu_tanh_cols + copy_cols (f32)" : "gelu_tanh_cols + copy_cols (bf16)", c1, c2);
+            CHECK(fq_nn_copy_cols(ctx, a1, c2, 30) != FQ_OK, "columns past the end are refused");
+        }
+        fq_tensor_free(h1), fq_tensor_free(h2), fq_tensor_free(a1), fq_tensor_free(a2), fq_tensor_free(mod);
+        fq_tensor_free(y1), fq_tensor_free(m), fq_tensor_free(g), fq_tensor_free(c1), fq_tensor_free(c2);
+    }
+}
+
 int main(void) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
+    test_fused_ops(ctx);
     struct stat st;
     if (stat(FIX "/flux/model_fp32/config.json", &st) != 0) {
         SKIP("fixtures missing (%s)", FIX);

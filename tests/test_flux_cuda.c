@@ -194,6 +194,10 @@ static void free_inputs(rand_inputs *in) {
     for (int i = 0; i < 7; i++) fq_tensor_free(in->t[i]);
 }
 
+/* Plans made by the tests run the exact GELU path (no GELU in the GEMM
+ * epilogue: the CPU forward's rounding points) while this is set. */
+static int g_exact_gelu = 0;
+
 /* Runs m on inputs (copied to m's device); returns the output on the host or NULL. */
 static float *forward_on(fq_ctx *ctx, const fq_flux_model *m, const rand_inputs *in, int64_t *numel) {
     fq_tensor *d[7] = {0};
@@ -201,6 +205,7 @@ static float *forward_on(fq_ctx *ctx, const fq_flux_model *m, const rand_inputs 
     fq_flux_plan *p = NULL;
     float *res = NULL;
     CHECK_OK(ctx, fq_flux_plan_create(ctx, m, in->B, in->St, in->Si, &p));
+    if (p && g_exact_gelu) fq_flux_plan_set_fused_gelu(p, 0);
     int64_t osh[3] = {in->B, in->Si, m->cfg.out_dim};
     fq_tensor *out = empty(ctx, m->device, 3, osh);
     if (p && out) {
@@ -333,6 +338,28 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
         snprintf(w, sizeof w, "gelu_tanh (%s)", fq_dtype_name(rnd));
         compare(ctx, w, dy, y, rnd == FQ_F32 ? 5e-7 : 2e-3, rnd == FQ_F32 ? fq_tensor_numel(y) : fq_tensor_numel(y) / 20);
 
+        /* GELU into columns c0.. of a wider tensor (16-byte aligned rows: the
+         * vector kernel; c0 = 3: the element kernel), and a copy beside it */
+        for (int al = 0; al < 2; al++) {
+            const int64_t c0 = al ? 3 : 32, wsh[3] = {2, 37, 96 + c0};
+            fq_tensor *cy = empty(ctx, FQ_CPU, 3, wsh), *dcy = empty(ctx, dev, 3, wsh);
+            fq_tensor *lft = NULL, *dlft = NULL;
+            const int64_t lsh[3] = {2, 37, c0};
+            lft = cpu_rand(ctx, FQ_F32, 3, lsh, 71 + ri, 1.0f, 0.0f, rnd);
+            dlft = to_dev(ctx, lft, dev);
+            if (cy && dcy && lft && dlft) {
+                CHECK_OK(ctx, fq_nn_gelu_tanh_cols(ctx, x, cy, c0, rnd));
+                CHECK_OK(ctx, fq_nn_gelu_tanh_cols(ctx, dx, dcy, c0, rnd));
+                CHECK_OK(ctx, fq_nn_copy_cols(ctx, lft, cy, 0));
+                CHECK_OK(ctx, fq_nn_copy_cols(ctx, dlft, dcy, 0));
+                snprintf(w, sizeof w, "gelu_tanh_cols + copy_cols, c0 %lld (%s)", (long long)c0, fq_dtype_name(rnd));
+                /* the GELU bound (see above) over 96 of 96 + c0 columns */
+                compare(ctx, w, dcy, cy, rnd == FQ_F32 ? 5e-7 : 2e-3,
+                        rnd == FQ_F32 ? fq_tensor_numel(cy) : fq_tensor_numel(cy) / 20);
+            }
+            fq_tensor_free(cy), fq_tensor_free(dcy), fq_tensor_free(lft), fq_tensor_free(dlft);
+        }
+
         /* AdaLN with a [B, 6D] modulation, chunks 3 (shift) and 4 (scale) */
         int64_t msh[2] = {2, 6 * 96};
         fq_tensor *mod = cpu_rand(ctx, FQ_F32, 2, msh, 21 + ri, 1.0f, 0.0f, rnd), *dmod = to_dev(ctx, mod, dev);
@@ -348,6 +375,19 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
                 CHECK_OK(ctx, fq_nn_gated_add(ctx, dh, dmod, 2, da, rnd));
                 snprintf(w, sizeof w, "gated_add (%s)", fq_dtype_name(rnd));
                 compare(ctx, w, dh, h, 0, 0);
+                /* the fused gated add + AdaLN (y over a, as the forward calls it):
+                 * h as exact as gated_add, y within adaln's bounds */
+                fq_tensor *a2 = cpu_rand(ctx, FQ_F32, 3, sh, 11 + ri, 2.0f, 0.5f, rnd), *da2 = to_dev(ctx, a2, dev);
+                if (a2 && da2) {
+                    CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, h, mod, 2, a2, 3, 4, 1e-6f, a2, rnd));
+                    CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, dh, dmod, 2, da2, 3, 4, 1e-6f, da2, rnd));
+                    snprintf(w, sizeof w, "gated_add_adaln h (%s)", fq_dtype_name(rnd));
+                    compare(ctx, w, dh, h, 0, 0);
+                    snprintf(w, sizeof w, "gated_add_adaln y (%s)", fq_dtype_name(rnd));
+                    compare(ctx, w, da2, a2, rnd == FQ_F32 ? 1e-7 : 1e-3, fq_tensor_numel(a2) / 1000 + 2);
+                }
+                fq_tensor_free(a2);
+                fq_tensor_free(da2);
             }
             fq_tensor_free(h);
             fq_tensor_free(dh);
@@ -825,6 +865,7 @@ static float *run_golden(fq_ctx *ctx, const golden_spec *gs, fq_device dev, tapp
         int64_t B = h[0] ? h[0]->shape[0] : 1, Si = h[0] ? h[0]->shape[1] : 1, St = h[1] ? h[1]->shape[1] : 0;
         fq_flux_plan *p = NULL;
         CHECK_OK(ctx, fq_flux_plan_create(ctx, m, B, St, Si, &p));
+        if (p && g_exact_gelu) fq_flux_plan_set_fused_gelu(p, 0);
         fq_st_file *act = NULL;
         if (p && tp && gs->activations) {
             snprintf(path, sizeof path, FIX "/%s/%s", gs->dir, gs->activations);
@@ -938,6 +979,14 @@ static void test_golden(fq_ctx *ctx, fq_device dev) {
     golden_case(ctx, dev, &nf4, "out.model_nf4", 0.05, 2e-2, NULL);
     golden_case(ctx, dev, &nf4dq, "out.model_nf4_dq", 0.05, 2e-2, NULL);
     golden_case(ctx, dev, &fp4, "out.model_fp4", 0.05, 2e-2, NULL);
+    /* The plans above put GELU in the MLP linears' GEMM epilogue (bf16
+     * models on the GPU: one rounding fewer than diffusers and the CPU); the
+     * same bars with the exact two-op path, where NF4 gives the CPU's bits. */
+    printf("golden models on %s, exact GELU path:\n", dn);
+    g_exact_gelu = 1;
+    golden_case(ctx, dev, &bf16, "out.bf16_cuda", 0.05, 2e-2, NULL);
+    golden_case(ctx, dev, &nf4, "out.model_nf4", 0.05, 2e-2, NULL);
+    g_exact_gelu = 0;
 }
 
 /* ---- 5. same results everywhere; no allocation inside a forward ---------------------------------- */
@@ -1239,6 +1288,95 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
         }
         fq_tensor_free(q2), fq_tensor_free(k2), fq_tensor_free(v2), fq_tensor_free(o2), fq_tensor_free(o2b);
         fq_tensor_free(q2b), fq_tensor_free(k2b), fq_tensor_free(v2b);
+    }
+    /* GELU in the GEMM epilogue (bf16 x, weight, bias, out): against the CPU
+     * computing gelu of the unrounded f32 linear result, rounded once. The
+     * GEMMs sum in other orders (f32), and cuBLASLt does not document how its
+     * GELU evaluates tanh: with a hardware approximation (relative error up to
+     * 2^-11) the f32 value before the rounding may move by ~2^-11 of its size,
+     * and far more in the negative tail where 1 + tanh cancels (values of a
+     * few 1e-3 there), so any element may be off by an ulp or more and only
+     * the norm is bounded: rel L2 <= 4e-3, one bf16 ulp (2^-8) of every
+     * element. A missing GELU, bias or column offset is off by O(1). The
+     * distance to the two-op rounding is printed. Columns 32.. of a 128-column
+     * output; 0..31 must stay untouched. */
+    {
+        int64_t osh[3] = {B, S, 32 + N};
+        fq_tensor *go = NULL;
+        CHECK_OK(ctx, fq_tensor_create(ctx, d, FQ_BF16, 3, osh, &go));
+        CHECK(fq_nn_linear_gelu_fused(d, R) && !fq_nn_linear_gelu_fused(FQ_CPU, R) && !fq_nn_linear_gelu_fused(d, FQ_F32),
+              "fq_nn_linear_gelu_fused");
+        float *xh = host_f32(ctx, ab), *wh = host_f32(ctx, w), *bh = host_f32(ctx, bias);
+        float *ref = malloc((size_t)(B * S * N) * 4), *ex = malloc((size_t)(B * S * N) * 4);
+        if (go && xh && wh && bh && ref && ex) {
+            CHECK_OK(ctx, fq_nn_random(ctx, go, 77, 1.0f, 0.0f)); /* a known fill */
+            float *before = host_f32(ctx, go);
+            CHECK_OK(ctx, fq_nn_linear_gelu_cols(ctx, ab, w, NULL, bias, go, 32, sb, R));
+            float *got = host_f32(ctx, go);
+            fq_cpu_linear(B * S, N, D, xh, wh, bh, ref, FQ_F32);
+            memcpy(ex, ref, (size_t)(B * S * N) * 4);
+            fq_cpu_round(ex, B * S * N, R);
+            fq_cpu_gelu_tanh(ex, ex, B * S * N, R); /* the two-op rounding points */
+            fq_cpu_gelu_tanh(ref, ref, B * S * N, R);
+            if (got && before) {
+                double num = 0, den = 0, n2 = 0;
+                int64_t nd = 0, kept = 0;
+                for (int64_t r = 0; r < B * S; r++) {
+                    for (int64_t c = 0; c < 32; c++) kept += memcmp(&got[r * (32 + N) + c], &before[r * (32 + N) + c], 4) == 0;
+                    for (int64_t c = 0; c < N; c++) {
+                        const double g = got[r * (32 + N) + 32 + c], e = ref[r * N + c];
+                        nd += g != e;
+                        num += (g - e) * (g - e), den += e * e;
+                        n2 += (g - ex[r * N + c]) * (g - ex[r * N + c]);
+                    }
+                }
+                printf("  linear + GELU epilogue vs the CPU (gelu of the f32 result): rel L2 %.3g, %lld of %lld differ;"
+                       " vs the two-op rounding: rel L2 %.3g\n",
+                       sqrt(num / den), (long long)nd, (long long)(B * S * N), sqrt(n2 / den));
+                CHECK(sqrt(num / den) <= 4e-3, "linear+gelu epilogue: rel L2 %.3g (%lld elements differ)",
+                      sqrt(num / den), (long long)nd);
+                CHECK(kept == B * S * 32, "linear+gelu wrote outside its columns");
+            }
+            free(before), free(got);
+            /* elsewhere it is refused */
+            CHECK(fq_nn_linear_gelu_cols(ctx, af, w, NULL, bias, of, 0, sf, R) != FQ_OK, "f32 activations refused");
+        }
+        free(xh), free(wh), free(bh), free(ref), free(ex);
+        fq_tensor_free(go);
+    }
+    /* FLUX's width (d 3072: 12 chunks of 8 per lane in the AdaLN kernels):
+     * fused gated add + AdaLN = the two ops, bf16 storage = f32 storage, and
+     * AdaLN against the CPU kernel */
+    {
+        const int64_t DW = 3072, T = 40;
+        int64_t s3[3] = {1, T, DW}, m3[2] = {1, 6 * DW};
+        fq_tensor *hf = dev_rand16(ctx, d, FQ_F32, 3, s3, 31, 3.0f), *hb = dev_to(ctx, hf, FQ_BF16);
+        fq_tensor *h2 = dev_to(ctx, hf, FQ_BF16), *gf = dev_rand16(ctx, d, FQ_F32, 3, s3, 32, 1.0f);
+        fq_tensor *gb = dev_to(ctx, gf, FQ_BF16), *g2 = dev_to(ctx, gf, FQ_BF16), *y2 = dev_to(ctx, gf, FQ_BF16);
+        fq_tensor *m = dev_rand16(ctx, d, FQ_F32, 2, m3, 33, 1.0f);
+        if (hf && hb && h2 && gf && gb && g2 && y2 && m) {
+            CHECK_OK(ctx, fq_nn_gated_add(ctx, h2, m, 2, g2, R)); /* separate, bf16 */
+            CHECK_OK(ctx, fq_nn_adaln(ctx, h2, m, 3, 4, 1e-6f, y2, R));
+            CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, hf, m, 2, gf, 3, 4, 1e-6f, gf, R)); /* fused, f32 */
+            CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, hb, m, 2, gb, 3, 4, 1e-6f, gb, R)); /* fused, bf16 */
+            same16(ctx, "gated_add_adaln h, d 3072", hf, hb);
+            same16(ctx, "gated_add_adaln y, d 3072", gf, gb);
+            same16(ctx, "fused h = separate h, d 3072", hf, h2);
+            same16(ctx, "fused y = separate y, d 3072", gf, y2);
+            /* AdaLN of the new h against the CPU kernel (the ops test's bounds) */
+            float *hh = host_f32(ctx, hb), *mh = host_f32(ctx, m), *yh = host_f32(ctx, y2);
+            float *yc = malloc((size_t)(T * DW) * 4);
+            if (hh && mh && yh && yc) {
+                fq_cpu_adaln(hh, yc, 1, T, DW, mh + 3 * DW, mh + 4 * DW, 6 * DW, 1e-6f, R);
+                const int64_t nd = ndiff(yh, yc, T * DW);
+                printf("  adaln d 3072 vs the CPU kernel: %lld of %lld elements differ\n", (long long)nd,
+                       (long long)(T * DW));
+                CHECK(nd <= T * DW / 1000 + 2, "adaln at d 3072: %lld elements differ from the CPU", (long long)nd);
+            }
+            free(hh), free(mh), free(yh), free(yc);
+        }
+        fq_tensor_free(hf), fq_tensor_free(hb), fq_tensor_free(h2), fq_tensor_free(gf), fq_tensor_free(gb);
+        fq_tensor_free(g2), fq_tensor_free(y2), fq_tensor_free(m);
     }
     /* bf16 tensors are refused on the CPU and at f32 compute */
     CHECK(fq_nn_gelu_tanh(ctx, yb, yb, FQ_F32) != FQ_OK, "bf16 activations at f32 compute are refused");

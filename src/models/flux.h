@@ -135,6 +135,12 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
 void fq_flux_plan_free(fq_flux_plan *p);
 /* Bytes of the arena (activations + scratch). */
 size_t fq_flux_plan_bytes(const fq_flux_plan *p);
+/* Whether the MLPs' first linear applies GELU in its GEMM epilogue, on the f32
+ * result (fq_nn_linear_gelu_cols: one bf16 rounding fewer than diffusers'
+ * gelu(bf16(x·Wᵀ + b)), within the golden bars; no separate GELU pass). On by
+ * default where the device supports it (CUDA, bf16 compute); off: the exact
+ * two-op path, the CPU forward's bits. */
+void fq_flux_plan_set_fused_gelu(fq_flux_plan *p, int on);
 
 /* Observer of intermediate activations (tests, debugging): called during the
  * forward with diffusers' module names ("x_embedder", "time_text_embed",

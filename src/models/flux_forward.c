@@ -28,10 +28,11 @@ enum {
     B_PIN,               /* [B, P]     pooled projection                                 */
     B_H, B_NH, B_TI,     /* [B, Si, D] image stream, its normed copy, a temporary        */
     B_C, B_NC, B_TC,     /* [B, St, D] text stream, its normed copy, a temporary         */
-    B_Q, B_K, B_V, B_O,  /* [B, S, D]  joint q, k, v, attention output                   */
+    B_Q, B_K, B_V, B_O,  /* [B, S, D]  joint q, k, v, attention output (inside B_WORK)   */
     B_X, B_NX,           /* [B, S, D]  single-stream residual and its normed copy        */
-    B_MLP,               /* [B, S, F]  MLP hidden                                        */
-    B_CAT,               /* [B, S, D+F] cat(attn, mlp) of a single block                 */
+    B_WORK,              /* [B, S, F]  MLP hidden; holds q, k, v, o when no MLP is live   */
+    B_CAT,               /* [B, S, D+F] cat(attn, mlp) of a single block; holds nh, ti,   */
+                         /*            nc, tc, which only the double blocks use          */
     B_ATT,               /* attention scratch                                            */
     B_LIN,               /* linear scratch (dense weights widened / 4-bit dequantized)   */
     NBUF
@@ -52,6 +53,8 @@ struct fq_flux_plan {
     fq_dtype dt[NBUF];        /* f32, or fq_nn_act_dtype for the token-sized activations */
     int ndim[NBUF];
     int64_t shape[NBUF][3];
+    int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
+    int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
     fq_flux_tap_fn tap;
     void *tap_user;
 };
@@ -147,21 +150,42 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     for (int id = B_H; id <= B_TI; id++) set_shape(p, id, 3, B, Si, D);
     for (int id = B_C; id <= B_TC; id++) set_shape(p, id, 3, B, St, D);
     for (int id = B_Q; id <= B_NX; id++) set_shape(p, id, 3, B, S, D);
-    set_shape(p, B_MLP, 3, B, S, F);
+    set_shape(p, B_WORK, 3, B, S, F);
     set_shape(p, B_CAT, 3, B, S, D + F);
     set_shape(p, B_ATT, 1, att_scratch, 0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
     set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
-    size_t off = 0;
-    for (int id = 0; id < NBUF; id++) {
-        p->off[id] = off;
-        off += ((size_t)p->cap[id] * fq_dtype_size(p->dt[id]) + 255) & ~(size_t)255; /* 256-byte aligned views */
+    /* Buffers whose lifetimes never meet share bytes: q, k, v, o live in the
+     * MLP hidden's region (a double block's MLP runs after its attention
+     * output is projected; a single block's GELU has read the MLP hidden before
+     * q is written), and the double blocks' nh, ti, nc, tc in the single
+     * blocks' cat (the final norm_out writes nh after the last single block). */
+    for (int id = 0; id < NBUF; id++) p->parent[id] = -1;
+    for (int id = B_Q; id <= B_O; id++) p->parent[id] = B_WORK;
+    p->parent[B_NH] = p->parent[B_TI] = p->parent[B_NC] = p->parent[B_TC] = B_CAT;
+    size_t off = 0, sub[NBUF] = {0};
+    for (int id = 0; id < NBUF; id++) { /* 256-byte aligned views */
+        const size_t bytes = ((size_t)p->cap[id] * fq_dtype_size(p->dt[id]) + 255) & ~(size_t)255;
+        if (p->parent[id] >= 0) {
+            p->off[id] = sub[p->parent[id]]; /* relative for now */
+            sub[p->parent[id]] += bytes;
+        }
     }
+    for (int id = 0; id < NBUF; id++) {
+        if (p->parent[id] >= 0) continue;
+        size_t bytes = ((size_t)p->cap[id] * fq_dtype_size(p->dt[id]) + 255) & ~(size_t)255;
+        if (sub[id] > bytes) bytes = sub[id];
+        p->off[id] = off;
+        off += bytes;
+    }
+    for (int id = 0; id < NBUF; id++)
+        if (p->parent[id] >= 0) p->off[id] += p->off[p->parent[id]];
     fq_status s = fq_buf_alloc(ctx, m->device, off, &p->arena);
     if (s != FQ_OK) {
         free(p);
         return fq_err_prefix(ctx, s, "flux_plan (%zu bytes of activations)", off);
     }
+    fq_flux_plan_set_fused_gelu(p, 1);
     *out = p;
     return FQ_OK;
 }
@@ -173,6 +197,10 @@ void fq_flux_plan_free(fq_flux_plan *p) {
 }
 
 size_t fq_flux_plan_bytes(const fq_flux_plan *p) { return p ? p->arena.bytes : 0; }
+
+void fq_flux_plan_set_fused_gelu(fq_flux_plan *p, int on) {
+    p->fused_gelu = on && fq_nn_linear_gelu_fused(p->m->device, p->m->compute_dtype);
+}
 
 void fq_flux_plan_set_tap(fq_flux_plan *p, fq_flux_tap_fn fn, void *user) {
     p->tap = fn;
@@ -222,6 +250,22 @@ static fq_status lin(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l
     fq_dtype cd = p->m->compute_dtype;
     return l->qw ? fq_nn_linear_q4(ctx, x, l->qw, l->b, y, &scratch, cd)
                  : fq_nn_linear(ctx, x, l->w, l->b, y, &scratch, cd);
+}
+
+/* out[..., c0 : c0 + N] = gelu_tanh(l(x)): in the GEMM's epilogue when the plan
+ * fuses it and the weights allow (4-bit, or dense of the compute dtype), else
+ * l(x) into tmp [.., N] (tapped as `name`) and GELU from there (tmp may be out
+ * when c0 is 0 and out has N columns). */
+static fq_status lin_gelu(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x,
+                          fq_tensor *tmp, fq_tensor *out, int64_t c0, const char *name) {
+    fq_dtype cd = p->m->compute_dtype;
+    if (p->fused_gelu && (!l->w || l->w->dtype == cd) && (!l->b || l->b->dtype == cd)) {
+        fq_tensor scratch = V(p, B_LIN);
+        return fq_nn_linear_gelu_cols(ctx, x, l->w, l->qw, l->b, out, c0, &scratch, cd);
+    }
+    FQ_TRY(lin(ctx, p, l, x, tmp));
+    if (name) tap(p, tmp, "%s", name);
+    return fq_nn_gelu_tanh_cols(ctx, tmp, out, c0, cd);
 }
 
 /* An embedder MLP: out = l2(silu(l1(x))), using tmp. */
@@ -276,7 +320,7 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     fq_tensor h = V(p, B_H), nh = V(p, B_NH), ti = V(p, B_TI), c = V(p, B_C), nc = V(p, B_NC), tc = V(p, B_TC);
     fq_tensor q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O), att = V(p, B_ATT);
     fq_tensor tact = V(p, B_TACT), mi = V(p, B_MODI), mc = V(p, B_MODC);
-    fq_tensor mlp_i = V3(p, B_MLP, B, p->Si, F), mlp_c = V3(p, B_MLP, B, p->St, F);
+    fq_tensor mlp_i = V3(p, B_WORK, B, p->Si, F), mlp_c = V3(p, B_WORK, B, p->St, F); /* q, k, v, o are dead */
 
     /* AdaLN-Zero of both streams */
     FQ_TRY(lin(ctx, p, &bl->norm1, &tact, &mi));
@@ -306,19 +350,15 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     tap(p, &nc, "transformer_blocks.%lld.attn.encoder_hidden_states", (long long)i);
 
     /* image stream: gated attention residual, then the gated MLP */
-    FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MSA_GATE, &nh, cd));
-    FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MLP_SHIFT, MLP_SCALE, LN_EPS, &nh, cd));
-    FQ_TRY(lin(ctx, p, &bl->ff1, &nh, &mlp_i));
-    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp_i, &mlp_i, cd));
+    FQ_TRY(fq_nn_gated_add_adaln(ctx, &h, &mi, MSA_GATE, &nh, MLP_SHIFT, MLP_SCALE, LN_EPS, &nh, cd));
+    FQ_TRY(lin_gelu(ctx, p, &bl->ff1, &nh, &mlp_i, &mlp_i, 0, NULL));
     FQ_TRY(lin(ctx, p, &bl->ff2, &mlp_i, &ti));
     tap(p, &ti, "transformer_blocks.%lld.ff", (long long)i);
     FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MLP_GATE, &ti, cd));
 
     /* text stream: the same with its own weights */
-    FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MSA_GATE, &nc, cd));
-    FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MLP_SHIFT, MLP_SCALE, LN_EPS, &nc, cd));
-    FQ_TRY(lin(ctx, p, &bl->ff_ctx1, &nc, &mlp_c));
-    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp_c, &mlp_c, cd));
+    FQ_TRY(fq_nn_gated_add_adaln(ctx, &c, &mc, MSA_GATE, &nc, MLP_SHIFT, MLP_SCALE, LN_EPS, &nc, cd));
+    FQ_TRY(lin_gelu(ctx, p, &bl->ff_ctx1, &nc, &mlp_c, &mlp_c, 0, NULL));
     FQ_TRY(lin(ctx, p, &bl->ff_ctx2, &mlp_c, &tc));
     tap(p, &tc, "transformer_blocks.%lld.ff_context", (long long)i);
     FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MLP_GATE, &tc, cd));
@@ -333,16 +373,19 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     const fq_dtype cd = m->compute_dtype;
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, D = m->cfg.inner_dim;
     fq_tensor x = V(p, B_X), nx = V(p, B_NX), q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O);
-    fq_tensor att = V(p, B_ATT), mlp = V(p, B_MLP), cat = V(p, B_CAT), tact = V(p, B_TACT);
+    fq_tensor att = V(p, B_ATT), mlp = V(p, B_WORK), cat = V(p, B_CAT), tact = V(p, B_TACT);
     fq_tensor mod = V2(p, B_MODI, B, 3 * D), cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
 
     FQ_TRY(lin(ctx, p, &sb->norm, &tact, &mod));
     FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
     tap(p, &mod, "single_transformer_blocks.%lld.norm.emb", (long long)i);
     tap(p, &nx, "single_transformer_blocks.%lld.norm.x", (long long)i);
-    FQ_TRY(lin(ctx, p, &sb->proj_mlp, &nx, &mlp));
-    tap(p, &mlp, "single_transformer_blocks.%lld.proj_mlp", (long long)i);
-    FQ_TRY(fq_nn_gelu_tanh(ctx, &mlp, &mlp, cd));
+    /* gelu(proj_mlp(nx)) goes straight into cat's last F columns (its linear
+     * output, when not fused, into the MLP hidden, which q, k, v and o
+     * overwrite afterwards: the same bytes, see the plan) */
+    char name[96];
+    snprintf(name, sizeof name, "single_transformer_blocks.%lld.proj_mlp", (long long)i);
+    FQ_TRY(lin_gelu(ctx, p, &sb->proj_mlp, &nx, &mlp, &cat, D, name));
 
     FQ_TRY(lin(ctx, p, &sb->to_q, &nx, &q));
     FQ_TRY(fq_nn_rmsnorm_rope(ctx, &q, sb->norm_q, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
@@ -353,7 +396,7 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     tap(p, &o, "single_transformer_blocks.%lld.attn", (long long)i);
 
     /* proj_out(cat(attn, mlp)) gated into the residual; q is free again */
-    FQ_TRY(fq_nn_concat(ctx, &o, &mlp, 2, &cat));
+    FQ_TRY(fq_nn_copy_cols(ctx, &o, &cat, 0));
     FQ_TRY(lin(ctx, p, &sb->proj_out, &cat, &q));
     tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
     FQ_TRY(fq_nn_gated_add(ctx, &x, &mod, MSA_GATE, &q, cd));

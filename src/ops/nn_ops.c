@@ -226,6 +226,44 @@ fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int 
     return FQ_OK;
 }
 
+/* Checks of copy_cols / gelu_tanh_cols: x [B, S, F] into columns c0.. of out [B, S, W]. */
+static fq_status cols_shapes(fq_ctx *ctx, const char *op, const fq_tensor *x, const fq_tensor *out, int64_t c0) {
+    if (x->dtype != out->dtype)
+        return fq_err(ctx, FQ_ERR_SHAPE, "%s: dtypes differ (x %s, out %s)", op, fq_dtype_name(x->dtype),
+                      fq_dtype_name(out->dtype));
+    if (x->ndim != 3 || out->ndim != 3 || x->shape[0] != out->shape[0] || x->shape[1] != out->shape[1])
+        return shape_err(ctx, op, "x", x, "[batch, tokens, cols] with out's batch and tokens");
+    if (c0 < 0 || c0 + x->shape[2] > out->shape[2])
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: columns %lld..%lld outside out's %lld", op, (long long)c0,
+                      (long long)(c0 + x->shape[2]), (long long)out->shape[2]);
+    return FQ_OK;
+}
+
+fq_status fq_nn_copy_cols(fq_ctx *ctx, const fq_tensor *x, fq_tensor *out, int64_t c0) {
+    const char *op = "copy_cols";
+    FQ_TRY(check(ctx, op, "out", out, out->buf.dev, 0));
+    FQ_TRY(fq_check_tensor(ctx, op, "x", x, out->buf.dev));
+    FQ_TRY(cols_shapes(ctx, op, x, out, c0));
+    DISPATCH(out->buf.dev, fq_nncu_cols(ctx, 0, x, out, c0, FQ_F32));
+    const size_t es = fq_dtype_size(x->dtype), w = (size_t)x->shape[2] * es, ow = (size_t)out->shape[2] * es;
+    const int64_t rows = x->shape[0] * x->shape[1];
+    for (int64_t r = 0; r < rows; r++)
+        memcpy((char *)out->buf.ptr + (size_t)r * ow + (size_t)c0 * es, (const char *)x->buf.ptr + (size_t)r * w, w);
+    return FQ_OK;
+}
+
+fq_status fq_nn_gelu_tanh_cols(fq_ctx *ctx, const fq_tensor *x, fq_tensor *out, int64_t c0, fq_dtype rnd) {
+    const char *op = "gelu_tanh_cols";
+    FQ_TRY(check_act(ctx, op, "out", out, out->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "x", x, out->buf.dev, rnd, out));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(cols_shapes(ctx, op, x, out, c0));
+    DISPATCH(out->buf.dev, fq_nncu_cols(ctx, 1, x, out, c0, rnd));
+    const int64_t rows = x->shape[0] * x->shape[1], f = x->shape[2], w = out->shape[2];
+    for (int64_t r = 0; r < rows; r++) fq_cpu_gelu_tanh(F(x) + r * f, F(out) + r * w + c0, f, rnd);
+    return FQ_OK;
+}
+
 fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq_tensor *b) {
     int64_t outer;
     size_t ia, ib;
@@ -411,6 +449,50 @@ fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, 
     return FQ_OK;
 }
 
+int fq_nn_linear_gelu_fused(fq_device dev, fq_dtype rnd) {
+#ifdef FQ_HAVE_CUDA
+    return dev.type == FQ_DEVICE_CUDA && fq_nncu_linear_gelu_ok(rnd, fq_nn_act_dtype(dev, rnd));
+#else
+    (void)dev, (void)rnd;
+    return 0;
+#endif
+}
+
+fq_status fq_nn_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
+                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "linear_gelu";
+    if (!w == !qw) return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: give exactly one of a dense and a 4-bit weight", op);
+    int64_t n, k, m;
+    const char *wname;
+    if (qw) {
+        FQ_TRY(fq_check_qtensor(ctx, op, qw, out->buf.dev));
+        if (qw->info.ndim != 2) return fq_err(ctx, FQ_ERR_SHAPE, "%s: weight '%s' is not 2-D", op, fq_qtensor_name(qw));
+        n = qw->info.shape[0], k = qw->info.shape[1], wname = fq_qtensor_name(qw);
+    } else {
+        FQ_TRY(check(ctx, op, "w", w, out->buf.dev, 0));
+        if (w->ndim != 2) return shape_err(ctx, op, "w", w, "[out_features, in_features]");
+        n = w->shape[0], k = w->shape[1], wname = tname(w, "w");
+    }
+    if (out->ndim != 3 || c0 < 0 || c0 + n > out->shape[2])
+        return shape_err(ctx, op, "out", out, "[batch, tokens, >= c0 + out_features]");
+    fq_tensor y = *out; /* the columns the linear fills, for the shape checks */
+    y.shape[2] = n;
+    y.numel = out->shape[0] * out->shape[1] * n;
+    FQ_TRY(linear_shapes(ctx, op, x, n, k, bias, &y, wname, rnd, &m));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (!fq_nn_linear_gelu_fused(out->buf.dev, rnd) || out->dtype != rnd || x->dtype != rnd)
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: no fused GELU for %s compute with %s activations here", op,
+                      fq_dtype_name(rnd), fq_dtype_name(out->dtype));
+    if ((w && w->dtype != rnd) || (bias && bias->dtype != rnd))
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: the weight and bias must be 4-bit or %s", op, fq_dtype_name(rnd));
+    FQ_TRY(scratch_check(ctx, op, scratch,
+                         qw ? fq_nn_linear_q4_scratch_io(ctx, qw, bias, m, rnd, x->dtype, out->dtype)
+                            : fq_nn_linear_scratch_io(ctx, w, bias, m, rnd, x->dtype, out->dtype),
+                         out->buf.dev));
+    DISPATCH(out->buf.dev, fq_nncu_linear_gelu_cols(ctx, x, w, qw, bias, out, c0, m, scratch, rnd));
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: CUDA only", op);
+}
+
 /* ---- normalization ------------------------------------------------------------ */
 
 /* mod [B, n*D] for x [B, S, D]: checks and returns n. */
@@ -457,6 +539,28 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
     DISPATCH(h->buf.dev, fq_nncu_gated_add(ctx, h, mod, gate_chunk, n, a, rnd));
     int64_t d = h->shape[2];
     fq_cpu_gated_add(F(h), F(mod) + gate_chunk * d, n * d, F(a), h->shape[0], h->shape[1], d, rnd);
+    return FQ_OK;
+}
+
+fq_status fq_nn_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
+                                int shift_chunk, int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd) {
+    const char *op = "gated_add_adaln";
+    int64_t n;
+    FQ_TRY(check_act(ctx, op, "h", h, h->buf.dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "a", a, h->buf.dev, rnd, h));
+    FQ_TRY(check_act(ctx, op, "y", y, h->buf.dev, rnd, h));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    FQ_TRY(same_shape(ctx, op, "a", a, h));
+    FQ_TRY(same_shape(ctx, op, "y", y, h));
+    FQ_TRY(mod_shape(ctx, op, mod, h, gate_chunk, gate_chunk, &n));
+    FQ_TRY(mod_shape(ctx, op, mod, h, shift_chunk, scale_chunk, &n));
+    if (y->buf.ptr == h->buf.ptr) return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: y must not be h", op);
+    DISPATCH(h->buf.dev, fq_nncu_gated_add_adaln(ctx, h, mod, gate_chunk, a, shift_chunk, scale_chunk, n, eps, y, rnd));
+    const int64_t d = h->shape[2];
+    /* the two CPU kernels in order: the gated add has read all of a before y is written */
+    fq_cpu_gated_add(F(h), F(mod) + gate_chunk * d, n * d, F(a), h->shape[0], h->shape[1], d, rnd);
+    fq_cpu_adaln(F(h), F(y), h->shape[0], h->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d, n * d,
+                 eps, rnd);
     return FQ_OK;
 }
 

@@ -58,6 +58,11 @@ fq_status fq_nn_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi);
  * same dtype, shapes equal except at dim. */
 fq_status fq_nn_concat(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b, int dim, fq_tensor *out);
 fq_status fq_nn_split(fq_ctx *ctx, const fq_tensor *x, int dim, fq_tensor *a, fq_tensor *b);
+/* out[..., c0 : c0 + F] = x, or = gelu_tanh(x) rounded to rnd: x [B, S, F], out
+ * [B, S, W] with c0 + F <= W, same dtype. One side of a concatenation along
+ * the last dim written in place (fq_nn_gelu_tanh / fq_nn_concat's bits). */
+fq_status fq_nn_copy_cols(fq_ctx *ctx, const fq_tensor *x, fq_tensor *out, int64_t c0);
+fq_status fq_nn_gelu_tanh_cols(fq_ctx *ctx, const fq_tensor *x, fq_tensor *out, int64_t c0, fq_dtype rnd);
 
 /* ---- linear layers ------------------------------------------------------------ */
 
@@ -90,6 +95,18 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
 
+/* out[..., c0 : c0 + N] = rnd(gelu_tanh(x · Wᵀ + b)) for a dense (w) or 4-bit
+ * (qw) weight, exactly one given; out [B, S, W] of x's leading dims. GELU runs
+ * in cuBLASLt's epilogue on the f32 result: one rounding fewer than
+ * fq_nn_linear then fq_nn_gelu_tanh (which also round the linear's output
+ * before GELU), so not their bits. Only where fq_nn_linear_gelu_fused says
+ * so (CUDA, bf16/f16 compute with activations stored in it), for a 4-bit
+ * weight or a dense weight and bias of the compute dtype; elsewhere
+ * FQ_ERR_UNSUPPORTED. Scratch as for the linear with y of out's dtype. */
+int fq_nn_linear_gelu_fused(fq_device dev, fq_dtype rnd);
+fq_status fq_nn_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
+                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd);
+
 /* ---- normalization ------------------------------------------------------------ */
 
 /* y = rnd(rnd(rnd(LN(x)) * rnd(1 + scale)) + shift), LN without affine over the
@@ -99,6 +116,10 @@ fq_status fq_nn_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int
 /* h = rnd(h + rnd(gate * a)); h, a: [B, S, D]; gate: chunk of mod [B, n*D]. */
 fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk,
                           const fq_tensor *a, fq_dtype rnd);
+/* fq_nn_gated_add(h, mod, gate_chunk, a) then fq_nn_adaln(h, mod, shift_chunk,
+ * scale_chunk, eps, y): the same bits, one pass over h on CUDA. y may be a. */
+fq_status fq_nn_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
+                                int shift_chunk, int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd);
 /* RMSNorm of every head: x, y [..., H*dh], weight [dh] (any float dtype, widened on
  * the fly: it is tiny). */
 fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps,

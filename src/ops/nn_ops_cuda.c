@@ -151,6 +151,23 @@ fq_status fq_nncu_cat(fq_ctx *ctx, int split, const fq_tensor *whole, const fq_t
     return end(ctx, &r, e, split ? "split (cudaMemcpy2DAsync)" : "concat (cudaMemcpy2DAsync)", FQ_NN_CLASS_OTHER);
 }
 
+fq_status fq_nncu_cols(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *out, int64_t c0, fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, out->buf.dev, &r));
+    const size_t es = fq_dtype_size(x->dtype);
+    const int64_t rows = x->shape[0] * x->shape[1], f = x->shape[2], w = out->shape[2];
+    char *o = (char *)out->buf.ptr + (size_t)c0 * es;
+    cudaStream_t st = r.d->stream;
+    int e;
+    if (kind == 1) {
+        e = fq_cuda_nn_gelu_tanh_rows(x->buf.ptr, f, o, w, x->dtype, rows, f, rnd, st);
+        return end(ctx, &r, e, "gelu_tanh", FQ_NN_CLASS_OTHER);
+    }
+    e = fq_cuda_nn_copy_rows(o, (size_t)w * es, x->buf.ptr, (size_t)f * es, (size_t)f * es, rows, st);
+    if (e == -1) e = copy2d(o, (size_t)w * es, x->buf.ptr, (size_t)f * es, (size_t)f * es, rows, st);
+    return end(ctx, &r, e, "copy_cols", FQ_NN_CLASS_OTHER);
+}
+
 /* ---- linear ---------------------------------------------------------------------------- */
 
 static size_t al(size_t b) { return (b + NN_ALIGN - 1) & ~(size_t)(NN_ALIGN - 1); }
@@ -228,10 +245,13 @@ static fq_status blas_err(fq_ctx *ctx, cublasStatus_t st, const char *what, int 
 
 /* out[m, n] (dtype ot: f32, or gt) = x[m, k] · w[n, k]ᵀ (+ bias[n] of dtype bt)
  * with x and w of dtype gt and f32 accumulation, in cuBLASLt's column-major
- * terms: outᵀ (n x m, ld n) = op(A) · B with A = w stored k x n (ld k,
- * transposed) and B = x stored k x m (ld k). */
-static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
-                      fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws) {
+ * terms: outᵀ (n x m, ld ldc >= n) = op(A) · B with A = w stored k x n (ld k,
+ * transposed) and B = x stored k x m (ld k). gelu: cuBLASLt's GELU epilogue
+ * on the f32 result (after the bias) before the output's one rounding; a
+ * 16-bit out only, GEMM_TRY_F32 when no algorithm offers it. */
+static fq_status gemm_ld(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
+                         fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws, int64_t ldc,
+                         int gelu) {
     cublasLtHandle_t h;
     FQ_TRY(fq_cuda_dev_blaslt(ctx, d, &h));
     cublasLtMatmulDescOpaque_t desc;
@@ -243,11 +263,13 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
     BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), dev);
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&la, blas_type(gt), (uint64_t)k, (uint64_t)n, k), dev);
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lb, blas_type(gt), (uint64_t)k, (uint64_t)m, k), dev);
-    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, blas_type(ot), (uint64_t)n, (uint64_t)m, n), dev);
+    BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, blas_type(ot), (uint64_t)n, (uint64_t)m, ldc), dev);
+    if (gelu && ot == FQ_F32) return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: GELU epilogue with an f32 output");
 
     const uint32_t aw = align_log2(w), ax = align_log2(x), ay = align_log2(out), ab = bias ? align_log2(bias) : 8;
     const uint32_t key = 1u | (uint32_t)gt << 1 | (bias ? 1u : 0u) << 3 | (uint32_t)ot << 4 | (uint32_t)bt << 6 |
-                         aw << 8 | ax << 12 | ay << 16 | ab << 20;
+                         aw << 8 | ax << 12 | ay << 16 | ab << 20 | (uint32_t)(gelu != 0) << 24 |
+                         (uint32_t)(ldc != n) << 25;
     cublasLtMatmulAlgo_t algo;
     uint32_t no_epi = 0;
     int found = 0;
@@ -259,11 +281,13 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
             found = 1;
         }
     }
-    if (found && bias && no_epi && ot != FQ_F32) return GEMM_TRY_F32;
-    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    if (found && (bias || gelu) && no_epi && ot != FQ_F32) return GEMM_TRY_F32;
+    const cublasLtEpilogue_t epi = gelu ? (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
+                                        : CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bias_type = blas_type(bt);
-    if (bias && !no_epi) {
+    if ((bias || gelu) && !no_epi)
         BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), dev);
+    if (bias && !no_epi) {
         BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                                      sizeof bias_type), dev);
         BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), dev);
@@ -281,7 +305,7 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
         cublasLtMatmulHeuristicResult_t res;
         int nres = 0;
         cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, &desc, &la, &lb, &lc, &lc, &pref, 1, &res, &nres);
-        if (bias && (st != CUBLAS_STATUS_SUCCESS || nres < 1)) {
+        if ((bias || gelu) && (st != CUBLAS_STATUS_SUCCESS || nres < 1)) {
             /* no algorithm offers this bias epilogue */
             no_epi = KEY_NO_EPILOGUE;
             if (ot != FQ_F32) {
@@ -322,12 +346,23 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
     return FQ_OK;
 }
 
+static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
+                      fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws) {
+    return gemm_ld(ctx, d, gt, w, x, bias, bt, out, ot, m, n, k, ws, n, 0);
+}
+
+/* y = x · Wᵀ + b, rounded once; ldy: y's row stride (n: contiguous); gelu: the
+ * GELU epilogue (a 16-bit y of the GEMM dtype only; when cuBLASLt has no such
+ * algorithm, the plain GEMM then our GELU kernel on y: the exact two-op bits). */
 static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, const fq_tensor *w,
                             const fq_qtensor *qw, const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch,
-                            fq_dtype rnd) {
+                            fq_dtype rnd, int64_t ldy, int gelu) {
     const int64_t n = qw ? qw->info.shape[0] : w->shape[0], k = qw ? qw->info.shape[1] : w->shape[1];
     const lin_plan p =
         plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd, x->dtype, y->dtype);
+    if ((gelu || ldy != n) && !(p.out16 && y->dtype == p.gt && k > 0))
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: a fused GELU or strided output needs a %s output (and bias)",
+                      fq_dtype_name(p.gt));
     if ((size_t)scratch->numel * 4 < p.total)
         return fq_err(ctx, FQ_ERR_SHAPE, "linear: scratch holds %lld bytes, needs %zu", (long long)scratch->numel * 4,
                       p.total);
@@ -382,8 +417,19 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
     }
     if (p.out16 && (!y16 || y->dtype == p.gt)) {
         /* a bf16 y takes the GEMM's 16-bit result directly */
-        fq_status s = gemm(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt,
-                           y16 ? y->buf.ptr : dbuf, p.gt, m, n, k, ws);
+        fq_status s = gemm_ld(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt,
+                              y16 ? y->buf.ptr : dbuf, p.gt, m, n, k, ws, ldy, gelu);
+        if (s == GEMM_TRY_F32 && gelu) {
+            /* no GELU epilogue here: the GEMM, then GELU in place (the two ops' bits) */
+            s = gemm_ld(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt, y->buf.ptr, p.gt,
+                        m, n, k, ws, ldy, 0);
+            if (s == FQ_OK) {
+                e = fq_cuda_nn_gelu_tanh_rows(y->buf.ptr, ldy, y->buf.ptr, ldy, y->dtype, m, n, rnd, st);
+                return e ? fq_cuda_status(ctx, (cudaError_t)e, "GELU after the GEMM", dev) : FQ_OK;
+            }
+        }
+        if (s == GEMM_TRY_F32 && ldy != n)
+            return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: no cuBLASLt algorithm for a strided 16-bit output");
         if (s == FQ_OK) {
             if (y16) return FQ_OK;
             e = fq_cuda_nn_convert(dbuf, p.gt, F(y), FQ_F32, m * n, st); /* exact */
@@ -391,6 +437,7 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         }
         if (s != GEMM_TRY_F32) return s;
     }
+    if (gelu || ldy != n) return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: no 16-bit GEMM with a bias epilogue here");
     /* f32 result, rounded to rnd afterwards */
     const float *bg = bias ? (const float *)bias->buf.ptr : NULL;
     if (bias && bias->dtype != FQ_F32) {
@@ -426,8 +473,25 @@ fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, co
     if (m == 0 || n == 0) return FQ_OK;
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
-    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, y, m, scratch, rnd);
+    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, y, m, scratch, rnd, n, 0);
     if (s == FQ_OK) return end(ctx, &r, 0, "linear", FQ_NN_CLASS_LINEAR);
+    fq_cuda_guard_exit(&r.g);
+    return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
+}
+
+int fq_nncu_linear_gelu_ok(fq_dtype rnd, fq_dtype act) { return rnd != FQ_F32 && act == rnd; }
+
+fq_status fq_nncu_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
+                                   const fq_tensor *bias, fq_tensor *out, int64_t c0, int64_t m, fq_tensor *scratch,
+                                   fq_dtype rnd) {
+    const int64_t n = qw ? qw->info.shape[0] : w->shape[0], ld = out->shape[2];
+    if (m == 0 || n == 0) return FQ_OK;
+    run_t r;
+    FQ_TRY(begin(ctx, out->buf.dev, &r));
+    fq_tensor y = *out; /* columns c0.. of out, rows ld apart */
+    y.buf.ptr = (char *)out->buf.ptr + (size_t)c0 * fq_dtype_size(out->dtype);
+    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, &y, m, scratch, rnd, ld, 1);
+    if (s == FQ_OK) return end(ctx, &r, 0, "linear+gelu", FQ_NN_CLASS_LINEAR);
     fq_cuda_guard_exit(&r.g);
     return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
 }
@@ -452,6 +516,18 @@ fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int
     int e = fq_cuda_nn_gated_add(h->buf.ptr, F(mod) + gate_chunk * d, nchunks * d, a->buf.ptr, h->dtype, h->shape[0], h->shape[1], d, rnd,
                                  r.d->stream);
     return end(ctx, &r, e, "gated_add", FQ_NN_CLASS_OTHER);
+}
+
+fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
+                                  int shift_chunk, int scale_chunk, int64_t nchunks, float eps, fq_tensor *y,
+                                  fq_dtype rnd) {
+    run_t r;
+    FQ_TRY(begin(ctx, h->buf.dev, &r));
+    const int64_t d = h->shape[2];
+    int e = fq_cuda_nn_gated_add_adaln(h->buf.ptr, a->buf.ptr, F(mod) + gate_chunk * d, y->buf.ptr, h->dtype,
+                                       h->shape[0], h->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d,
+                                       nchunks * d, eps, rnd, r.d->stream);
+    return end(ctx, &r, e, "gated_add_adaln", FQ_NN_CLASS_OTHER);
 }
 
 fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps, fq_tensor *y,

@@ -21,6 +21,8 @@ fq_status fq_nncu_clamp(fq_ctx *ctx, fq_tensor *x, float lo, float hi);
  * outer rows of ia + ib bytes. */
 fq_status fq_nncu_cat(fq_ctx *ctx, int split, const fq_tensor *whole, const fq_tensor *a, const fq_tensor *b,
                       int64_t outer, size_t ia, size_t ib);
+/* out[..., c0 : c0 + F] = x (kind 0) or gelu_tanh(x) (kind 1); rows of x: F elements. */
+fq_status fq_nncu_cols(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *out, int64_t c0, fq_dtype rnd);
 
 /* ---- linear ---- */
 /* Scratch floats of a CUDA linear y[m, n] = x[m, k] · Wᵀ + b: the weight dense
@@ -32,11 +34,21 @@ int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n
 fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
                          const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd);
 
+/* out[..., c0 : c0 + n] = gelu_tanh(x · Wᵀ + b) with GELU in cuBLASLt's epilogue
+ * (exactly one of w, qw); fq_nncu_linear_gelu_ok says where it runs. */
+int fq_nncu_linear_gelu_ok(fq_dtype rnd, fq_dtype act);
+fq_status fq_nncu_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
+                                   const fq_tensor *bias, fq_tensor *out, int64_t c0, int64_t m, fq_tensor *scratch,
+                                   fq_dtype rnd);
+
 /* ---- norms, positions, attention ---- */
 fq_status fq_nncu_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int shift_chunk, int scale_chunk,
                         int64_t nchunks, float eps, fq_tensor *y, fq_dtype rnd);
 fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, int64_t nchunks,
                             const fq_tensor *a, fq_dtype rnd);
+fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
+                                  int shift_chunk, int scale_chunk, int64_t nchunks, float eps, fq_tensor *y,
+                                  fq_dtype rnd);
 fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps, fq_tensor *y,
                           fq_dtype rnd);
 fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,

@@ -66,6 +66,15 @@ int fq_cuda_nn_add(const float *a, const float *b, float *y, int64_t n, fq_dtype
 /* y = rnd(silu(x)), y = rnd(gelu_tanh(x)) (PyTorch's formula and order, f32) */
 int fq_cuda_nn_silu(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st);
 int fq_cuda_nn_gelu_tanh(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st);
+/* The same over [rows, cols] views with row strides ldx, ldy (elements): writes
+ * one side of a concatenation along the last dim in place. */
+int fq_cuda_nn_gelu_tanh_rows(const void *x, int64_t ldx, void *y, int64_t ldy, fq_dtype xt, int64_t rows,
+                              int64_t cols, fq_dtype rnd, cudaStream_t st);
+/* dst rows (dpitch bytes apart) = src rows (spitch apart), width bytes each, in
+ * 16-byte copies; -1 (nothing queued) unless every pointer and size is a
+ * multiple of 16 bytes. */
+int fq_cuda_nn_copy_rows(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, int64_t rows,
+                         cudaStream_t st);
 /* x = min(max(x, lo), hi); NaN stays NaN */
 int fq_cuda_nn_clamp(float *x, int64_t n, float lo, float hi, cudaStream_t st);
 /* x = rnd(x) */
@@ -93,6 +102,12 @@ int fq_cuda_nn_random(void *y, fq_dtype t, int64_t n, uint64_t seed, float scale
  * row b at ptr + b*mod_stride. Mean and variance in f64, as on the CPU. */
 int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t rows, int64_t d, const float *shift,
                      const float *scale, int64_t mod_stride, float eps, fq_dtype rnd, cudaStream_t st);
+/* fq_cuda_nn_gated_add (h, gate, a) then fq_cuda_nn_adaln (x = h, y) in one
+ * pass over h when the rows fit one warp (d a multiple of 8 up to 4096,
+ * 16-byte aligned), else the two kernels; the same bits either way. y may be a. */
+int fq_cuda_nn_gated_add_adaln(void *h, const void *a, const float *gate, void *y, fq_dtype xt, int64_t batch,
+                               int64_t rows, int64_t d, const float *shift, const float *scale, int64_t mod_stride,
+                               float eps, fq_dtype rnd, cudaStream_t st);
 /* fq_cpu_rmsnorm: x, y [groups, d] (in place allowed); w [d] of dtype wt (f32/f16/bf16). */
 int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dtype xt, int64_t groups, int64_t d,
                        float eps, fq_dtype rnd, cudaStream_t st);

@@ -3,6 +3,7 @@
  * sums (__fmul_rn / __fadd_rn) where the CPU code rounds, so that no fused
  * multiply-add makes a result differ from the CPU's. */
 #include "kernels/cuda/nn_common.cuh"
+#include "kernels/cuda/nn_vec.cuh"
 
 #include <math.h>
 #include <type_traits>
@@ -68,20 +69,47 @@ struct Silu {
     }
 };
 
+/* 0.5 * v * (1 + tanh(beta * (v + kappa * v^3))), each step an f32 op */
+__device__ __forceinline__ float gelu_tanh_f(float v) {
+    const float beta = (float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5), kappa = 0.044715f;
+    const float cube = __fmul_rn(__fmul_rn(v, v), v);
+    const float inner = __fmul_rn(beta, __fadd_rn(v, __fmul_rn(kappa, cube)));
+    return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(inner)));
+}
+
+/* Element i of a [rows, cols] view with row strides ldx (x) and ldy (y): the
+ * unaligned fallback of k_gelu_rows8 (one 64-bit division per element). */
 template <typename T>
-struct GeluTanh {
+struct GeluTanhRows {
     const T *x;
     T *y;
+    int64_t cols, ldx, ldy;
     int rnd;
     __device__ void operator()(int64_t i) const {
-        /* 0.5 * v * (1 + tanh(beta * (v + kappa * v^3))), each step an f32 op */
-        const float beta = (float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5), kappa = 0.044715f;
-        const float v = ldv(x, i);
-        const float cube = __fmul_rn(__fmul_rn(v, v), v);
-        const float inner = __fmul_rn(beta, __fadd_rn(v, __fmul_rn(kappa, cube)));
-        stv(y, i, rnd_to(__fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(inner))), rnd));
+        const int64_t r = i / cols, c = i - r * cols;
+        stv(y + r * ldy, c, rnd_to(gelu_tanh_f(ldv(x + r * ldx, c)), rnd));
     }
 };
+
+/* GELU over a [rows, 8*cpr] view, 8 elements (16 bytes of bf16) per thread
+ * and step: the same f32 expression as the scalar functor, so the same bits;
+ * the eight tanhf are independent, so they overlap the memory accesses. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    k_gelu_rows8(const T *x, int64_t ldx, T *y, int64_t ldy, uint32_t cpr, uint32_t n8, int rnd) {
+    const uint32_t stride = gridDim.x * blockDim.x;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += stride) {
+        const uint32_t r = i / cpr, c = (i - r * cpr) * 8;
+        Chunk8<T> ch;
+        ch.load(x + (int64_t)r * ldx + c);
+        float v[8];
+        ch.get(v);
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = rnd_to(gelu_tanh_f(v[e]), rnd);
+        ch.set(v);
+        ch.store(y + (int64_t)r * ldy + c);
+    }
+}
 
 struct Clamp {
     float *x;
@@ -101,6 +129,35 @@ struct Round {
 /* h = rnd(h + rnd(gate * a)) with batch items along grid z, their rows along
  * y and columns along x: no integer division at all (a 64-bit division per
  * element made this kernel compute-bound). */
+/* The same, 8 elements per thread and step with 16-byte accesses (d a
+ * multiple of 8, every row and the gate 16-byte aligned); cpr = d / 8. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    k_gated_add8(T *__restrict__ h, const float *__restrict__ gate, int64_t mod_stride, const T *__restrict__ a,
+                 int64_t batch, int64_t rows, uint32_t cpr, int rnd) {
+    const int64_t d = (int64_t)cpr * 8;
+    for (int64_t b = blockIdx.z; b < batch; b += gridDim.z) {
+        const float *g = gate + b * mod_stride;
+        for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+            T *hr = h + (b * rows + r) * d;
+            const T *ar = a + (b * rows + r) * d;
+            for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cpr; c += gridDim.x * blockDim.x) {
+                Chunk8<T> hc, ac;
+                hc.load(hr + 8 * (int64_t)c);
+                ac.load(ar + 8 * (int64_t)c);
+                float hv[8], av[8], gv[8];
+                hc.get(hv);
+                ac.get(av);
+                ld8f(g + 8 * (int64_t)c, gv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) hv[e] = rnd_to(__fadd_rn(hv[e], rnd_to(__fmul_rn(gv[e], av[e]), rnd)), rnd);
+                hc.set(hv);
+                hc.store(hr + 8 * (int64_t)c);
+            }
+        }
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     k_gated_add(T *__restrict__ h, const float *__restrict__ gate, int64_t mod_stride, const T *__restrict__ a,
@@ -233,6 +290,14 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+/* dst rows (pitch dp chunks) <- src rows (pitch sp), w 16-byte chunks each, rows along grid y. */
+__global__ void __launch_bounds__(kThreads)
+    k_copy_rows(uint4 *__restrict__ dst, int64_t dp, const uint4 *__restrict__ src, int64_t sp, int64_t w, int64_t rows) {
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < w; c += (int64_t)gridDim.x * blockDim.x)
+            dst[r * dp + c] = src[r * sp + c];
+}
+
 } // namespace
 
 extern "C" int fq_cuda_nn_cat_rows(void *whole, void *a, void *b, size_t ia, size_t ib, int64_t rows, int split,
@@ -267,11 +332,42 @@ extern "C" int fq_cuda_nn_silu(const void *x, void *y, fq_dtype xt, int64_t n, f
     return run_map(n, Silu<float>{static_cast<const float *>(x), static_cast<float *>(y), (int)rnd}, st);
 }
 
-extern "C" int fq_cuda_nn_gelu_tanh(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st) {
+extern "C" int fq_cuda_nn_gelu_tanh_rows(const void *x, int64_t ldx, void *y, int64_t ldy, fq_dtype xt, int64_t rows,
+                                         int64_t cols, fq_dtype rnd, cudaStream_t st) {
     typedef __nv_bfloat16 bf;
+    if (rows <= 0 || cols <= 0) return 0;
+    const int64_t n8 = rows * (cols / 8);
+    if (cols % 8 == 0 && ldx % 8 == 0 && ldy % 8 == 0 && al16(x) && al16(y) && n8 < ((int64_t)1 << 31)) {
+        const unsigned grid = grid_for(n8);
+        if (xt == FQ_BF16)
+            k_gelu_rows8<bf><<<grid, kThreads, 0, st>>>(static_cast<const bf *>(x), ldx, static_cast<bf *>(y), ldy,
+                                                        (uint32_t)(cols / 8), (uint32_t)n8, (int)rnd);
+        else
+            k_gelu_rows8<float><<<grid, kThreads, 0, st>>>(static_cast<const float *>(x), ldx, static_cast<float *>(y),
+                                                           ldy, (uint32_t)(cols / 8), (uint32_t)n8, (int)rnd);
+        return launch_status();
+    }
     if (xt == FQ_BF16)
-        return run_map(n, GeluTanh<bf>{static_cast<const bf *>(x), static_cast<bf *>(y), (int)rnd}, st);
-    return run_map(n, GeluTanh<float>{static_cast<const float *>(x), static_cast<float *>(y), (int)rnd}, st);
+        return run_map(rows * cols,
+                       GeluTanhRows<bf>{static_cast<const bf *>(x), static_cast<bf *>(y), cols, ldx, ldy, (int)rnd}, st);
+    return run_map(rows * cols,
+                   GeluTanhRows<float>{static_cast<const float *>(x), static_cast<float *>(y), cols, ldx, ldy, (int)rnd},
+                   st);
+}
+
+extern "C" int fq_cuda_nn_gelu_tanh(const void *x, void *y, fq_dtype xt, int64_t n, fq_dtype rnd, cudaStream_t st) {
+    return fq_cuda_nn_gelu_tanh_rows(x, n, y, n, xt, 1, n, rnd, st);
+}
+
+extern "C" int fq_cuda_nn_copy_rows(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                                    int64_t rows, cudaStream_t st) {
+    if (rows <= 0 || width == 0) return 0;
+    if (((uintptr_t)dst | (uintptr_t)src | dpitch | spitch | width) & 15u) return -1; /* not 16-byte aligned */
+    const int64_t w16 = (int64_t)(width / 16), gx = (w16 + kThreads - 1) / kThreads;
+    const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(rows < 65535 ? rows : 65535));
+    k_copy_rows<<<grid, kThreads, 0, st>>>(static_cast<uint4 *>(dst), (int64_t)(dpitch / 16),
+                                           static_cast<const uint4 *>(src), (int64_t)(spitch / 16), w16, rows);
+    return launch_status();
 }
 
 extern "C" int fq_cuda_nn_clamp(float *x, int64_t n, float lo, float hi, cudaStream_t st) {
@@ -287,6 +383,20 @@ extern "C" int fq_cuda_nn_gated_add(void *h, const float *gate, int64_t mod_stri
                                     int64_t batch, int64_t rows, int64_t d, fq_dtype rnd, cudaStream_t st) {
     typedef __nv_bfloat16 bf;
     if (d <= 0 || rows <= 0 || batch <= 0) return 0;
+    if (d % 8 == 0 && d / 8 < ((int64_t)1 << 31) && mod_stride % 4 == 0 && al16(h) && al16(a) && al16(gate) &&
+        (d * (int64_t)fq_dtype_size(xt)) % 16 == 0) {
+        const int64_t cpr = d / 8, gx = (cpr + kThreads - 1) / kThreads;
+        const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(rows < 65535 ? rows : 65535),
+                        (unsigned)(batch < 65535 ? batch : 65535));
+        if (xt == FQ_BF16)
+            k_gated_add8<bf><<<grid, kThreads, 0, st>>>(static_cast<bf *>(h), gate, mod_stride,
+                                                        static_cast<const bf *>(a), batch, rows, (uint32_t)cpr, (int)rnd);
+        else
+            k_gated_add8<float><<<grid, kThreads, 0, st>>>(static_cast<float *>(h), gate, mod_stride,
+                                                           static_cast<const float *>(a), batch, rows, (uint32_t)cpr,
+                                                           (int)rnd);
+        return launch_status();
+    }
     const int64_t gx = (d + kThreads - 1) / kThreads;
     const dim3 grid((unsigned)(gx < 1024 ? gx : 1024), (unsigned)(rows < 65535 ? rows : 65535),
                     (unsigned)(batch < 65535 ? batch : 65535));

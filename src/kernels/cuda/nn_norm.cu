@@ -4,6 +4,7 @@
  * and the normalized value goes through the same f64 expression before its
  * f32 cast, so results match the CPU's to the last bit almost everywhere. */
 #include "kernels/cuda/nn_common.cuh"
+#include "kernels/cuda/nn_vec.cuh"
 
 #include <math.h>
 
@@ -42,46 +43,123 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-/* The same for d <= PER * blockDim.x with the row held in registers: x is
- * read once. Thread t sums elements t, t + blockDim.x, ... in that order, as
- * k_adaln does, so the results are the same bits. */
-template <typename T, int PER>
-__global__ void __launch_bounds__(kThreads, PER <= 12 ? 3 : 2)
-    k_adaln_reg(const T *x, T *y, int64_t batch, int64_t rows, int64_t d, const float *__restrict__ shift,
-                const float *__restrict__ scale, int64_t mod_stride, float eps, int rnd) {
-    __shared__ double sh[33];
-    for (int64_t b = blockIdx.y; b < batch; b += gridDim.y)
-    for (int64_t rr = blockIdx.x; rr < rows; rr += gridDim.x) {
-        const int64_t r = b * rows + rr; /* batch items along grid y: no division */
-        const T *xr = x + r * d;
-        T *yr = y + r * d;
-        const float *sft = shift + b * mod_stride, *scl = scale + b * mod_stride;
-        float v[PER];
+/* AdaLN with one warp per row and the row in registers (x read once), 16-byte
+ * accesses: lane l holds the 8-element chunks l, l + 32, ... (CH of them, d a
+ * multiple of 8, d <= 256 * CH). Sums run over a lane's chunks in order, then
+ * across lanes; f64 like the CPU (only the order differs, as in every GPU
+ * reduction), and the same kernel serves f32 and bf16 storage, so the two
+ * give the same bits. GATED first applies the gated residual add of
+ * k_gated_add to the row (h = rnd(h + rnd(gate * a)), written back) and
+ * normalizes the new h: one read of h instead of two. In place allowed
+ * (y == x, or y == a): a warp reads its whole row before writing it. */
+template <typename T, int CH, bool GATED>
+__global__ void __launch_bounds__(128)
+    k_adaln_warp(T *h, const T *a, const float *gate, T *y, int64_t batch, int64_t rows, int64_t d,
+                 const float *__restrict__ shift, const float *__restrict__ scale, int64_t mod_stride, float eps,
+                 int rnd) {
+    const int lane = threadIdx.x & 31;
+    const int64_t wpb = blockDim.x >> 5, nrows = batch * rows, nch = d / 8;
+    for (int64_t r = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); r < nrows; r += (int64_t)gridDim.x * wpb) {
+        const int64_t b = r / rows; /* once per row */
+        T *hr = h + r * d, *yr = y + r * d;
+        Chunk8<T> v[CH];
         double s = 0.0;
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
-            v[j] = i < d ? ldv(xr, i) : 0.0f;
-            if (i < d) s += (double)v[j];
+        for (int j = 0; j < CH; j++) {
+            const int64_t c = lane + 32 * j;
+            if (c < nch) v[j].load(hr + 8 * c);
         }
-        const double mean = block_sum(s, sh) / (double)d;
+        if (GATED) {
+            const T *ar = a + r * d;
+            const float *g = gate + b * mod_stride;
+#pragma unroll
+            for (int j = 0; j < CH; j++) {
+                const int64_t c = lane + 32 * j;
+                if (c >= nch) continue;
+                Chunk8<T> ac;
+                ac.load(ar + 8 * c);
+                float hv[8], av[8], gv[8];
+                v[j].get(hv);
+                ac.get(av);
+                ld8f(g + 8 * c, gv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) hv[e] = rnd_to(__fadd_rn(hv[e], rnd_to(__fmul_rn(gv[e], av[e]), rnd)), rnd);
+                v[j].set(hv);
+                v[j].store(hr + 8 * c);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < CH; j++) {
+            if (lane + 32 * j >= nch) continue;
+            float f[8];
+            v[j].get(f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += (double)f[e];
+        }
+        const double mean = warp_sum(s) / (double)d;
         double q = 0.0;
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
-            const double c = (double)v[j] - mean;
-            if (i < d) q += c * c;
-        }
-        const double rstd = 1.0 / sqrt(block_sum(q, sh) / (double)d + (double)eps);
+        for (int j = 0; j < CH; j++) {
+            if (lane + 32 * j >= nch) continue;
+            float f[8];
+            v[j].get(f);
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int64_t i = threadIdx.x + (int64_t)j * blockDim.x;
-            if (i >= d) continue;
-            const float nrm = rnd_to((float)(((double)v[j] - mean) * rstd), rnd);
-            const float t = rnd_to(__fmul_rn(nrm, rnd_to(__fadd_rn(1.0f, scl[i]), rnd)), rnd);
-            stv(yr, i, rnd_to(__fadd_rn(t, sft[i]), rnd));
+            for (int e = 0; e < 8; e++) {
+                const double c = (double)f[e] - mean;
+                q += c * c;
+            }
+        }
+        const double rstd = 1.0 / sqrt(warp_sum(q) / (double)d + (double)eps);
+        const float *sft = shift + b * mod_stride, *scl = scale + b * mod_stride;
+#pragma unroll
+        for (int j = 0; j < CH; j++) {
+            const int64_t c = lane + 32 * j;
+            if (c >= nch) continue;
+            float f[8], sf[8], sc[8];
+            v[j].get(f);
+            ld8f(sft + 8 * c, sf);
+            ld8f(scl + 8 * c, sc);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float nrm = rnd_to((float)(((double)f[e] - mean) * rstd), rnd);
+                const float t = rnd_to(__fmul_rn(nrm, rnd_to(__fadd_rn(1.0f, sc[e]), rnd)), rnd);
+                f[e] = rnd_to(__fadd_rn(t, sf[e]), rnd);
+            }
+            v[j].set(f);
+            v[j].store(yr + 8 * c);
         }
     }
+}
+
+template <typename T, bool GATED>
+int launch_adaln_warp(T *h, const T *a, const float *gate, T *y, int64_t batch, int64_t rows, int64_t d,
+                      const float *shift, const float *scale, int64_t mod_stride, float eps, int rnd, cudaStream_t st) {
+    const int64_t nrows = batch * rows, wpb = 4, ch = (d / 8 + 31) / 32;
+    int64_t blocks = (nrows + wpb - 1) / wpb;
+    if (blocks > (1 << 20)) blocks = 1 << 20;
+    const unsigned g = (unsigned)blocks, t = (unsigned)(32 * wpb);
+#define FQ_ADALN_CH(N)                                                                                           \
+    if (ch <= N) {                                                                                              \
+        k_adaln_warp<T, N, GATED><<<g, t, 0, st>>>(h, a, gate, y, batch, rows, d, shift, scale, mod_stride, eps, \
+                                                   rnd);                                                        \
+        return launch_status();                                                                                 \
+    }
+    FQ_ADALN_CH(1)
+    FQ_ADALN_CH(2)
+    FQ_ADALN_CH(4)
+    FQ_ADALN_CH(8)
+    FQ_ADALN_CH(12)
+    FQ_ADALN_CH(16)
+#undef FQ_ADALN_CH
+    return (int)cudaErrorInvalidValue;
+}
+
+/* Whether k_adaln_warp runs these operands: d a multiple of 8 up to 4096,
+ * every row and modulation chunk 16-byte aligned. */
+bool adaln_warp_ok(const void *x, const void *y, const void *a, const float *p0, const float *p1, const float *p2,
+                   int64_t d, int64_t mod_stride) {
+    return d % 8 == 0 && d <= 4096 && mod_stride % 4 == 0 && al16(x) && al16(y) && (!a || al16(a)) && al16(p0) &&
+           al16(p1) && (!p2 || al16(p2));
 }
 
 /* One warp per group of d (a head); 8 groups per block. */
@@ -134,6 +212,80 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+/* 4 consecutive activations: one 8-byte (bf16) or 16-byte (f32) access. */
+__device__ __forceinline__ void ld4(const __nv_bfloat16 *p, float v[4]) {
+    const uint2 u = *reinterpret_cast<const uint2 *>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+__device__ __forceinline__ void ld4(const float *p, float v[4]) {
+    const float4 a = *reinterpret_cast<const float4 *>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+}
+__device__ __forceinline__ void st4(__nv_bfloat16 *p, const float v[4]) {
+    __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<uint32_t *>(&a);
+    u.y = *reinterpret_cast<uint32_t *>(&b);
+    *reinterpret_cast<uint2 *>(p) = u;
+}
+__device__ __forceinline__ void st4(float *p, const float v[4]) {
+    *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+/* k_rmsnorm_rope for head dim 128 with vector accesses: lane l holds elements
+ * 4l..4l+3 of a head (two RoPE pairs, no shuffle), its norm weights and the
+ * token's cos/sin in registers; a warp does HG heads of one token at once
+ * (independent reductions that overlap). The same expressions per element;
+ * only the order of the f64 sum of squares differs from k_rmsnorm (sums of
+ * f32 squares, exact in f64 unless their exponents span more than ~29 bits).
+ * The same kernel for f32 and bf16 storage. */
+template <typename T, int HG>
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_rope128(T *x, const void *__restrict__ w, int wt, const float *__restrict__ cos_t,
+                      const float *__restrict__ sin_t, int64_t ntok, int64_t heads, int64_t n, int64_t t0, float eps,
+                      int rnd) {
+    const int lane = threadIdx.x & 31, e0 = 4 * lane;
+    const int64_t wpb = blockDim.x >> 5, groups = (heads + HG - 1) / HG, items = ntok * groups;
+    double wd[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) wd[e] = (double)load_any(w, wt, e0 + e);
+    for (int64_t it = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); it < items; it += (int64_t)gridDim.x * wpb) {
+        const int64_t tok = it / groups, h0 = (it - tok * groups) * HG;
+        const int64_t row = t0 + tok % n;
+        float c[4], sn[4];
+        ld4(cos_t + row * 128 + e0, c);
+        ld4(sin_t + row * 128 + e0, sn);
+        float v[HG][4];
+        double q[HG];
+#pragma unroll
+        for (int g = 0; g < HG; g++) {
+            q[g] = 0.0;
+            if (h0 + g < heads) ld4(x + (tok * heads + h0 + g) * 128 + e0, v[g]);
+            else v[g][0] = v[g][1] = v[g][2] = v[g][3] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) q[g] += (double)v[g][e] * (double)v[g][e];
+        }
+#pragma unroll
+        for (int g = 0; g < HG; g++) q[g] = warp_sum(q[g]);
+#pragma unroll
+        for (int g = 0; g < HG; g++) {
+            if (h0 + g >= heads) continue;
+            const double r = 1.0 / sqrt(q[g] / 128.0 + (double)eps);
+            float nv[4], o[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) nv[e] = rnd_to((float)((double)v[g][e] * r * wd[e]), rnd);
+#pragma unroll
+            for (int p = 0; p < 4; p += 2) {
+                o[p] = rnd_to(__fadd_rn(__fmul_rn(nv[p], c[p]), __fmul_rn(-nv[p + 1], sn[p])), rnd);         /* re*c - im*s */
+                o[p + 1] = rnd_to(__fadd_rn(__fmul_rn(nv[p + 1], c[p + 1]), __fmul_rn(nv[p], sn[p + 1])), rnd); /* im*c + re*s */
+            }
+            st4(x + (tok * heads + h0 + g) * 128 + e0, o);
+        }
+    }
+}
+
 } // namespace
 
 extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
@@ -143,6 +295,18 @@ extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_d
     if (groups <= 0 || d <= 0) return 0;
     if (d % 32) return (int)cudaErrorInvalidValue;
     const int64_t wpb = kThreads / 32;
+    if (d == 128 && al16(x) && al16(cos_t) && al16(sin_t)) {
+        const int64_t items = batch * n * ((heads + 3) / 4);
+        int64_t nb = (items + wpb - 1) / wpb;
+        if (nb > (1 << 20)) nb = 1 << 20;
+        if (xt == FQ_BF16)
+            k_rmsnorm_rope128<__nv_bfloat16, 4><<<(unsigned)nb, kThreads, 0, st>>>(
+                static_cast<__nv_bfloat16 *>(x), w, (int)wt, cos_t, sin_t, batch * n, heads, n, t0, eps, (int)rnd);
+        else
+            k_rmsnorm_rope128<float, 4><<<(unsigned)nb, kThreads, 0, st>>>(static_cast<float *>(x), w, (int)wt, cos_t,
+                                                                           sin_t, batch * n, heads, n, t0, eps, (int)rnd);
+        return launch_status();
+    }
     int64_t blocks = (groups + wpb - 1) / wpb;
     if (blocks > (1 << 20)) blocks = 1 << 20;
     if (xt == FQ_BF16)
@@ -159,37 +323,46 @@ extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t bat
                                 fq_dtype rnd, cudaStream_t st) {
     const int64_t nrows = batch * rows;
     if (nrows <= 0 || d <= 0) return 0;
-    int threads = d >= kThreads ? kThreads : (int)((d + 31) / 32 * 32);
-    const unsigned grid = (unsigned)(nrows < (1 << 20) ? nrows : (1 << 20));
     typedef __nv_bfloat16 bf;
-    if (threads == kThreads && d <= 16 * kThreads) {
-        const dim3 g2((unsigned)(rows < (1 << 20) ? rows : (1 << 20)), (unsigned)(batch < 65535 ? batch : 65535));
-        const bf *xb = static_cast<const bf *>(x);
-        const float *xf = static_cast<const float *>(x);
-        if (d <= 12 * kThreads) { /* FLUX's 3072: 12 values per thread */
-            if (xt == FQ_BF16)
-                k_adaln_reg<bf, 12><<<g2, threads, 0, st>>>(xb, static_cast<bf *>(y), batch, rows, d, shift, scale,
-                                                            mod_stride, eps, (int)rnd);
-            else
-                k_adaln_reg<float, 12><<<g2, threads, 0, st>>>(xf, static_cast<float *>(y), batch, rows, d, shift,
-                                                               scale, mod_stride, eps, (int)rnd);
-        } else if (xt == FQ_BF16) {
-            k_adaln_reg<bf, 16><<<g2, threads, 0, st>>>(xb, static_cast<bf *>(y), batch, rows, d, shift, scale,
-                                                        mod_stride, eps, (int)rnd);
-        } else {
-            k_adaln_reg<float, 16><<<g2, threads, 0, st>>>(xf, static_cast<float *>(y), batch, rows, d, shift, scale,
-                                                           mod_stride, eps, (int)rnd);
-        }
-        return launch_status();
+    if (adaln_warp_ok(x, y, NULL, shift, scale, NULL, d, mod_stride)) {
+        /* (x is only read: the non-gated kernel never writes through h) */
+        if (xt == FQ_BF16)
+            return launch_adaln_warp<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
+                                                static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                (int)rnd, st);
+        return launch_adaln_warp<float, false>(const_cast<float *>(static_cast<const float *>(x)), NULL, NULL,
+                                               static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                               (int)rnd, st);
     }
+    const int threads = d >= kThreads ? kThreads : (int)((d + 31) / 32 * 32);
+    const unsigned grid = (unsigned)(nrows < (1 << 20) ? nrows : (1 << 20));
     if (xt == FQ_BF16)
-        k_adaln<__nv_bfloat16><<<grid, threads, 0, st>>>(static_cast<const __nv_bfloat16 *>(x),
-                                                         static_cast<__nv_bfloat16 *>(y), nrows, rows, d, shift, scale,
-                                                         mod_stride, eps, (int)rnd);
+        k_adaln<bf><<<grid, threads, 0, st>>>(static_cast<const bf *>(x), static_cast<bf *>(y), nrows, rows, d, shift,
+                                              scale, mod_stride, eps, (int)rnd);
     else
         k_adaln<float><<<grid, threads, 0, st>>>(static_cast<const float *>(x), static_cast<float *>(y), nrows, rows, d,
                                                  shift, scale, mod_stride, eps, (int)rnd);
     return launch_status();
+}
+
+extern "C" int fq_cuda_nn_gated_add_adaln(void *h, const void *a, const float *gate, void *y, fq_dtype xt,
+                                          int64_t batch, int64_t rows, int64_t d, const float *shift,
+                                          const float *scale, int64_t mod_stride, float eps, fq_dtype rnd,
+                                          cudaStream_t st) {
+    if (batch * rows <= 0 || d <= 0) return 0;
+    typedef __nv_bfloat16 bf;
+    if (adaln_warp_ok(h, y, a, shift, scale, gate, d, mod_stride)) {
+        if (xt == FQ_BF16)
+            return launch_adaln_warp<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
+                                               static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                               (int)rnd, st);
+        return launch_adaln_warp<float, true>(static_cast<float *>(h), static_cast<const float *>(a), gate,
+                                              static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                              (int)rnd, st);
+    }
+    /* the two kernels, in order */
+    int e = fq_cuda_nn_gated_add(h, gate, mod_stride, a, xt, batch, rows, d, rnd, st);
+    return e ? e : fq_cuda_nn_adaln(h, y, xt, batch, rows, d, shift, scale, mod_stride, eps, rnd, st);
 }
 
 extern "C" int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dtype xt, int64_t groups, int64_t d,
