@@ -25,9 +25,9 @@
  *
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
- *                     [--no-rotate] [--sweep] [--quick] [--variants impl:cfg,...] [--impl NAME]
- * (--impl: sweep every configuration of that implementation, e.g. gemm4_ws)
- * (--variants: sweep only these selections, e.g. gemv4_bulk:0x1,gemv4_tc:0)
+ *                     [--no-rotate] [--sweep] [--quick] [--impl NAME]
+ * (--impl: sweep only that implementation's configurations, e.g. gemm4_ws;
+ *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -469,6 +469,8 @@ static int target_for(int64_t m, double ratio, double w_copy) {
     return -1;
 }
 
+static const char *g_sweep_only; /* --impl NAME: sweep only this implementation */
+
 /* --variants impl:cfg,...: sweep only these selections (e.g. gemv4_bulk:0x1,gemv4_tc:0). */
 static struct { int impl, cfg; } g_variants[32];
 static int g_nvariants;
@@ -494,8 +496,6 @@ static int parse_variants(const char *s) {
     return g_nvariants;
 }
 
-static const char *g_sweep_only; /* --impl NAME: sweep only this implementation */
-
 /* Every implementation x configuration that can run the case, for tuning. */
 static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
                        int64_t k) {
@@ -518,13 +518,13 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
         if (impl == FQ_LIN4_GEMM_WGMMA)
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
                 for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
+        if (g_sweep_only && strcmp(g_sweep_only, fq_lin4_impl_name((fq_lin4_impl)impl)) != 0) continue;
         if (g_nvariants) { /* only the listed selections */
             nc = 0;
             for (int v = 0; v < g_nvariants; v++)
                 if (g_variants[v].impl == impl) cfgs[nc++] = g_variants[v].cfg;
             if (!nc) continue;
         }
-        if (g_sweep_only && strcmp(g_sweep_only, fq_lin4_impl_name((fq_lin4_impl)impl)) != 0) continue;
         if (!fq_linear4_cuda_can_run(g->ctx, (fq_lin4_impl)impl, oa->x, oa->w[0], oa->y)) continue;
         if (m <= 16 && impl != FQ_LIN4_GEMV_TC && impl != FQ_LIN4_GEMV_STREAM && impl != FQ_LIN4_GEMV_BULK &&
             !g_nvariants)
@@ -743,10 +743,7 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--impl") && i + 1 < argc) {
             g_sweep_only = argv[++i];
             sweep = 1;
-        }
-#endif
-#ifdef FQ_HAVE_CUDA
-        else if (!strcmp(a, "--variants") && i + 1 < argc) {
+        } else if (!strcmp(a, "--variants") && i + 1 < argc) {
             if (parse_variants(argv[++i]) <= 0) {
                 fprintf(stderr, "bench_linear: bad --variants (impl:cfg,...)\n");
                 return 2;
@@ -758,7 +755,7 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--variants impl:cfg,...] [--impl NAME]\n");
+                   "                    [--impl NAME] [--variants impl:cfg,...]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }

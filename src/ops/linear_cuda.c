@@ -38,9 +38,9 @@
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u
 #define LIN_PREP_GEMV_STREAM 4u
+#define LIN_PREP_GEMV_BULK 8u
 #define LIN_PREP_GEMM_WS 16u
 #define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
-#define LIN_PREP_GEMV_BULK 8u
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
@@ -370,8 +370,8 @@ static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
     if (d->lin_prepared & bit) return FQ_OK;
     int rc = bit == LIN_PREP_GEMM_MMA    ? fq_cuda_gemm4_mma_prepare(d->smem_optin)
              : bit == LIN_PREP_GEMV_STREAM ? fq_cuda_gemv4_stream_prepare()
-             : bit == LIN_PREP_GEMM_WS     ? fq_cuda_gemm4_ws_prepare()
              : bit == LIN_PREP_GEMV_BULK   ? fq_cuda_gemv4_bulk_prepare()
+             : bit == LIN_PREP_GEMM_WS     ? fq_cuda_gemm4_ws_prepare()
                                            : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
