@@ -7,6 +7,9 @@
 #     test   build, then every test (the CUDA ones run on each GPU)
 #     bench  build, then bench_quant on the CPU and every GPU (table + JSON)
 #     all    build + test + bench
+#     perf   build, then the CUDA tests of the FLUX and linear work (test_flux_cuda,
+#            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
+#            benchmark (NF4 + double quant; again with --exact-gelu)
 #     multi  for the 2-GPU machine: build, test_multi_gpu (with its
 #            --only-cuda1 NVML / context check), test_cuda_quant --quick on both
 #            GPUs, bench_quant on each GPU
@@ -25,7 +28,7 @@ STATUS=0
 
 note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
 
-case "$WHAT" in all|build|test|bench|multi) ;; *) echo "usage: $0 [all|build|test|bench|multi]" >&2; exit 2 ;; esac
+case "$WHAT" in all|build|test|bench|perf|multi) ;; *) echo "usage: $0 [all|build|test|bench|perf|multi]" >&2; exit 2 ;; esac
 
 : > "$SUMMARY"
 note "fluxq gpu-run: $WHAT, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -86,6 +89,33 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     if build/bench/bench_quant --json "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1; then r=ok; else r=FAILED; STATUS=1; fi
     note "bench_quant: $r"
     cat "$OUT/bench_quant.txt" >> "$SUMMARY"
+fi
+
+# ---- FLUX and linear work: its CUDA tests, then the step benchmark on an idle GPU ----
+if [ "$WHAT" = perf ]; then
+    start=$(date +%s)
+    gpu_test() { # name, then the command; log in $OUT/<name>.log, last line "exit N"
+        local name="$1"; shift
+        { timeout 240 "$@"; echo "exit $?"; } > "$OUT/$name.log" 2>&1
+    }
+    gpu_test test_flux_cuda build/tests/test_flux_cuda &
+    gpu_test test_cuda_linear build/tests/test_cuda_linear &
+    { gpu_test test_cuda_attention build/tests/test_cuda_attention
+      build/tests/test_cuda_quant --quick >> "$OUT/test_cuda_attention.log" 2>&1
+      echo "test_cuda_quant --quick exit $?" >> "$OUT/test_cuda_attention.log"; } &
+    wait
+    note "CUDA tests ($(( $(date +%s) - start )) s):"
+    for f in test_flux_cuda test_cuda_linear test_cuda_attention; do
+        grep -E '^(test_[a-z_]+:|FAIL|CRASH|exit|test_cuda_quant)' "$OUT/$f.log" | tail -n 6 | tee -a "$SUMMARY"
+        grep -q '0 failed' "$OUT/$f.log" && grep -q '^exit 0' "$OUT/$f.log" || STATUS=1
+    done
+    BF=(build/bench/bench_flux --config dev --random-weights --quantize nf4 --double-quant --profile)
+    timeout 150 "${BF[@]}" --iters 10 > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
+    timeout 120 "${BF[@]}" --iters 5 --exact-gelu > "$OUT/bench_flux_exact_gelu.txt" 2>&1 || STATUS=1
+    note "bench_flux (NF4 + dq):"
+    grep -E 'step (median|min)|plan|peak|linears|attention|rest|by op|TFLOP' "$OUT/bench_flux.txt" | tee -a "$SUMMARY"
+    note "bench_flux --exact-gelu:"
+    grep -E 'step (median|min)|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
 fi
 
 # ---- two GPUs ----
