@@ -149,8 +149,7 @@ __global__ void __launch_bounds__(kThreads)
                 hc.get(hv);
                 ac.get(av);
                 ld8f(g + 8 * (int64_t)c, gv);
-#pragma unroll
-                for (int e = 0; e < 8; e++) hv[e] = rnd_to(__fadd_rn(hv[e], rnd_to(__fmul_rn(gv[e], av[e]), rnd)), rnd);
+                gated_add8(hv, gv, av, rnd);
                 hc.set(hv);
                 hc.store(hr + 8 * (int64_t)c);
             }

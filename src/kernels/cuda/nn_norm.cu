@@ -7,6 +7,8 @@
 #include "kernels/cuda/nn_vec.cuh"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 using namespace fqnn;
 
@@ -286,6 +288,310 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+/* AdaLN with one block per row: thread c holds the 8-element chunk c of the
+ * row (d / 8 threads, rounded up to a warp), its modulation (the rounded
+ * 1 + scale, and shift) stays in registers across the rows the block strides
+ * over, and the next P rows are loaded while the current one is reduced.
+ * Why not one warp per row (k_adaln_warp): a warp then owns 96 elements per
+ * lane of a d = 3072 row, too many to keep as f64, so every element went
+ * through the f32 -> f64 conversion (16 per clock and SM on sm_90, a quarter
+ * of the f64 rate) three times plus once back, along serial f64 chains,
+ * with the whole row loaded before any work and stored after: loads,
+ * conversions and stores of a wave did not overlap. Here each element is
+ * converted once in and once out and the x - mean of the variance is reused
+ * for the output. Same per-element expressions as k_adaln_warp; the sums run
+ * over a thread's 8 elements, across the warp, then over the warps in order
+ * (f64, only the order differs). In place allowed: a thread reads and writes
+ * only its own chunk of a row. */
+template <typename T, bool GATED, int P>
+__global__ void __launch_bounds__(384, 2)
+    k_adaln_row(T *h, const T *a, const float *gate, T *y, int nrows, int rows, int d,
+                const float *__restrict__ shift, const float *__restrict__ scale, int64_t mod_stride, float eps,
+                int rnd) {
+    __shared__ double sh[2][12];
+    const int c = threadIdx.x, lane = c & 31, warp = c >> 5, nw = blockDim.x >> 5;
+    const bool on = c < d / 8;
+    int cur_b = -1;
+    float sc1[8], sf[8];
+    /* hb[0]: this row's chunk; hb[1..P]: the next P rows' (of this block),
+     * in flight while this one is worked on */
+    Chunk8<T> hb[P + 1], ab[P + 1];
+    int r = blockIdx.x;
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        const int ri = r + i * (int)gridDim.x;
+        if (on && ri < nrows) {
+            hb[i].load(h + (int64_t)ri * d + 8 * c);
+            if (GATED) ab[i].load(a + (int64_t)ri * d + 8 * c);
+        }
+    }
+    for (; r < nrows; r += gridDim.x) {
+        const int rn = r + P * (int)gridDim.x;
+        if (on && rn < nrows) {
+            hb[P].load(h + (int64_t)rn * d + 8 * c);
+            if (GATED) ab[P].load(a + (int64_t)rn * d + 8 * c);
+        }
+        Chunk8<T> &hv = hb[0], &av = ab[0];
+        const int b = r / rows;
+        if (b != cur_b && on) {
+            cur_b = b;
+            float sc[8];
+            ld8f(shift + b * mod_stride + 8 * c, sf);
+            ld8f(scale + b * mod_stride + 8 * c, sc);
+#pragma unroll
+            for (int e = 0; e < 8; e++) sc1[e] = rnd_to(__fadd_rn(1.0f, sc[e]), rnd);
+        }
+        double xd[8], s = 0.0;
+        if (on) {
+            float f[8];
+            hv.get(f);
+            if (GATED) {
+                float av8[8], gv[8]; /* (the gate from L1 each row: registers are short) */
+                av.get(av8);
+                ld8f(gate + b * mod_stride + 8 * c, gv);
+                gated_add8(f, gv, av8, rnd);
+                hv.set(f);
+                hv.store(h + (int64_t)r * d + 8 * c);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                xd[e] = (double)f[e];
+                s += xd[e];
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) xd[e] = 0.0;
+        }
+        s = warp_sum(s);
+        if (lane == 0) sh[0][warp] = s;
+        __syncthreads();
+        double tot = 0.0;
+        for (int w = 0; w < nw; w++) tot += sh[0][w];
+        const double mean = tot / (double)d;
+        double q = 0.0;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            xd[e] = xd[e] - mean;
+            q += xd[e] * xd[e];
+        }
+        if (!on) q = 0.0;
+        q = warp_sum(q);
+        if (lane == 0) sh[1][warp] = q;
+        __syncthreads(); /* also: every thread has read sh[0] before the next row writes it */
+        tot = 0.0;
+        for (int w = 0; w < nw; w++) tot += sh[1][w];
+        const double rstd = 1.0 / sqrt(tot / (double)d + (double)eps);
+        if (on) {
+            float o[8];
+            bool done = false;
+            if (rnd == FQ_BF16) { /* hardware rounding unless a value is NaN or infinite */
+                float nf = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = (float)(xd[e] * rstd);
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) bf16_round2_hw(o[e], o[e + 1], nf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = __fmul_rn(o[e], sc1[e]);
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) bf16_round2_hw(o[e], o[e + 1], nf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = __fadd_rn(o[e], sf[e]);
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) bf16_round2_hw(o[e], o[e + 1], nf);
+                done = nf == nf;
+            }
+            if (!done) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const float nrm = rnd_to((float)(xd[e] * rstd), rnd);
+                    const float t = rnd_to(__fmul_rn(nrm, sc1[e]), rnd);
+                    o[e] = rnd_to(__fadd_rn(t, sf[e]), rnd);
+                }
+            }
+            Chunk8<T> out;
+            out.set(o);
+            out.store(y + (int64_t)r * d + 8 * c);
+        }
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            hb[i] = hb[i + 1];
+            if (GATED) ab[i] = ab[i + 1];
+        }
+    }
+}
+
+/* Blocks that are resident at once (the grid-stride kernels above run one
+ * wave; more blocks would queue behind whole blocks and leave a tail). */
+template <typename K>
+int resident_blocks(K kern, int threads, int64_t want, unsigned *grid) {
+    /* the occupancy of the last kernel and block size asked for (otherwise a
+     * host query per launch; a race between host threads can only give a
+     * grid of another size, which the grid-stride loops handle) */
+    static const void *last_kern = NULL;
+    static int last_threads = 0, last_per = 0;
+    int dev = 0, sms = 0, per = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess &&
+        !(last_kern == (const void *)kern && threads == last_threads && (per = last_per) > 0)) {
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kern, threads, 0);
+        if (e == cudaSuccess) last_per = per, last_threads = threads, last_kern = (const void *)kern;
+    }
+    if (e != cudaSuccess) return (int)e;
+    int64_t g = (int64_t)sms * (per > 0 ? per : 1);
+    if (g > want) g = want;
+    *grid = (unsigned)(g > 0 ? g : 1);
+    return 0;
+}
+
+/* FQ_NORM_KERNELS=old selects the earlier AdaLN and RMSNorm+RoPE kernels
+ * (k_adaln_warp, k_rmsnorm_rope128), for a baseline in the same run. */
+bool norm_old() {
+    static int v = -1;
+    if (v < 0) {
+        const char *s = getenv("FQ_NORM_KERNELS");
+        v = s && !strcmp(s, "old");
+    }
+    return v != 0;
+}
+
+template <typename T, bool GATED>
+int launch_adaln_row(T *h, const T *a, const float *gate, T *y, int64_t batch, int64_t rows, int64_t d,
+                     const float *shift, const float *scale, int64_t mod_stride, float eps, int rnd, cudaStream_t st) {
+    const int threads = (int)((d / 8 + 31) / 32 * 32);
+    unsigned g = 0;
+    /* rows loaded ahead: FQ_ADALN_PREFETCH=1 or 2 (the default; bf16 storage) */
+    static int pf = 0;
+    if (!pf) {
+        const char *s = getenv("FQ_ADALN_PREFETCH");
+        pf = s && !strcmp(s, "1") ? 1 : 2;
+    }
+    int e;
+    if (pf == 1 || sizeof(T) == 4) { /* (f32 storage: too few registers for 2) */
+        e = resident_blocks(k_adaln_row<T, GATED, 1>, threads, batch * rows, &g);
+        if (!e)
+            k_adaln_row<T, GATED, 1><<<g, threads, 0, st>>>(h, a, gate, y, (int)(batch * rows), (int)rows, (int)d,
+                                                            shift, scale, mod_stride, eps, rnd);
+    } else {
+        e = resident_blocks(k_adaln_row<T, GATED, 2>, threads, batch * rows, &g);
+        if (!e)
+            k_adaln_row<T, GATED, 2><<<g, threads, 0, st>>>(h, a, gate, y, (int)(batch * rows), (int)rows, (int)d,
+                                                            shift, scale, mod_stride, eps, rnd);
+    }
+    return e ? e : launch_status();
+}
+
+/* Whether k_adaln_row runs these operands (on top of adaln_warp_ok). */
+bool adaln_row_ok(int64_t batch, int64_t rows, int64_t d) {
+    return !norm_old() && d <= 8 * 384 && batch * rows < (1 << 30);
+}
+
+/* k_rmsnorm_rope128 with 16-byte accesses and less per-head overhead: a warp
+ * does 4 heads of one token, a half-warp a head at a time, lane l holding
+ * elements 8(l & 15) .. +7 (four RoPE pairs) of heads h0 + (l >> 4) and
+ * h0 + 2 + (l >> 4), its norm weights (f64) and the token's cos/sin. The sum
+ * of squares is reduced over 16 lanes (4 shuffle rounds instead of 5), the
+ * f64 square root and division (a long DFMA sequence) run once per warp for
+ * two heads (even lanes do one head, odd lanes the other, then swap) instead
+ * of once per head, index math is 32-bit (the 64-bit divisions per item were
+ * about as many instructions as the elements' work), and each element is
+ * converted to f64 once. Same expressions per element as k_rmsnorm; only the
+ * order of the f64 sum of squares differs (exact for f32 squares unless their
+ * exponents span more than ~29 bits). */
+template <typename T>
+__global__ void __launch_bounds__(256, 2)
+    k_rmsnorm_rope128v(T *x, const void *__restrict__ w, int wt, const float *__restrict__ cos_t,
+                       const float *__restrict__ sin_t, int ntok, int heads, int n, int t0, float eps, int rnd) {
+    const int lane = threadIdx.x & 31, e0 = 8 * (lane & 15), hl = lane >> 4;
+    const int gpt = (heads + 3) / 4, items = ntok * gpt, wpb = blockDim.x >> 5;
+    double wd[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) wd[e] = (double)load_any(w, wt, e0 + e);
+    const int stride = gridDim.x * wpb;
+    /* the item's two chunks (zeros past the last head); the next item's are
+     * loaded while this one is worked on */
+    auto load_item = [&](int it, Chunk8<T> ch[2]) {
+        const int tok = it / gpt, h0 = (it - tok * gpt) * 4;
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int hh = h0 + 2 * k + hl;
+            if (hh < heads) {
+                ch[k].load(x + ((int64_t)tok * heads + hh) * 128 + e0);
+            } else {
+                const float z[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                ch[k].set(z);
+            }
+        }
+    };
+    Chunk8<T> cur[2], nxt[2];
+    int it = blockIdx.x * wpb + (threadIdx.x >> 5);
+    if (it < items) load_item(it, cur);
+    for (; it < items; it += stride) {
+        const int tok = it / gpt, h0 = (it - tok * gpt) * 4, row = t0 + tok % n;
+        if (it + stride < items) load_item(it + stride, nxt);
+        float c[8], sn[8];
+        ld8f(cos_t + (int64_t)row * 128 + e0, c);
+        ld8f(sin_t + (int64_t)row * 128 + e0, sn);
+        double v[2][8], q[2];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            q[k] = 0.0;
+            float f[8];
+            cur[k].get(f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                v[k][e] = (double)f[e];
+                q[k] += v[k][e] * v[k][e];
+            }
+        }
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) {
+            q[0] += __shfl_xor_sync(0xffffffffu, q[0], o);
+            q[1] += __shfl_xor_sync(0xffffffffu, q[1], o);
+        }
+        const bool odd = lane & 1;
+        const double rm = 1.0 / sqrt((odd ? q[1] : q[0]) / 128.0 + (double)eps);
+        const double ro = __shfl_xor_sync(0xffffffffu, rm, 1);
+        const double r[2] = {odd ? ro : rm, odd ? rm : ro};
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int hh = h0 + 2 * k + hl;
+            if (hh >= heads) continue;
+            float nv[8], o[8];
+            bool done = false;
+            if (rnd == FQ_BF16) { /* hardware rounding unless a value is NaN or infinite (nn_vec.cuh) */
+                float nf = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) nv[e] = (float)(v[k][e] * r[k] * wd[e]);
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) bf16_round2_hw(nv[e], nv[e + 1], nf);
+#pragma unroll
+                for (int p = 0; p < 8; p += 2) {
+                    o[p] = __fadd_rn(__fmul_rn(nv[p], c[p]), __fmul_rn(-nv[p + 1], sn[p]));
+                    o[p + 1] = __fadd_rn(__fmul_rn(nv[p + 1], c[p + 1]), __fmul_rn(nv[p], sn[p + 1]));
+                    bf16_round2_hw(o[p], o[p + 1], nf);
+                }
+                done = nf == nf;
+            }
+            if (!done) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) nv[e] = rnd_to((float)(v[k][e] * r[k] * wd[e]), rnd);
+#pragma unroll
+                for (int p = 0; p < 8; p += 2) {
+                    o[p] = rnd_to(__fadd_rn(__fmul_rn(nv[p], c[p]), __fmul_rn(-nv[p + 1], sn[p])), rnd); /* re*c - im*s */
+                    o[p + 1] =
+                        rnd_to(__fadd_rn(__fmul_rn(nv[p + 1], c[p + 1]), __fmul_rn(nv[p], sn[p + 1])), rnd); /* im*c + re*s */
+                }
+            }
+            Chunk8<T> out;
+            out.set(o);
+            out.store(x + ((int64_t)tok * heads + hh) * 128 + e0);
+        }
+        cur[0] = nxt[0];
+        cur[1] = nxt[1];
+    }
+}
+
 } // namespace
 
 extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
@@ -295,6 +601,26 @@ extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_d
     if (groups <= 0 || d <= 0) return 0;
     if (d % 32) return (int)cudaErrorInvalidValue;
     const int64_t wpb = kThreads / 32;
+    if (d == 128 && al16(x) && al16(cos_t) && al16(sin_t) && !norm_old() && batch * n * heads < (1 << 30) &&
+        t0 + n < (1 << 30)) {
+        const int64_t items = batch * n * ((heads + 3) / 4);
+        unsigned g = 0;
+        int e = 0;
+        if (xt == FQ_BF16) {
+            e = resident_blocks(k_rmsnorm_rope128v<__nv_bfloat16>, kThreads, (items + wpb - 1) / wpb, &g);
+            if (!e)
+                k_rmsnorm_rope128v<__nv_bfloat16><<<g, kThreads, 0, st>>>(static_cast<__nv_bfloat16 *>(x), w, (int)wt,
+                                                                          cos_t, sin_t, (int)(batch * n), (int)heads,
+                                                                          (int)n, (int)t0, eps, (int)rnd);
+        } else {
+            e = resident_blocks(k_rmsnorm_rope128v<float>, kThreads, (items + wpb - 1) / wpb, &g);
+            if (!e)
+                k_rmsnorm_rope128v<float><<<g, kThreads, 0, st>>>(static_cast<float *>(x), w, (int)wt, cos_t, sin_t,
+                                                                  (int)(batch * n), (int)heads, (int)n, (int)t0, eps,
+                                                                  (int)rnd);
+        }
+        return e ? e : launch_status();
+    }
     if (d == 128 && al16(x) && al16(cos_t) && al16(sin_t)) {
         const int64_t items = batch * n * ((heads + 3) / 4);
         int64_t nb = (items + wpb - 1) / wpb;
@@ -325,7 +651,16 @@ extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t bat
     if (nrows <= 0 || d <= 0) return 0;
     typedef __nv_bfloat16 bf;
     if (adaln_warp_ok(x, y, NULL, shift, scale, NULL, d, mod_stride)) {
-        /* (x is only read: the non-gated kernel never writes through h) */
+        /* (x is only read: the non-gated kernels never write through h) */
+        if (adaln_row_ok(batch, rows, d)) {
+            if (xt == FQ_BF16)
+                return launch_adaln_row<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
+                                                   static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                   (int)rnd, st);
+            return launch_adaln_row<float, false>(const_cast<float *>(static_cast<const float *>(x)), NULL, NULL,
+                                                  static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride,
+                                                  eps, (int)rnd, st);
+        }
         if (xt == FQ_BF16)
             return launch_adaln_warp<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
                                                 static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
@@ -352,6 +687,15 @@ extern "C" int fq_cuda_nn_gated_add_adaln(void *h, const void *a, const float *g
     if (batch * rows <= 0 || d <= 0) return 0;
     typedef __nv_bfloat16 bf;
     if (adaln_warp_ok(h, y, a, shift, scale, gate, d, mod_stride)) {
+        if (adaln_row_ok(batch, rows, d)) {
+            if (xt == FQ_BF16)
+                return launch_adaln_row<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
+                                                  static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                  (int)rnd, st);
+            return launch_adaln_row<float, true>(static_cast<float *>(h), static_cast<const float *>(a), gate,
+                                                 static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                 (int)rnd, st);
+        }
         if (xt == FQ_BF16)
             return launch_adaln_warp<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
                                                static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,

@@ -61,6 +61,46 @@ __device__ __forceinline__ void ld8f(const float *p, float v[8]) {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
+/* Rounding of two values to bf16 and back (bf16_round) with the hardware
+ * conversion (cvt.rn.bf16x2: to nearest even, subnormals kept): one packed
+ * conversion and two unpacks instead of bf16_round's ~8 integer ALU
+ * operations per value, which made the norm kernels ALU-bound. The two give
+ * the same bits except for NaN (canonical NaN here, the quieted payload in
+ * bf16_round), so nf accumulates fma(v, 0, nf) over the inputs: it turns NaN
+ * when any input is NaN or infinite, and the caller then redoes its values
+ * with rnd_to (see k_adaln_row). */
+__device__ __forceinline__ void bf16_round2_hw(float &a, float &b, float &nf) {
+    nf = __fmaf_rn(a, 0.0f, nf);
+    nf = __fmaf_rn(b, 0.0f, nf);
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    const uint32_t w = *reinterpret_cast<uint32_t *>(&h);
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xffff0000u);
+}
+
+/* h = rnd(h + rnd(gate * a)) over 8 values (the gated residual add), the
+ * hardware rounding where rnd is bf16 and every value is finite. */
+__device__ __forceinline__ void gated_add8(float h[8], const float g[8], const float a[8], int rnd) {
+    if (rnd == FQ_BF16) {
+        float nf = 0.0f, t[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) t[e] = __fmul_rn(g[e], a[e]);
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) bf16_round2_hw(t[e], t[e + 1], nf);
+#pragma unroll
+        for (int e = 0; e < 8; e++) t[e] = __fadd_rn(h[e], t[e]);
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) bf16_round2_hw(t[e], t[e + 1], nf);
+        if (nf == nf) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) h[e] = t[e];
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) h[e] = rnd_to(__fadd_rn(h[e], rnd_to(__fmul_rn(g[e], a[e]), rnd)), rnd);
+}
+
 inline bool al16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 } // namespace fqnn
