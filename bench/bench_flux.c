@@ -43,7 +43,7 @@ typedef struct {
     int dtype;    /* -1: the model's */
     int64_t width, height, txt;
     const char *device;
-    int iters, warmup, profile, exact_gelu;
+    int iters, warmup, profile, exact_gelu, no_gemv;
     uint64_t seed;
 } bench_opts;
 
@@ -65,7 +65,8 @@ static void usage(void) {
             "usage: bench_flux [--config dev|schnell|PATH] [--random-weights | --model PATH]\n"
             "                  [--quantize nf4|fp4] [--double-quant] [--blocksize N] [--dtype bf16|f16|f32]\n"
             "                  [--width W] [--height H] [--txt-tokens N] [--device DEV]\n"
-            "                  [--iters N] [--warmup N] [--profile] [--seed N] [--exact-gelu]\n");
+            "                  [--iters N] [--warmup N] [--profile] [--seed N] [--exact-gelu]\n"
+            "                  [--no-gemv]\n");
 }
 
 static int parse(int argc, char **argv, bench_opts *o) {
@@ -104,6 +105,8 @@ static int parse(int argc, char **argv, bench_opts *o) {
         else if (!strcmp(a, "--seed") && v) o->seed = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(a, "--profile")) o->profile = 1;
         else if (!strcmp(a, "--exact-gelu")) o->exact_gelu = 1; /* no GELU in the GEMM epilogue */
+        /* 4-bit linears of <= 2 rows (modulation) through dequantize + cuBLASLt, not the GEMV */
+        else if (!strcmp(a, "--no-gemv")) o->no_gemv = 1;
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); return 0; }
         else { fprintf(stderr, "bench_flux: unknown or incomplete option '%s'\n", a); usage(); return 0; }
     }
@@ -293,10 +296,13 @@ int fq_bench_flux(int argc, char **argv) {
     printf("weights: %.3f GB (built in %.1f s)\n", gb((double)m->weight_bytes), build_ms / 1e3);
 
     /* the plan and the inputs */
+    if (o.no_gemv) fq_ctx_set_linear_kernel(ctx, FQ_LINEAR_DEQUANT_BLAS);
     BTRY("plan", fq_flux_plan_create(ctx, m, B, St, Si, &plan));
     if (o.exact_gelu) fq_flux_plan_set_fused_gelu(plan, 0);
-    printf("plan (activations + scratch): %.3f GB; GELU %s\n", gb((double)fq_flux_plan_bytes(plan)),
-           o.exact_gelu ? "as its own pass (exact)" : "in the GEMM epilogue where supported");
+    printf("plan (activations + scratch): %.3f GB; GELU %s; 4-bit linears of <= 2 rows: %s\n",
+           gb((double)fq_flux_plan_bytes(plan)),
+           o.exact_gelu ? "as its own pass (exact)" : "in the GEMM epilogue where supported",
+           o.no_gemv ? "dequantize + cuBLASLt" : "streaming GEMV");
     {
         const fq_dtype cd = m->compute_dtype;
         int64_t sh[3] = {B, Si, c->in_channels}, se[3] = {B, St, c->joint_attention_dim},

@@ -9,7 +9,7 @@
 #     all    build + test + bench
 #     perf   build, then the CUDA tests of the FLUX and linear work (test_flux_cuda,
 #            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
-#            benchmark (NF4 + double quant; again with --exact-gelu)
+#            benchmark (NF4 + double quant; again with --exact-gelu and with --no-gemv)
 #     multi  for the 2-GPU machine: build, test_multi_gpu (with its
 #            --only-cuda1 NVML / context check), test_cuda_quant --quick on both
 #            GPUs, bench_quant on each GPU
@@ -112,10 +112,13 @@ if [ "$WHAT" = perf ]; then
     BF=(build/bench/bench_flux --config dev --random-weights --quantize nf4 --double-quant --profile)
     timeout 150 "${BF[@]}" --iters 10 > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
     timeout 120 "${BF[@]}" --iters 5 --exact-gelu > "$OUT/bench_flux_exact_gelu.txt" 2>&1 || STATUS=1
+    timeout 120 "${BF[@]}" --iters 5 --no-gemv > "$OUT/bench_flux_no_gemv.txt" 2>&1 || STATUS=1
     note "bench_flux (NF4 + dq):"
-    grep -E 'step (median|min)|plan|peak|linears|attention|rest|by op|TFLOP' "$OUT/bench_flux.txt" | tee -a "$SUMMARY"
+    grep -E '^step|plan|peak|linears|attention|rest|by op|TFLOP' "$OUT/bench_flux.txt" | tee -a "$SUMMARY"
     note "bench_flux --exact-gelu:"
-    grep -E 'step (median|min)|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
+    grep -E '^step|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
+    note "bench_flux --no-gemv:"
+    grep -E 'step|linears|attention|rest' "$OUT/bench_flux_no_gemv.txt" | tee -a "$SUMMARY"
 fi
 
 # ---- two GPUs ----

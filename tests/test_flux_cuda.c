@@ -619,6 +619,79 @@ static void test_ops(fq_ctx *ctx, fq_device dev) {
     }
 }
 
+/* 4-bit linears of 1 and 2 rows (the modulation linears) run the streaming GEMV
+ * on the GPU instead of dequantize + cuBLASLt. Random x: against the CPU (the
+ * same tolerance as the GEMM path above). One-hot rows of x: every output is
+ * one product W[n][j] * 1 plus the bias, so the GEMV and the reference path
+ * (FQ_LINEAR_DEQUANT_BLAS) must agree in every bit; they would not if the GEMV
+ * entered W other than exactly as dequantize_4bit writes it. */
+static void test_linear_q4_gemv(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("4-bit linears of 1 and 2 rows (GEMV) on %s:\n", fq_device_name(dev, dn, sizeof dn));
+    const int64_t N = 96, K = 256;
+    const fq_dtype rnds[2] = {FQ_BF16, FQ_F16};
+    const int kinds[3][2] = {{FQ_QUANT_NF4, 0}, {FQ_QUANT_NF4, 1}, {FQ_QUANT_FP4, 0}};
+    for (int64_t M = 1; M <= 2; M++)
+        for (int ri = 0; ri < 2; ri++)
+            for (int qi = 0; qi < 3; qi++) {
+                const fq_dtype rnd = rnds[ri];
+                int64_t xs[2] = {M, K}, ys[2] = {M, N}, ws[2] = {N, K}, bs[1] = {N};
+                fq_tensor *wgt = cpu_rand(ctx, FQ_BF16, 2, ws, 191 + qi, 0.1f, 0.0f, FQ_F32);
+                fq_tensor *bias = cpu_rand(ctx, rnd, 1, bs, 195, 0.5f, 0.0f, FQ_F32), *db = to_dev(ctx, bias, dev);
+                fq_tensor *x = cpu_rand(ctx, FQ_F32, 2, xs, 171 + M, 1.0f, 0.0f, rnd), *y = empty(ctx, FQ_CPU, 2, ys);
+                fq_tensor *onehot = empty(ctx, FQ_CPU, 2, xs);
+                fq_quant_params qp = fq_quant_default_params();
+                qp.type = (fq_quant_type)kinds[qi][0];
+                qp.double_quant = kinds[qi][1];
+                fq_qtensor *q = NULL, *dq = NULL;
+                if (wgt) CHECK_OK(ctx, fq_quantize_4bit(ctx, wgt, &qp, &q));
+                if (q) CHECK_OK(ctx, fq_qtensor_copy_to(ctx, q, dev, &dq));
+                if (onehot) {
+                    float *h = fq_tensor_host_data(onehot);
+                    memset(h, 0, sizeof(float) * (size_t)(M * K));
+                    for (int64_t r = 0; r < M; r++) h[r * K + (37 + 101 * r) % K] = 1.0f;
+                }
+                const int64_t sc = q ? fq_nn_linear_q4_scratch(ctx, q, bias, M, rnd) : 0;
+                const int64_t dsc = dq ? fq_nn_linear_q4_scratch_io(ctx, dq, db, M, rnd, FQ_F32, FQ_F32) : 0;
+                int64_t scs[1] = {sc > 0 ? sc : 1}, dscs[1] = {dsc > 0 ? dsc : 1};
+                fq_tensor *s = empty(ctx, FQ_CPU, 1, scs), *ds = empty(ctx, dev, 1, dscs);
+                fq_tensor *dy = empty(ctx, dev, 2, ys), *dy2 = empty(ctx, dev, 2, ys);
+                fq_tensor *dx = to_dev(ctx, x, dev), *dh = to_dev(ctx, onehot, dev);
+                char w[96];
+                if (q && dq && db && s && ds && dy && dy2 && dx && dh && y) {
+                    CHECK_OK(ctx, fq_nn_linear_q4(ctx, x, q, bias, y, s, rnd));
+                    CHECK_OK(ctx, fq_nn_linear_q4(ctx, dx, dq, db, dy, ds, rnd));
+                    snprintf(w, sizeof w, "M=%lld %s%s (%s) vs the CPU", (long long)M, qi == 2 ? "fp4" : "nf4",
+                             qi == 1 ? "+dq" : "", fq_dtype_name(rnd));
+                    compare(ctx, w, dy, y, 4e-3, M * N);
+                    /* one-hot rows: the GEMV against dequantize + cuBLASLt, bit for bit */
+                    CHECK_OK(ctx, fq_nn_linear_q4(ctx, dh, dq, db, dy, ds, rnd));
+                    fq_ctx_set_linear_kernel(ctx, FQ_LINEAR_DEQUANT_BLAS);
+                    CHECK_OK(ctx, fq_nn_linear_q4(ctx, dh, dq, db, dy2, ds, rnd));
+                    fq_ctx_set_linear_kernel(ctx, FQ_LINEAR_AUTO);
+                    fq_tensor *ref = to_dev(ctx, dy2, FQ_CPU);
+                    snprintf(w, sizeof w, "M=%lld %s%s (%s) one-hot vs dequantize", (long long)M,
+                             qi == 2 ? "fp4" : "nf4", qi == 1 ? "+dq" : "", fq_dtype_name(rnd));
+                    if (ref) compare(ctx, w, dy, ref, 0, 0);
+                    fq_tensor_free(ref);
+                }
+                fq_qtensor_free(q);
+                fq_qtensor_free(dq);
+                fq_tensor_free(wgt);
+                fq_tensor_free(bias);
+                fq_tensor_free(db);
+                fq_tensor_free(x);
+                fq_tensor_free(y);
+                fq_tensor_free(onehot);
+                fq_tensor_free(s);
+                fq_tensor_free(ds);
+                fq_tensor_free(dy);
+                fq_tensor_free(dy2);
+                fq_tensor_free(dx);
+                fq_tensor_free(dh);
+            }
+}
+
 /* ---- 3. attention ------------------------------------------------------------------------------ */
 
 static void attn_ref64(const float *q, const float *k, const float *v, double *out, int64_t B, int64_t S, int64_t H,
@@ -1401,6 +1474,7 @@ int main(void) {
         printf("%d CUDA device(s)\n", ndev);
         for (int d = 0; d < ndev; d++) {
             test_ops(ctx, FQ_CUDA(d));
+            test_linear_q4_gemv(ctx, FQ_CUDA(d));
             test_attention(ctx, FQ_CUDA(d));
             test_bf16_storage(ctx, FQ_CUDA(d));
             if (fixtures) test_golden(ctx, FQ_CUDA(d));

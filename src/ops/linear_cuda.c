@@ -420,15 +420,28 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
     return FQ_OK;
 }
 
+static fq_status linear4_sel(fq_ctx *ctx, int sel, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                             fq_tensor *y, int64_t m);
+
 fq_status fq_linear4_cuda(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, int64_t m) {
+    return linear4_sel(ctx, ctx->linear_kernel, x, w, bias, y, m);
+}
+
+fq_status fq_linear4_cuda_exact(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                                fq_tensor *y, int64_t m) {
+    return linear4_sel(ctx, FQ_LIN4_AUTO_EXACT, x, w, bias, y, m);
+}
+
+static fq_status linear4_sel(fq_ctx *ctx, int sel, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                             fq_tensor *y, int64_t m) {
     lin_op op;
     FQ_TRY(make_op(ctx, x, w, bias, y, m, &op));
     if (m == 0 || op.w.n == 0) return FQ_OK;
     fq_cuda_dev *d;
     FQ_TRY(fq_cuda_dev_get(ctx, op.device, &d));
     int cfg = 0;
-    fq_lin4_impl impl = choose(ctx, d, ctx->linear_kernel, &op, &cfg);
+    fq_lin4_impl impl = choose(ctx, d, sel, &op, &cfg);
     if (impl == FQ_LIN4_NONE) return FQ_ERR_UNSUPPORTED;
     fq_log(ctx, FQ_LOG_DEBUG, "linear_4bit '%s' on cuda:%d: M=%lld N=%lld K=%lld %s -> %s (cfg %d)",
            fq_qtensor_name(w), op.device, (long long)m, (long long)op.w.n, (long long)op.w.k,

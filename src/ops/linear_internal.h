@@ -27,6 +27,11 @@ fq_w4_view fq_w4_view_of(const fq_qtensor *w);
 /* Runs on w's device (caller has checked placement of all operands). M = rows of x. */
 fq_status fq_linear4_cuda(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, int64_t m);
+/* The same under FQ_LIN4_AUTO_EXACT whatever ctx->linear_kernel says: the weights
+ * enter the products exactly as dequantize_4bit writes them (the FLUX forward's
+ * M <= 2 linears, which must compute what dequantize + GEMM computes). */
+fq_status fq_linear4_cuda_exact(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
+                                fq_tensor *y, int64_t m);
 #endif
 
 #endif

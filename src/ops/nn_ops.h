@@ -91,7 +91,10 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
 /* The same with a 4-bit weight (every member of its state on y's device).
  * rnd = f32 runs the fused 4-bit kernels of fq_linear_4bit (fq_ctx_set_linear_kernel
  * applies); rnd = bf16/f16 dequantizes the weight rounded to that dtype and runs a
- * dense GEMM, as bitsandbytes does, so its outputs are reproduced exactly. */
+ * dense GEMM, as bitsandbytes does, so its outputs are reproduced exactly. On CUDA
+ * at most 2 rows run the streaming GEMV instead, which enters the same rounded
+ * weights without the dequantized copy (sums in another order;
+ * FQ_LINEAR_DEQUANT_BLAS keeps the GEMM). */
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
 
