@@ -10,6 +10,9 @@
 #     perf   build, then the CUDA tests of the FLUX and linear work (test_flux_cuda,
 #            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
 #            benchmark (NF4 + double quant; again with --exact-gelu and with --no-gemv)
+#     multi-flux  for the 2-GPU machine: build, test_flux_cuda (cuda:0 vs cuda:1 and moves),
+#            test_multi_gpu, and a FLUX.1-dev NF4 step benchmark on cuda:1 with nvidia-smi
+#            asked meanwhile which GPUs hold the process (GPU 0 must not)
 #     multi  for the 2-GPU machine: build, test_multi_gpu (with its
 #            --only-cuda1 NVML / context check), test_cuda_quant --quick on both
 #            GPUs, bench_quant on each GPU
@@ -28,7 +31,7 @@ STATUS=0
 
 note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
 
-case "$WHAT" in all|build|test|bench|perf|multi) ;; *) echo "usage: $0 [all|build|test|bench|perf|multi]" >&2; exit 2 ;; esac
+case "$WHAT" in all|build|test|bench|perf|multi|multi-flux) ;; *) echo "usage: $0 [all|build|test|bench|perf|multi|multi-flux]" >&2; exit 2 ;; esac
 
 : > "$SUMMARY"
 note "fluxq gpu-run: $WHAT, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -119,6 +122,33 @@ if [ "$WHAT" = perf ]; then
     grep -E '^step|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
     note "bench_flux --no-gemv:"
     grep -E 'step|linears|attention|rest' "$OUT/bench_flux_no_gemv.txt" | tee -a "$SUMMARY"
+fi
+
+# ---- two GPUs: the FLUX forward on cuda:1 leaves GPU 0 alone ----
+if [ "$WHAT" = multi-flux ]; then
+    { timeout 240 build/tests/test_flux_cuda; echo "exit $?"; } > "$OUT/test_flux_cuda.log" 2>&1 &
+    { timeout 120 build/tests/test_multi_gpu; echo "exit $?"; } > "$OUT/multi.log" 2>&1 &
+    wait
+    for f in test_flux_cuda multi; do
+        grep -E '^(test_[a-z_]+:|FAIL|CRASH|exit|only-cuda1)' "$OUT/$f.log" | tail -n 8 | tee -a "$SUMMARY"
+        grep -q '0 failed' "$OUT/$f.log" && grep -q '^exit 0' "$OUT/$f.log" || STATUS=1
+    done
+    grep -E 'identical|cuda:1' "$OUT/test_flux_cuda.log" | head -n 12 | tee -a "$SUMMARY"
+    build/bench/bench_flux --config dev --random-weights --quantize nf4 --double-quant --device cuda:1 --iters 200 \
+        > "$OUT/bench_flux_cuda1.txt" 2>&1 &
+    pid=$!
+    sleep 8
+    note "nvidia-smi while pid $pid runs a FLUX step loop on cuda:1 only:"
+    nvidia-smi --query-gpu=index,pci.bus_id,memory.used --format=csv 2>&1 | tee -a "$SUMMARY"
+    nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv 2>&1 | tee -a "$SUMMARY"
+    bus0=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i 0 2>/dev/null)
+    if nvidia-smi --query-compute-apps=pid,gpu_bus_id --format=csv,noheader 2>/dev/null | grep "^$pid," | grep -qi "$bus0"; then
+        note "GPU 0 ($bus0) lists pid $pid: FAILED"; STATUS=1
+    else
+        note "GPU 0 ($bus0) does not list pid $pid: ok"
+    fi
+    wait $pid || STATUS=1
+    grep -E '^(device|step|plan|device memory)' "$OUT/bench_flux_cuda1.txt" | tee -a "$SUMMARY"
 fi
 
 # ---- two GPUs ----
