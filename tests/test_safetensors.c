@@ -414,6 +414,87 @@ static void test_failed_commits(fq_ctx *ctx) {
     fq_st_close(f);
 }
 
+static int count_files(void) {
+    DIR *d = opendir(g_dir);
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+    if (d) closedir(d);
+    return n;
+}
+
+/* Adds the same tensors to w: borrowed, copied and owned buffers, plus one
+ * owned tensor that is then dropped by truncate (spooled bytes reclaimed). */
+static void add_spool_set(fq_ctx *ctx, fq_st_writer *w, const float *big, int64_t nbig) {
+    int64_t sh[1] = {nbig}, s3[1] = {3}, s5[1] = {5};
+    static const unsigned char u8[5] = {1, 2, 3, 250, 255};
+    const float f3[3] = {0.5f, -1.0f, 3.25f};
+    CHECK_OK(ctx, fq_st_writer_set_metadata(ctx, w, "format", "pt"));
+    CHECK_OK(ctx, fq_st_writer_add(ctx, w, "borrowed", FQ_F32, 1, s3, f3, sizeof f3, 0));
+    CHECK_OK(ctx, fq_st_writer_add_copy(ctx, w, "copied", FQ_U8, 1, s5, u8, sizeof u8));
+    float *own = malloc(sizeof(float) * (size_t)nbig);
+    if (own) memcpy(own, big, sizeof(float) * (size_t)nbig);
+    CHECK_OK(ctx, fq_st_writer_add(ctx, w, "owned", FQ_F32, 1, sh, own, sizeof(float) * (size_t)nbig, 1));
+    const int64_t keep = fq_st_writer_count(w);
+    CHECK_OK(ctx, fq_st_writer_add_copy(ctx, w, "dropped", FQ_F32, 1, sh, big, sizeof(float) * (size_t)nbig));
+    fq_st_writer_truncate(w, keep);
+    CHECK_OK(ctx, fq_st_writer_add_copy(ctx, w, "after", FQ_F32, 1, s3, big + 7, 3 * sizeof(float)));
+}
+
+/* A spooling writer keeps owned tensors in an unlinked file (nothing shows in
+ * the folder) and writes the same bytes as one that keeps them in memory, also
+ * after a failed commit and after truncate; a spool folder that does not exist
+ * is an I/O error naming it. */
+static void test_writer_spool(fq_ctx *ctx) {
+    const int64_t nbig = 300000; /* 1.2 MB */
+    float *big = malloc(sizeof(float) * (size_t)nbig);
+    if (!big) return;
+    for (int64_t i = 0; i < nbig; i++) big[i] = (float)(i % 977) * 0.25f - 7.0f;
+    fq_st_writer *a = NULL, *b = NULL;
+    CHECK_OK(ctx, fq_st_writer_create(ctx, &a));
+    CHECK_OK(ctx, fq_st_writer_create(ctx, &b));
+    if (!a || !b) goto out;
+    const int before = count_files();
+    CHECK_OK(ctx, fq_st_writer_spool(ctx, b, g_dir));
+    CHECK(fq_st_writer_spool(ctx, b, g_dir) == FQ_ERR_INVALID_ARG, "spooling twice refused");
+    add_spool_set(ctx, a, big, nbig);
+    add_spool_set(ctx, b, big, nbig);
+    CHECK(count_files() == before, "the spool file is not visible in the folder (%d files, %d before)",
+          count_files(), before);
+    const char *pa = tmp_path("mem.safetensors"), *pb = tmp_path("spool.safetensors");
+    CHECK_OK(ctx, fq_st_writer_commit(ctx, a, pa));
+    fq_st_writer_test_fail(b, 2);
+    CHECK(fq_st_writer_commit(ctx, b, pb) == FQ_ERR_IO && !exists(pb), "failed spooled commit leaves nothing");
+    fq_st_writer_test_fail(b, 0);
+    CHECK_OK(ctx, fq_st_writer_commit(ctx, b, pb));
+    size_t na = 0, nb = 0;
+    unsigned char *ra = tf_read_all(pa, &na), *rb = tf_read_all(pb, &nb);
+    CHECK(ra && rb && na == nb && na > (size_t)nbig * 4 && !memcmp(ra, rb, na),
+          "spooled file byte-identical to the in-memory one (%zu vs %zu bytes)", na, nb);
+    free(ra);
+    free(rb);
+    fq_st_file *f = NULL;
+    CHECK_OK(ctx, fq_st_open(ctx, pb, &f));
+    const fq_st_tensor *t = f ? fq_st_find(f, "owned") : NULL;
+    CHECK(t && t->nbytes == (size_t)nbig * 4 && !memcmp(t->data, big, t->nbytes), "owned tensor read back");
+    CHECK(f && !fq_st_find(f, "dropped") && fq_st_find(f, "after"), "truncated tensor gone, later one kept");
+    fq_st_close(f);
+    fq_st_writer *c = NULL;
+    CHECK_OK(ctx, fq_st_writer_create(ctx, &c));
+    if (c) {
+        fq_status s = fq_st_writer_spool(ctx, c, tmp_path("no/such/dir"));
+        CHECK(s == FQ_ERR_IO && strstr(fq_ctx_error(ctx), "no/such/dir"), "missing spool folder: %s",
+              fq_ctx_error(ctx));
+    }
+    fq_st_writer_free(c);
+    unlink(pa);
+    unlink(pb);
+out:
+    fq_st_writer_free(a);
+    fq_st_writer_free(b);
+    free(big);
+}
+
 int main(void) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
@@ -428,6 +509,7 @@ int main(void) {
     test_writer_matches_reference(ctx, "tests/fixtures/io/linear4bit_nf4_dq.state_dict.safetensors");
     test_writer_matches_reference(ctx, "tests/fixtures/io/flux_nf4_dq.safetensors");
     test_failed_commits(ctx);
+    test_writer_spool(ctx);
 
     nftw(g_dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
     fq_ctx_free(ctx);

@@ -177,6 +177,16 @@ fq_status cli_convert(fq_ctx *ctx, const cli_convert_opts *o, const char *in, co
     }
     fq_st_writer *w = NULL;
     if (s == FQ_OK) s = fq_st_writer_create(ctx, &w);
+    /* converted tensors wait on disk next to the output, not in memory (FLUX.1-dev
+     * dequantized to bf16 is 24 GB) */
+    char spool_dir[4096];
+    snprintf(spool_dir, sizeof spool_dir, "%s", folder ? out : out_file);
+    if (!folder) {
+        char *slash = strrchr(spool_dir, '/');
+        if (slash) slash[slash == spool_dir ? 1 : 0] = '\0';
+        else snprintf(spool_dir, sizeof spool_dir, ".");
+    }
+    if (s == FQ_OK) s = fq_st_writer_spool(ctx, w, spool_dir);
     if (s == FQ_OK) copy_metadata(ctx, w, set, &s);
     if (s == FQ_OK) s = convert_tensors(ctx, o, set, w, st);
     if (s == FQ_OK) s = fq_st_writer_commit(ctx, w, out_file);

@@ -95,6 +95,12 @@ fq_status fq_st_writer_add(fq_ctx *ctx, fq_st_writer *w, const char *name, fq_dt
 /* As fq_st_writer_add with a private copy of data. */
 fq_status fq_st_writer_add_copy(fq_ctx *ctx, fq_st_writer *w, const char *name, fq_dtype dtype,
                                 int ndim, const int64_t *shape, const void *data, size_t nbytes);
+/* From now on, buffers the writer owns (own = 1, fq_st_writer_add_copy) go to an
+ * unlinked spool file in dir as they are added and are freed at once, so a
+ * conversion holds one tensor in memory instead of all of them; commit copies
+ * them back from there. Call before the adds; dir needs room for those bytes
+ * (the output's folder is a good choice: /tmp may be in memory). */
+fq_status fq_st_writer_spool(fq_ctx *ctx, fq_st_writer *w, const char *dir);
 /* Sets a __metadata__ entry (both strings copied); a key set again keeps its place. */
 fq_status fq_st_writer_set_metadata(fq_ctx *ctx, fq_st_writer *w, const char *key, const char *value);
 int64_t fq_st_writer_count(const fq_st_writer *w);

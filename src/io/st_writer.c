@@ -3,8 +3,12 @@
 #include "io/json_util.h"
 #include "io/safetensors.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     char *name;
@@ -14,6 +18,7 @@ typedef struct {
     const void *data;
     size_t nbytes;
     int own;
+    int64_t spool_off; /* >= 0: the bytes are in the spool file from here (data is NULL) */
 } wentry;
 
 struct fq_st_writer {
@@ -22,6 +27,9 @@ struct fq_st_writer {
     char **meta_kv; /* key0, value0, ... in order of first setting */
     int64_t nmeta, meta_cap;
     int fail_stage;
+    int spool_fd;       /* -1: owned buffers stay in memory until commit */
+    uint64_t spool_end; /* bytes of the spool file in use */
+    char *spool_dir;
 };
 
 /* The reference writer orders tensors by its Dtype enum, widest first; these are
@@ -46,7 +54,61 @@ static int dtype_rank(fq_dtype t) {
 fq_status fq_st_writer_create(fq_ctx *ctx, fq_st_writer **out) {
     fq_st_writer *w = calloc(1, sizeof *w);
     if (!w) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+    w->spool_fd = -1;
     *out = w;
+    return FQ_OK;
+}
+
+fq_status fq_st_writer_spool(fq_ctx *ctx, fq_st_writer *w, const char *dir) {
+    if (w->spool_fd >= 0) return fq_err(ctx, FQ_ERR_INVALID_ARG, "safetensors writer: already spooling");
+    char *d = fq_strdup(dir && *dir ? dir : ".");
+    if (!d) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+    /* An unlinked file: it never shows in the folder and vanishes with the process. */
+    int fd = -1;
+#ifdef O_TMPFILE
+    fd = open(d, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+#endif
+    if (fd < 0) {
+        size_t n = strlen(d) + 32;
+        char *tmpl = malloc(n);
+        if (!tmpl) {
+            free(d);
+            return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+        }
+        snprintf(tmpl, n, "%s/.fluxq-spool-XXXXXX", d);
+        fd = mkostemp(tmpl, O_CLOEXEC);
+        if (fd >= 0) unlink(tmpl);
+        free(tmpl);
+    }
+    if (fd < 0) {
+        fq_status s = fq_err(ctx, FQ_ERR_IO, "cannot create a spool file in '%s': %s", d, strerror(errno));
+        free(d);
+        return s;
+    }
+    w->spool_fd = fd;
+    w->spool_end = 0;
+    w->spool_dir = d;
+    return FQ_OK;
+}
+
+/* Appends e's owned bytes to the spool file and frees them. */
+static fq_status spool_entry(fq_ctx *ctx, fq_st_writer *w, wentry *e) {
+    const unsigned char *p = e->data;
+    size_t done = 0;
+    while (done < e->nbytes) {
+        size_t chunk = e->nbytes - done < ((size_t)1 << 30) ? e->nbytes - done : (size_t)1 << 30;
+        ssize_t r = pwrite(w->spool_fd, p + done, chunk, (off_t)(w->spool_end + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+            return fq_err(ctx, FQ_ERR_IO, "safetensors writer: tensor '%s': cannot spool %zu bytes to '%s': %s",
+                          e->name, e->nbytes, w->spool_dir, r < 0 ? strerror(errno) : "no space written");
+        done += (size_t)r;
+    }
+    free((void *)e->data);
+    e->data = NULL;
+    e->own = 0;
+    e->spool_off = (int64_t)w->spool_end;
+    w->spool_end += e->nbytes;
     return FQ_OK;
 }
 
@@ -55,6 +117,7 @@ void fq_st_writer_truncate(fq_st_writer *w, int64_t count) {
     while (w->n > count) {
         wentry *e = &w->e[--w->n];
         if (e->own) free((void *)e->data);
+        if (e->spool_off >= 0) w->spool_end = (uint64_t)e->spool_off; /* the tail was its bytes */
         free(e->name);
     }
 }
@@ -65,6 +128,8 @@ void fq_st_writer_free(fq_st_writer *w) {
     for (int64_t i = 0; i < 2 * w->nmeta; i++) free(w->meta_kv[i]);
     free(w->meta_kv);
     free(w->e);
+    if (w->spool_fd >= 0) close(w->spool_fd);
+    free(w->spool_dir);
     free(w);
 }
 
@@ -104,9 +169,19 @@ fq_status fq_st_writer_add(fq_ctx *ctx, fq_st_writer *w, const char *name, fq_dt
         if (own) free((void *)data);
         return s;
     }
-    wentry *e = &w->e[w->n++];
-    *e = (wentry){.name = nm, .dtype = dtype, .ndim = ndim, .data = data, .nbytes = nbytes, .own = own};
+    wentry *e = &w->e[w->n];
+    *e = (wentry){.name = nm, .dtype = dtype, .ndim = ndim, .data = data, .nbytes = nbytes, .own = own,
+                  .spool_off = -1};
     if (ndim) memcpy(e->shape, shape, (size_t)ndim * sizeof *shape);
+    if (own && w->spool_fd >= 0 && nbytes) {
+        s = spool_entry(ctx, w, e);
+        if (s != FQ_OK) {
+            free((void *)data);
+            free(nm);
+            return s;
+        }
+    }
+    w->n++;
     return FQ_OK;
 }
 
@@ -231,6 +306,29 @@ static fq_status build_header(fq_ctx *ctx, const fq_st_writer *w, const char *pa
     return FQ_OK;
 }
 
+/* Copies a spooled entry's bytes into f, a bounded buffer at a time. */
+static fq_status copy_spooled(fq_ctx *ctx, const fq_st_writer *w, const wentry *e, fq_afile *f) {
+    const size_t cap = (size_t)16 << 20;
+    size_t bufsz = e->nbytes < cap ? e->nbytes : cap;
+    unsigned char *buf = malloc(bufsz);
+    if (!buf) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "out of host memory");
+    fq_status s = FQ_OK;
+    for (size_t done = 0; done < e->nbytes && s == FQ_OK;) {
+        size_t want = e->nbytes - done < bufsz ? e->nbytes - done : bufsz;
+        ssize_t r = pread(w->spool_fd, buf, want, (off_t)((uint64_t)e->spool_off + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            s = fq_err(ctx, FQ_ERR_IO, "safetensors writer: tensor '%s': cannot read back its spooled bytes: %s",
+                       e->name, r < 0 ? strerror(errno) : "short file");
+            break;
+        }
+        s = fq_afile_write(ctx, f, buf, (size_t)r);
+        done += (size_t)r;
+    }
+    free(buf);
+    return s;
+}
+
 fq_status fq_st_writer_commit(fq_ctx *ctx, fq_st_writer *w, const char *path) {
     for (int64_t i = 0; i < 2 * w->nmeta; i++)
         if (!fq_utf8_valid((const unsigned char *)w->meta_kv[i], strlen(w->meta_kv[i])))
@@ -249,8 +347,11 @@ fq_status fq_st_writer_commit(fq_ctx *ctx, fq_st_writer *w, const char *path) {
     if (s == FQ_OK) {
         s = fq_afile_write(ctx, &f, len8, 8);
         if (s == FQ_OK) s = fq_afile_write(ctx, &f, hdr.p, hdr.len);
-        for (int64_t i = 0; i < w->n && s == FQ_OK; i++)
-            if (order[i]->nbytes) s = fq_afile_write(ctx, &f, order[i]->data, order[i]->nbytes);
+        for (int64_t i = 0; i < w->n && s == FQ_OK; i++) {
+            if (!order[i]->nbytes) continue;
+            if (order[i]->spool_off >= 0) s = copy_spooled(ctx, w, order[i], &f);
+            else s = fq_afile_write(ctx, &f, order[i]->data, order[i]->nbytes);
+        }
         if (s == FQ_OK) s = fq_afile_commit(ctx, &f);
         else fq_afile_abort(&f);
     }
