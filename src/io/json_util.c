@@ -2,6 +2,7 @@
 #include "io/json_util.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,7 +213,13 @@ fq_status fq_json_parse(fq_ctx *ctx, const char *what, const char *text, size_t 
     memcpy(copy, text, len);
     copy[len] = '\0';
     const char *end = NULL;
+    /* cJSON records every parse's error position in one global (even when the
+     * caller asks for it directly), so concurrent parses from two contexts would
+     * race on it: one parse at a time. */
+    static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&parse_lock);
     cJSON *root = cJSON_ParseWithLengthOpts(copy, len, &end, 0);
+    pthread_mutex_unlock(&parse_lock);
     fq_status s = FQ_OK;
     if (!root) {
         s = fq_err(ctx, FQ_ERR_FORMAT, "%s: invalid JSON near byte %zu", what,
