@@ -1263,6 +1263,26 @@ static void same16(fq_ctx *ctx, const char *what, const fq_tensor *f, const fq_t
     free(y);
 }
 
+/* A GPU result against the CPU's, element by element: the same bits (NaN with
+ * NaN, whatever the payload), at most max_nd elements apart (AdaLN: its f64
+ * statistics are summed in another order). Also counts the non-finite ones. */
+static void same_bits(fq_ctx *ctx, const char *what, const fq_tensor *gpu, const fq_tensor *cpu, int64_t max_nd) {
+    float *g = host_f32(ctx, gpu);
+    const float *c = fq_tensor_host_data((fq_tensor *)cpu);
+    if (!g || !c) {
+        free(g);
+        return;
+    }
+    const int64_t n = fq_tensor_numel(cpu), nd = ndiff(g, c, n);
+    int64_t nonfinite = 0;
+    for (int64_t i = 0; i < n; i++) nonfinite += !isfinite(c[i]);
+    printf("  %-44s %lld of %lld elements differ from the CPU (%lld non-finite there)\n", what, (long long)nd,
+           (long long)n, (long long)nonfinite);
+    CHECK(nd <= max_nd && nonfinite > 0, "%s: %lld elements differ (at most %lld), %lld non-finite", what,
+          (long long)nd, (long long)max_nd, (long long)nonfinite);
+    free(g);
+}
+
 static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
     char dn[16];
     printf("bf16 activation storage on %s:\n", fq_device_name(d, dn, sizeof dn));
@@ -1453,6 +1473,58 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
         }
         fq_tensor_free(hf), fq_tensor_free(hb), fq_tensor_free(h2), fq_tensor_free(gf), fq_tensor_free(gb);
         fq_tensor_free(g2), fq_tensor_free(y2), fq_tensor_free(m);
+    }
+    /* Non-finite inputs: the bf16-storage kernels round with cvt.rn.bf16x2 and send
+     * a chunk holding a NaN or an infinity back to the software rounding; every
+     * finite neighbour in such a chunk, each infinity and each NaN position must
+     * still match the CPU ops (NaN payloads aside). gated_add spreads NaN/inf to
+     * single elements, AdaLN to whole rows. */
+    {
+        const int64_t DW = 3072, T = 6;
+        int64_t s3[3] = {1, T, DW}, m3[2] = {1, 6 * DW};
+        float *hh = malloc(sizeof(float) * (size_t)(T * DW)), *gh = malloc(sizeof(float) * (size_t)(T * DW));
+        float *mh = malloc(sizeof(float) * (size_t)(6 * DW));
+        fq_tensor *hc = NULL, *gc = NULL, *mc = NULL, *yc = NULL, *hd = NULL, *gd = NULL, *md = NULL;
+        if (hh && gh && mh) {
+            for (int64_t i = 0; i < T * DW; i++) {
+                hh[i] = (float)((i * 37) % 201 - 100) * 0.03125f;
+                gh[i] = (float)((i * 53) % 97 - 48) * 0.0625f;
+            }
+            for (int64_t i = 0; i < 6 * DW; i++) mh[i] = (float)((i * 29) % 61 - 30) * 0.015625f + 0.0078125f;
+            gh[5] = NAN, gh[100] = INFINITY, gh[2 * DW + 17] = -INFINITY, gh[2 * DW + 18] = ldexpf(1.0f, 126); /* inputs exact in bf16 */
+            hh[4 * DW + 9] = NAN;
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 3, s3, hh, &hc));
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 3, s3, gh, &gc));
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 2, m3, mh, &mc));
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, 3, s3, gh, &yc));
+            fq_tensor *h32 = NULL, *g32 = NULL;
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 3, s3, hh, &h32));
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 3, s3, gh, &g32));
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 2, m3, mh, &md));
+            hd = dev_to(ctx, h32, FQ_BF16);
+            gd = dev_to(ctx, g32, FQ_BF16);
+            fq_tensor_free(h32), fq_tensor_free(g32);
+        }
+        fq_tensor *yd = gd ? dev_to(ctx, gd, FQ_BF16) : NULL;
+        if (hc && gc && mc && yc && hd && gd && md && yd) {
+            /* gated add: h += gate * g */
+            CHECK_OK(ctx, fq_nn_gated_add(ctx, hc, mc, 2, gc, R));
+            CHECK_OK(ctx, fq_nn_gated_add(ctx, hd, md, 2, gd, R));
+            same_bits(ctx, "gated_add with NaN/inf (bf16 storage)", hd, hc, 0);
+            /* AdaLN of that h: the rows holding NaN/inf become NaN */
+            CHECK_OK(ctx, fq_nn_adaln(ctx, hc, mc, 3, 4, 1e-6f, yc, R));
+            CHECK_OK(ctx, fq_nn_adaln(ctx, hd, md, 3, 4, 1e-6f, yd, R));
+            same_bits(ctx, "adaln with NaN/inf rows (bf16 storage)", yd, yc, T * DW / 1000 + 2);
+            /* fused: h += gate * g once more, then AdaLN into g */
+            CHECK_OK(ctx, fq_nn_gated_add(ctx, hc, mc, 2, gc, R));
+            CHECK_OK(ctx, fq_nn_adaln(ctx, hc, mc, 3, 4, 1e-6f, gc, R));
+            CHECK_OK(ctx, fq_nn_gated_add_adaln(ctx, hd, md, 2, gd, 3, 4, 1e-6f, gd, R));
+            same_bits(ctx, "gated_add_adaln h with NaN/inf", hd, hc, 0);
+            same_bits(ctx, "gated_add_adaln y with NaN/inf", gd, gc, T * DW / 1000 + 2);
+        }
+        free(hh), free(gh), free(mh);
+        fq_tensor_free(hc), fq_tensor_free(gc), fq_tensor_free(mc), fq_tensor_free(yc);
+        fq_tensor_free(hd), fq_tensor_free(gd), fq_tensor_free(md), fq_tensor_free(yd);
     }
     /* bf16 tensors are refused on the CPU and at f32 compute */
     CHECK(fq_nn_gelu_tanh(ctx, yb, yb, FQ_F32) != FQ_OK, "bf16 activations at f32 compute are refused");
