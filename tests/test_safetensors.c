@@ -428,7 +428,7 @@ static int count_files(void) {
 static void add_spool_set(fq_ctx *ctx, fq_st_writer *w, const float *big, int64_t nbig) {
     int64_t sh[1] = {nbig}, s3[1] = {3}, s5[1] = {5};
     static const unsigned char u8[5] = {1, 2, 3, 250, 255};
-    const float f3[3] = {0.5f, -1.0f, 3.25f};
+    static const float f3[3] = {0.5f, -1.0f, 3.25f}; /* borrowed: valid until commit */
     CHECK_OK(ctx, fq_st_writer_set_metadata(ctx, w, "format", "pt"));
     CHECK_OK(ctx, fq_st_writer_add(ctx, w, "borrowed", FQ_F32, 1, s3, f3, sizeof f3, 0));
     CHECK_OK(ctx, fq_st_writer_add_copy(ctx, w, "copied", FQ_U8, 1, s5, u8, sizeof u8));
