@@ -423,14 +423,14 @@ __global__ void __launch_bounds__(384, 2)
 /* Blocks that are resident at once (the grid-stride kernels above run one
  * wave; more blocks would queue behind whole blocks and leave a tail). */
 template <typename K>
-int resident_blocks(K kern, int threads, int64_t want, unsigned *grid) {
+int resident_blocks(K kern, int threads, int64_t want, unsigned *grid, cudaStream_t st) {
     /* the occupancy of the last kernel and block size asked for (otherwise a
      * host query per launch; a race between host threads can only give a
      * grid of another size, which the grid-stride loops handle) */
     static const void *last_kern = NULL;
     static int last_threads = 0, last_per = 0;
     int dev = 0, sms = 0, per = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    cudaError_t e = cudaStreamGetDevice(st, &dev); /* the stream's device: no current-device query */
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e == cudaSuccess &&
         !(last_kern == (const void *)kern && threads == last_threads && (per = last_per) > 0)) {
@@ -468,12 +468,12 @@ int launch_adaln_row(T *h, const T *a, const float *gate, T *y, int64_t batch, i
     }
     int e;
     if (pf == 1 || sizeof(T) == 4) { /* (f32 storage: too few registers for 2) */
-        e = resident_blocks(k_adaln_row<T, GATED, 1>, threads, batch * rows, &g);
+        e = resident_blocks(k_adaln_row<T, GATED, 1>, threads, batch * rows, &g, st);
         if (!e)
             k_adaln_row<T, GATED, 1><<<g, threads, 0, st>>>(h, a, gate, y, (int)(batch * rows), (int)rows, (int)d,
                                                             shift, scale, mod_stride, eps, rnd);
     } else {
-        e = resident_blocks(k_adaln_row<T, GATED, 2>, threads, batch * rows, &g);
+        e = resident_blocks(k_adaln_row<T, GATED, 2>, threads, batch * rows, &g, st);
         if (!e)
             k_adaln_row<T, GATED, 2><<<g, threads, 0, st>>>(h, a, gate, y, (int)(batch * rows), (int)rows, (int)d,
                                                             shift, scale, mod_stride, eps, rnd);
@@ -607,13 +607,13 @@ extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_d
         unsigned g = 0;
         int e = 0;
         if (xt == FQ_BF16) {
-            e = resident_blocks(k_rmsnorm_rope128v<__nv_bfloat16>, kThreads, (items + wpb - 1) / wpb, &g);
+            e = resident_blocks(k_rmsnorm_rope128v<__nv_bfloat16>, kThreads, (items + wpb - 1) / wpb, &g, st);
             if (!e)
                 k_rmsnorm_rope128v<__nv_bfloat16><<<g, kThreads, 0, st>>>(static_cast<__nv_bfloat16 *>(x), w, (int)wt,
                                                                           cos_t, sin_t, (int)(batch * n), (int)heads,
                                                                           (int)n, (int)t0, eps, (int)rnd);
         } else {
-            e = resident_blocks(k_rmsnorm_rope128v<float>, kThreads, (items + wpb - 1) / wpb, &g);
+            e = resident_blocks(k_rmsnorm_rope128v<float>, kThreads, (items + wpb - 1) / wpb, &g, st);
             if (!e)
                 k_rmsnorm_rope128v<float><<<g, kThreads, 0, st>>>(static_cast<float *>(x), w, (int)wt, cos_t, sin_t,
                                                                   (int)(batch * n), (int)heads, (int)n, (int)t0, eps,
