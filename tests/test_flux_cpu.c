@@ -4,6 +4,7 @@
  * bf16 CUDA outputs, the BFL single-file layout vs the diffusers folder, and
  * broken checkpoints (built at test time in a temporary folder). */
 #include "check.h"
+#include "support/golden.h"
 #include "support/files.h"
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -22,45 +23,7 @@
 
 #define FIX "tests/fixtures/flux"
 
-/* ---- reading golden tensors ---------------------------------------------------------- */
-
-static double elem(const fq_st_tensor *t, int64_t i) {
-    const unsigned char *p = t->data;
-    if (t->dtype == FQ_F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
-    if (t->dtype == FQ_F64) { double d; memcpy(&d, p + 8 * i, 8); return d; }
-    if (t->dtype == FQ_BF16) {
-        uint16_t h; memcpy(&h, p + 2 * i, 2);
-        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-    }
-    return NAN;
-}
-
-/* The values of tensor `name` of file f as doubles (caller frees); NULL if absent. */
-static double *golden(const fq_st_file *f, const char *name, int64_t *n) {
-    const fq_st_tensor *t = fq_st_find(f, name);
-    if (!t) return NULL;
-    double *v = malloc(sizeof(double) * (size_t)(t->numel ? t->numel : 1));
-    for (int64_t i = 0; i < t->numel; i++) v[i] = elem(t, i);
-    *n = t->numel;
-    return v;
-}
-
-/* A CPU tensor holding golden tensor `name` in its own dtype (bf16 stays bf16:
- * that is what the bf16 pipeline hands the model); NULL if absent. */
-static fq_tensor *input(fq_ctx *ctx, const fq_st_file *f, const char *name) {
-    const fq_st_tensor *t = fq_st_find(f, name);
-    fq_tensor *r = NULL;
-    if (!t) return NULL;
-    if (t->dtype == FQ_F64) {
-        float *tmp = malloc(sizeof(float) * (size_t)t->numel);
-        for (int64_t i = 0; i < t->numel; i++) tmp[i] = (float)elem(t, i);
-        fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, t->ndim, t->shape, tmp, &r);
-        free(tmp);
-    } else {
-        fq_tensor_from_host(ctx, FQ_CPU, t->dtype, t->ndim, t->shape, t->data, &r);
-    }
-    return r;
-}
+/* ---- comparing with golden tensors (read by tests/support/golden.c) ------------------ */
 
 static double rel_l2(const float *a, const double *ref, int64_t n) {
     double num = 0, den = 0;
@@ -95,7 +58,7 @@ typedef struct {
 static void compare_rows(tapper *tp, const char *name, const float *x, int64_t batch, int64_t rows, int64_t row0,
                          int64_t nrows, int64_t width, int64_t stride, int64_t col0) {
     int64_t n;
-    double *ref = golden(tp->rec, name, &n);
+    double *ref = gold_values(tp->rec, name, &n);
     if (!ref) return;
     if (n != batch * nrows * width) {
         CHECK(0, "%s: recorded %lld values, computed %lld", name, (long long)n, (long long)(batch * nrows * width));
@@ -195,7 +158,7 @@ static float *run(fq_ctx *ctx, const run_spec *rs, tapper *tp, int64_t *numel, f
     fq_tensor *t[7];
     for (int i = 0; i < 7; i++) {
         snprintf(nm[i], sizeof nm[i], "%s%s", pre, keys[i]);
-        t[i] = input(ctx, in, nm[i]);
+        t[i] = gold_input(ctx, in, nm[i]);
     }
     /* one item of the batch: views of rows of the batched inputs */
     fq_tensor v[5];
@@ -244,7 +207,7 @@ static double vs_output(fq_ctx *ctx, const char *dir, const float *y, int64_t n,
     fq_st_file *f = NULL;
     if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
     int64_t m = 0;
-    double *ref = golden(f, name, &m), e = -1;
+    double *ref = gold_values(f, name, &m), e = -1;
     if (ref && m == n) e = rel_l2(y, ref, n);
     free(ref);
     fq_st_close(f);
@@ -258,7 +221,7 @@ static double diffusers_fp32_err(fq_ctx *ctx, const char *dir) {
     fq_st_file *f = NULL;
     if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
     int64_t n1, n2;
-    double *a = golden(f, "out.fp32_cuda", &n1), *b = golden(f, "out.f64_cpu", &n2), e = -1;
+    double *a = gold_values(f, "out.fp32_cuda", &n1), *b = gold_values(f, "out.f64_cpu", &n2), e = -1;
     if (a && b && n1 == n2) e = rel_l2_dd(a, b, n1);
     free(a);
     free(b);
@@ -708,7 +671,7 @@ static void test_misplaced_member(fq_ctx *ctx) {
         fq_tensor *t[7];
         const char *k[7] = {"bf16.hidden_states", "bf16.encoder_hidden_states", "bf16.pooled_projections",
                             "bf16.timestep", "bf16.guidance", "bf16.img_ids", "bf16.txt_ids"};
-        for (int i = 0; i < 7; i++) t[i] = input(ctx, in, k[i]);
+        for (int i = 0; i < 7; i++) t[i] = gold_input(ctx, in, k[i]);
         fq_flux_inputs fi = {t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
         int64_t osh[3] = {2, 48, 8};
         fq_tensor *out = NULL;

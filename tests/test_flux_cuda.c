@@ -16,6 +16,7 @@
  *
  * Without a GPU the GPU parts are skipped with a message. */
 #include "check.h"
+#include "support/golden.h"
 #include "core/core.h"
 #include "core/qtensor.h"
 #include "io/safetensors.h"
@@ -794,42 +795,6 @@ static void test_attention(fq_ctx *ctx, fq_device dev) {
 
 /* ---- 4. golden models --------------------------------------------------------------------------- */
 
-static double elem(const fq_st_tensor *t, int64_t i) {
-    const unsigned char *p = t->data;
-    if (t->dtype == FQ_F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
-    if (t->dtype == FQ_F64) { double d; memcpy(&d, p + 8 * i, 8); return d; }
-    if (t->dtype == FQ_BF16) {
-        uint16_t h; memcpy(&h, p + 2 * i, 2);
-        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-    }
-    return NAN;
-}
-
-static double *golden(const fq_st_file *f, const char *name, int64_t *n) {
-    const fq_st_tensor *t = fq_st_find(f, name);
-    if (!t) return NULL;
-    double *v = malloc(sizeof(double) * (size_t)(t->numel ? t->numel : 1));
-    for (int64_t i = 0; i < t->numel; i++) v[i] = elem(t, i);
-    *n = t->numel;
-    return v;
-}
-
-/* A CPU tensor of golden input `name` in its own dtype (f64 -> f32). */
-static fq_tensor *input(fq_ctx *ctx, const fq_st_file *f, const char *name) {
-    const fq_st_tensor *t = fq_st_find(f, name);
-    fq_tensor *r = NULL;
-    if (!t) return NULL;
-    if (t->dtype == FQ_F64) {
-        float *tmp = malloc(sizeof(float) * (size_t)t->numel);
-        for (int64_t i = 0; i < t->numel; i++) tmp[i] = (float)elem(t, i);
-        fq_tensor_from_host(ctx, FQ_CPU, FQ_F32, t->ndim, t->shape, tmp, &r);
-        free(tmp);
-    } else {
-        fq_tensor_from_host(ctx, FQ_CPU, t->dtype, t->ndim, t->shape, t->data, &r);
-    }
-    return r;
-}
-
 typedef struct {
     fq_ctx *ctx;
     const fq_st_file *rec;
@@ -842,7 +807,7 @@ typedef struct {
 static void compare_rows(tapper *tp, const char *name, const float *x, int64_t batch, int64_t rows, int64_t row0,
                          int64_t nrows, int64_t width, int64_t stride, int64_t col0) {
     int64_t n;
-    double *ref = golden(tp->rec, name, &n);
+    double *ref = gold_values(tp->rec, name, &n);
     if (!ref) return;
     if (n != batch * nrows * width) {
         CHECK(0, "%s: recorded %lld values, computed %lld", name, (long long)n, (long long)(batch * nrows * width));
@@ -931,7 +896,7 @@ static float *run_golden(fq_ctx *ctx, const golden_spec *gs, fq_device dev, tapp
         for (int i = 0; i < 7; i++) {
             char nm[64];
             snprintf(nm, sizeof nm, "%s%s", gs->bf16_inputs ? "bf16." : "", keys[i]);
-            h[i] = input(ctx, in, nm);
+            h[i] = gold_input(ctx, in, nm);
             d[i] = h[i] ? to_dev(ctx, h[i], m->device) : NULL;
         }
         CHECK(h[0] && h[1], "golden inputs of %s", gs->dir);
@@ -975,7 +940,7 @@ static double vs_output(fq_ctx *ctx, const char *dir, const float *y, int64_t n,
     fq_st_file *f = NULL;
     if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
     int64_t m = 0;
-    double *ref = golden(f, name, &m), e = -1;
+    double *ref = gold_values(f, name, &m), e = -1;
     if (ref && m == n) e = rel_l2_fd(y, ref, n);
     free(ref);
     fq_st_close(f);
@@ -988,7 +953,7 @@ static double diffusers_fp32_err(fq_ctx *ctx, const char *dir) {
     fq_st_file *f = NULL;
     if (fq_st_open(ctx, p, &f) != FQ_OK) return -1;
     int64_t n1, n2;
-    double *a = golden(f, "out.fp32_cuda", &n1), *b = golden(f, "out.f64_cpu", &n2), e = -1;
+    double *a = gold_values(f, "out.fp32_cuda", &n1), *b = gold_values(f, "out.f64_cpu", &n2), e = -1;
     if (a && b && n1 == n2) {
         double num = 0, den = 0;
         for (int64_t i = 0; i < n1; i++) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
