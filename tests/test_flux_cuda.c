@@ -1372,7 +1372,7 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
         if (go && xh && wh && bh && ref && ex) {
             CHECK_OK(ctx, fq_nn_random(ctx, go, 77, 1.0f, 0.0f)); /* a known fill */
             float *before = host_f32(ctx, go);
-            CHECK_OK(ctx, fq_nn_linear_gelu_cols(ctx, ab, w, NULL, bias, go, 32, sb, R, NULL));
+            CHECK_OK(ctx, fq_nn_linear_gelu_cols(ctx, ab, w, NULL, bias, go, 32, sb, R));
             float *got = host_f32(ctx, go);
             fq_cpu_linear(B * S, N, D, xh, wh, bh, ref, FQ_F32);
             memcpy(ex, ref, (size_t)(B * S * N) * 4);
@@ -1400,7 +1400,7 @@ static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
             }
             free(before), free(got);
             /* elsewhere it is refused */
-            CHECK(fq_nn_linear_gelu_cols(ctx, af, w, NULL, bias, of, 0, sf, R, NULL) != FQ_OK, "f32 activations refused");
+            CHECK(fq_nn_linear_gelu_cols(ctx, af, w, NULL, bias, of, 0, sf, R) != FQ_OK, "f32 activations refused");
         }
         free(xh), free(wh), free(bh), free(ref), free(ex);
         fq_tensor_free(go);
@@ -1500,116 +1500,6 @@ done:
     fq_tensor_free(sf), fq_tensor_free(sb);
 }
 
-/* ---- the 4-bit weight pipeline (fq_nn_wpipe) ---------------------------------------------- */
-
-/* forward_on with FQ_WPIPE_SLOT_BYTES set to slot_bytes (NULL: the plan's default). */
-static float *forward_slots(fq_ctx *ctx, const fq_flux_model *m, const rand_inputs *in, const char *slot_bytes,
-                            int64_t *numel) {
-    if (slot_bytes) setenv("FQ_WPIPE_SLOT_BYTES", slot_bytes, 1);
-    float *y = forward_on(ctx, m, in, numel);
-    unsetenv("FQ_WPIPE_SLOT_BYTES");
-    return y;
-}
-
-/* y = x · qwᵀ (bf16) with or without the pipeline; NULL on failure. */
-static fq_tensor *lin_pipe(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *qw, const fq_nn_wpipe *pp) {
-    int64_t ys[2] = {x->shape[0], qw->info.shape[0]};
-    fq_tensor *y = NULL, *s = NULL;
-    CHECK_OK(ctx, fq_tensor_create(ctx, x->buf.dev, FQ_BF16, 2, ys, &y));
-    int64_t sc[1] = {fq_nn_linear_q4_scratch_pipe(ctx, qw, NULL, x->shape[0], FQ_BF16, FQ_BF16, FQ_BF16, pp)};
-    CHECK_OK(ctx, fq_tensor_create(ctx, x->buf.dev, FQ_F32, 1, sc, &s));
-    if (y && s) CHECK_OK(ctx, fq_nn_linear_q4_pipe(ctx, x, qw, NULL, y, s, FQ_BF16, pp));
-    fq_tensor_free(s);
-    return y;
-}
-
-static void same_dev(fq_ctx *ctx, const char *what, const fq_tensor *a, const fq_tensor *b) {
-    float *x = a ? host_f32(ctx, a) : NULL, *y = b ? host_f32(ctx, b) : NULL;
-    if (x && y) {
-        const int64_t nd = ndiff(x, y, fq_tensor_numel(a));
-        printf("  %-52s %lld elements differ\n", what, (long long)nd);
-        CHECK(nd == 0, "%s: %lld elements differ", what, (long long)nd);
-    } else {
-        CHECK(0, "%s: no result", what);
-    }
-    free(x);
-    free(y);
-}
-
-static void test_wpipe(fq_ctx *ctx, fq_device dev) {
-    char dn[16];
-    printf("4-bit weight pipeline on %s:\n", fq_device_name(dev, dn, sizeof dn));
-    fq_flux_config c = tiny_config(1);
-    fq_flux_model *m = random_model(ctx, &c, dev, FQ_BF16, 1, 1, 42);
-    if (!m) return;
-
-    /* ops: the next weight queued ahead is used when it comes true and
-     * overwritten when another linear comes first */
-    const fq_qtensor *A = m->blocks[0].ff1.qw, *Bw = m->blocks[0].to_q.qw, *C = m->single[0].proj_mlp.qw;
-    int64_t xs[2] = {40, c.inner_dim};
-    fq_tensor *x = dev_rand16(ctx, dev, FQ_BF16, 2, xs, 77, 1.0f), *slots = NULL;
-    const int64_t slot = fq_nn_wpipe_weight_bytes(A, FQ_BF16);
-    int64_t ss[1] = {fq_nn_wpipe_slots_bytes(slot) / 4};
-    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &slots));
-    if (x && slots) {
-        fq_tensor *ra = lin_pipe(ctx, x, A, NULL), *rb = lin_pipe(ctx, x, Bw, NULL), *rc = lin_pipe(ctx, x, C, NULL);
-        int64_t r0, f0, r1, f1;
-        CHECK_OK(ctx, fq_nn_wpipe_reset(ctx, dev));
-        CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r0, &f0));
-        fq_nn_wpipe pa = {slots, slot, Bw}, pb = {slots, slot, NULL}, pc = {slots, slot, NULL};
-        fq_tensor *ya = lin_pipe(ctx, x, A, &pa), *yb = lin_pipe(ctx, x, Bw, &pb);
-        CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r1, &f1));
-        CHECK(r1 - r0 == 1 && f1 - f0 == 2, "A then B as announced: %lld reused, %lld queued (want 1, 2)",
-              (long long)(r1 - r0), (long long)(f1 - f0));
-        same_dev(ctx, "A (next B) vs no pipeline", ya, ra);
-        same_dev(ctx, "B (queued by A) vs no pipeline", yb, rb);
-        fq_tensor *ya2 = lin_pipe(ctx, x, A, &pa), *yc = lin_pipe(ctx, x, C, &pc), *yb2 = lin_pipe(ctx, x, Bw, &pb);
-        CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r0, &f0));
-        CHECK(r0 == r1, "A (next B), then C, then B: %lld chunks reused, want none", (long long)(r0 - r1));
-        same_dev(ctx, "A, then C (not the announced B)", yc, rc);
-        same_dev(ctx, "then B (its queued copy overwritten)", yb2, rb);
-        fq_tensor *tab[] = {ra, rb, rc, ya, yb, ya2, yc, yb2};
-        for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++) fq_tensor_free(tab[i]);
-    }
-    fq_tensor_free(x);
-    fq_tensor_free(slots);
-
-    /* forwards: off, whole weights in the slots (the default), and chunks of
-     * 128 rows (64 KiB slots: some weights chunked, some too wide for them) */
-    rand_inputs in;
-    make_inputs(ctx, &c, 2, 12, 6, &in, m->compute_dtype);
-    int64_t n0 = 0, n1 = 0, n2 = 0, r[4], f[4];
-    CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r[0], &f[0]));
-    float *off = forward_slots(ctx, m, &in, "0", &n0);
-    CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r[1], &f[1]));
-    float *whole = forward_slots(ctx, m, &in, NULL, &n1);
-    CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r[2], &f[2]));
-    float *chunked = forward_slots(ctx, m, &in, "65536", &n2);
-    CHECK_OK(ctx, fq_nn_wpipe_stats(ctx, dev, &r[3], &f[3]));
-    printf("  forward: pipeline off %lld/%lld, whole weights %lld/%lld, 64 KiB slots %lld/%lld chunks reused/queued\n",
-           (long long)(r[1] - r[0]), (long long)(f[1] - f[0]), (long long)(r[2] - r[1]), (long long)(f[2] - f[1]),
-           (long long)(r[3] - r[2]), (long long)(f[3] - f[2]));
-    CHECK(r[1] == r[0] && f[1] == f[0], "FQ_WPIPE_SLOT_BYTES=0 still used the pipeline");
-    CHECK(r[2] - r[1] >= 8 && f[2] > f[1], "whole-weight slots: %lld chunks reused (want every token linear's "
-          "but the first)", (long long)(r[2] - r[1]));
-    CHECK(f[3] - f[2] > f[2] - f[1], "64 KiB slots queue no more chunks than whole-weight ones");
-    if (off && whole && chunked && n0 == n1 && n1 == n2) {
-        const int64_t nd = ndiff(whole, off, n0);
-        const double e = rel_l2_ff(chunked, off, n0);
-        printf("  whole-weight slots vs off: %lld elements differ; 64 KiB slots vs off: rel L2 %.3g\n",
-               (long long)nd, e);
-        CHECK(nd == 0, "whole-weight slots change %lld output elements", (long long)nd);
-        CHECK(e <= 5e-3 && all_finite(chunked, n2), "chunked weights: rel L2 %.3g to the unchunked forward", e);
-    } else {
-        CHECK(0, "pipeline forwards failed");
-    }
-    free(off);
-    free(whole);
-    free(chunked);
-    free_inputs(&in);
-    fq_flux_free(m);
-}
-
 int main(void) {
     fq_ctx *ctx;
     if (fq_ctx_create(&ctx) != FQ_OK) return 1;
@@ -1629,7 +1519,6 @@ int main(void) {
             test_bf16_storage(ctx, FQ_CUDA(d));
             if (fixtures) test_golden(ctx, FQ_CUDA(d));
             test_random_devices(ctx, FQ_CUDA(d));
-            test_wpipe(ctx, FQ_CUDA(d));
         }
         if (fixtures) test_devices(ctx, ndev);
     }

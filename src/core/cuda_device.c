@@ -92,14 +92,6 @@ void fq_cuda_dev_release_all(fq_ctx *ctx) {
         fq_cuda_guard g;
         if (fq_cuda_guard_enter(NULL, i, &g) == FQ_OK) {
             (void)cudaStreamSynchronize(d->stream);
-            if (d->wp_stream) {
-                (void)cudaStreamSynchronize(d->wp_stream);
-                (void)cudaStreamDestroy(d->wp_stream);
-                for (int j = 0; j < 2; j++) {
-                    (void)cudaEventDestroy(d->wp_filled[j]);
-                    (void)cudaEventDestroy(d->wp_consumed[j]);
-                }
-            }
             if (d->cudnn_release) d->cudnn_release(d);
             fq_buf_free(&d->lin_scratch);
             fq_buf_free(&d->lin_workspace);

@@ -59,20 +59,6 @@ typedef struct fq_cuda_dev {
     fq_cuda_nn_algo nn_algo[32];    /* cuBLASLt choices for the dense GEMMs, round robin */
     int nn_algo_next;
     struct fq_nn_prof *nn_prof;     /* op timing (benchmarks); NULL when off         */
-    /* The 4-bit weight pipeline of src/ops/nn_ops_cuda.c: a second stream that
-     * dequantizes weight chunks into two slots of the caller's plan while
-     * `stream` runs the GEMMs, ordered by the events; created by fq_nncu_prepare.
-     * wp_tag says what each slot holds (or will hold once wp_filled fires). */
-    cudaStream_t wp_stream;
-    cudaEvent_t wp_filled[2], wp_consumed[2];
-    struct {
-        const void *packed, *slot; /* the weight's packed nibbles; the slot's address */
-        int64_t r0, rows;          /* its rows in the slot                           */
-        int dtype;                 /* fq_dtype of the dequantized values             */
-    } wp_tag[2];
-    int wp_last;                    /* the slot the last GEMM read                   */
-    int wp_ctas;                    /* CTAs of a chunk's dequantization              */
-    int64_t wp_reused, wp_fills;    /* chunks found already queued; chunks queued     */
     /* cuDNN (src/ops/attn_cudnn.c, builds with FQ_HAVE_CUDNN): the handle, bound to
      * `stream`, and the fused-attention plans, created on first use (a plan's
      * fq_nn_attention_plan); freed by cudnn_release, which release_all calls. */

@@ -50,13 +50,6 @@ int fq_cuda_dequantize4(const uint8_t *packed, const float *absmax, int64_t n, i
 int fq_cuda_dequantize4_nested(const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
                                const float *code256, float offset, int64_t n, int64_t blocksize,
                                fq_quant_type qt, void *out, fq_dtype out_dtype, cudaStream_t stream);
-/* Either of the two above (absmax given, or qabsmax + nested_absmax + code256),
- * on at most max_ctas CTAs (0: as many as fill the device). A small cap lets the
- * dequantization of the next weight run beside a GEMM on another stream. */
-int fq_cuda_dequantize4_ctas(const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
-                             const float *nested_absmax, const float *code256, float offset, int64_t n,
-                             int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype, int max_ctas,
-                             cudaStream_t stream);
 /* *out (device, 1 float) = torch's CUDA mean of x[0..n) in torch's order. */
 int fq_cuda_torch_mean(const float *x, int64_t n, float *out, cudaStream_t stream);
 /* Same as fq_cpu_quantize8; offset read from device memory (*offset). */

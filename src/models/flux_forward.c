@@ -35,7 +35,6 @@ enum {
                          /*            nc, tc, which only the double blocks use          */
     B_ATT,               /* attention scratch                                            */
     B_LIN,               /* linear scratch (dense weights widened / 4-bit dequantized)   */
-    B_WSLOT,             /* the 4-bit weight pipeline's two slots (fq_nn_wpipe)          */
     NBUF
 };
 
@@ -43,7 +42,7 @@ static const char *const g_buf_names[NBUF] = {
     "timestep", "guidance", "ids", "rope_cos", "rope_sin", "time_proj", "emb1", "emb2", "emb3", "temb",
     "silu_temb", "mod", "mod_context", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
     "norm_h", "tmp_h", "c", "norm_c", "tmp_c", "q", "k", "v", "attn_out", "x", "norm_x", "mlp", "cat",
-    "attn_scratch", "linear_scratch", "weight_slots"};
+    "attn_scratch", "linear_scratch"};
 
 struct fq_flux_plan {
     const fq_flux_model *m;   /* not owned; must outlive the plan */
@@ -56,9 +55,6 @@ struct fq_flux_plan {
     int64_t shape[NBUF][3];
     int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
     int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
-    int64_t slot_bytes;       /* the weight pipeline's slot size (0: no pipeline)   */
-    const fq_flux_linear **seq; /* owned: the 4-bit token linears in forward order  */
-    int64_t nseq, cur;        /* their count; the next one the forward will run      */
     fq_flux_tap_fn tap;
     void *tap_user;
 };
@@ -76,13 +72,13 @@ static void set_shape(fq_flux_plan *p, int id, int nd, int64_t a, int64_t b, int
  * map activations (act) to activations, and the last linear writes the f32
  * output. */
 static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t rows[4], fq_dtype cd, fq_dtype act,
-                           int last, const fq_nn_wpipe *pp) {
+                           int last) {
     if (!l->w && !l->qw) return 0;
     int64_t n = 0;
     for (int i = 0; i < 4; i++) {
         for (int j = 0; j < 2; j++) {
             const fq_dtype xt = i == 0 ? FQ_F32 : act, yt = i == 0 || (j == 1 && last) ? FQ_F32 : act;
-            int64_t s = l->qw ? fq_nn_linear_q4_scratch_pipe(ctx, l->qw, l->b, rows[i], cd, xt, yt, pp)
+            int64_t s = l->qw ? fq_nn_linear_q4_scratch_io(ctx, l->qw, l->b, rows[i], cd, xt, yt)
                               : fq_nn_linear_scratch_io(ctx, l->w, l->b, rows[i], cd, xt, yt);
             n = s > n ? s : n;
         }
@@ -92,66 +88,26 @@ static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t r
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* The largest scratch any linear of the model needs for these row counts
- * (pp: the weight pipeline the plan passes, or NULL). */
-static int64_t model_lin_scratch(fq_ctx *ctx, const fq_flux_model *m, const int64_t rows[4], const fq_nn_wpipe *pp) {
+/* The largest scratch any linear of the model needs for these row counts. */
+static int64_t model_lin_scratch(fq_ctx *ctx, const fq_flux_model *m, const int64_t rows[4]) {
     const fq_flux_linear *top[] = {&m->time_l1, &m->time_l2, &m->guid_l1, &m->guid_l2, &m->text_l1, &m->text_l2,
                                    &m->context_embedder, &m->x_embedder, &m->norm_out, &m->proj_out};
     int64_t n = 0;
     const fq_dtype cd = m->compute_dtype, act = fq_nn_act_dtype(m->device, cd);
     for (size_t i = 0; i < sizeof top / sizeof top[0]; i++)
-        n = max64(n, lin_scratch(ctx, top[i], rows, cd, act, top[i] == &m->proj_out, pp));
+        n = max64(n, lin_scratch(ctx, top[i], rows, cd, act, top[i] == &m->proj_out));
     for (int64_t i = 0; i < m->cfg.num_layers; i++) {
         const fq_flux_double *b = &m->blocks[i];
         const fq_flux_linear *l[] = {&b->norm1, &b->norm1_context, &b->to_q, &b->to_k, &b->to_v, &b->add_q, &b->add_k,
                                      &b->add_v, &b->to_out, &b->to_add_out, &b->ff1, &b->ff2, &b->ff_ctx1, &b->ff_ctx2};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0, pp));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0));
     }
     for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
         const fq_flux_single *s = &m->single[i];
         const fq_flux_linear *l[] = {&s->norm, &s->to_q, &s->to_k, &s->to_v, &s->proj_mlp, &s->proj_out};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0, pp));
+        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) n = max64(n, lin_scratch(ctx, l[j], rows, cd, act, 0));
     }
     return n;
-}
-
-/* The 4-bit linears that see token rows, in the order the forward runs them
- * (each one's `next` in the weight pipeline); *out owned by the caller. */
-static int64_t token_linears(const fq_flux_model *m, const fq_flux_linear ***out) {
-    const int64_t cap = 3 + 12 * m->cfg.num_layers + 5 * m->cfg.num_single_layers;
-    const fq_flux_linear **v = malloc((size_t)cap * sizeof *v);
-    int64_t n = 0;
-    if (!v) return -1;
-#define ADD(l) do { if ((l)->qw) v[n++] = (l); } while (0)
-    ADD(&m->x_embedder);
-    ADD(&m->context_embedder);
-    for (int64_t i = 0; i < m->cfg.num_layers; i++) {
-        const fq_flux_double *b = &m->blocks[i];
-        const fq_flux_linear *l[] = {&b->to_q,   &b->add_q,      &b->to_k, &b->add_k, &b->to_v,    &b->add_v,
-                                     &b->to_out, &b->to_add_out, &b->ff1,  &b->ff2,   &b->ff_ctx1, &b->ff_ctx2};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) ADD(l[j]);
-    }
-    for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
-        const fq_flux_single *sb = &m->single[i];
-        const fq_flux_linear *l[] = {&sb->proj_mlp, &sb->to_q, &sb->to_k, &sb->to_v, &sb->proj_out};
-        for (size_t j = 0; j < sizeof l / sizeof l[0]; j++) ADD(l[j]);
-    }
-    ADD(&m->proj_out);
-#undef ADD
-    *out = v;
-    return n;
-}
-
-/* Slot size of the weight pipeline: the largest token weight dequantized, at
- * most 48 MiB (FLUX.1's 12288x3072 weights then go in two chunks; the two
- * slots take about what one whole dequantized weight took before). Knob:
- * FQ_WPIPE_SLOT_BYTES (0: no pipeline). */
-static int64_t wpipe_slot_bytes(const fq_flux_plan *p) {
-    const char *ev = getenv("FQ_WPIPE_SLOT_BYTES");
-    const int64_t cap = ev && *ev ? strtoll(ev, NULL, 10) : (int64_t)48 << 20;
-    int64_t b = 0;
-    for (int64_t i = 0; i < p->nseq; i++) b = max64(b, fq_nn_wpipe_weight_bytes(p->seq[i]->qw, p->m->compute_dtype));
-    return b < cap ? b : cap;
 }
 
 fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch, int64_t txt_tokens,
@@ -198,17 +154,7 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     set_shape(p, B_CAT, 3, B, S, D + F);
     set_shape(p, B_ATT, 1, att_scratch, 0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
-    p->nseq = token_linears(m, &p->seq);
-    if (p->nseq < 0) {
-        free(p);
-        return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux_plan: out of host memory");
-    }
-    p->slot_bytes = wpipe_slot_bytes(p);
-    fq_tensor marker; /* sizing only asks whether there are slots */
-    memset(&marker, 0, sizeof marker);
-    const fq_nn_wpipe pp = {&marker, p->slot_bytes, NULL};
-    set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows, p->slot_bytes > 0 ? &pp : NULL), 0, 0);
-    set_shape(p, B_WSLOT, 1, p->slot_bytes > 0 ? fq_nn_wpipe_slots_bytes(p->slot_bytes) / 4 : 0, 0, 0);
+    set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
     /* Buffers whose lifetimes never meet share bytes: q, k, v, o live in the
      * MLP hidden's region (a double block's MLP runs after its attention
      * output is projected; a single block's GELU has read the MLP hidden before
@@ -236,7 +182,6 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
         if (p->parent[id] >= 0) p->off[id] += p->off[p->parent[id]];
     fq_status s = fq_buf_alloc(ctx, m->device, off, &p->arena);
     if (s != FQ_OK) {
-        free(p->seq);
         free(p);
         return fq_err_prefix(ctx, s, "flux_plan (%zu bytes of activations)", off);
     }
@@ -248,7 +193,6 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
 void fq_flux_plan_free(fq_flux_plan *p) {
     if (!p) return;
     fq_buf_free(&p->arena);
-    free(p->seq);
     free(p);
 }
 
@@ -300,29 +244,11 @@ enum { OUT_SCALE = 0, OUT_SHIFT = 1 };
 
 static const float LN_EPS = 1e-6f, RMS_EPS = 1e-6f;
 
-/* The weight pipeline for linear l (pp->slots NULL: none): the slots, and as
- * `next` the token linear after l in the forward's order. */
-static void wpipe_for(fq_flux_plan *p, const fq_flux_linear *l, fq_tensor *slots, fq_nn_wpipe *pp) {
-    memset(pp, 0, sizeof *pp);
-    if (!p->slot_bytes || !l->qw) return;
-    *slots = V(p, B_WSLOT);
-    pp->slots = slots;
-    pp->slot_bytes = p->slot_bytes;
-    for (int64_t i = p->cur; i < p->nseq && i < p->cur + 4; i++) { /* resynchronizes after a skipped one */
-        if (p->seq[i] != l) continue;
-        p->cur = i + 1;
-        pp->next = p->cur < p->nseq ? p->seq[p->cur]->qw : NULL;
-        return;
-    }
-}
-
 /* y = l(x): dense or 4-bit. */
-static fq_status lin(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x, fq_tensor *y) {
-    fq_tensor scratch = V(p, B_LIN), slots;
+static fq_status lin(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x, fq_tensor *y) {
+    fq_tensor scratch = V(p, B_LIN);
     fq_dtype cd = p->m->compute_dtype;
-    fq_nn_wpipe pp;
-    wpipe_for(p, l, &slots, &pp);
-    return l->qw ? fq_nn_linear_q4_pipe(ctx, x, l->qw, l->b, y, &scratch, cd, &pp)
+    return l->qw ? fq_nn_linear_q4(ctx, x, l->qw, l->b, y, &scratch, cd)
                  : fq_nn_linear(ctx, x, l->w, l->b, y, &scratch, cd);
 }
 
@@ -330,14 +256,12 @@ static fq_status lin(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *l, cons
  * fuses it and the weights allow (4-bit, or dense of the compute dtype), else
  * l(x) into tmp [.., N] (tapped as `name`) and GELU from there (tmp may be out
  * when c0 is 0 and out has N columns). */
-static fq_status lin_gelu(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x,
+static fq_status lin_gelu(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l, const fq_tensor *x,
                           fq_tensor *tmp, fq_tensor *out, int64_t c0, const char *name) {
     fq_dtype cd = p->m->compute_dtype;
     if (p->fused_gelu && (!l->w || l->w->dtype == cd) && (!l->b || l->b->dtype == cd)) {
-        fq_tensor scratch = V(p, B_LIN), slots;
-        fq_nn_wpipe pp;
-        wpipe_for(p, l, &slots, &pp);
-        return fq_nn_linear_gelu_cols(ctx, x, l->w, l->qw, l->b, out, c0, &scratch, cd, &pp);
+        fq_tensor scratch = V(p, B_LIN);
+        return fq_nn_linear_gelu_cols(ctx, x, l->w, l->qw, l->b, out, c0, &scratch, cd);
     }
     FQ_TRY(lin(ctx, p, l, x, tmp));
     if (name) tap(p, tmp, "%s", name);
@@ -345,7 +269,7 @@ static fq_status lin_gelu(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *l,
 }
 
 /* An embedder MLP: out = l2(silu(l1(x))), using tmp. */
-static fq_status mlp2(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *l1, const fq_flux_linear *l2,
+static fq_status mlp2(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l1, const fq_flux_linear *l2,
                       const fq_tensor *x, fq_tensor *tmp, fq_tensor *out) {
     fq_dtype cd = p->m->compute_dtype;
     FQ_TRY(lin(ctx, p, l1, x, tmp));
@@ -368,7 +292,7 @@ static fq_tensor tokens(const fq_tensor *t, int64_t t0, int64_t n) {
  * q and k (rope) RMS-normed and rotated by their positions (text tokens
  * first in the RoPE tables). At batch 1 the projections write their rows of
  * `out` directly. */
-static fq_status joint_proj(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
+static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
                             const fq_tensor *wn_img, const fq_tensor *wn_txt, int rope, fq_tensor *out) {
     const fq_dtype cd = p->m->compute_dtype;
     const int64_t heads = p->m->cfg.num_attention_heads;
@@ -389,7 +313,7 @@ static fq_status joint_proj(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_linear *
     return p->B == 1 ? FQ_OK : fq_nn_concat(ctx, &tc, &ti, 1, out);
 }
 
-static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double *bl, int64_t i) {
+static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, int64_t i) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, F = m->cfg.mlp_dim;
@@ -444,7 +368,7 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     return FQ_OK;
 }
 
-static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single *sb, int64_t i) {
+static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_single *sb, int64_t i) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, D = m->cfg.inner_dim;
@@ -522,10 +446,6 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN), tt = V(p, B_T), gg = V(p, B_G), tproj = V(p, B_TPROJ);
     fq_tensor e1 = V(p, B_E1), e2 = V(p, B_E2), e3 = V(p, B_E3), temb = V(p, B_TEMB), tact = V(p, B_TACT);
     fq_tensor h = V(p, B_H), c_ = V(p, B_C), x = V(p, B_X), nh = V(p, B_NH);
-
-    /* the weight pipeline starts empty: a slot is reused only within this forward */
-    p->cur = 0;
-    if (p->slot_bytes) FQ_TRY(fq_nn_wpipe_reset(ctx, m->device));
 
     /* Inputs enter in the compute dtype (a bf16 pipeline hands bf16 tensors). */
     FQ_TRY(fq_nn_cast(ctx, in->hidden_states, &xin, cd));

@@ -290,7 +290,7 @@ int64_t fq_nn_linear_scratch_io(fq_ctx *ctx, const fq_tensor *w, const fq_tensor
 #ifdef FQ_HAVE_CUDA
     if (w->buf.dev.type == FQ_DEVICE_CUDA && w->ndim == 2)
         return fq_nncu_linear_scratch(0, w->dtype, bias ? (int)bias->dtype : -1, m, w->shape[0], w->shape[1], rnd,
-                                      xt, yt, NULL, 0);
+                                      xt, yt);
 #else
     (void)m;
     (void)rnd;
@@ -316,18 +316,11 @@ int64_t fq_nn_linear_q4_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tenso
 
 int64_t fq_nn_linear_q4_scratch_io(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
                                    fq_dtype xt, fq_dtype yt) {
-    return fq_nn_linear_q4_scratch_pipe(ctx, w, bias, m, rnd, xt, yt, NULL);
-}
-
-int64_t fq_nn_linear_q4_scratch_pipe(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m,
-                                     fq_dtype rnd, fq_dtype xt, fq_dtype yt, const fq_nn_wpipe *pp) {
     if (w->info.ndim != 2) return 0;
 #ifdef FQ_HAVE_CUDA
     if (w->info.device.type == FQ_DEVICE_CUDA)
         return fq_nncu_linear_scratch(1, FQ_F32, bias ? (int)bias->dtype : -1, m, w->info.shape[0], w->info.shape[1],
-                                      rnd, xt, yt, &w->info, pp && pp->slots ? pp->slot_bytes : 0);
-#else
-    (void)pp;
+                                      rnd, xt, yt);
 #endif
     (void)xt;
     (void)yt;
@@ -399,7 +392,7 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_scratch_io(ctx, w, bias, m, rnd, x->dtype, y->dtype),
                          y->buf.dev));
-    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, w, NULL, bias, y, m, scratch, rnd, NULL));
+    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, w, NULL, bias, y, m, scratch, rnd));
     float *spare = scratch ? F(scratch) : NULL;
     const float *wf = F(w);
     if (w->dtype != FQ_F32) {
@@ -412,44 +405,8 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
     return FQ_OK;
 }
 
-int64_t fq_nn_wpipe_slots_bytes(int64_t slot_bytes) { return 2 * ((slot_bytes + 255) & ~(int64_t)255) + 256; }
-
-int64_t fq_nn_wpipe_weight_bytes(const fq_qtensor *w, fq_dtype rnd) {
-    if (w->info.device.type != FQ_DEVICE_CUDA || rnd == FQ_F32) return 0;
-    return w->info.numel * (int64_t)fq_dtype_size(rnd);
-}
-
-fq_status fq_nn_wpipe_reset(fq_ctx *ctx, fq_device dev) {
-    const char *op = "wpipe_reset";
-    DISPATCH(dev, fq_nncu_wpipe_reset(ctx, dev.index));
-    return FQ_OK;
-}
-
-fq_status fq_nn_wpipe_stats(fq_ctx *ctx, fq_device dev, int64_t *reused, int64_t *fills) {
-    const char *op = "wpipe_stats";
-    *reused = *fills = 0;
-    DISPATCH(dev, fq_nncu_wpipe_stats(ctx, dev.index, reused, fills));
-    return FQ_OK;
-}
-
-/* The pipeline's slots and next weight belong to the op's device. */
-static fq_status wpipe_check(fq_ctx *ctx, const char *op, const fq_nn_wpipe *pp, fq_device dev) {
-    if (!pp || !pp->slots) return FQ_OK;
-    FQ_TRY(check(ctx, op, "weight slots", pp->slots, dev, 1));
-    if (pp->slot_bytes <= 0 || (int64_t)fq_tensor_nbytes(pp->slots) < fq_nn_wpipe_slots_bytes(pp->slot_bytes))
-        return fq_err(ctx, FQ_ERR_SHAPE, "%s: weight slots of %zu bytes cannot hold 2 slots of %lld bytes", op,
-                      fq_tensor_nbytes(pp->slots), (long long)pp->slot_bytes);
-    if (pp->next) FQ_TRY(fq_check_qtensor(ctx, op, pp->next, dev));
-    return FQ_OK;
-}
-
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd) {
-    return fq_nn_linear_q4_pipe(ctx, x, w, bias, y, scratch, rnd, NULL);
-}
-
-fq_status fq_nn_linear_q4_pipe(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
-                               fq_tensor *y, fq_tensor *scratch, fq_dtype rnd, const fq_nn_wpipe *pp) {
     const char *op = "linear_4bit";
     const fq_qtensor_info *wi = &w->info;
     int64_t m;
@@ -460,10 +417,9 @@ fq_status fq_nn_linear_q4_pipe(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor
     }
     FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias, y, fq_qtensor_name(w), rnd, &m));
     FQ_TRY(rnd_ok(ctx, op, rnd));
-    FQ_TRY(wpipe_check(ctx, op, pp, y->buf.dev));
-    FQ_TRY(scratch_check(ctx, op, scratch,
-                         fq_nn_linear_q4_scratch_pipe(ctx, w, bias, m, rnd, x->dtype, y->dtype, pp), y->buf.dev));
-    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, NULL, w, bias, y, m, scratch, rnd, pp));
+    FQ_TRY(scratch_check(ctx, op, scratch, fq_nn_linear_q4_scratch_io(ctx, w, bias, m, rnd, x->dtype, y->dtype),
+                         y->buf.dev));
+    DISPATCH(y->buf.dev, fq_nncu_linear(ctx, x, NULL, w, bias, y, m, scratch, rnd));
     if (m == 0 || wi->shape[0] == 0) return FQ_OK;
     if (rnd == FQ_F32) {
         /* f32 compute: the fused 4-bit CPU kernels of fq_linear_4bit, with the
@@ -503,8 +459,7 @@ int fq_nn_linear_gelu_fused(fq_device dev, fq_dtype rnd) {
 }
 
 fq_status fq_nn_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
-                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd,
-                                 const fq_nn_wpipe *pp) {
+                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd) {
     const char *op = "linear_gelu";
     if (!w == !qw) return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: give exactly one of a dense and a 4-bit weight", op);
     int64_t n, k, m;
@@ -530,13 +485,11 @@ fq_status fq_nn_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tenso
                       fq_dtype_name(rnd), fq_dtype_name(out->dtype));
     if ((w && w->dtype != rnd) || (bias && bias->dtype != rnd))
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: the weight and bias must be 4-bit or %s", op, fq_dtype_name(rnd));
-    if (!qw) pp = NULL;
-    FQ_TRY(wpipe_check(ctx, op, pp, out->buf.dev));
     FQ_TRY(scratch_check(ctx, op, scratch,
-                         qw ? fq_nn_linear_q4_scratch_pipe(ctx, qw, bias, m, rnd, x->dtype, out->dtype, pp)
+                         qw ? fq_nn_linear_q4_scratch_io(ctx, qw, bias, m, rnd, x->dtype, out->dtype)
                             : fq_nn_linear_scratch_io(ctx, w, bias, m, rnd, x->dtype, out->dtype),
                          out->buf.dev));
-    DISPATCH(out->buf.dev, fq_nncu_linear_gelu_cols(ctx, x, w, qw, bias, out, c0, m, scratch, rnd, pp));
+    DISPATCH(out->buf.dev, fq_nncu_linear_gelu_cols(ctx, x, w, qw, bias, out, c0, m, scratch, rnd));
     return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: CUDA only", op);
 }
 

@@ -80,41 +80,6 @@ int64_t fq_nn_linear_scratch_io(fq_ctx *ctx, const fq_tensor *w, const fq_tensor
 int64_t fq_nn_linear_q4_scratch_io(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m, fq_dtype rnd,
                                    fq_dtype xt, fq_dtype yt);
 
-/* The 4-bit weight pipeline (CUDA; a 4-bit linear of more than 2 rows with
- * bf16/f16 compute). Without it such a linear dequantizes its whole weight
- * into the scratch, then runs the GEMM. With it the weight is dequantized in
- * chunks of rows into two slots on a second stream of the device, one chunk
- * ahead of the GEMMs, and chunk 0 of `next` (the 4-bit weight the caller's next
- * linear uses) is dequantized during the last GEMM: the dequantization runs on
- * a few SMs beside the GEMMs instead of between them. The same dequantized
- * values enter the same 16-bit GEMM; the GEMM of a chunk may sum in another
- * order than the whole one. slots: fq_nn_wpipe_slots_bytes(slot_bytes) bytes
- * on the op's device, owned by the caller (a plan) and used by nothing else;
- * next may be NULL or wrong (then nothing is reused). Elsewhere (CPU, f32
- * compute, at most 2 rows) it is ignored. */
-typedef struct {
-    const fq_tensor *slots;
-    int64_t slot_bytes;
-    const fq_qtensor *next;
-} fq_nn_wpipe;
-
-/* Scratch floats of fq_nn_linear_q4_pipe with that pipeline (pp NULL: as _io;
- * with it the dequantized weight lives in the slots, not the scratch). */
-int64_t fq_nn_linear_q4_scratch_pipe(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int64_t m,
-                                     fq_dtype rnd, fq_dtype xt, fq_dtype yt, const fq_nn_wpipe *pp);
-/* Bytes one slot needs to hold w whole in rnd's dtype (0: w never enters the
- * pipeline: not on CUDA, f32 compute); a smaller slot splits w into chunks. */
-int64_t fq_nn_wpipe_weight_bytes(const fq_qtensor *w, fq_dtype rnd);
-/* The bytes of a slots buffer for slots of slot_bytes (two, 256-byte aligned). */
-int64_t fq_nn_wpipe_slots_bytes(int64_t slot_bytes);
-/* Forgets what the slots of dev hold (a forward starts with it, so that a slot
- * is reused only for a weight dequantized into it during that forward). */
-fq_status fq_nn_wpipe_reset(fq_ctx *ctx, fq_device dev);
-/* Chunks dev's pipeline found already dequantized by the linear before (a
- * `next` that came true) and chunks it dequantized, since the device was set
- * up (0 and 0 elsewhere). */
-fq_status fq_nn_wpipe_stats(fq_ctx *ctx, fq_device dev, int64_t *reused, int64_t *fills);
-
 /* y[..., N] = rnd(x[..., K] · w[N,K]ᵀ + bias[N]) with f32 accumulation. w and
  * bias (may be NULL) in any float dtype; f16/bf16 values are widened exactly
  * into scratch (f32, at least fq_nn_linear_scratch floats; may be NULL when
@@ -132,9 +97,6 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
  * FQ_LINEAR_DEQUANT_BLAS keeps the GEMM). */
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
-/* The same through the weight pipeline pp (may be NULL). */
-fq_status fq_nn_linear_q4_pipe(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
-                               fq_tensor *y, fq_tensor *scratch, fq_dtype rnd, const fq_nn_wpipe *pp);
 
 /* out[..., c0 : c0 + N] = rnd(gelu_tanh(x · Wᵀ + b)) for a dense (w) or 4-bit
  * (qw) weight, exactly one given; out [B, S, W] of x's leading dims. GELU runs
@@ -143,12 +105,10 @@ fq_status fq_nn_linear_q4_pipe(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor
  * before GELU), so not their bits. Only where fq_nn_linear_gelu_fused says
  * so (CUDA, bf16/f16 compute with activations stored in it), for a 4-bit
  * weight or a dense weight and bias of the compute dtype; elsewhere
- * FQ_ERR_UNSUPPORTED. Scratch as for the linear with y of out's dtype; pp as for
- * fq_nn_linear_q4_pipe (a 4-bit weight only). */
+ * FQ_ERR_UNSUPPORTED. Scratch as for the linear with y of out's dtype. */
 int fq_nn_linear_gelu_fused(fq_device dev, fq_dtype rnd);
 fq_status fq_nn_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
-                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd,
-                                 const fq_nn_wpipe *pp);
+                                 const fq_tensor *bias, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd);
 
 /* ---- normalization ------------------------------------------------------------ */
 

@@ -173,30 +173,10 @@ fq_status fq_nncu_cols(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *out
 
 static size_t al(size_t b) { return (b + NN_ALIGN - 1) & ~(size_t)(NN_ALIGN - 1); }
 
-/* Rows per chunk of a 4-bit weight [n, k] dequantized to gsz-byte values in
- * slots of slot_bytes: all n when it fits, else a multiple of 128 rows with
- * the chunks as even as that allows; 0 when it cannot be chunked (a chunk must
- * start a quantization block, and with double quantization a group of 256). */
-static int64_t wpipe_rows(const fq_qtensor_info *qi, size_t gsz, int64_t slot_bytes) {
-    const int64_t n = qi->shape[0], k = qi->shape[1], row = k * (int64_t)gsz;
-    if (slot_bytes <= 0 || n <= 0 || k <= 0 || row > slot_bytes) return 0;
-    int64_t rows = slot_bytes / row;
-    if (rows >= n) return n;
-    rows -= rows % 128;
-    if (rows == 0) return 0;
-    const int64_t chunks = (n + rows - 1) / rows;
-    int64_t r = (n + chunks - 1) / chunks;
-    r = (r + 127) / 128 * 128; /* <= rows */
-    const int64_t unit = qi->blocksize * (qi->double_quant ? 256 : 1);
-    return (r * k) % unit || (r * k) % 8 ? 0 : r;
-}
-
 /* The dtype the GEMM runs in, and which operands need scratch. */
 typedef struct {
     fq_dtype gt;        /* GEMM operand dtype                                        */
     int out16;          /* cuBLASLt writes the rounded result in gt, then widened   */
-    int64_t pipe_rows;  /* > 0: the weight goes through the pipeline's slots in      */
-                        /* chunks of this many rows (w_bytes is then 0)              */
     size_t w_bytes;     /* dequantized / widened weight (0: use w)                   */
     size_t x_bytes;     /* x converted to gt (0: use x)                              */
     size_t b_bytes;     /* bias widened to f32 (0: none or use bias)                 */
@@ -204,12 +184,8 @@ typedef struct {
     size_t total;       /* scratch bytes including the workspace                     */
 } lin_plan;
 
-/* A linear of more rows than this runs a GEMM (fewer: the GEMV, see linear_gemv). */
-#define NN_GEMV_MAX_M 2
-
-/* qi, slot_bytes: a 4-bit weight's layout and the pipeline's slot size (0: none). */
 static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd, fq_dtype xt,
-                            fq_dtype yt, const fq_qtensor_info *qi, int64_t slot_bytes) {
+                            fq_dtype yt) {
     lin_plan p;
     memset(&p, 0, sizeof p);
     if (qw) p.gt = rnd;
@@ -217,15 +193,13 @@ static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, i
     else if (wt == rnd) p.gt = rnd;
     else p.gt = FQ_F32;
     const size_t gsz = fq_dtype_size(p.gt);
+    if (qw || wt != p.gt) p.w_bytes = al((size_t)(n * k) * gsz);
+    /* x converted to gt unless it has that dtype (bf16 activations of a bf16 model) */
+    if (xt != p.gt) p.x_bytes = al((size_t)(m * k) * gsz);
     /* A 16-bit GEMM writes its result in 16 bits (cuBLASLt rounds acc + bias to
      * nearest even once: the value the f32 result rounded by us would have) when
      * the bias, if any, is of that dtype too; 8 bytes per output instead of 12. */
     p.out16 = p.gt != FQ_F32 && (bt < 0 || bt == (int)p.gt);
-    /* the pipeline takes the 16-bit GEMMs writing y directly */
-    if (qw && qi && p.out16 && yt == p.gt && m > NN_GEMV_MAX_M) p.pipe_rows = wpipe_rows(qi, gsz, slot_bytes);
-    if ((qw || wt != p.gt) && !p.pipe_rows) p.w_bytes = al((size_t)(n * k) * gsz);
-    /* x converted to gt unless it has that dtype (bf16 activations of a bf16 model) */
-    if (xt != p.gt) p.x_bytes = al((size_t)(m * k) * gsz);
     /* an f32 y: the 16-bit result before its widening; a 16-bit y takes the
      * 16-bit result directly, and when there is none, the f32 result of up to
      * 64 rows at a time goes through here */
@@ -237,8 +211,8 @@ static lin_plan plan_linear(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, i
 }
 
 int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd,
-                               fq_dtype xt, fq_dtype yt, const fq_qtensor_info *qi, int64_t slot_bytes) {
-    return (int64_t)((plan_linear(qw, wt, bt, m, n, k, rnd, xt, yt, qi, slot_bytes).total + 3) / 4);
+                               fq_dtype xt, fq_dtype yt) {
+    return (int64_t)((plan_linear(qw, wt, bt, m, n, k, rnd, xt, yt).total + 3) / 4);
 }
 
 static cudaDataType_t blas_type(fq_dtype t) {
@@ -388,6 +362,7 @@ static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, c
  * W rounded exactly as dequantize_4bit writes it, x rounded to gt, f32 sums, the
  * bias added before the one rounding to gt (an f32 y gets that value widened).
  * FQ_ERR_UNSUPPORTED: no GEMV for these operands (the caller takes the GEMM path). */
+#define NN_GEMV_MAX_M 2
 static fq_status linear_gemv(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, const fq_qtensor *qw,
                              const fq_tensor *bias, fq_tensor *y, int64_t m, int64_t n, int64_t k, fq_dtype gt,
                              void *xbuf, void *dbuf) {
@@ -415,129 +390,12 @@ static fq_status linear_gemv(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, co
     return e ? fq_cuda_status(ctx, (cudaError_t)e, "output widening", d->index) : FQ_OK;
 }
 
-/* ---- the 4-bit weight pipeline (fq_nn_wpipe) ------------------------------------------ */
-
-static fq_status wpipe_create(fq_ctx *ctx, fq_cuda_dev *d);
-
-/* Queues the dequantization of rows [r0, r0 + rows) of qw into slot s on the
- * pipeline stream, after the last GEMM that read that slot. */
-static fq_status wpipe_fill(fq_ctx *ctx, fq_cuda_dev *d, int s, void *slot, const fq_qtensor *qw, int64_t r0,
-                            int64_t rows, fq_dtype gt) {
-    const fq_qtensor_info *qi = &qw->info;
-    const int64_t k = qi->shape[1], e0 = r0 * k, b0 = e0 / qi->blocksize;
-    const uint8_t *packed = (const uint8_t *)qw->m[FQ_QMEMBER_PACKED].ptr + e0 / 2;
-    cudaError_t ce = cudaStreamWaitEvent(d->wp_stream, d->wp_consumed[s], 0);
-    if (ce != cudaSuccess) return fq_cuda_status(ctx, ce, "cudaStreamWaitEvent (weight slot)", d->index);
-    int e;
-    if (qi->double_quant)
-        e = fq_cuda_dequantize4_ctas(packed, NULL, (const uint8_t *)qw->m[FQ_QMEMBER_ABSMAX].ptr + b0,
-                                     (const float *)qw->m[FQ_QMEMBER_NESTED_ABSMAX].ptr + b0 / 256,
-                                     qw->m[FQ_QMEMBER_NESTED_QUANT_MAP].ptr, qi->offset, rows * k, qi->blocksize,
-                                     qi->type, slot, gt, d->wp_ctas, d->wp_stream);
-    else
-        e = fq_cuda_dequantize4_ctas(packed, (const float *)qw->m[FQ_QMEMBER_ABSMAX].ptr + b0, NULL, NULL, NULL, 0.0f,
-                                     rows * k, qi->blocksize, qi->type, slot, gt, d->wp_ctas, d->wp_stream);
-    if (e) return fq_cuda_status(ctx, (cudaError_t)e, "dequantize4 (weight slot)", d->index);
-    ce = cudaEventRecord(d->wp_filled[s], d->wp_stream);
-    if (ce != cudaSuccess) return fq_cuda_status(ctx, ce, "cudaEventRecord (weight slot)", d->index);
-    d->wp_tag[s].packed = qw->m[FQ_QMEMBER_PACKED].ptr;
-    d->wp_tag[s].slot = slot;
-    d->wp_tag[s].r0 = r0;
-    d->wp_tag[s].rows = rows;
-    d->wp_tag[s].dtype = (int)gt;
-    d->wp_fills++;
-    return FQ_OK;
-}
-
-/* y[:, chunk] = x · W[chunk]ᵀ + b[chunk] (gelu: GELU epilogue) chunk by chunk:
- * chunk c + 1 (or chunk 0 of pp->next after the last) is dequantized into
- * the other slot while the GEMM of chunk c runs. Chunk 0 comes for free when
- * the previous linear queued it as its `next`. */
-static fq_status linear_pipe(fq_ctx *ctx, fq_cuda_dev *d, const void *xg, const fq_qtensor *qw,
-                             const fq_tensor *bias, fq_tensor *y, int64_t m, int64_t ldy, int gelu, const lin_plan *p,
-                             const fq_nn_wpipe *pp, void *ws) {
-    const int64_t n = qw->info.shape[0], k = qw->info.shape[1], rows = p->pipe_rows;
-    const size_t ys = fq_dtype_size(y->dtype), bs = bias ? fq_dtype_size(bias->dtype) : 0;
-    char *base = (char *)(((uintptr_t)pp->slots->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1));
-    char *slot[2] = {base, base + al((size_t)pp->slot_bytes)};
-    if ((size_t)(slot[1] - (char *)pp->slots->buf.ptr) + (size_t)(rows * k) * fq_dtype_size(p->gt) >
-        fq_tensor_nbytes(pp->slots))
-        return fq_err(ctx, FQ_ERR_SHAPE, "linear: the weight slots are too small for chunks of %lld rows",
-                      (long long)rows);
-    const void *packed = qw->m[FQ_QMEMBER_PACKED].ptr;
-    const int64_t r1 = rows < n ? rows : n;
-    int s = -1;
-    for (int i = 0; i < 2; i++)
-        if (d->wp_tag[i].packed == packed && d->wp_tag[i].slot == slot[i] && d->wp_tag[i].r0 == 0 &&
-            d->wp_tag[i].rows == r1 && d->wp_tag[i].dtype == (int)p->gt)
-            s = i;
-    if (s < 0) {
-        s = d->wp_last ^ 1;
-        FQ_TRY(wpipe_fill(ctx, d, s, slot[s], qw, 0, r1, p->gt));
-    } else {
-        d->wp_reused++;
-    }
-    for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        const int64_t rc = n - r0 < rows ? n - r0 : rows;
-        if (r0 + rows < n) {
-            const int64_t rn = n - r0 - rows < rows ? n - r0 - rows : rows;
-            FQ_TRY(wpipe_fill(ctx, d, s ^ 1, slot[s ^ 1], qw, r0 + rows, rn, p->gt));
-        } else if (pp->next && pp->next != qw && pp->next->info.ndim == 2) {
-            /* the next linear's first chunk, if it can go through the slots */
-            const int64_t nr = wpipe_rows(&pp->next->info, fq_dtype_size(p->gt), pp->slot_bytes);
-            if (nr > 0) FQ_TRY(wpipe_fill(ctx, d, s ^ 1, slot[s ^ 1], pp->next, 0, nr, p->gt));
-        }
-        cudaError_t ce = cudaStreamWaitEvent(d->stream, d->wp_filled[s], 0);
-        if (ce != cudaSuccess) return fq_cuda_status(ctx, ce, "cudaStreamWaitEvent (weight slot)", d->index);
-        fq_status st = gemm_ld(ctx, d, p->gt, slot[s], xg, bias ? (const char *)bias->buf.ptr + (size_t)r0 * bs : NULL,
-                               bias ? bias->dtype : p->gt, (char *)y->buf.ptr + (size_t)r0 * ys, p->gt, m, rc, k, ws,
-                               ldy, gelu);
-        if (st == GEMM_TRY_F32 && gelu) {
-            /* no GELU epilogue here: the GEMM, then GELU in place (the two ops' bits) */
-            char *yc = (char *)y->buf.ptr + (size_t)r0 * ys;
-            st = gemm_ld(ctx, d, p->gt, slot[s], xg, bias ? (const char *)bias->buf.ptr + (size_t)r0 * bs : NULL,
-                         bias ? bias->dtype : p->gt, yc, p->gt, m, rc, k, ws, ldy, 0);
-            if (st == FQ_OK) {
-                int e = fq_cuda_nn_gelu_tanh_rows(yc, ldy, yc, ldy, y->dtype, m, rc, p->gt, d->stream);
-                if (e) return fq_cuda_status(ctx, (cudaError_t)e, "GELU after the GEMM", d->index);
-            }
-        }
-        if (st == GEMM_TRY_F32)
-            return fq_err(ctx, FQ_ERR_UNSUPPORTED,
-                          "linear: cuBLASLt offers no %s GEMM with a bias epilogue here (m %lld, n %lld, k %lld)",
-                          fq_dtype_name(p->gt), (long long)m, (long long)rc, (long long)k);
-        FQ_TRY(st);
-        ce = cudaEventRecord(d->wp_consumed[s], d->stream);
-        if (ce != cudaSuccess) return fq_cuda_status(ctx, ce, "cudaEventRecord (weight slot)", d->index);
-        d->wp_last = s;
-        s ^= 1;
-    }
-    return FQ_OK;
-}
-
-fq_status fq_nncu_wpipe_stats(fq_ctx *ctx, int device, int64_t *reused, int64_t *fills) {
-    fq_cuda_dev *d;
-    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
-    *reused = d->wp_reused;
-    *fills = d->wp_fills;
-    return FQ_OK;
-}
-
-fq_status fq_nncu_wpipe_reset(fq_ctx *ctx, int device) {
-    fq_cuda_dev *d;
-    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
-    memset(d->wp_tag, 0, sizeof d->wp_tag);
-    return FQ_OK;
-}
-
 static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, const fq_tensor *w,
                             const fq_qtensor *qw, const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch,
-                            fq_dtype rnd, int64_t ldy, int gelu, const fq_nn_wpipe *pp) {
+                            fq_dtype rnd, int64_t ldy, int gelu) {
     const int64_t n = qw ? qw->info.shape[0] : w->shape[0], k = qw ? qw->info.shape[1] : w->shape[1];
-    if (!qw || (pp && !pp->slots)) pp = NULL;
-    if (pp && !d->wp_stream) FQ_TRY(wpipe_create(ctx, d)); /* fq_nncu_prepare does it ahead of a forward */
-    const lin_plan p = plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd,
-                                   x->dtype, y->dtype, qw ? &qw->info : NULL, pp ? pp->slot_bytes : 0);
+    const lin_plan p =
+        plan_linear(qw != NULL, qw ? FQ_F32 : w->dtype, bias ? (int)bias->dtype : -1, m, n, k, rnd, x->dtype, y->dtype);
     if ((gelu || ldy != n) && !(p.out16 && y->dtype == p.gt && k > 0))
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: a fused GELU or strided output needs a %s output (and bias)",
                       fq_dtype_name(p.gt));
@@ -558,17 +416,6 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
         ctx->linear_kernel != FQ_LINEAR_DEQUANT_BLAS) {
         fq_status s = linear_gemv(ctx, d, x, qw, bias, y, m, n, k, p.gt, xbuf, dbuf);
         if (s != FQ_ERR_UNSUPPORTED) return s;
-    }
-
-    /* through the pipeline's slots: x as is or converted, then the chunks */
-    if (p.pipe_rows) {
-        const void *xp = x->buf.ptr;
-        if (x->dtype != p.gt) {
-            e = fq_cuda_nn_convert(x->buf.ptr, x->dtype, xbuf, p.gt, m * k, st);
-            if (e) return fq_cuda_status(ctx, (cudaError_t)e, "input conversion", dev);
-            xp = xbuf;
-        }
-        return linear_pipe(ctx, d, xp, qw, bias, y, m, ldy, gelu, &p, pp, ws);
     }
 
     /* the weight in the GEMM dtype */
@@ -664,13 +511,12 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
 }
 
 fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
-                         const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd,
-                         const fq_nn_wpipe *pp) {
+                         const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd) {
     const int64_t n = qw ? qw->info.shape[0] : w->shape[0];
     if (m == 0 || n == 0) return FQ_OK;
     run_t r;
     FQ_TRY(begin(ctx, y->buf.dev, &r));
-    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, y, m, scratch, rnd, n, 0, pp);
+    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, y, m, scratch, rnd, n, 0);
     if (s == FQ_OK) return end(ctx, &r, 0, "linear", FQ_NN_CLASS_LINEAR);
     fq_cuda_guard_exit(&r.g);
     return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
@@ -680,14 +526,14 @@ int fq_nncu_linear_gelu_ok(fq_dtype rnd, fq_dtype act) { return rnd != FQ_F32 &&
 
 fq_status fq_nncu_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
                                    const fq_tensor *bias, fq_tensor *out, int64_t c0, int64_t m, fq_tensor *scratch,
-                                   fq_dtype rnd, const fq_nn_wpipe *pp) {
+                                   fq_dtype rnd) {
     const int64_t n = qw ? qw->info.shape[0] : w->shape[0], ld = out->shape[2];
     if (m == 0 || n == 0) return FQ_OK;
     run_t r;
     FQ_TRY(begin(ctx, out->buf.dev, &r));
     fq_tensor y = *out; /* columns c0.. of out, rows ld apart */
     y.buf.ptr = (char *)out->buf.ptr + (size_t)c0 * fq_dtype_size(out->dtype);
-    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, &y, m, scratch, rnd, ld, 1, pp);
+    fq_status s = linear_run(ctx, r.d, x, w, qw, bias, &y, m, scratch, rnd, ld, 1);
     if (s == FQ_OK) return end(ctx, &r, 0, "linear+gelu", FQ_NN_CLASS_LINEAR);
     fq_cuda_guard_exit(&r.g);
     return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
@@ -853,38 +699,6 @@ fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k,
 
 /* ---- devices ------------------------------------------------------------------------------ */
 
-/* The weight pipeline's stream (above the main stream's priority, so that its
- * few CTAs start as soon as SMs free up) and events. Benchmark knobs:
- * FQ_WPIPE_CTAS (CTAs per chunk dequantization, 0: all the device takes),
- * FQ_WPIPE_PRIO=0 (same priority as the main stream). */
-static fq_status wpipe_create(fq_ctx *ctx, fq_cuda_dev *d) {
-    const char *ev = getenv("FQ_WPIPE_CTAS"), *pv = getenv("FQ_WPIPE_PRIO");
-    d->wp_ctas = ev && *ev ? atoi(ev) : 16;
-    int lo = 0, hi = 0;
-    fq_cuda_guard g;
-    FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
-    cudaError_t e = cudaDeviceGetStreamPriorityRange(&lo, &hi);
-    if (e == cudaSuccess)
-        e = cudaStreamCreateWithPriority(&d->wp_stream, cudaStreamNonBlocking, pv && atoi(pv) == 0 ? lo : hi);
-    for (int i = 0; i < 2 && e == cudaSuccess; i++) {
-        e = cudaEventCreateWithFlags(&d->wp_filled[i], cudaEventDisableTiming);
-        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&d->wp_consumed[i], cudaEventDisableTiming);
-    }
-    if (e != cudaSuccess && d->wp_stream) {
-        (void)cudaStreamDestroy(d->wp_stream);
-        for (int i = 0; i < 2; i++) {
-            if (d->wp_filled[i]) (void)cudaEventDestroy(d->wp_filled[i]);
-            if (d->wp_consumed[i]) (void)cudaEventDestroy(d->wp_consumed[i]);
-            d->wp_filled[i] = d->wp_consumed[i] = NULL;
-        }
-        d->wp_stream = NULL;
-    }
-    fq_cuda_guard_exit(&g);
-    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "weight pipeline stream/events", d->index);
-    memset(d->wp_tag, 0, sizeof d->wp_tag);
-    return FQ_OK;
-}
-
 fq_status fq_nncu_prepare(fq_ctx *ctx, int device) {
     fq_cuda_dev *d;
     FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
@@ -898,7 +712,6 @@ fq_status fq_nncu_prepare(fq_ctx *ctx, int device) {
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "cudaFuncSetAttribute (attention kernels)", device);
         d->nn_prepared |= NN_PREP_ATTENTION;
     }
-    if (!d->wp_stream) FQ_TRY(wpipe_create(ctx, d));
     return FQ_OK;
 }
 

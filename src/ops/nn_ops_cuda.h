@@ -29,20 +29,17 @@ fq_status fq_nncu_cols(fq_ctx *ctx, int kind, const fq_tensor *x, fq_tensor *out
  * of dtype wt (qw == 0) or 4-bit (qw == 1); bias dtype bt (-1: no bias). */
 int fq_nncu_prof_ops(const fq_nn_prof *p, int cap, const char **names, double *ms, int64_t *count);
 int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n, int64_t k, fq_dtype rnd,
-                               fq_dtype xt, fq_dtype yt, const fq_qtensor_info *qi, int64_t slot_bytes);
-/* Exactly one of w, qw; pp (4-bit only, may be NULL): see fq_nn_wpipe. */
+                               fq_dtype xt, fq_dtype yt);
+/* Exactly one of w, qw. */
 fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
-                         const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd,
-                         const fq_nn_wpipe *pp);
+                         const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd);
 
 /* out[..., c0 : c0 + n] = gelu_tanh(x · Wᵀ + b) with GELU in cuBLASLt's epilogue
  * (exactly one of w, qw); fq_nncu_linear_gelu_ok says where it runs. */
 int fq_nncu_linear_gelu_ok(fq_dtype rnd, fq_dtype act);
 fq_status fq_nncu_linear_gelu_cols(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
                                    const fq_tensor *bias, fq_tensor *out, int64_t c0, int64_t m, fq_tensor *scratch,
-                                   fq_dtype rnd, const fq_nn_wpipe *pp);
-fq_status fq_nncu_wpipe_reset(fq_ctx *ctx, int device);
-fq_status fq_nncu_wpipe_stats(fq_ctx *ctx, int device, int64_t *reused, int64_t *fills);
+                                   fq_dtype rnd);
 
 /* ---- norms, positions, attention ---- */
 fq_status fq_nncu_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, int shift_chunk, int scale_chunk,

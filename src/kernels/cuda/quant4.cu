@@ -363,14 +363,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 template <typename To>
 int launch_dequantize(const uint8_t *packed, const float *absmax, const uint8_t *qabsmax, const float *nested,
                       const float *code256, float offset, int64_t n, int64_t bs, fq_quant_type qt, To *out,
-                      int max_ctas, cudaStream_t st) {
+                      cudaStream_t st) {
     constexpr int TILE = kWarps * 8 * 32 * OutVec<To>::EPS;
     int log2bs = 0;
     while ((int64_t)1 << log2bs < bs) log2bs++;
     int grid;
     cudaError_t e = fq_grid_for(st, (n + TILE - 1) / TILE, kCtasPerSm, &grid);
     if (e != cudaSuccess) return (int)e;
-    if (max_ctas > 0 && grid > max_ctas) grid = max_ctas; /* the kernel walks its tiles */
     const Lut16 lut = kernel_lut(qt);
     if (qabsmax)
         k_dequantize4<To, true><<<grid, kThreads, 0, st>>>(packed, absmax, qabsmax, nested, code256, offset, n,
@@ -385,7 +384,7 @@ bool blocksize_ok(int64_t bs) { return bs >= 32 && bs <= 4096 && (bs & (bs - 1))
 
 int dequantize_any(const uint8_t *packed, const float *absmax, const uint8_t *qabsmax, const float *nested,
                    const float *code256, float offset, int64_t n, int64_t bs, fq_quant_type qt, void *out,
-                   fq_dtype dt, int max_ctas, cudaStream_t st) {
+                   fq_dtype dt, cudaStream_t st) {
     if (n < 0 || !blocksize_ok(bs) || (qt != FQ_QUANT_NF4 && qt != FQ_QUANT_FP4)) return (int)cudaErrorInvalidValue;
     if (n == 0) return 0;
     /* Vector accesses need natural alignment (device allocations are 256-byte aligned). */
@@ -396,13 +395,13 @@ int dequantize_any(const uint8_t *packed, const float *absmax, const uint8_t *qa
     switch (dt) {
     case FQ_F32:
         return launch_dequantize<float>(packed, absmax, qabsmax, nested, code256, offset, n, bs, qt,
-                                        static_cast<float *>(out), max_ctas, st);
+                                        static_cast<float *>(out), st);
     case FQ_F16:
         return launch_dequantize<__half>(packed, absmax, qabsmax, nested, code256, offset, n, bs, qt,
-                                         static_cast<__half *>(out), max_ctas, st);
+                                         static_cast<__half *>(out), st);
     case FQ_BF16:
         return launch_dequantize<__nv_bfloat16>(packed, absmax, qabsmax, nested, code256, offset, n, bs, qt,
-                                                static_cast<__nv_bfloat16 *>(out), max_ctas, st);
+                                                static_cast<__nv_bfloat16 *>(out), st);
     default: return (int)cudaErrorInvalidValue;
     }
 }
@@ -427,7 +426,7 @@ extern "C" int fq_cuda_quantize4(const void *x, fq_dtype dtype, int64_t n, int64
 
 extern "C" int fq_cuda_dequantize4(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
                                    fq_quant_type qt, void *out, fq_dtype out_dtype, cudaStream_t stream) {
-    return dequantize_any(packed, absmax, NULL, NULL, NULL, 0.0f, n, blocksize, qt, out, out_dtype, 0, stream);
+    return dequantize_any(packed, absmax, NULL, NULL, NULL, 0.0f, n, blocksize, qt, out, out_dtype, stream);
 }
 
 extern "C" int fq_cuda_dequantize4_nested(const uint8_t *packed, const uint8_t *qabsmax, const float *nested_absmax,
@@ -435,14 +434,5 @@ extern "C" int fq_cuda_dequantize4_nested(const uint8_t *packed, const uint8_t *
                                           fq_quant_type qt, void *out, fq_dtype out_dtype, cudaStream_t stream) {
     if (!qabsmax || !nested_absmax || !code256) return (int)cudaErrorInvalidValue;
     return dequantize_any(packed, NULL, qabsmax, nested_absmax, code256, offset, n, blocksize, qt, out, out_dtype,
-                          0, stream);
-}
-
-extern "C" int fq_cuda_dequantize4_ctas(const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
-                                        const float *nested_absmax, const float *code256, float offset, int64_t n,
-                                        int64_t blocksize, fq_quant_type qt, void *out, fq_dtype out_dtype,
-                                        int max_ctas, cudaStream_t stream) {
-    if (!absmax == !qabsmax || (qabsmax && (!nested_absmax || !code256))) return (int)cudaErrorInvalidValue;
-    return dequantize_any(packed, absmax, qabsmax, nested_absmax, code256, offset, n, blocksize, qt, out, out_dtype,
-                          max_ctas, stream);
+                          stream);
 }
