@@ -43,7 +43,7 @@ typedef struct {
     int dtype;    /* -1: the model's */
     int64_t width, height, txt;
     const char *device;
-    int iters, warmup, profile, exact_gelu, no_gemv;
+    int iters, warmup, profile, exact_gelu, no_gemv, graph;
     uint64_t seed;
 } bench_opts;
 
@@ -66,7 +66,7 @@ static void usage(void) {
             "                  [--quantize nf4|fp4] [--double-quant] [--blocksize N] [--dtype bf16|f16|f32]\n"
             "                  [--width W] [--height H] [--txt-tokens N] [--device DEV]\n"
             "                  [--iters N] [--warmup N] [--profile] [--seed N] [--exact-gelu]\n"
-            "                  [--no-gemv]\n");
+            "                  [--no-gemv] [--graph]\n");
 }
 
 static int parse(int argc, char **argv, bench_opts *o) {
@@ -107,6 +107,8 @@ static int parse(int argc, char **argv, bench_opts *o) {
         else if (!strcmp(a, "--exact-gelu")) o->exact_gelu = 1; /* no GELU in the GEMM epilogue */
         /* 4-bit linears of <= 2 rows (modulation) through dequantize + cuBLASLt, not the GEMV */
         else if (!strcmp(a, "--no-gemv")) o->no_gemv = 1;
+        /* also time the forward replayed as one CUDA graph */
+        else if (!strcmp(a, "--graph")) o->graph = 1;
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); return 0; }
         else { fprintf(stderr, "bench_flux: unknown or incomplete option '%s'\n", a); usage(); return 0; }
     }
@@ -116,6 +118,42 @@ static int parse(int argc, char **argv, bench_opts *o) {
         return 0;
     }
     return 1;
+}
+
+/* The forward captured once into a CUDA graph, then replayed: median/min ms
+ * of iters replays (each waited for), or the reason it cannot be captured. */
+static void graph_step(fq_ctx *ctx, fq_device dev, const fq_flux_model *m, fq_flux_plan *plan,
+                       const fq_flux_inputs *fi, fq_tensor *outp, int iters) {
+    fq_nn_graph *g = NULL;
+    fq_status s = fq_nn_graph_begin(ctx, dev);
+    if (s == FQ_OK) {
+        fq_status f = fq_flux_forward(ctx, m, plan, fi, outp);
+        char why[512] = "";
+        if (f != FQ_OK) snprintf(why, sizeof why, "%s", fq_ctx_error(ctx));
+        s = fq_nn_graph_end(ctx, dev, &g);
+        if (f != FQ_OK) {
+            printf("step as a CUDA graph: the forward cannot be captured: %s\n", why);
+            fq_nn_graph_free(g);
+            return;
+        }
+    }
+    double *t = calloc((size_t)iters, sizeof *t);
+    for (int i = -1; s == FQ_OK && t && i < iters; i++) { /* one warm-up replay */
+        double a = now_ms();
+        s = fq_nn_graph_launch(ctx, g);
+        if (s == FQ_OK) s = fq_nn_sync(ctx, dev);
+        if (i >= 0) t[i] = now_ms() - a;
+    }
+    if (s != FQ_OK) {
+        printf("step as a CUDA graph: %s\n", fq_ctx_error(ctx));
+    } else if (t) {
+        qsort(t, (size_t)iters, sizeof *t, cmp_double);
+        const double med = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+        printf("step as one CUDA graph (captured once, replayed): median %.2f ms, min %.2f ms over %d replays\n", med,
+               t[0], iters);
+    }
+    free(t);
+    fq_nn_graph_free(g);
 }
 
 /* Model FLOPs of one forward: every linear (2*M*N*K) and every attention
@@ -344,6 +382,7 @@ int fq_bench_flux(int argc, char **argv) {
     BTRY("cudaMemGetInfo", fq_nn_device_memory(ctx, dev, &free1, &total));
     qsort(times, (size_t)o.iters, sizeof *times, cmp_double);
     const double med = o.iters % 2 ? times[o.iters / 2] : 0.5 * (times[o.iters / 2 - 1] + times[o.iters / 2]);
+    if (o.graph && dev.type == FQ_DEVICE_CUDA) graph_step(ctx, dev, m, plan, &fi, outp, o.iters);
     double lin_f, att_f;
     model_flops(c, B, St, Si, &lin_f, &att_f);
     printf("step (transformer forward): median %.2f ms, min %.2f ms over %d iters (%d warmup)\n", med, times[0],

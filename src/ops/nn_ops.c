@@ -761,6 +761,36 @@ fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev) {
     return FQ_OK;
 }
 
+fq_status fq_nn_graph_begin(fq_ctx *ctx, fq_device dev) {
+    const char *op = "graph_begin";
+    DISPATCH(dev, fq_nncu_graph_begin(ctx, dev.index));
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: CUDA graphs need a CUDA device", op);
+}
+
+fq_status fq_nn_graph_end(fq_ctx *ctx, fq_device dev, fq_nn_graph **out) {
+    const char *op = "graph_end";
+    *out = NULL;
+    DISPATCH(dev, fq_nncu_graph_end(ctx, dev.index, out));
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "%s: CUDA graphs need a CUDA device", op);
+}
+
+fq_status fq_nn_graph_launch(fq_ctx *ctx, fq_nn_graph *g) {
+    if (!g) return fq_err(ctx, FQ_ERR_INVALID_ARG, "graph_launch: NULL graph");
+#ifdef FQ_HAVE_CUDA
+    return fq_nncu_graph_launch(ctx, g);
+#else
+    return fq_err(ctx, FQ_ERR_UNSUPPORTED, "graph_launch: built without CUDA");
+#endif
+}
+
+void fq_nn_graph_free(fq_nn_graph *g) {
+#ifdef FQ_HAVE_CUDA
+    fq_nncu_graph_free(g);
+#else
+    (void)g; /* never created without CUDA */
+#endif
+}
+
 fq_status fq_nn_device_describe(fq_ctx *ctx, fq_device dev, char *buf, size_t n) {
     const char *op = "device_describe";
     if (n) buf[0] = 0;

@@ -185,6 +185,18 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
 fq_status fq_nn_prepare(fq_ctx *ctx, fq_device dev);
 /* Waits until every op queued on dev has finished; reports a kernel's failure. */
 fq_status fq_nn_sync(fq_ctx *ctx, fq_device dev);
+/* A CUDA graph of the ops queued on dev between fq_nn_graph_begin and
+ * fq_nn_graph_end (stream capture: no op may wait for the device or allocate
+ * meanwhile, so run the ops once before, e.g. a warm-up forward), replayed by
+ * fq_nn_graph_launch on the same buffers: one launch instead of one per kernel.
+ * An op's error during the capture is returned by that op; end the capture
+ * anyway (fq_nn_graph_end then fails too). FQ_ERR_UNSUPPORTED on the CPU.
+ * *out owned by the caller (fq_nn_graph_free). */
+typedef struct fq_nn_graph fq_nn_graph;
+fq_status fq_nn_graph_begin(fq_ctx *ctx, fq_device dev);
+fq_status fq_nn_graph_end(fq_ctx *ctx, fq_device dev, fq_nn_graph **out);
+fq_status fq_nn_graph_launch(fq_ctx *ctx, fq_nn_graph *g);
+void fq_nn_graph_free(fq_nn_graph *g);
 /* "NVIDIA H100 80GB HBM3, 132 SMs, sm_90" for a CUDA device, "cpu" for the CPU. */
 fq_status fq_nn_device_describe(fq_ctx *ctx, fq_device dev, char *buf, size_t n);
 /* Free and total memory of dev as the driver sees it (CUDA); 0, 0 for the CPU. */

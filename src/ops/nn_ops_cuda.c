@@ -726,6 +726,69 @@ fq_status fq_nncu_sync(fq_ctx *ctx, int device) {
     return FQ_OK;
 }
 
+/* ---- CUDA graphs of a device's stream -------------------------------------------------------- */
+
+struct fq_nn_graph {
+    int device;
+    cudaGraphExec_t exec; /* owned */
+};
+
+fq_status fq_nncu_graph_begin(fq_ctx *ctx, int device) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, device, &g));
+    /* relaxed: the launchers' device queries (cudaStreamGetDevice, occupancy) stay allowed; a wait on
+     * the stream still ends the capture with an error */
+    cudaError_t e = cudaStreamBeginCapture(d->stream, cudaStreamCaptureModeRelaxed);
+    fq_cuda_guard_exit(&g);
+    return e == cudaSuccess ? FQ_OK : fq_cuda_status(ctx, e, "cudaStreamBeginCapture", device);
+}
+
+fq_status fq_nncu_graph_end(fq_ctx *ctx, int device, fq_nn_graph **out) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, device, &g));
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t e = cudaStreamEndCapture(d->stream, &graph);
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) (void)cudaGraphDestroy(graph);
+    fq_nn_graph *r = NULL;
+    if (e == cudaSuccess && !(r = malloc(sizeof *r))) {
+        (void)cudaGraphExecDestroy(exec);
+        fq_cuda_guard_exit(&g);
+        return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "graph_end: out of host memory");
+    }
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "capturing the ops into a CUDA graph", device);
+    r->device = device;
+    r->exec = exec;
+    *out = r;
+    return FQ_OK;
+}
+
+fq_status fq_nncu_graph_launch(fq_ctx *ctx, fq_nn_graph *gr) {
+    fq_cuda_dev *d;
+    FQ_TRY(fq_cuda_dev_get(ctx, gr->device, &d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, gr->device, &g));
+    cudaError_t e = cudaGraphLaunch(gr->exec, d->stream);
+    fq_cuda_guard_exit(&g);
+    return e == cudaSuccess ? FQ_OK : fq_cuda_status(ctx, e, "cudaGraphLaunch", gr->device);
+}
+
+void fq_nncu_graph_free(fq_nn_graph *gr) {
+    if (!gr) return;
+    fq_cuda_guard g;
+    if (fq_cuda_guard_enter(NULL, gr->device, &g) == FQ_OK) {
+        (void)cudaGraphExecDestroy(gr->exec);
+        fq_cuda_guard_exit(&g);
+    }
+    free(gr);
+}
+
 fq_status fq_nncu_memory(fq_ctx *ctx, int device, size_t *free_bytes, size_t *total_bytes) {
     fq_cuda_dev *d;
     FQ_TRY(fq_cuda_dev_get(ctx, device, &d));

@@ -71,6 +71,10 @@ fq_status fq_nncu_attention_plan(fq_ctx *ctx, int device, int64_t batch, int64_t
 /* ---- devices ---- */
 fq_status fq_nncu_prepare(fq_ctx *ctx, int device);
 fq_status fq_nncu_sync(fq_ctx *ctx, int device);
+fq_status fq_nncu_graph_begin(fq_ctx *ctx, int device);
+fq_status fq_nncu_graph_end(fq_ctx *ctx, int device, fq_nn_graph **out);
+fq_status fq_nncu_graph_launch(fq_ctx *ctx, fq_nn_graph *g);
+void fq_nncu_graph_free(fq_nn_graph *g);
 fq_status fq_nncu_memory(fq_ctx *ctx, int device, size_t *free_bytes, size_t *total_bytes);
 fq_status fq_nncu_describe(fq_ctx *ctx, int device, char *buf, size_t n);
 fq_status fq_nncu_random(fq_ctx *ctx, fq_tensor *t, uint64_t seed, float scale, float shift);

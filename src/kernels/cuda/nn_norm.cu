@@ -3,6 +3,7 @@
  * accumulated in f64 like the CPU kernels (only the summation order differs),
  * and the normalized value goes through the same f64 expression before its
  * f32 cast, so results match the CPU's to the last bit almost everywhere. */
+#include "kernels/cuda/stream_device.cuh"
 #include "kernels/cuda/nn_common.cuh"
 #include "kernels/cuda/nn_vec.cuh"
 
@@ -430,7 +431,7 @@ int resident_blocks(K kern, int threads, int64_t want, unsigned *grid, cudaStrea
     static const void *last_kern = NULL;
     static int last_threads = 0, last_per = 0;
     int dev = 0, sms = 0, per = 0;
-    cudaError_t e = cudaStreamGetDevice(st, &dev); /* the stream's device: no current-device query */
+    cudaError_t e = fq_stream_device(st, &dev); /* the stream's device: no current-device query */
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e == cudaSuccess &&
         !(last_kern == (const void *)kern && threads == last_threads && (per = last_per) > 0)) {

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "kernels/cuda/stream_device.cuh"
 #include "formats/formats.h"
 /* kernels.h is a C header without C++ guards: give its launchers C linkage here
  * (everything it includes is already in, so only its own declarations land here). */
@@ -82,12 +83,12 @@ template <> struct fq_vec<__nv_bfloat16> {
 };
 
 /* Persistent-grid size: at most what fills every SM of the stream's device
- * (queried per call: no process-wide cache of device attributes), then
+ * (fq_stream_device: no process-wide cache of device attributes), then
  * trimmed so that every CTA walks the same number of tiles (no tail round in
  * which a few CTAs work alone; the bytes in flight stay ample). */
 static inline cudaError_t fq_grid_for(cudaStream_t stream, int64_t tiles, int ctas_per_sm, int *grid) {
     int dev = 0, sms = 0;
-    cudaError_t e = cudaStreamGetDevice(stream, &dev);
+    cudaError_t e = fq_stream_device(stream, &dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return e;
     int64_t maxg = (int64_t)(sms > 0 ? sms : 1) * ctas_per_sm;

@@ -235,7 +235,7 @@ extern "C" int fq_cuda_torch_mean(const float *x, int64_t n, float *out, cudaStr
     const MeanPlan P = make_plan(n);
     if (P.ctas > kMaxCtas) return (int)cudaErrorInvalidValue; /* n above ~2^29: not supported */
     int dev = 0, major = 0;
-    cudaError_t e = cudaStreamGetDevice(stream, &dev);
+    cudaError_t e = fq_stream_device(stream, &dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     if (e != cudaSuccess) return (int)e;
     if (major >= 9 && P.ctas >= 2) {
