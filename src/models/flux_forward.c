@@ -23,6 +23,8 @@ enum {
     B_E1, B_E2, B_E3,    /* [B, D]     embedder temporaries                              */
     B_TEMB, B_TACT,      /* [B, D]     temb and silu(temb)                               */
     B_MODI, B_MODC,      /* [B, 6D]    AdaLN modulation (image / text; single: [B, 3D])  */
+    B_MODI2, B_MODC2,    /* [B, 6D]    the same of the odd double blocks (the even ones'  */
+                         /*            gates are still needed when the next one's come)  */
     B_XIN,               /* [B, Si, Cin] input latents in the arena                      */
     B_CIN,               /* [B, St, J] input text states                                 */
     B_PIN,               /* [B, P]     pooled projection                                 */
@@ -40,7 +42,7 @@ enum {
 
 static const char *const g_buf_names[NBUF] = {
     "timestep", "guidance", "ids", "rope_cos", "rope_sin", "time_proj", "emb1", "emb2", "emb3", "temb",
-    "silu_temb", "mod", "mod_context", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
+    "silu_temb", "mod", "mod_context", "mod_odd", "mod_context_odd", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
     "norm_h", "tmp_h", "c", "norm_c", "tmp_c", "q", "k", "v", "attn_out", "x", "norm_x", "mlp", "cat",
     "attn_scratch", "linear_scratch"};
 
@@ -55,6 +57,8 @@ struct fq_flux_plan {
     int64_t shape[NBUF][3];
     int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
     int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
+    int normed_img, normed_txt; /* the block before normed the next one's input   */
+                              /* (its last gated add fused with this AdaLN)         */
     fq_flux_tap_fn tap;
     void *tap_user;
 };
@@ -144,6 +148,8 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     for (int id = B_E1; id <= B_TACT; id++) set_shape(p, id, 2, B, D, 0);
     set_shape(p, B_MODI, 2, B, 6 * D, 0);
     set_shape(p, B_MODC, 2, B, 6 * D, 0);
+    set_shape(p, B_MODI2, 2, B, 6 * D, 0);
+    set_shape(p, B_MODC2, 2, B, 6 * D, 0);
     set_shape(p, B_XIN, 3, B, Si, c->in_channels);
     set_shape(p, B_CIN, 3, B, St, c->joint_attention_dim);
     set_shape(p, B_PIN, 2, B, c->pooled_projection_dim, 0);
@@ -313,20 +319,29 @@ static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_li
     return p->B == 1 ? FQ_OK : fq_nn_concat(ctx, &tc, &ti, 1, out);
 }
 
-static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, int64_t i) {
+/* next: the double block after bl (NULL for the last): its AdaLN modulation is
+ * computed before bl's last gated adds, which then also norm its inputs. */
+static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double *bl, int64_t i,
+                              const fq_flux_double *next) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, F = m->cfg.mlp_dim;
     fq_tensor h = V(p, B_H), nh = V(p, B_NH), ti = V(p, B_TI), c = V(p, B_C), nc = V(p, B_NC), tc = V(p, B_TC);
     fq_tensor q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O), att = V(p, B_ATT);
-    fq_tensor tact = V(p, B_TACT), mi = V(p, B_MODI), mc = V(p, B_MODC);
+    fq_tensor tact = V(p, B_TACT), mi = V(p, i & 1 ? B_MODI2 : B_MODI), mc = V(p, i & 1 ? B_MODC2 : B_MODC);
+    fq_tensor mi_next = V(p, i & 1 ? B_MODI : B_MODI2), mc_next = V(p, i & 1 ? B_MODC : B_MODC2);
     fq_tensor mlp_i = V3(p, B_WORK, B, p->Si, F), mlp_c = V3(p, B_WORK, B, p->St, F); /* q, k, v, o are dead */
 
-    /* AdaLN-Zero of both streams */
-    FQ_TRY(lin(ctx, p, &bl->norm1, &tact, &mi));
-    FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
-    FQ_TRY(lin(ctx, p, &bl->norm1_context, &tact, &mc));
-    FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
+    /* AdaLN-Zero of both streams (unless the block before did it) */
+    if (!p->normed_img) {
+        FQ_TRY(lin(ctx, p, &bl->norm1, &tact, &mi));
+        FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
+    }
+    if (!p->normed_txt) {
+        FQ_TRY(lin(ctx, p, &bl->norm1_context, &tact, &mc));
+        FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
+    }
+    p->normed_img = p->normed_txt = 0;
     tap(p, &mi, "transformer_blocks.%lld.norm1.emb", (long long)i);
     tap(p, &nh, "transformer_blocks.%lld.norm1.x", (long long)i);
     tap(p, &mc, "transformer_blocks.%lld.norm1_context.emb", (long long)i);
@@ -354,30 +369,49 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     FQ_TRY(lin_gelu(ctx, p, &bl->ff1, &nh, &mlp_i, &mlp_i, 0, NULL));
     FQ_TRY(lin(ctx, p, &bl->ff2, &mlp_i, &ti));
     tap(p, &ti, "transformer_blocks.%lld.ff", (long long)i);
-    FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MLP_GATE, &ti, cd));
+    if (next) { /* nh is free: the next block's normed input goes there */
+        FQ_TRY(lin(ctx, p, &next->norm1, &tact, &mi_next));
+        FQ_TRY(fq_nn_gated_add_adaln2(ctx, &h, &mi, MLP_GATE, &ti, &mi_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
+        p->normed_img = 1;
+    } else {
+        FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MLP_GATE, &ti, cd));
+    }
 
     /* text stream: the same with its own weights */
     FQ_TRY(fq_nn_gated_add_adaln(ctx, &c, &mc, MSA_GATE, &nc, MLP_SHIFT, MLP_SCALE, LN_EPS, &nc, cd));
     FQ_TRY(lin_gelu(ctx, p, &bl->ff_ctx1, &nc, &mlp_c, &mlp_c, 0, NULL));
     FQ_TRY(lin(ctx, p, &bl->ff_ctx2, &mlp_c, &tc));
     tap(p, &tc, "transformer_blocks.%lld.ff_context", (long long)i);
-    FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MLP_GATE, &tc, cd));
-    if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &c, -65504.0f, 65504.0f)); /* diffusers clips the text stream */
+    if (next && cd != FQ_F16) {
+        FQ_TRY(lin(ctx, p, &next->norm1_context, &tact, &mc_next));
+        FQ_TRY(fq_nn_gated_add_adaln2(ctx, &c, &mc, MLP_GATE, &tc, &mc_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
+        p->normed_txt = 1;
+    } else {
+        FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MLP_GATE, &tc, cd));
+        /* diffusers clips the text stream (before the next block's AdaLN) */
+        if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &c, -65504.0f, 65504.0f));
+    }
     tap(p, &h, "transformer_blocks.%lld.hidden_states", (long long)i);
     tap(p, &c, "transformer_blocks.%lld.encoder_hidden_states", (long long)i);
     return FQ_OK;
 }
 
-static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_single *sb, int64_t i) {
+/* next: as for double_block. */
+static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single *sb, int64_t i,
+                              const fq_flux_single *next) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, D = m->cfg.inner_dim;
     fq_tensor x = V(p, B_X), nx = V(p, B_NX), q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O);
     fq_tensor att = V(p, B_ATT), mlp = V(p, B_WORK), cat = V(p, B_CAT), tact = V(p, B_TACT);
-    fq_tensor mod = V2(p, B_MODI, B, 3 * D), cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
+    fq_tensor mod = V2(p, i & 1 ? B_MODC : B_MODI, B, 3 * D), mod_next = V2(p, i & 1 ? B_MODI : B_MODC, B, 3 * D);
+    fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
 
-    FQ_TRY(lin(ctx, p, &sb->norm, &tact, &mod));
-    FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
+    if (!p->normed_img) {
+        FQ_TRY(lin(ctx, p, &sb->norm, &tact, &mod));
+        FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
+    }
+    p->normed_img = 0;
     tap(p, &mod, "single_transformer_blocks.%lld.norm.emb", (long long)i);
     tap(p, &nx, "single_transformer_blocks.%lld.norm.x", (long long)i);
     /* gelu(proj_mlp(nx)) goes straight into cat's last F columns (its linear
@@ -399,8 +433,14 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     FQ_TRY(fq_nn_copy_cols(ctx, &o, &cat, 0));
     FQ_TRY(lin(ctx, p, &sb->proj_out, &cat, &q));
     tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
-    FQ_TRY(fq_nn_gated_add(ctx, &x, &mod, MSA_GATE, &q, cd));
-    if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &x, -65504.0f, 65504.0f));
+    if (next && cd != FQ_F16) { /* nx is free: the next block's normed input goes there */
+        FQ_TRY(lin(ctx, p, &next->norm, &tact, &mod_next));
+        FQ_TRY(fq_nn_gated_add_adaln2(ctx, &x, &mod, MSA_GATE, &q, &mod_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
+        p->normed_img = 1;
+    } else {
+        FQ_TRY(fq_nn_gated_add(ctx, &x, &mod, MSA_GATE, &q, cd));
+        if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &x, -65504.0f, 65504.0f));
+    }
     tap(p, &x, "single_transformer_blocks.%lld", (long long)i);
     return FQ_OK;
 }
@@ -492,13 +532,14 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     FQ_TRY(lin(ctx, p, &m->context_embedder, &cin, &c_));
     tap(p, &c_, "context_embedder");
 
+    p->normed_img = p->normed_txt = 0;
     for (int64_t i = 0; i < c->num_layers; i++) {
-        fq_status s = double_block(ctx, p, &m->blocks[i], i);
+        fq_status s = double_block(ctx, p, &m->blocks[i], i, i + 1 < c->num_layers ? &m->blocks[i + 1] : NULL);
         if (s != FQ_OK) return fq_err_prefix(ctx, s, "transformer_blocks.%lld", (long long)i);
     }
     FQ_TRY(fq_nn_concat(ctx, &c_, &h, 1, &x)); /* text first */
     for (int64_t i = 0; i < c->num_single_layers; i++) {
-        fq_status s = single_block(ctx, p, &m->single[i], i);
+        fq_status s = single_block(ctx, p, &m->single[i], i, i + 1 < c->num_single_layers ? &m->single[i + 1] : NULL);
         if (s != FQ_OK) return fq_err_prefix(ctx, s, "single_transformer_blocks.%lld", (long long)i);
     }
     FQ_TRY(fq_nn_split(ctx, &x, 1, &c_, &h));

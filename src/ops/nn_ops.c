@@ -544,23 +544,30 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
 
 fq_status fq_nn_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
                                 int shift_chunk, int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd) {
+    return fq_nn_gated_add_adaln2(ctx, h, mod, gate_chunk, a, mod, shift_chunk, scale_chunk, eps, y, rnd);
+}
+
+fq_status fq_nn_gated_add_adaln2(fq_ctx *ctx, fq_tensor *h, const fq_tensor *gmod, int gate_chunk, const fq_tensor *a,
+                                 const fq_tensor *nmod, int shift_chunk, int scale_chunk, float eps, fq_tensor *y,
+                                 fq_dtype rnd) {
     const char *op = "gated_add_adaln";
-    int64_t n;
+    int64_t gn, nn;
     FQ_TRY(check_act(ctx, op, "h", h, h->buf.dev, rnd, NULL));
     FQ_TRY(check_act(ctx, op, "a", a, h->buf.dev, rnd, h));
     FQ_TRY(check_act(ctx, op, "y", y, h->buf.dev, rnd, h));
     FQ_TRY(rnd_ok(ctx, op, rnd));
     FQ_TRY(same_shape(ctx, op, "a", a, h));
     FQ_TRY(same_shape(ctx, op, "y", y, h));
-    FQ_TRY(mod_shape(ctx, op, mod, h, gate_chunk, gate_chunk, &n));
-    FQ_TRY(mod_shape(ctx, op, mod, h, shift_chunk, scale_chunk, &n));
+    FQ_TRY(mod_shape(ctx, op, gmod, h, gate_chunk, gate_chunk, &gn));
+    FQ_TRY(mod_shape(ctx, op, nmod, h, shift_chunk, scale_chunk, &nn));
     if (y->buf.ptr == h->buf.ptr) return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: y must not be h", op);
-    DISPATCH(h->buf.dev, fq_nncu_gated_add_adaln(ctx, h, mod, gate_chunk, a, shift_chunk, scale_chunk, n, eps, y, rnd));
+    DISPATCH(h->buf.dev,
+             fq_nncu_gated_add_adaln(ctx, h, gmod, gate_chunk, gn, a, nmod, shift_chunk, scale_chunk, nn, eps, y, rnd));
     const int64_t d = h->shape[2];
     /* the two CPU kernels in order: the gated add has read all of a before y is written */
-    fq_cpu_gated_add(F(h), F(mod) + gate_chunk * d, n * d, F(a), h->shape[0], h->shape[1], d, rnd);
-    fq_cpu_adaln(F(h), F(y), h->shape[0], h->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d, n * d,
-                 eps, rnd);
+    fq_cpu_gated_add(F(h), F(gmod) + gate_chunk * d, gn * d, F(a), h->shape[0], h->shape[1], d, rnd);
+    fq_cpu_adaln(F(h), F(y), h->shape[0], h->shape[1], d, F(nmod) + shift_chunk * d, F(nmod) + scale_chunk * d,
+                 nn * d, eps, rnd);
     return FQ_OK;
 }
 

@@ -123,6 +123,12 @@ fq_status fq_nn_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int g
  * scale_chunk, eps, y): the same bits, one pass over h on CUDA. y may be a. */
 fq_status fq_nn_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
                                 int shift_chunk, int scale_chunk, float eps, fq_tensor *y, fq_dtype rnd);
+/* The same with the gate from gmod and shift/scale from nmod (both [B, n*D],
+ * possibly of different n): a block's last gated add fused with the next
+ * block's AdaLN. */
+fq_status fq_nn_gated_add_adaln2(fq_ctx *ctx, fq_tensor *h, const fq_tensor *gmod, int gate_chunk, const fq_tensor *a,
+                                 const fq_tensor *nmod, int shift_chunk, int scale_chunk, float eps, fq_tensor *y,
+                                 fq_dtype rnd);
 /* RMSNorm of every head: x, y [..., H*dh], weight [dh] (any float dtype, widened on
  * the fly: it is tiny). */
 fq_status fq_nn_rmsnorm_heads(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps,

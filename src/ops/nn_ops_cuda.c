@@ -561,15 +561,25 @@ fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int
     return end(ctx, &r, e, "gated_add", FQ_NN_CLASS_OTHER);
 }
 
-fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
-                                  int shift_chunk, int scale_chunk, int64_t nchunks, float eps, fq_tensor *y,
-                                  fq_dtype rnd) {
+fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *gmod, int gate_chunk, int64_t gn,
+                                  const fq_tensor *a, const fq_tensor *nmod, int shift_chunk, int scale_chunk,
+                                  int64_t nn, float eps, fq_tensor *y, fq_dtype rnd) {
     run_t r;
     FQ_TRY(begin(ctx, h->buf.dev, &r));
-    const int64_t d = h->shape[2];
-    int e = fq_cuda_nn_gated_add_adaln(h->buf.ptr, a->buf.ptr, F(mod) + gate_chunk * d, y->buf.ptr, h->dtype,
-                                       h->shape[0], h->shape[1], d, F(mod) + shift_chunk * d, F(mod) + scale_chunk * d,
-                                       nchunks * d, eps, rnd, r.d->stream);
+    const int64_t d = h->shape[2], B = h->shape[0];
+    int e;
+    if (B == 1 || gn == nn) {
+        /* one pass: the kernel steps the gate and the modulation by one stride (unused at batch 1) */
+        e = fq_cuda_nn_gated_add_adaln(h->buf.ptr, a->buf.ptr, F(gmod) + gate_chunk * d, y->buf.ptr, h->dtype, B,
+                                       h->shape[1], d, F(nmod) + shift_chunk * d, F(nmod) + scale_chunk * d, nn * d,
+                                       eps, rnd, r.d->stream);
+    } else {
+        e = fq_cuda_nn_gated_add(h->buf.ptr, F(gmod) + gate_chunk * d, gn * d, a->buf.ptr, h->dtype, B, h->shape[1],
+                                 d, rnd, r.d->stream);
+        if (!e)
+            e = fq_cuda_nn_adaln(h->buf.ptr, y->buf.ptr, h->dtype, B, h->shape[1], d, F(nmod) + shift_chunk * d,
+                                 F(nmod) + scale_chunk * d, nn * d, eps, rnd, r.d->stream);
+    }
     return end(ctx, &r, e, "gated_add_adaln", FQ_NN_CLASS_OTHER);
 }
 

@@ -46,9 +46,10 @@ fq_status fq_nncu_adaln(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *mod, i
                         int64_t nchunks, float eps, fq_tensor *y, fq_dtype rnd);
 fq_status fq_nncu_gated_add(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, int64_t nchunks,
                             const fq_tensor *a, fq_dtype rnd);
-fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *mod, int gate_chunk, const fq_tensor *a,
-                                  int shift_chunk, int scale_chunk, int64_t nchunks, float eps, fq_tensor *y,
-                                  fq_dtype rnd);
+/* gate chunk of gmod ([B, gn*D]); shift/scale chunks of nmod ([B, nn*D]) */
+fq_status fq_nncu_gated_add_adaln(fq_ctx *ctx, fq_tensor *h, const fq_tensor *gmod, int gate_chunk, int64_t gn,
+                                  const fq_tensor *a, const fq_tensor *nmod, int shift_chunk, int scale_chunk,
+                                  int64_t nn, float eps, fq_tensor *y, fq_dtype rnd);
 fq_status fq_nncu_rmsnorm(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight, float eps, fq_tensor *y,
                           fq_dtype rnd);
 fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
