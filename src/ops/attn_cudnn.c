@@ -19,11 +19,20 @@
  * [B, H, dh, S] with strides (S*H*dh, dh, 1, H*dh). Virtual tensors are never
  * stored: the engine keeps them in registers and shared memory.
  *
- * Engine choice: heuristics mode A, then mode B; the first engine config whose
- * execution plan finalizes is kept with all the descriptors it references, in
- * a small per-device cache. The variant pack (the data pointers) is rebuilt only
- * when the pointers change: a forward's buffers do not, so a forward creates
- * nothing after its plan was built. */
+ * Engine choice: mode 0 (the default) keeps the first engine config of
+ * heuristics mode A, then B, whose execution plan finalizes. Mode 1
+ * (FQ_ATTN_CUDNN_TUNE=1) times every config that heuristics modes A, B and
+ * FALLBACK offer for either graph (with and without the statistics) and whose
+ * plan finalizes, on the device's stream, on temporary buffers of the shape
+ * (raw cudaMalloc, freed before returning: the plan's memory is what our
+ * allocator holds), round robin, a median per config; the fastest is kept
+ * unless it is within 1% of the first config (mode 0's), so that timing noise
+ * does not flip a tie. Mode 2 adds every engine of the graph and knob variants
+ * (exploring). The kept plan stays with all the descriptors it references in a
+ * small per-device cache; the plan's workspace is the kept config's. The
+ * variant pack (the data pointers) is rebuilt only when the pointers change: a
+ * forward's buffers do not, so a forward creates nothing after its plan was
+ * built. */
 #ifdef FQ_HAVE_CUDA
 #include "ops/attn_cudnn.h"
 
@@ -35,10 +44,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-#define NPLANS 16  /* plans per device, replaced round robin           */
-#define MAXDESC 48 /* descriptors one plan keeps alive (38 used)      */
-#define MAXCFG 16  /* engine configs tried per heuristics mode          */
+#define NPLANS 16   /* plans per device, replaced round robin                       */
+#define MAXDESC 128 /* descriptors one plan keeps alive (2 graphs of ~38, its config) */
+#define MAXCFG 24   /* engine configs taken per heuristics mode                     */
+#define MAXCAND 96  /* engine configs gathered per shape                            */
+#define MAXKNOB FQ_ATTN_CUDNN_MAXKNOB 
+#define REPS 7      /* timed rounds per config (the median is kept)                 */
 
 enum { UID_Q = 1, UID_K, UID_V, UID_O, UID_SCALE, UID_VIRTUAL = 100 };
 
@@ -54,11 +67,13 @@ typedef struct {
     cudnnBackendDescriptor_t pack; /* variant pack for ptr[]                  */
     const void *ptr[5];            /* q, k, v, out, workspace                 */
     char why[600];                 /* why cuDNN has no plan (ok == 0)         */
+    char chosen[400];              /* what it runs and how it was chosen      */
 } plan_t;
 
 struct fq_attn_cudnn_cache {
     plan_t p[NPLANS];
     int next;
+    int tune; /* engine choice for new plans: 0 first, 1 timed, 2 timed + wide */
 };
 
 int fq_attn_cudnn_available(void) { return 1; }
@@ -214,85 +229,675 @@ static cudnnBackendDescriptor_t attention_graph(bld *b, cudnnHandle_t h, int wit
     return g;
 }
 
-/* Heuristics mode A, then B: the first engine config whose plan finalizes. */
-static void choose_engine(bld *b, cudnnHandle_t h, cudnnBackendDescriptor_t g) {
-    plan_t *p = b->p;
-    const cudnnBackendHeurMode_t modes[2] = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_B};
-    for (int mi = 0; mi < 2 && b->st == CUDNN_STATUS_SUCCESS && !p->plan; mi++) {
+/* ---- engine configs: gathering, timing, choosing ------------------------------------------ */
+
+typedef struct {
+    fq_attn_cudnn_cfg id; /* what it is and how it measured */
+    cudnnBackendDescriptor_t plan, cfg;
+    cudnnBackendDescriptor_t own[MAXKNOB + 1]; /* a config built here: its engine and knob choices */
+    int nown;
+} cand_t;
+
+typedef struct {
+    cand_t c[MAXCAND];
+    int n;
+    double t0, budget_ms; /* gathering stops once the budget is spent (one config found) */
+} cands_t;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static int over_budget(const cands_t *cs) { return cs->n > 0 && now_ms() - cs->t0 > cs->budget_ms; }
+
+static void cand_free(cand_t *c) {
+    if (c->plan) (void)cudnnBackendDestroyDescriptor(c->plan);
+    if (c->cfg) (void)cudnnBackendDestroyDescriptor(c->cfg);
+    for (int i = c->nown - 1; i >= 0; i--)
+        if (c->own[i]) (void)cudnnBackendDestroyDescriptor(c->own[i]);
+    memset(c, 0, sizeof *c);
+}
+
+static void cands_free(cands_t *cs) {
+    for (int i = 0; i < cs->n; i++) cand_free(&cs->c[i]);
+    cs->n = 0;
+}
+
+/* The engine's global index and the knob choices of cfg, sorted by knob type
+ * (best effort: engine -1 when cuDNN does not say). */
+static void read_id(cudnnBackendDescriptor_t cfg, fq_attn_cudnn_cfg *id) {
+    int64_t cnt = 0;
+    id->engine = -1;
+    id->nknobs = 0;
+    cudnnBackendDescriptor_t eng = NULL;
+    if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &eng) == CUDNN_STATUS_SUCCESS) {
+        if (cudnnBackendGetAttribute(cfg, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cnt, &eng) ==
+                CUDNN_STATUS_SUCCESS &&
+            cnt == 1) {
+            int64_t ix = -1;
+            if (cudnnBackendGetAttribute(eng, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &cnt, &ix) ==
+                CUDNN_STATUS_SUCCESS)
+                id->engine = ix;
+        }
+        (void)cudnnBackendDestroyDescriptor(eng);
+    }
+    cudnnBackendDescriptor_t kc[MAXKNOB] = {0};
+    int made = 0;
+    while (made < MAXKNOB &&
+           cudnnBackendCreateDescriptor(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, &kc[made]) == CUDNN_STATUS_SUCCESS)
+        made++;
+    if (made == MAXKNOB && cudnnBackendGetAttribute(cfg, CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                                                    CUDNN_TYPE_BACKEND_DESCRIPTOR, MAXKNOB, &cnt,
+                                                    kc) == CUDNN_STATUS_SUCCESS) {
+        for (int64_t i = 0; i < cnt && i < MAXKNOB; i++) {
+            cudnnBackendKnobType_t t;
+            int64_t v = 0, c1 = 0, c2 = 0;
+            if (cudnnBackendGetAttribute(kc[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &c1, &t) !=
+                    CUDNN_STATUS_SUCCESS ||
+                cudnnBackendGetAttribute(kc[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &c2, &v) !=
+                    CUDNN_STATUS_SUCCESS)
+                continue;
+            id->knob[id->nknobs][0] = (int64_t)t;
+            id->knob[id->nknobs][1] = v;
+            id->nknobs++;
+        }
+    }
+    for (int i = 0; i < made; i++) (void)cudnnBackendDestroyDescriptor(kc[i]);
+    for (int i = 1; i < id->nknobs; i++) /* insertion sort by type */
+        for (int j = i; j > 0 && id->knob[j - 1][0] > id->knob[j][0]; j--) {
+            int64_t t0 = id->knob[j][0], t1 = id->knob[j][1];
+            id->knob[j][0] = id->knob[j - 1][0], id->knob[j][1] = id->knob[j - 1][1];
+            id->knob[j - 1][0] = t0, id->knob[j - 1][1] = t1;
+        }
+}
+
+static int same_id(const fq_attn_cudnn_cfg *a, const fq_attn_cudnn_cfg *b) {
+    if (a->graph != b->graph || a->engine < 0 || a->engine != b->engine || a->nknobs != b->nknobs) return 0;
+    for (int i = 0; i < a->nknobs; i++)
+        if (a->knob[i][0] != b->knob[i][0] || a->knob[i][1] != b->knob[i][1]) return 0;
+    return 1;
+}
+
+/* Finalizes cfg's execution plan and appends it to cs, unless cs holds the
+ * same engine and knobs already or it does not finalize. Takes cfg and
+ * own[0, nown) (freed when not kept). why: the failure, if there is one. */
+static int add_cand(cands_t *cs, cudnnHandle_t h, cudnnBackendDescriptor_t cfg, const cudnnBackendDescriptor_t *own,
+                    int nown, char mode, char graph, char *why, size_t nwhy) {
+    cand_t c;
+    memset(&c, 0, sizeof c);
+    c.cfg = cfg;
+    if (nown) memcpy(c.own, own, (size_t)nown * sizeof *own);
+    c.nown = nown;
+    c.id.mode = mode, c.id.graph = graph, c.id.ms = -1, c.id.diff = -1;
+    if (cs->n >= MAXCAND) {
+        cand_free(&c);
+        return 0;
+    }
+    /* modes A and B offer many of the same configs: skip those before compiling */
+    read_id(cfg, &c.id);
+    for (int i = 0; i < cs->n; i++)
+        if (same_id(&cs->c[i].id, &c.id)) {
+            cand_free(&c);
+            return 0;
+        }
+    const double t0 = now_ms();
+    cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &c.plan);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(c.plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &h);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(c.plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
+                                      &cfg);
+    if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(c.plan);
+    c.id.build_ms = now_ms() - t0;
+    int64_t ws = 0, cnt = 0;
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendGetAttribute(c.plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &cnt, &ws);
+    if (st != CUDNN_STATUS_SUCCESS) {
+        char last[200] = "";
+        cudnnGetLastErrorString(last, sizeof last);
+        if (why) snprintf(why, nwhy, "%s%s%s", cudnnGetErrorString(st), last[0] ? ": " : "", last);
+        cand_free(&c);
+        return 0;
+    }
+    c.id.ws = ws > 0 ? (size_t)ws : 0;
+    cs->c[cs->n++] = c;
+    return 1;
+}
+
+/* The engine configs of heuristics modes A, B (and FALLBACK when all) whose
+ * plans finalize, in that order; without all, only the first one (mode 0). */
+static void from_heuristics(cands_t *cs, cudnnHandle_t h, cudnnBackendDescriptor_t g, char graph, int all, char *why,
+                            size_t nwhy) {
+    const cudnnBackendHeurMode_t modes[3] = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_B, CUDNN_HEUR_MODE_FALLBACK};
+    const char names[3] = {'A', 'B', 'F'};
+    const int n0 = cs->n;
+    for (int mi = 0; mi < (all ? 3 : 2); mi++) {
+        if ((!all && cs->n > n0) || (all && over_budget(cs))) break;
         cudnnBackendDescriptor_t heur = NULL, cfg[MAXCFG] = {0};
         int64_t n = 0, got = 0;
-        b->st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, &heur);
-        if (b->st != CUDNN_STATUS_SUCCESS) {
-            b->what = "cudnnBackendCreateDescriptor(engine heuristics)";
-            return;
-        }
-        b->st = cudnnBackendSetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                                         1, &g);
-        if (b->st == CUDNN_STATUS_SUCCESS)
-            b->st = cudnnBackendSetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &modes[mi]);
-        if (b->st == CUDNN_STATUS_SUCCESS) b->st = cudnnBackendFinalize(heur);
-        if (b->st == CUDNN_STATUS_SUCCESS)
-            b->st = cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &n,
-                                             NULL);
-        if (b->st != CUDNN_STATUS_SUCCESS) {
+        cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, &heur);
+        if (st == CUDNN_STATUS_SUCCESS)
+            st = cudnnBackendSetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
+                                          &g);
+        if (st == CUDNN_STATUS_SUCCESS)
+            st = cudnnBackendSetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &modes[mi]);
+        if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(heur);
+        if (st == CUDNN_STATUS_SUCCESS)
+            st = cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &n,
+                                          NULL);
+        if (st != CUDNN_STATUS_SUCCESS) {
             /* this mode has nothing for the graph: say why, try the next one */
             char last[200] = "";
             cudnnGetLastErrorString(last, sizeof last);
-            snprintf(p->why, sizeof p->why, "engine heuristics mode %c: %s%s%s", mi ? 'B' : 'A',
-                     cudnnGetErrorString(b->st), last[0] ? ": " : "", last);
-            (void)cudnnBackendDestroyDescriptor(heur);
-            b->st = CUDNN_STATUS_SUCCESS;
+            snprintf(why, nwhy, "engine heuristics mode %c: %s%s%s", names[mi], cudnnGetErrorString(st),
+                     last[0] ? ": " : "", last);
+            if (heur) (void)cudnnBackendDestroyDescriptor(heur);
             continue;
         }
         if (n > MAXCFG) n = MAXCFG;
-        for (int64_t i = 0; i < n && b->st == CUDNN_STATUS_SUCCESS; i++) {
-            b->st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, &cfg[i]);
-            if (b->st != CUDNN_STATUS_SUCCESS) b->what = "cudnnBackendCreateDescriptor(engine config)";
-        }
-        if (b->st == CUDNN_STATUS_SUCCESS && n > 0) {
-            b->st = cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, n,
-                                             &got, cfg);
-            if (b->st != CUDNN_STATUS_SUCCESS) b->what = "cudnnBackendGetAttribute(engine heuristics results)";
-        }
-        /* the first config whose execution plan finalizes; the others' failures are
-         * expected (engines that do not take this graph) and only reported when
-         * none does */
-        int keep = -1;
-        for (int64_t i = 0; i < got && b->st == CUDNN_STATUS_SUCCESS && keep < 0; i++) {
-            cudnnBackendDescriptor_t plan = NULL;
-            cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &plan);
-            if (st == CUDNN_STATUS_SUCCESS)
-                st = cudnnBackendSetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &h);
-            if (st == CUDNN_STATUS_SUCCESS)
-                st = cudnnBackendSetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
-                                              CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg[i]);
-            if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(plan);
-            if (st == CUDNN_STATUS_SUCCESS) {
-                p->plan = plan;
-                keep = (int)i;
-            } else {
-                char last[200] = "";
-                cudnnGetLastErrorString(last, sizeof last);
-                if (plan) (void)cudnnBackendDestroyDescriptor(plan);
-                snprintf(p->why, sizeof p->why, "no engine config of heuristics mode %c finalizes (last: %s%s%s)",
-                         mi ? 'B' : 'A', cudnnGetErrorString(st), last[0] ? ": " : "", last);
+        for (int64_t i = 0; i < n; i++)
+            if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, &cfg[i]) != CUDNN_STATUS_SUCCESS) {
+                cfg[i] = NULL;
+                n = i;
+            }
+        if (n > 0) {
+            st = cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, n, &got,
+                                          cfg);
+            if (st != CUDNN_STATUS_SUCCESS) {
+                snprintf(why, nwhy, "cudnnBackendGetAttribute(engine heuristics results) failed: %s",
+                         cudnnGetErrorString(st));
+                got = 0;
             }
         }
-        if (got == 0 && b->st == CUDNN_STATUS_SUCCESS)
-            snprintf(p->why, sizeof p->why, "heuristics mode %c offer no engine", mi ? 'B' : 'A');
-        for (int64_t i = 0; i < n; i++) {
-            if (i == keep && p->nkeep < MAXDESC) p->keep[p->nkeep++] = cfg[i];
-            else if (cfg[i]) (void)cudnnBackendDestroyDescriptor(cfg[i]);
+        if (got > n) got = n;
+        /* configs that do not finalize are expected (engines that do not take
+         * this graph) and only reported when none does */
+        int taken = 0, tried = 0;
+        char last[300] = "";
+        for (int64_t i = 0; i < got; i++) {
+            if ((!all && taken) || (all && over_budget(cs))) break;
+            cudnnBackendDescriptor_t c = cfg[i];
+            cfg[i] = NULL; /* add_cand owns it now */
+            tried++;
+            const int before = cs->n;
+            add_cand(cs, h, c, NULL, 0, names[mi], graph, last, sizeof last);
+            taken |= cs->n > before;
         }
+        if (got == 0 && st == CUDNN_STATUS_SUCCESS)
+            snprintf(why, nwhy, "heuristics mode %c offer no engine", names[mi]);
+        else if (tried && !taken && last[0])
+            snprintf(why, nwhy, "no engine config of heuristics mode %c finalizes (last: %s)", names[mi], last);
+        for (int64_t i = 0; i < n; i++)
+            if (cfg[i]) (void)cudnnBackendDestroyDescriptor(cfg[i]);
         (void)cudnnBackendDestroyDescriptor(heur);
     }
-    if (b->st == CUDNN_STATUS_SUCCESS && p->plan) {
-        int64_t ws = 0, cnt = 0;
-        b->st = cudnnBackendGetAttribute(p->plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &cnt,
-                                         &ws);
-        if (b->st != CUDNN_STATUS_SUCCESS) b->what = "cudnnBackendGetAttribute(workspace size)";
-        p->ws = ws > 0 ? (size_t)ws : 0;
+}
+
+/* A config of engine `engine` of g with the knob choices kn[0, nk) (none: the
+ * engine's defaults), appended to cs as add_cand does. */
+static int add_built(cands_t *cs, cudnnHandle_t h, cudnnBackendDescriptor_t g, int64_t engine, int nk,
+                     const int64_t (*kn)[2], char mode, char graph) {
+    cudnnBackendDescriptor_t own[MAXKNOB + 1] = {0}, kc[MAXKNOB] = {0}, cfg = NULL;
+    int nown = 0;
+    if (nk > MAXKNOB) return 0;
+    cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &own[0]);
+    if (st == CUDNN_STATUS_SUCCESS) nown = 1;
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(own[0], CUDNN_ATTR_ENGINE_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &g);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(own[0], CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &engine);
+    if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(own[0]);
+    for (int i = 0; i < nk && st == CUDNN_STATUS_SUCCESS; i++) {
+        const cudnnBackendKnobType_t t = (cudnnBackendKnobType_t)kn[i][0];
+        st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, &kc[i]);
+        if (st != CUDNN_STATUS_SUCCESS) break;
+        own[nown++] = kc[i];
+        st = cudnnBackendSetAttribute(kc[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &t);
+        if (st == CUDNN_STATUS_SUCCESS)
+            st = cudnnBackendSetAttribute(kc[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &kn[i][1]);
+        if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(kc[i]);
     }
+    if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, &cfg);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(cfg, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &own[0]);
+    if (st == CUDNN_STATUS_SUCCESS && nk > 0)
+        st = cudnnBackendSetAttribute(cfg, CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, CUDNN_TYPE_BACKEND_DESCRIPTOR, nk, kc);
+    if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(cfg);
+    if (st != CUDNN_STATUS_SUCCESS) {
+        if (cfg) (void)cudnnBackendDestroyDescriptor(cfg);
+        for (int i = nown - 1; i >= 0; i--) (void)cudnnBackendDestroyDescriptor(own[i]);
+        return 0;
+    }
+    return add_cand(cs, h, cfg, own, nown, mode, graph, NULL, 0);
+}
+
+typedef struct {
+    int64_t type, lo, hi, stride;
+} knob_info;
+
+/* The knobs engine `engine` of g offers (their count; 0 when it says nothing). */
+static int knob_infos(cudnnBackendDescriptor_t g, int64_t engine, knob_info *out, int max) {
+    cudnnBackendDescriptor_t eng = NULL, ki[MAXKNOB] = {0};
+    int64_t got = 0, cnt = 0;
+    int made = 0, n = 0;
+    if (max > MAXKNOB) max = MAXKNOB;
+    cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &eng);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(eng, CUDNN_ATTR_ENGINE_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &g);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(eng, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &engine);
+    if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(eng);
+    while (st == CUDNN_STATUS_SUCCESS && made < max &&
+           cudnnBackendCreateDescriptor(CUDNN_BACKEND_KNOB_INFO_DESCRIPTOR, &ki[made]) == CUDNN_STATUS_SUCCESS)
+        made++;
+    if (st == CUDNN_STATUS_SUCCESS && made == max &&
+        cudnnBackendGetAttribute(eng, CUDNN_ATTR_ENGINE_KNOB_INFO, CUDNN_TYPE_BACKEND_DESCRIPTOR, max, &got, ki) ==
+            CUDNN_STATUS_SUCCESS) {
+        for (int64_t i = 0; i < got && i < max; i++) {
+            cudnnBackendKnobType_t t;
+            knob_info k = {0, 0, 0, 1};
+            if (cudnnBackendGetAttribute(ki[i], CUDNN_ATTR_KNOB_INFO_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &cnt, &t) !=
+                    CUDNN_STATUS_SUCCESS ||
+                cudnnBackendGetAttribute(ki[i], CUDNN_ATTR_KNOB_INFO_MINIMUM_VALUE, CUDNN_TYPE_INT64, 1, &cnt, &k.lo) !=
+                    CUDNN_STATUS_SUCCESS ||
+                cudnnBackendGetAttribute(ki[i], CUDNN_ATTR_KNOB_INFO_MAXIMUM_VALUE, CUDNN_TYPE_INT64, 1, &cnt, &k.hi) !=
+                    CUDNN_STATUS_SUCCESS ||
+                cudnnBackendGetAttribute(ki[i], CUDNN_ATTR_KNOB_INFO_STRIDE, CUDNN_TYPE_INT64, 1, &cnt, &k.stride) !=
+                    CUDNN_STATUS_SUCCESS)
+                continue;
+            k.type = (int64_t)t;
+            out[n++] = k;
+        }
+    }
+    for (int i = 0; i < made; i++) (void)cudnnBackendDestroyDescriptor(ki[i]);
+    if (eng) (void)cudnnBackendDestroyDescriptor(eng);
+    return n;
+}
+
+/* Exploring (mode 2, fq_attn_cudnn_list): every engine of g with its default
+ * knobs, then one knob at a time over its range (at most 16 values) around the
+ * first config of each engine found. */
+static void from_sweep(cands_t *cs, cudnnHandle_t h, cudnnBackendDescriptor_t g, char graph) {
+    int64_t count = 0, cnt = 0;
+    if (cudnnBackendGetAttribute(g, CUDNN_ATTR_OPERATIONGRAPH_ENGINE_GLOBAL_COUNT, CUDNN_TYPE_INT64, 1, &cnt,
+                                 &count) != CUDNN_STATUS_SUCCESS)
+        count = 0;
+    if (count > 1024) count = 1024;
+    for (int64_t e = 0; e < count && !over_budget(cs); e++) {
+        int have = 0;
+        for (int i = 0; i < cs->n && !have; i++) have = cs->c[i].id.graph == graph && cs->c[i].id.engine == e;
+        if (!have) add_built(cs, h, g, e, 0, NULL, 'E', graph);
+    }
+    const int nbase = cs->n;
+    for (int i = 0; i < nbase && !over_budget(cs); i++) {
+        const fq_attn_cudnn_cfg base = cs->c[i].id;
+        int seen = 0;
+        for (int j = 0; j < i && !seen; j++) seen = cs->c[j].id.graph == graph && cs->c[j].id.engine == base.engine;
+        if (base.graph != graph || base.engine < 0 || seen) continue;
+        knob_info ki[MAXKNOB];
+        const int nki = knob_infos(g, base.engine, ki, MAXKNOB);
+        for (int k = 0; k < nki && !over_budget(cs); k++) {
+            const int64_t stride = ki[k].stride > 0 ? ki[k].stride : 1;
+            const int64_t nv = ki[k].hi >= ki[k].lo ? (ki[k].hi - ki[k].lo) / stride + 1 : 0;
+            const int64_t step = nv > 16 ? (nv + 15) / 16 : 1;
+            for (int64_t vi = 0; vi < nv && !over_budget(cs); vi += step) {
+                const int64_t val = ki[k].lo + vi * stride;
+                int64_t kn[MAXKNOB][2];
+                int nk = base.nknobs, at = -1;
+                memcpy(kn, base.knob, sizeof kn);
+                for (int j = 0; j < nk; j++)
+                    if (kn[j][0] == ki[k].type) at = j;
+                if (at >= 0 && kn[at][1] == val) continue;
+                if (at < 0) {
+                    if (nk >= MAXKNOB) continue;
+                    at = nk++;
+                    kn[at][0] = ki[k].type;
+                }
+                kn[at][1] = val;
+                add_built(cs, h, g, base.engine, nk, (const int64_t(*)[2])kn, 'K', graph);
+            }
+        }
+    }
+}
+
+/* Every config of both graphs (with the statistics first) that the level asks
+ * for: 0 the first that finalizes, 1 all the heuristics offer, 2 also the
+ * sweep. The graphs' descriptors stay in p->keep. why[0], why[1]: why a graph
+ * gave none. */
+static void gather(cands_t *cs, plan_t *p, cudnnHandle_t h, int level, char why[2][300]) {
+    for (int with_stats = 1; with_stats >= 0; with_stats--) {
+        char *w = why[with_stats ? 0 : 1];
+        if ((level == 0 && cs->n > 0) || over_budget(cs)) break;
+        bld b = {CUDNN_STATUS_SUCCESS, NULL, p};
+        cudnnBackendDescriptor_t g = attention_graph(&b, h, with_stats);
+        if (b.st != CUDNN_STATUS_SUCCESS) {
+            char last[200] = "";
+            cudnnGetLastErrorString(last, sizeof last);
+            snprintf(w, 300, "%s failed: %s%s%s", b.what ? b.what : "?", cudnnGetErrorString(b.st), last[0] ? ": " : "",
+                     last);
+            continue;
+        }
+        const char gr = with_stats ? 's' : 'n';
+        from_heuristics(cs, h, g, gr, level >= 1, w, 300);
+        if (level >= 2) from_sweep(cs, h, g, gr);
+    }
+}
+
+/* A variant pack for q, k, v, out, the scale and the workspace. */
+static cudnnStatus_t make_pack(const void *q, const void *k, const void *v, void *out, float *scale, void *ws,
+                               cudnnBackendDescriptor_t *pack_out, const char **what) {
+    const int64_t uids[5] = {UID_Q, UID_K, UID_V, UID_O, UID_SCALE};
+    void *data[5] = {(void *)q, (void *)k, (void *)v, out, scale};
+    cudnnBackendDescriptor_t pack = NULL;
+    *pack_out = NULL;
+    cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack);
+    *what = "cudnnBackendCreateDescriptor(variant pack)";
+    if (st == CUDNN_STATUS_SUCCESS) {
+        *what = "cudnnBackendSetAttribute(variant pack)";
+        st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, 5, uids);
+    }
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, 5, data);
+    if (st == CUDNN_STATUS_SUCCESS)
+        st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws);
+    if (st == CUDNN_STATUS_SUCCESS) {
+        *what = "cudnnBackendFinalize(variant pack)";
+        st = cudnnBackendFinalize(pack);
+    }
+    if (st != CUDNN_STATUS_SUCCESS) {
+        if (pack) (void)cudnnBackendDestroyDescriptor(pack);
+        return st;
+    }
+    *pack_out = pack;
+    return st;
+}
+
+/* Temporary operands for timing: raw cudaMalloc (the plan's memory is what our
+ * allocator holds, and these are gone before the plan is), q, k, v filled with
+ * a fixed pattern of values in [-1, 1), out zeroed. */
+typedef struct {
+    char *base;
+    void *q, *k, *v, *o, *ws;
+    size_t io;
+} tbuf_t;
+
+static void tbuf_free(tbuf_t *t) {
+    if (t->base) (void)cudaFree(t->base);
+    memset(t, 0, sizeof *t);
+}
+
+static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t st) {
+    const size_t io = (size_t)(p->B * p->S * p->H * p->dh) * 2, seg = (io + 255) & ~(size_t)255;
+    const size_t pat = 65536; /* pattern elements, then copied over itself */
+    memset(t, 0, sizeof *t);
+    cudaError_t e = cudaMalloc((void **)&t->base, 4 * seg + ws);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* not sticky: clear it for the caller's later checks */
+        t->base = NULL;
+        return e;
+    }
+    t->io = io;
+    t->q = t->base, t->k = t->base + seg, t->v = t->base + 2 * seg, t->o = t->base + 3 * seg;
+    t->ws = ws ? t->base + 4 * seg : NULL;
+    uint16_t *hp = malloc(pat * 2);
+    if (!hp) {
+        tbuf_free(t);
+        return cudaErrorMemoryAllocation;
+    }
+    uint64_t s = 0x2545F4914F6CDD1Dull;
+    for (size_t i = 0; i < pat; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        const float f = (float)((double)(s >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        hp[i] = (uint16_t)(u >> 16); /* f16 operands read these bits as other finite values: fine for timing */
+    }
+    const size_t tot = 3 * seg;
+    size_t have = tot < pat * 2 ? tot : pat * 2;
+    e = cudaMemcpyAsync(t->base, hp, have, cudaMemcpyHostToDevice, st);
+    while (e == cudaSuccess && have < tot) {
+        const size_t n = have < tot - have ? have : tot - have;
+        e = cudaMemcpyAsync(t->base + have, t->base, n, cudaMemcpyDeviceToDevice, st);
+        have += n;
+    }
+    if (e == cudaSuccess) e = cudaMemsetAsync(t->o, 0, io, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st); /* hp is pageable */
+    free(hp);
+    if (e != cudaSuccess) tbuf_free(t);
+    return e;
+}
+
+static double median(double *x, int n) {
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && x[j - 1] > x[j]; j--) {
+            const double t = x[j];
+            x[j] = x[j - 1], x[j - 1] = t;
+        }
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+/* Times every config of cs on t: a calibration call each, ~20 ms of the first
+ * to bring the clocks up, then REPS rounds over all configs (round robin, so
+ * that drift spreads evenly), each a batch of ~1 ms of calls between two
+ * events; id.ms: the median per call (-1: it did not run). 0 or a message. */
+static int time_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tbuf_t *t, float *scale, char *err,
+                      size_t nerr) {
+    cudnnBackendDescriptor_t pack = NULL;
+    const char *what = "";
+    cudnnStatus_t cs_st = make_pack(t->q, t->k, t->v, t->o, scale, t->ws, &pack, &what);
+    if (cs_st != CUDNN_STATUS_SUCCESS) {
+        snprintf(err, nerr, "%s failed: %s", what, cudnnGetErrorString(cs_st));
+        return 1;
+    }
+    cudaEvent_t ev[2] = {NULL, NULL};
+    int batch[MAXCAND] = {0}, rc = 0;
+    double tm[MAXCAND][REPS];
+    cudaError_t e = cudaEventCreate(&ev[0]);
+    if (e == cudaSuccess) e = cudaEventCreate(&ev[1]);
+    int warm = -1;
+    double warm_ms = 0;
+    for (int i = 0; i < cs->n && e == cudaSuccess; i++) {
+        cudnnStatus_t s = CUDNN_STATUS_SUCCESS;
+        for (int w = 0; w < 2 && s == CUDNN_STATUS_SUCCESS; w++) s = cudnnBackendExecute(h, cs->c[i].plan, pack);
+        if (s != CUDNN_STATUS_SUCCESS) continue; /* batch 0: not timed */
+        e = cudaEventRecord(ev[0], st);
+        if (e == cudaSuccess) s = cudnnBackendExecute(h, cs->c[i].plan, pack);
+        if (e == cudaSuccess) e = cudaEventRecord(ev[1], st);
+        if (e == cudaSuccess) e = cudaEventSynchronize(ev[1]);
+        float ms = 0;
+        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, ev[0], ev[1]);
+        if (e != cudaSuccess || s != CUDNN_STATUS_SUCCESS) continue;
+        const double m = ms > 1e-3f ? ms : 1e-3;
+        batch[i] = m >= 1.0 ? 1 : (int)(1.0 / m) + 1;
+        if (batch[i] > 64) batch[i] = 64;
+        if (warm < 0) warm = i, warm_ms = m;
+    }
+    if (e == cudaSuccess && warm >= 0) {
+        const int nw = (int)(20.0 / warm_ms) + 1;
+        for (int i = 0; i < (nw < 400 ? nw : 400); i++) (void)cudnnBackendExecute(h, cs->c[warm].plan, pack);
+    }
+    for (int r = 0; r < REPS && e == cudaSuccess; r++)
+        for (int i = 0; i < cs->n && e == cudaSuccess; i++) {
+            if (!batch[i]) continue;
+            cudnnStatus_t s = CUDNN_STATUS_SUCCESS;
+            e = cudaEventRecord(ev[0], st);
+            for (int j = 0; j < batch[i] && e == cudaSuccess && s == CUDNN_STATUS_SUCCESS; j++)
+                s = cudnnBackendExecute(h, cs->c[i].plan, pack);
+            if (e == cudaSuccess) e = cudaEventRecord(ev[1], st);
+            if (e == cudaSuccess) e = cudaEventSynchronize(ev[1]);
+            float ms = 0;
+            if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, ev[0], ev[1]);
+            if (s != CUDNN_STATUS_SUCCESS) batch[i] = 0;
+            tm[i][r] = (double)ms / (batch[i] ? batch[i] : 1);
+        }
+    if (e != cudaSuccess) {
+        snprintf(err, nerr, "timing: %s", cudaGetErrorString(e));
+        rc = 1;
+    }
+    for (int i = 0; i < cs->n; i++) cs->c[i].id.ms = !rc && batch[i] ? median(tm[i], REPS) : -1;
+    for (int i = 0; i < 2; i++)
+        if (ev[i]) (void)cudaEventDestroy(ev[i]);
+    (void)cudnnBackendDestroyDescriptor(pack);
+    return rc;
+}
+
+/* Listing: each config's output against the first's (rel L2 over all of out). */
+static int compare_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tbuf_t *t, float *scale, fq_dtype dt,
+                         char *err, size_t nerr) {
+    const size_t n = t->io / 2;
+    uint16_t *raw = malloc(t->io);
+    double *ref = malloc(n * sizeof *ref);
+    cudnnBackendDescriptor_t pack = NULL;
+    const char *what = "";
+    int rc = 0, have_ref = 0;
+    if (!raw || !ref) {
+        snprintf(err, nerr, "out of host memory");
+        rc = 1;
+    } else if (make_pack(t->q, t->k, t->v, t->o, scale, t->ws, &pack, &what) != CUDNN_STATUS_SUCCESS) {
+        snprintf(err, nerr, "%s failed", what);
+        rc = 1;
+    }
+    for (int i = 0; i < cs->n && !rc; i++) {
+        if (cs->c[i].id.ms < 0) continue;
+        cudaError_t e = cudaMemsetAsync(t->o, 0xff, t->io, st); /* NaN: a config that writes nothing shows */
+        cudnnStatus_t s = e == cudaSuccess ? cudnnBackendExecute(h, cs->c[i].plan, pack) : CUDNN_STATUS_SUCCESS;
+        if (e == cudaSuccess) e = cudaMemcpyAsync(raw, t->o, t->io, cudaMemcpyDeviceToHost, st);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+        if (e != cudaSuccess) {
+            snprintf(err, nerr, "compare: %s", cudaGetErrorString(e));
+            rc = 1;
+            break;
+        }
+        if (s != CUDNN_STATUS_SUCCESS) continue;
+        double num = 0, den = 0;
+        for (size_t j = 0; j < n; j++) {
+            float f;
+            if (dt == FQ_BF16) {
+                const uint32_t u = (uint32_t)raw[j] << 16;
+                memcpy(&f, &u, 4);
+            } else { /* f16 -> f32 */
+                const uint32_t hb = raw[j], sg = (hb & 0x8000u) << 16, ex = (hb >> 10) & 31, mn = hb & 0x3ff;
+                f = ex == 31 ? (mn ? NAN : INFINITY) : ex ? ldexpf((float)(mn | 0x400), (int)ex - 25)
+                                                          : ldexpf((float)mn, -24);
+                if (sg) f = -f;
+            }
+            if (!have_ref) {
+                ref[j] = f;
+            } else {
+                const double dd = (double)f - ref[j];
+                num += dd * dd, den += ref[j] * ref[j];
+            }
+        }
+        cs->c[i].id.diff = have_ref ? (den > 0 ? sqrt(num / den) : sqrt(num)) : 0;
+        if (!isfinite(cs->c[i].id.diff)) cs->c[i].id.diff = INFINITY;
+        have_ref = 1;
+    }
+    if (pack) (void)cudnnBackendDestroyDescriptor(pack);
+    free(raw);
+    free(ref);
+    return rc;
+}
+
+/* The config to keep: the fastest, unless within 1% of the first (the untuned
+ * choice, kept on a near tie so that noise does not flip the choice). */
+static int pick(const cands_t *cs) {
+    int best = -1;
+    for (int i = 0; i < cs->n; i++)
+        if (cs->c[i].id.ms > 0 && (best < 0 || cs->c[i].id.ms < cs->c[best].id.ms)) best = i;
+    if (best < 0) return 0;
+    if (cs->c[0].id.ms > 0 && cs->c[best].id.ms > 0.99 * cs->c[0].id.ms) return 0;
+    return best;
+}
+
+static int id_str(const fq_attn_cudnn_cfg *id, char *buf, size_t n) {
+    int w = snprintf(buf, n, "engine %lld (graph %s, heuristics %c), knobs {", (long long)id->engine,
+                     id->graph == 's' ? "with stats" : "without stats", id->mode);
+    for (int i = 0; i < id->nknobs && w >= 0 && (size_t)w < n; i++)
+        w += snprintf(buf + w, n - (size_t)w, "%s%lld:%lld", i ? " " : "", (long long)id->knob[i][0],
+                      (long long)id->knob[i][1]);
+    if (w >= 0 && (size_t)w < n) w += snprintf(buf + w, n - (size_t)w, "}, workspace %zu B", id->ws);
+    return w;
+}
+
+/* Builds p's plan (p's shape is set): gathers the configs of the level, times
+ * them when there is a choice (level >= 1) and keeps one. p->ok = 0 with
+ * p->why when cuDNN has no plan. Runs under d's guard. */
+static void build_plan(fq_cuda_dev *d, plan_t *p, int level) {
+    cudnnHandle_t h = (cudnnHandle_t)d->cudnn;
+    const double t0 = now_ms();
+    cands_t *cs = calloc(1, sizeof *cs);
+    if (!cs) {
+        snprintf(p->why, sizeof p->why, "out of host memory");
+        return;
+    }
+    cs->t0 = t0;
+    cs->budget_ms = level >= 2 ? 30000 : 2000;
+    char why[2][300] = {"", ""};
+    gather(cs, p, h, level, why);
+    if (cs->n == 0) {
+        snprintf(p->why, sizeof p->why, "with the softmax statistics: %s; without: %s",
+                 why[0][0] ? why[0] : "no execution plan", why[1][0] ? why[1] : "no execution plan");
+        free(cs);
+        return;
+    }
+    int keep = 0, timed = 0;
+    char note[200] = "";
+    if (level >= 1 && cs->n > 1) {
+        size_t ws = 0;
+        for (int i = 0; i < cs->n; i++) ws = cs->c[i].id.ws > ws ? cs->c[i].id.ws : ws;
+        tbuf_t t;
+        cudaError_t e = tbuf_make(&t, p, ws, d->stream);
+        if (e != cudaSuccess) {
+            snprintf(note, sizeof note, "; not timed (temporary buffers: %s), the first config kept",
+                     cudaGetErrorString(e));
+        } else {
+            int rc = time_cands(cs, h, d->stream, &t, &p->scale, note, sizeof note);
+            /* the sweep's knob variants can finalize and still compute something
+             * else (seen: NaN): only those matching the first config's output count */
+            if (!rc && level >= 2) rc = compare_cands(cs, h, d->stream, &t, &p->scale, p->dt, note, sizeof note);
+            if (!rc && level >= 2)
+                for (int i = 1; i < cs->n; i++)
+                    if (!(cs->c[i].id.diff >= 0 && cs->c[i].id.diff <= 1.0 / 128)) cs->c[i].id.ms = -1;
+            if (rc) {
+                char m[200];
+                snprintf(m, sizeof m, "; not timed (%s), the first config kept", note);
+                memcpy(note, m, sizeof note);
+            } else {
+                keep = pick(cs);
+                timed = 1;
+            }
+            tbuf_free(&t);
+        }
+    }
+    cand_t *c = &cs->c[keep];
+    FQ_ASSERT(p->nkeep + 1 + c->nown <= MAXDESC);
+    p->plan = c->plan;
+    p->keep[p->nkeep++] = c->cfg;
+    for (int i = 0; i < c->nown; i++) p->keep[p->nkeep++] = c->own[i];
+    p->ws = c->id.ws;
+    p->ok = 1;
+    char ids[240];
+    id_str(&c->id, ids, sizeof ids);
+    const double fl = 4.0 * (double)(p->B * p->H) * (double)p->S * (double)p->S * (double)p->dh;
+    double best = -1;
+    for (int i = 0; i < cs->n; i++)
+        if (cs->c[i].id.ms > 0 && (best < 0 || cs->c[i].id.ms < best)) best = cs->c[i].id.ms;
+    if (timed && c->id.ms > 0)
+        snprintf(p->chosen, sizeof p->chosen,
+                 "%s; %.4f ms = %.1f TFLOP/s, kept of %d timed configs (fastest %.4f ms, first %.4f ms); chosen in "
+                 "%.0f ms",
+                 ids, c->id.ms, fl / (c->id.ms * 1e9), cs->n, best, cs->c[0].id.ms, now_ms() - t0);
+    else if (timed)
+        snprintf(p->chosen, sizeof p->chosen, "%s; none of %d configs ran when timed, the first kept; %.0f ms", ids,
+                 cs->n, now_ms() - t0);
+    else
+        snprintf(p->chosen, sizeof p->chosen, "%s; first config, not timed (mode %d, %d configs)%s; built in %.0f ms",
+                 ids, level, cs->n, note, now_ms() - t0);
+    memset(c, 0, sizeof *c); /* now p's */
+    cands_free(cs);
+    free(cs);
 }
 
 /* ---- the per-device cache ----------------------------------------------------------------- */
@@ -313,6 +918,14 @@ static void release(fq_cuda_dev *d) {
     }
     if (d->cudnn) (void)cudnnDestroy((cudnnHandle_t)d->cudnn);
     d->cudnn = NULL;
+}
+
+/* FQ_ATTN_CUDNN_TUNE: 0 (unset) the first config, 1 the fastest timed, 2 also the sweep. */
+static int env_tune(void) {
+    const char *e = getenv("FQ_ATTN_CUDNN_TUNE");
+    if (!e || !*e) return 0;
+    const int v = atoi(e);
+    return v < 0 ? 0 : v > 2 ? 2 : v;
 }
 
 static const char *dname(fq_dtype dt) { return dt == FQ_BF16 ? "bf16" : "f16"; }
@@ -350,6 +963,7 @@ static fq_status ready(fq_ctx *ctx, fq_cuda_dev *d) {
     if (!d->attn_cudnn) {
         d->attn_cudnn = calloc(1, sizeof *d->attn_cudnn);
         if (!d->attn_cudnn) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "attention (cuDNN): out of host memory");
+        d->attn_cudnn->tune = env_tune();
     }
     return FQ_OK;
 }
@@ -371,47 +985,33 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
             p = &c->p[i];
     if (!p) {
         p = &c->p[c->next];
-        c->next = (c->next + 1) % NPLANS;
+        fq_cuda_guard g;
+        FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
         if (p->used) {
             /* the slot's plan may still have work queued */
-            fq_cuda_guard g;
-            FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
             cudaError_t e = cudaStreamSynchronize(d->stream);
-            fq_cuda_guard_exit(&g);
-            if (e != cudaSuccess) return fq_cuda_status(ctx, e, "attention (cuDNN): cudaStreamSynchronize", d->index);
+            if (e != cudaSuccess) {
+                fq_cuda_guard_exit(&g);
+                return fq_cuda_status(ctx, e, "attention (cuDNN): cudaStreamSynchronize", d->index);
+            }
             plan_clear(p);
         }
+        c->next = (c->next + 1) % NPLANS;
         p->used = 1;
         p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh;
         p->scale = (float)(1.0 / sqrt((double)dh));
         /* the softmax as cudnn-frontend lowers it (statistics m + log z computed,
-         * virtual), else without the statistics */
-        char first[sizeof p->why] = "";
-        for (int with_stats = 1; with_stats >= 0 && !p->ok; with_stats--) {
-            if (with_stats == 0) memcpy(first, p->why, sizeof first);
-            for (int i = p->nkeep - 1; i >= 0; i--) (void)cudnnBackendDestroyDescriptor(p->keep[i]);
-            p->nkeep = 0;
-            bld b = {CUDNN_STATUS_SUCCESS, NULL, p};
-            fq_cuda_guard g;
-            FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
-            cudnnBackendDescriptor_t graph = attention_graph(&b, (cudnnHandle_t)d->cudnn, with_stats);
-            if (b.st == CUDNN_STATUS_SUCCESS) choose_engine(&b, (cudnnHandle_t)d->cudnn, graph);
-            fq_cuda_guard_exit(&g);
-            /* any failure leaves a slot that says why: AUTO then runs our kernel, a
-             * forced cuDNN call reports it */
-            p->ok = b.st == CUDNN_STATUS_SUCCESS && p->plan != NULL;
-            if (!p->ok && b.st != CUDNN_STATUS_SUCCESS) {
-                char last[256] = "";
-                cudnnGetLastErrorString(last, sizeof last);
-                snprintf(p->why, sizeof p->why, "%s failed: %s%s%s", b.what ? b.what : "?",
-                         cudnnGetErrorString(b.st), last[0] ? ": " : "", last);
-            }
-        }
-        if (!p->ok) {
-            char second[sizeof p->why];
-            memcpy(second, p->why, sizeof second);
-            snprintf(p->why, sizeof p->why, "with the softmax statistics: %s; without: %s",
-                     first[0] ? first : "no execution plan", second[0] ? second : "no execution plan");
+         * virtual), else without the statistics; any failure leaves a slot that
+         * says why: AUTO then runs our kernel, a forced cuDNN call reports it */
+        build_plan(d, p, c->tune);
+        fq_cuda_guard_exit(&g);
+        if (p->ok) {
+            fq_log(ctx, FQ_LOG_DEBUG, "attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: %s", dname(dt),
+                   (long long)B, (long long)S, (long long)H, (long long)dh, d->index, p->chosen);
+            const char *ev = getenv("FQ_ATTN_CUDNN_LOG");
+            if (ev && *ev && strcmp(ev, "0") != 0) /* opt-in debugging aid (the log above is the library's way) */
+                fprintf(stderr, "fluxq: attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: %s\n", dname(dt),
+                        (long long)B, (long long)S, (long long)H, (long long)dh, d->index, p->chosen);
         }
     }
     if (!p->ok) {
@@ -464,33 +1064,109 @@ fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B,
         if (p->pack) (void)cudnnBackendDestroyDescriptor(p->pack);
         p->pack = NULL;
         memset(p->ptr, 0, sizeof p->ptr);
-        const int64_t uids[5] = {UID_Q, UID_K, UID_V, UID_O, UID_SCALE};
-        void *data[5] = {(void *)q, (void *)k, (void *)v, out, &p->scale};
         cudnnBackendDescriptor_t pack = NULL;
-        cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack);
-        const char *what = "cudnnBackendCreateDescriptor(variant pack)";
-        if (st == CUDNN_STATUS_SUCCESS) {
-            what = "cudnnBackendSetAttribute(variant pack)";
-            st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, 5, uids);
-        }
-        if (st == CUDNN_STATUS_SUCCESS)
-            st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, 5, data);
-        if (st == CUDNN_STATUS_SUCCESS)
-            st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws);
-        if (st == CUDNN_STATUS_SUCCESS) {
-            what = "cudnnBackendFinalize(variant pack)";
-            st = cudnnBackendFinalize(pack);
-        }
-        if (st != CUDNN_STATUS_SUCCESS) {
-            if (pack) (void)cudnnBackendDestroyDescriptor(pack);
-            return cudnn_err(ctx, d, p, what, st);
-        }
+        const char *what = "";
+        cudnnStatus_t st = make_pack(q, k, v, out, &p->scale, ws, &pack, &what);
+        if (st != CUDNN_STATUS_SUCCESS) return cudnn_err(ctx, d, p, what, st);
         p->pack = pack;
         memcpy(p->ptr, ptr, sizeof ptr);
     }
     cudnnStatus_t st = cudnnBackendExecute((cudnnHandle_t)d->cudnn, p->plan, p->pack);
     if (st != CUDNN_STATUS_SUCCESS) return cudnn_err(ctx, d, p, "cudnnBackendExecute", st);
     *ran = 1;
+    return FQ_OK;
+}
+
+
+fq_status fq_attn_cudnn_set_tune(fq_ctx *ctx, fq_cuda_dev *d, int mode) {
+    FQ_TRY(ready(ctx, d));
+    fq_cuda_guard g;
+    FQ_TRY(fq_cuda_guard_enter(ctx, d->index, &g));
+    cudaError_t e = cudaStreamSynchronize(d->stream); /* the plans may have work queued */
+    fq_cuda_guard_exit(&g);
+    if (e != cudaSuccess) return fq_cuda_status(ctx, e, "attention (cuDNN): cudaStreamSynchronize", d->index);
+    struct fq_attn_cudnn_cache *c = d->attn_cudnn;
+    for (int i = 0; i < NPLANS; i++) plan_clear(&c->p[i]);
+    c->next = 0;
+    c->tune = mode < 0 ? env_tune() : mode > 2 ? 2 : mode;
+    return FQ_OK;
+}
+
+void fq_attn_cudnn_describe(fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh, char *buf,
+                            size_t n) {
+    if (n) buf[0] = 0;
+    if (!d->attn_cudnn || !n) return;
+    for (int i = 0; i < NPLANS; i++) {
+        const plan_t *p = &d->attn_cudnn->p[i];
+        if (p->used && p->dt == dt && p->B == B && p->S == S && p->H == H && p->dh == dh) {
+            snprintf(buf, n, "%s", p->ok ? p->chosen : p->why);
+            return;
+        }
+    }
+}
+
+fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
+                             int wide, fq_attn_cudnn_cfg *out, int max, int *n) {
+    *n = 0;
+    if (!fq_attn_cudnn_shape_ok(dh, dt, dt) || B < 1 || S < 1 || H < 1)
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention (cuDNN): %s head dim %lld is not supported",
+                      fq_dtype_name(dt), (long long)dh);
+    FQ_TRY(ready(ctx, d));
+    plan_t *p = calloc(1, sizeof *p);
+    cands_t *cs = calloc(1, sizeof *cs);
+    if (!p || !cs) {
+        free(p);
+        free(cs);
+        return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "attention (cuDNN): out of host memory");
+    }
+    p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh;
+    p->scale = (float)(1.0 / sqrt((double)dh));
+    fq_cuda_guard g;
+    fq_status s = fq_cuda_guard_enter(ctx, d->index, &g);
+    if (s != FQ_OK) {
+        free(p);
+        free(cs);
+        return s;
+    }
+    cudnnHandle_t h = (cudnnHandle_t)d->cudnn;
+    cs->t0 = now_ms();
+    cs->budget_ms = wide ? 15000 : 10000;
+    char why[2][300] = {"", ""};
+    gather(cs, p, h, wide ? 2 : 1, why);
+    char err[300] = "";
+    int rc = 0;
+    if (cs->n > 0) {
+        size_t ws = 0;
+        for (int i = 0; i < cs->n; i++) ws = cs->c[i].id.ws > ws ? cs->c[i].id.ws : ws;
+        tbuf_t t;
+        cudaError_t e = tbuf_make(&t, p, ws, d->stream);
+        if (e != cudaSuccess) {
+            snprintf(err, sizeof err, "temporary buffers: %s", cudaGetErrorString(e));
+            rc = 1;
+        } else {
+            rc = time_cands(cs, h, d->stream, &t, &p->scale, err, sizeof err);
+            if (!rc) rc = compare_cands(cs, h, d->stream, &t, &p->scale, dt, err, sizeof err);
+            tbuf_free(&t);
+        }
+        cs->c[0].id.first = 1;
+        cs->c[pick(cs)].id.chosen = 1;
+    }
+    for (int i = 0; i < cs->n && i < max; i++) out[i] = cs->c[i].id;
+    *n = cs->n < max ? cs->n : max;
+    cands_free(cs);
+    plan_clear(p);
+    fq_cuda_guard_exit(&g);
+    free(cs);
+    free(p);
+    if (rc)
+        return fq_err(ctx, FQ_ERR_CUDA, "attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: listing: %s",
+                      dname(dt), (long long)B, (long long)S, (long long)H, (long long)dh, d->index, err);
+    if (*n == 0)
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED,
+                      "attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: no engine config: with the softmax "
+                      "statistics: %s; without: %s",
+                      dname(dt), (long long)B, (long long)S, (long long)H, (long long)dh, d->index,
+                      why[0][0] ? why[0] : "no execution plan", why[1][0] ? why[1] : "no execution plan");
     return FQ_OK;
 }
 
@@ -522,6 +1198,24 @@ fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B,
     (void)ws_bytes;
     *ran = 0;
     return strict ? none(ctx) : FQ_OK;
+}
+
+fq_status fq_attn_cudnn_set_tune(fq_ctx *ctx, fq_cuda_dev *d, int mode) {
+    (void)ctx, (void)d, (void)mode;
+    return FQ_OK;
+}
+
+void fq_attn_cudnn_describe(fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh, char *buf,
+                            size_t n) {
+    (void)d, (void)dt, (void)B, (void)S, (void)H, (void)dh;
+    if (n) buf[0] = 0;
+}
+
+fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
+                             int wide, fq_attn_cudnn_cfg *out, int max, int *n) {
+    (void)d, (void)dt, (void)B, (void)S, (void)H, (void)dh, (void)wide, (void)out, (void)max;
+    *n = 0;
+    return none(ctx);
 }
 #endif
 #else

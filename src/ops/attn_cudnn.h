@@ -7,7 +7,25 @@
  *
  * A plan per (dtype, B, S, H, dh) is built once (cuDNN backend graph + heuristics)
  * and kept in the device's cache; fq_nn_attention_plan builds it ahead of a
- * forward, so that the forward creates nothing on the device. */
+ * forward, so that the forward creates nothing on the device.
+ *
+ * Engine choice (the device's tuning mode, from env FQ_ATTN_CUDNN_TUNE unless
+ * fq_attn_cudnn_set_tune says otherwise):
+ *   0 (default)  the first config of heuristics mode A (then B) that finalizes,
+ *                untimed (50-120 ms per shape on an H100);
+ *   1            every engine config of heuristics modes A, B and FALLBACK whose
+ *                execution plan finalizes is timed on the device, on temporary
+ *                buffers of the shape, and the fastest is kept (0.2-0.35 s per
+ *                FLUX shape, up to ~2 s for some small odd ones);
+ *   2            as 1, plus every engine of the graph and knob variants whose
+ *                output matches the first config's (slow: for exploring, see
+ *                fq_attn_cudnn_list).
+ * Mode 0 is the default because on an H100 with cuDNN 9.14 mode 1 keeps the
+ * same config for FLUX's shapes (S 512, 4096, 4608 with 24 heads of 128): the
+ * only other engine cuDNN offers for this graph is 2x slower there and wins
+ * only on tiny shapes (bench/results/attn_cudnn_tune_h100_2026-11-27.txt).
+ * FQ_ATTN_CUDNN_LOG=1 prints each plan's choice to stderr (a debugging aid; the
+ * same line always goes to the context's log at FQ_LOG_DEBUG). */
 #ifndef FQ_ATTN_CUDNN_H
 #define FQ_ATTN_CUDNN_H
 
@@ -35,6 +53,38 @@ fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
 fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
                             const void *q, const void *k, const void *v, void *out, void *ws, size_t ws_bytes,
                             int strict, int *ran);
+
+/* Sets d's tuning mode (0, 1, 2 as above; -1: back to FQ_ATTN_CUDNN_TUNE) and
+ * drops d's cached plans (after its stream is idle), so that the next plan of
+ * every shape is chosen again. For tests and benchmarks. */
+fq_status fq_attn_cudnn_set_tune(fq_ctx *ctx, fq_cuda_dev *d, int mode);
+
+/* What the cached plan of these sizes runs, as one line (engine, knobs,
+ * workspace, timing); "" when no plan of these sizes is cached. */
+void fq_attn_cudnn_describe(fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh, char *buf,
+                            size_t n);
+
+/* One engine config of a shape, as fq_attn_cudnn_list measured it. */
+#define FQ_ATTN_CUDNN_MAXKNOB 48 /* more than cuDNN 9 has knob types */
+typedef struct {
+    char mode;           /* 'A', 'B', 'F' (fallback heuristics), 'E' (engine sweep), 'K' (knob variant) */
+    char graph;          /* 's': the graph with the softmax statistics, 'n': without              */
+    int64_t engine;      /* cuDNN's global engine index; -1 when unreadable                        */
+    int nknobs;
+    int64_t knob[FQ_ATTN_CUDNN_MAXKNOB][2]; /* (cudnnBackendKnobType_t, value), sorted by type      */
+    size_t ws;           /* workspace bytes                                                        */
+    double build_ms;     /* cudnnBackendFinalize of its execution plan                             */
+    double ms;           /* median per call; < 0: it did not run                                   */
+    double diff;         /* rel L2 of its output to the first config's; < 0: not compared          */
+    int first, chosen;   /* the untuned choice (mode 0); what mode 1 keeps                         */
+} fq_attn_cudnn_cfg;
+
+/* Builds, times and compares every engine config of a shape (wide = 1: also
+ * every engine of the graph and knob variants, within about 15 s), on
+ * temporary buffers of its own filled with a fixed pattern; the plan cache is
+ * not touched. Fills up to max entries of out, *n: how many. */
+fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
+                             int wide, fq_attn_cudnn_cfg *out, int max, int *n);
 #endif
 
 #endif
