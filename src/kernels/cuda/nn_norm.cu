@@ -421,6 +421,237 @@ __global__ void __launch_bounds__(384, 2)
     }
 }
 
+/* cvt.rn.bf16x2 of two values (round to nearest even: bf16_round's bits for
+ * every value but NaN) and the two halves back as f32. */
+__device__ __forceinline__ uint32_t bf2_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ float bf2_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf2_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+/* 16-byte copies global -> shared that run in the background (cp.async,
+ * sm_80+), in groups a thread commits and later waits for; the "memory"
+ * clobbers keep the compiler from moving shared accesses across them. */
+__device__ __forceinline__ void cp16_async(void *smem, const void *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* AdaLN with K rows per block at a time (the successor of k_adaln_row, same
+ * layout: thread c holds chunk c of each row and the modulation stays in
+ * registers). Why: k_adaln_row worked on one row per block (two per SM)
+ * with two rows ahead in registers, too few bytes in flight for the memory;
+ * every row waited on two block reductions with the serial f64 division and
+ * square roots between them; and each element paid two f32<->f64
+ * conversions (16 per clock and SM on sm_90), each pair four cvt.rn.bf16x2.
+ * Here:
+ * - the next S groups of K rows stream into a shared-memory ring (cp.async;
+ *   each thread copies and later reads only its own chunks, so no barrier
+ *   guards the ring) while this group is worked on, without registers;
+ * - one reduction round per K rows: the f64 sums of x and x^2 (one
+ *   conversion per element; a bf16-valued square is exact in f64), and the
+ *   sum of squares about the mean as Q - S*mean (one rounding, then clamped
+ *   at 0). Against the CPU's two-pass sum of (x - mean)^2 this differs in the
+ *   last bits (more where |mean| >> the spread), far below what the f32 cast
+ *   of the normalized value can show except in rare near-ties;
+ * - warps k < K finish row k's statistics (division, square root) for all;
+ * - with bf16 rounding the normalized value (x - mean) * rstd is evaluated in
+ *   f32 pairs (x - mean by an exact two-sum against mean = hi + lo, the
+ *   product with rstd = hi + lo by an exact fma split), ~2^-44 from the f64
+ *   expression, so its f32 cast agrees but for values within that of an f32
+ *   rounding boundary, and the bf16 result but for such a value that is also
+ *   a bf16 tie; no f64 per element. The three roundings are one
+ *   cvt.rn.bf16x2 per pair each and the last one is what gets stored.
+ *   A chunk whose outputs are not all finite (NaN/inf in the row or the
+ *   modulation, an overflow) and every chunk at f32/f16 rounding take the
+ *   f64 expressions and rnd_to of k_adaln_row instead.
+ * The per-row sums are independent of K and S (a thread's 8 elements in
+ * order, the warp, the warps' partials over one warp), so the fused and the
+ * plain kernel, f32 and bf16 storage, give the same bits. In place allowed:
+ * a thread reads and writes only its own chunks. */
+template <typename T, bool GATED, int K, int S>
+__global__ void __launch_bounds__(384, 2)
+    k_adaln_rows(T *h, const T *a, const float *gate, T *y, int nrows, int rows, int d,
+                 const float *__restrict__ shift, const float *__restrict__ scale, int64_t mod_stride, float eps,
+                 int rnd) {
+    constexpr int NA = GATED ? 2 : 1, CW = (int)sizeof(T) / 2; /* arrays per row, 16-byte pieces per chunk */
+    __shared__ uint4 ring[S][K * NA][384 * CW];
+    __shared__ double ps[K][12], pq[K][12];
+    __shared__ double2 st64[K]; /* mean, rstd */
+    __shared__ float4 st32[K];  /* -mean as hi, lo; rstd as hi, lo */
+    const int c = threadIdx.x, lane = c & 31, warp = c >> 5, nw = blockDim.x >> 5;
+    const bool on = c < d / 8;
+    const int ngroups = (nrows + K - 1) / K, G = (int)gridDim.x;
+    /* the batch item whose modulation (gate) is in registers, and the row
+     * where it ends: rows only grow, so a division only when one passes it */
+    int mod_b = 0, mod_hi = 0, gate_b = 0, gate_hi = 0;
+    float sc1[8], sf[8], gv[8];
+    /* group g's chunks into ring slot sl; one commit per call, empty or not,
+     * so that "group i has landed" is always "at most S - 1 pending" */
+    auto fetch = [&](int g, int sl) {
+        if (g < ngroups && on) {
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                const int r = g * K + k;
+                if (r >= nrows) break;
+                const uint4 *src = reinterpret_cast<const uint4 *>(h + (int64_t)r * d + 8 * c);
+#pragma unroll
+                for (int w = 0; w < CW; w++) cp16_async(&ring[sl][k * NA][c * CW + w], src + w);
+                if (GATED) {
+                    const uint4 *sa = reinterpret_cast<const uint4 *>(a + (int64_t)r * d + 8 * c);
+#pragma unroll
+                    for (int w = 0; w < CW; w++) cp16_async(&ring[sl][k * NA + NA - 1][c * CW + w], sa + w);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < S; i++) fetch((int)blockIdx.x + i * G, i);
+    int sl = 0;
+    for (int gi = blockIdx.x; gi < ngroups; gi += G) {
+        cp_async_wait<S - 1>();
+        Chunk8<T> hc[K];
+        double s[K], q[K];
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int r = gi * K + k;
+            s[k] = q[k] = 0.0;
+            if (on && r < nrows) {
+                float f[8];
+                hc[k].load(reinterpret_cast<const T *>(&ring[sl][k * NA][c * CW]));
+                hc[k].get(f);
+                if (GATED) {
+                    if (r >= gate_hi) {
+                        gate_b = r / rows;
+                        gate_hi = (gate_b + 1) * rows;
+                        ld8f(gate + gate_b * mod_stride + 8 * c, gv);
+                    }
+                    Chunk8<T> ac;
+                    ac.load(reinterpret_cast<const T *>(&ring[sl][k * NA + NA - 1][c * CW]));
+                    float av[8];
+                    ac.get(av);
+                    gated_add8(f, gv, av, rnd);
+                    hc[k].set(f);
+                    hc[k].store(h + (int64_t)r * d + 8 * c);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const double v = (double)f[e];
+                    s[k] += v;
+                    q[k] = fma(v, v, q[k]);
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                s[k] += __shfl_xor_sync(0xffffffffu, s[k], o);
+                q[k] += __shfl_xor_sync(0xffffffffu, q[k], o);
+            }
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < K; k++) ps[k][warp] = s[k], pq[k][warp] = q[k];
+        }
+        __syncthreads();
+        /* this slot's chunks are in registers and used: refill it (after the
+         * barrier, so that no read of it can still be under way) */
+        fetch(gi + S * G, sl);
+        sl = sl + 1 == S ? 0 : sl + 1;
+        for (int k = warp; k < K; k += nw) {
+            double ts = lane < nw ? ps[k][lane] : 0.0, tq = lane < nw ? pq[k][lane] : 0.0;
+            ts = warp_sum(ts);
+            tq = warp_sum(tq);
+            if (lane == 0) {
+                const double mean = ts / (double)d;
+                double sq = fma(-ts, mean, tq);
+                if (sq < 0.0) sq = 0.0; /* (NaN stays) */
+                const double rstd = 1.0 / sqrt(sq / (double)d + (double)eps);
+                const float mh = (float)mean, rh = (float)rstd;
+                st64[k] = make_double2(mean, rstd);
+                st32[k] = make_float4(-mh, -(float)(mean - (double)mh), rh, (float)(rstd - (double)rh));
+            }
+        }
+        __syncthreads(); /* (and every ps/pq read before the next group writes them) */
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int r = gi * K + k;
+            if (!on || r >= nrows) continue;
+            if (r >= mod_hi) {
+                mod_b = r / rows;
+                mod_hi = (mod_b + 1) * rows;
+                float sc[8];
+                ld8f(shift + mod_b * mod_stride + 8 * c, sf);
+                ld8f(scale + mod_b * mod_stride + 8 * c, sc);
+#pragma unroll
+                for (int e = 0; e < 8; e++) sc1[e] = rnd_to(__fadd_rn(1.0f, sc[e]), rnd);
+            }
+            float x[8];
+            hc[k].get(x);
+            T *yp = y + (int64_t)r * d + 8 * c;
+            if (rnd == FQ_BF16) {
+                const float4 m = st32[k];
+                uint32_t w[4];
+                float nf = 0.0f;
+#pragma unroll
+                for (int p = 0; p < 4; p++) {
+                    float o[2];
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const float xv = x[2 * p + j];
+                        const float dh = __fadd_rn(xv, m.x); /* x - mean = dh + er + lo(-mean) */
+                        const float bb = __fsub_rn(dh, xv);
+                        const float er = __fadd_rn(__fsub_rn(xv, __fsub_rn(dh, bb)), __fsub_rn(m.x, bb));
+                        const float dl = __fadd_rn(er, m.y);
+                        const float pr = __fmul_rn(dh, m.z);
+                        const float pe = __fmaf_rn(dh, m.z, -pr);
+                        o[j] = __fadd_rn(pr, __fmaf_rn(dh, m.w, __fmaf_rn(dl, m.z, pe)));
+                    }
+                    uint32_t u = bf2_pack(o[0], o[1]);
+                    u = bf2_pack(__fmul_rn(bf2_lo(u), sc1[2 * p]), __fmul_rn(bf2_hi(u), sc1[2 * p + 1]));
+                    const float y0 = __fadd_rn(bf2_lo(u), sf[2 * p]), y1 = __fadd_rn(bf2_hi(u), sf[2 * p + 1]);
+                    nf = __fmaf_rn(y0, 0.0f, nf);
+                    nf = __fmaf_rn(y1, 0.0f, nf);
+                    w[p] = bf2_pack(y0, y1);
+                }
+                if (nf == nf) {
+                    Chunk8<T> out;
+                    if constexpr (sizeof(T) == 2) {
+                        out.u = make_uint4(w[0], w[1], w[2], w[3]);
+                    } else {
+                        const float v[8] = {bf2_lo(w[0]), bf2_hi(w[0]), bf2_lo(w[1]), bf2_hi(w[1]),
+                                            bf2_lo(w[2]), bf2_hi(w[2]), bf2_lo(w[3]), bf2_hi(w[3])};
+                        out.set(v);
+                    }
+                    out.store(yp);
+                    continue;
+                }
+            }
+            const double2 mr = st64[k];
+            float o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float nrm = rnd_to((float)(((double)x[e] - mr.x) * mr.y), rnd);
+                const float t = rnd_to(__fmul_rn(nrm, sc1[e]), rnd);
+                o[e] = rnd_to(__fadd_rn(t, sf[e]), rnd);
+            }
+            Chunk8<T> out;
+            out.set(o);
+            out.store(yp);
+        }
+    }
+    cp_async_wait<0>(); /* (only empty groups can be left) */
+}
+
 /* Blocks that are resident at once (the grid-stride kernels above run one
  * wave; more blocks would queue behind whole blocks and leave a tail). */
 template <typename K>
@@ -482,7 +713,48 @@ int launch_adaln_row(T *h, const T *a, const float *gate, T *y, int64_t batch, i
     return e ? e : launch_status();
 }
 
-/* Whether k_adaln_row runs these operands (on top of adaln_warp_ok). */
+/* FQ_ADALN=row selects k_adaln_row instead of k_adaln_rows, for a baseline
+ * in the same run. */
+bool adaln_rowk() {
+    static int v = -1;
+    if (v < 0) {
+        const char *s = getenv("FQ_ADALN");
+        v = s && !strcmp(s, "row");
+    }
+    return v != 0;
+}
+
+template <typename T, bool GATED, int K, int S>
+int launch_adaln_rows_ks(T *h, const T *a, const float *gate, T *y, int64_t batch, int64_t rows, int64_t d,
+                         const float *shift, const float *scale, int64_t mod_stride, float eps, int rnd,
+                         cudaStream_t st) {
+    const int threads = (int)((d / 8 + 31) / 32 * 32);
+    const int64_t nrows = batch * rows;
+    unsigned g = 0;
+    const int e = resident_blocks(k_adaln_rows<T, GATED, K, S>, threads, (nrows + K - 1) / K, &g, st);
+    if (!e)
+        k_adaln_rows<T, GATED, K, S><<<g, threads, 0, st>>>(h, a, gate, y, (int)nrows, (int)rows, (int)d, shift,
+                                                            scale, mod_stride, eps, rnd);
+    return e ? e : launch_status();
+}
+
+/* The AdaLN kernel for adaln_row_ok operands: k_adaln_rows with 2 rows at a
+ * time (1 when fused with f32 storage) and a ring of 24-36 KB (bf16: 3 groups
+ * ahead, 1 when fused; f32: 1), within the 48 KB of static shared memory.
+ * H100, FLUX step: fused with 1 ahead beat 1 row x 3 ahead (3.86 vs 4.13-4.21
+ * ms over 111 calls), plain 2 x 3 beat 1 x 6 (0.11 vs 0.13 ms, 4 calls). */
+template <typename T, bool GATED>
+int launch_adaln_rows(T *h, const T *a, const float *gate, T *y, int64_t batch, int64_t rows, int64_t d,
+                      const float *shift, const float *scale, int64_t mod_stride, float eps, int rnd, cudaStream_t st) {
+    if (adaln_rowk())
+        return launch_adaln_row<T, GATED>(h, a, gate, y, batch, rows, d, shift, scale, mod_stride, eps, rnd, st);
+    constexpr int K = sizeof(T) == 4 && GATED ? 1 : 2, S = sizeof(T) == 2 && !GATED ? 3 : 1;
+    return launch_adaln_rows_ks<T, GATED, K, S>(h, a, gate, y, batch, rows, d, shift, scale, mod_stride, eps, rnd,
+                                                st);
+}
+
+/* Whether k_adaln_rows (k_adaln_row) runs these operands (on top of
+ * adaln_warp_ok). */
 bool adaln_row_ok(int64_t batch, int64_t rows, int64_t d) {
     return !norm_old() && d <= 8 * 384 && batch * rows < (1 << 30);
 }
@@ -655,12 +927,12 @@ extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t bat
         /* (x is only read: the non-gated kernels never write through h) */
         if (adaln_row_ok(batch, rows, d)) {
             if (xt == FQ_BF16)
-                return launch_adaln_row<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
-                                                   static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
-                                                   (int)rnd, st);
-            return launch_adaln_row<float, false>(const_cast<float *>(static_cast<const float *>(x)), NULL, NULL,
-                                                  static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride,
-                                                  eps, (int)rnd, st);
+                return launch_adaln_rows<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
+                                                    static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                    (int)rnd, st);
+            return launch_adaln_rows<float, false>(const_cast<float *>(static_cast<const float *>(x)), NULL, NULL,
+                                                   static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride,
+                                                   eps, (int)rnd, st);
         }
         if (xt == FQ_BF16)
             return launch_adaln_warp<bf, false>(const_cast<bf *>(static_cast<const bf *>(x)), NULL, NULL,
@@ -690,12 +962,12 @@ extern "C" int fq_cuda_nn_gated_add_adaln(void *h, const void *a, const float *g
     if (adaln_warp_ok(h, y, a, shift, scale, gate, d, mod_stride)) {
         if (adaln_row_ok(batch, rows, d)) {
             if (xt == FQ_BF16)
-                return launch_adaln_row<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
-                                                  static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
-                                                  (int)rnd, st);
-            return launch_adaln_row<float, true>(static_cast<float *>(h), static_cast<const float *>(a), gate,
-                                                 static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride, eps,
-                                                 (int)rnd, st);
+                return launch_adaln_rows<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
+                                                   static_cast<bf *>(y), batch, rows, d, shift, scale, mod_stride, eps,
+                                                   (int)rnd, st);
+            return launch_adaln_rows<float, true>(static_cast<float *>(h), static_cast<const float *>(a), gate,
+                                                  static_cast<float *>(y), batch, rows, d, shift, scale, mod_stride,
+                                                  eps, (int)rnd, st);
         }
         if (xt == FQ_BF16)
             return launch_adaln_warp<bf, true>(static_cast<bf *>(h), static_cast<const bf *>(a), gate,
