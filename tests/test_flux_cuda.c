@@ -1500,6 +1500,58 @@ done:
     fq_tensor_free(sf), fq_tensor_free(sb);
 }
 
+/* ---- attention written into a wider tensor's columns (a single block's cat) ----------------------- */
+
+static void test_attention_cols(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("attention into columns of a wider tensor on %s:\n", fq_device_name(dev, dn, sizeof dn));
+    const int64_t B = 2, S = 48, H = 2, DH = 128, D = H * DH, W = D + 64, C0 = 0;
+    int64_t sh[3] = {B, S, D}, wsh[3] = {B, S, W};
+    fq_tensor *q = dev_rand16(ctx, dev, FQ_BF16, 3, sh, 901, 1.0f), *k = dev_rand16(ctx, dev, FQ_BF16, 3, sh, 902, 1.0f);
+    fq_tensor *v = dev_rand16(ctx, dev, FQ_BF16, 3, sh, 903, 1.0f), *o = dev_rand16(ctx, dev, FQ_BF16, 3, sh, 904, 1.0f);
+    fq_tensor *cat = dev_rand16(ctx, dev, FQ_BF16, 3, wsh, 905, 1.0f), *ref = dev_rand16(ctx, dev, FQ_BF16, 3, wsh, 905, 1.0f);
+    int64_t sc = 0;
+    fq_status ps = fq_nn_attention_plan_cols(ctx, dev, B, S, H, DH, FQ_BF16, FQ_BF16, W, &sc);
+    int64_t sc2 = 0;
+    CHECK_OK(ctx, fq_nn_attention_plan(ctx, dev, B, S, H, DH, FQ_BF16, FQ_BF16, FQ_NN_ATTN_AUTO, &sc2));
+    if (sc2 > sc) sc = sc2;
+    int64_t ss[1] = {sc > 0 ? sc : 1};
+    fq_tensor *scr = empty(ctx, dev, 1, ss);
+    if (ps == FQ_ERR_UNSUPPORTED) {
+        SKIP("no cuDNN plan for a strided attention output here");
+    } else if (q && k && v && o && cat && ref && scr) {
+        CHECK_OK(ctx, ps);
+        CHECK_OK(ctx, fq_nn_attention_cols(ctx, q, k, v, H, cat, C0, scr, FQ_BF16));
+        CHECK_OK(ctx, fq_nn_attention(ctx, q, k, v, H, o, scr, FQ_BF16));
+        CHECK_OK(ctx, fq_nn_copy_cols(ctx, o, ref, C0));
+        float *a = host_f32(ctx, cat), *b = host_f32(ctx, ref);
+        if (a && b) {
+            const int64_t n = B * S * W, nd = ndiff(a, b, n);
+            int64_t tail = 0; /* columns D.. untouched */
+            for (int64_t r = 0; r < B * S; r++)
+                for (int64_t c = D; c < W; c++) tail += a[r * W + c] != b[r * W + c];
+            const double e = rel_l2_ff(a, b, n);
+            printf("  into cat vs into o + copy: %lld of %lld elements differ, rel L2 %.3g; other columns changed: %lld\n",
+                   (long long)nd, (long long)n, e, (long long)tail);
+            CHECK(e <= 4e-3 && tail == 0, "attention into cat: rel L2 %.3g, %lld other columns changed", e,
+                  (long long)tail);
+        }
+        free(a);
+        free(b);
+        /* a row stride that is not 16-byte aligned is refused (bf16: 8 elements) */
+        int64_t bsh[3] = {B, S, D + 3};
+        fq_tensor *badb = NULL;
+        CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_BF16, 3, bsh, &badb));
+        if (badb) {
+            fq_status bs = fq_nn_attention_cols(ctx, q, k, v, H, badb, 0, scr, FQ_BF16);
+            CHECK(bs != FQ_OK, "attention into a %lld-wide tensor accepted", (long long)(D + 3));
+        }
+        fq_tensor_free(badb);
+    }
+    fq_tensor *t[] = {q, k, v, o, cat, ref, scr};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) fq_tensor_free(t[i]);
+}
+
 /* ---- a forward captured into a CUDA graph --------------------------------------------------- */
 
 /* Eager forward, then the same forward captured once and replayed twice (new
@@ -1595,6 +1647,7 @@ int main(void) {
             if (fixtures) test_golden(ctx, FQ_CUDA(d));
             test_random_devices(ctx, FQ_CUDA(d));
             test_graph(ctx, FQ_CUDA(d));
+            test_attention_cols(ctx, FQ_CUDA(d));
         }
         if (fixtures) test_devices(ctx, ndev);
     }

@@ -57,6 +57,7 @@ struct fq_flux_plan {
     int64_t shape[NBUF][3];
     int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
     int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
+    int attn_cat;             /* single blocks: attention written into cat (cuDNN) */
     int normed_img, normed_txt; /* the block before normed the next one's input   */
                               /* (its last gated add fused with this AdaLN)         */
     fq_flux_tap_fn tap;
@@ -127,8 +128,15 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     FQ_TRY(fq_nn_attention_plan(ctx, m->device, batch, txt_tokens + img_tokens, m->cfg.num_attention_heads,
                                 m->cfg.attention_head_dim, m->compute_dtype,
                                 fq_nn_act_dtype(m->device, m->compute_dtype), FQ_NN_ATTN_AUTO, &att_scratch));
+    /* the single blocks' attention straight into cat's first columns where cuDNN runs it */
+    fq_status cs = fq_nn_attention_plan_cols(ctx, m->device, batch, txt_tokens + img_tokens,
+                                             m->cfg.num_attention_heads, m->cfg.attention_head_dim, m->compute_dtype,
+                                             fq_nn_act_dtype(m->device, m->compute_dtype),
+                                             m->cfg.inner_dim + m->cfg.mlp_dim, &att_scratch);
+    if (cs != FQ_OK && cs != FQ_ERR_UNSUPPORTED) return cs;
     fq_flux_plan *p = calloc(1, sizeof *p);
     if (!p) return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "flux_plan: out of host memory");
+    p->attn_cat = cs == FQ_OK;
     const fq_flux_config *c = &m->cfg;
     const int64_t B = batch, St = txt_tokens, Si = img_tokens, S = St + Si, D = c->inner_dim, F = c->mlp_dim;
     p->m = m;
@@ -426,11 +434,19 @@ static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single
     FQ_TRY(lin(ctx, p, &sb->to_k, &nx, &k));
     FQ_TRY(fq_nn_rmsnorm_rope(ctx, &k, sb->norm_k, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
     FQ_TRY(lin(ctx, p, &sb->to_v, &nx, &v));
-    FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
-    tap(p, &o, "single_transformer_blocks.%lld.attn", (long long)i);
+    /* the attention into cat's first D columns: directly where cuDNN runs it
+     * (not while a tap wants o), else into o and copied */
+    fq_status as = p->attn_cat && !p->tap ? fq_nn_attention_cols(ctx, &q, &k, &v, heads, &cat, 0, &att, cd)
+                                          : FQ_ERR_UNSUPPORTED;
+    if (as == FQ_ERR_UNSUPPORTED) {
+        FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
+        tap(p, &o, "single_transformer_blocks.%lld.attn", (long long)i);
+        FQ_TRY(fq_nn_copy_cols(ctx, &o, &cat, 0));
+    } else {
+        FQ_TRY(as);
+    }
 
     /* proj_out(cat(attn, mlp)) gated into the residual; q is free again */
-    FQ_TRY(fq_nn_copy_cols(ctx, &o, &cat, 0));
     FQ_TRY(lin(ctx, p, &sb->proj_out, &cat, &q));
     tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
     if (next && cd != FQ_F16) { /* nx is free: the next block's normed input goes there */

@@ -59,6 +59,7 @@ typedef struct {
     int used, ok;
     fq_dtype dt;
     int64_t B, S, H, dh;
+    int64_t ldo;                   /* out's row stride in elements (H*dh: packed) */
     cudnnBackendDescriptor_t plan;
     cudnnBackendDescriptor_t keep[MAXDESC]; /* graph, ops, tensors, engine config */
     int nkeep;
@@ -187,9 +188,9 @@ static cudnnBackendDescriptor_t reduction(bld *b, cudnnReduceTensorOp_t mode, cu
 /* The operation graph of one attention shape (see the top of the file). */
 static cudnnBackendDescriptor_t attention_graph(bld *b, cudnnHandle_t h, int with_stats) {
     const plan_t *p = b->p;
-    const int64_t B = p->B, S = p->S, H = p->H, dh = p->dh, ld = H * dh;
+    const int64_t B = p->B, S = p->S, H = p->H, dh = p->dh, ld = H * dh, lo = p->ldo;
     const cudnnDataType_t io = p->dt == FQ_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_HALF, f32 = CUDNN_DATA_FLOAT;
-    const int64_t qd[4] = {B, H, S, dh}, qs[4] = {S * ld, dh, ld, 1};
+    const int64_t qd[4] = {B, H, S, dh}, qs[4] = {S * ld, dh, ld, 1}, os[4] = {S * lo, dh, lo, 1};
     const int64_t kd[4] = {B, H, dh, S}, ks[4] = {S * ld, dh, 1, ld};
     const int64_t sd[4] = {B, H, S, S}, ss[4] = {H * S * S, S * S, S, 1};
     const int64_t rd[4] = {B, H, S, 1}, rs[4] = {H * S, S, 1, 1};
@@ -197,7 +198,7 @@ static cudnnBackendDescriptor_t attention_graph(bld *b, cudnnHandle_t h, int wit
     cudnnBackendDescriptor_t q = tensor(b, UID_Q, io, qd, qs, false, false);
     cudnnBackendDescriptor_t kt = tensor(b, UID_K, io, kd, ks, false, false);
     cudnnBackendDescriptor_t v = tensor(b, UID_V, io, qd, qs, false, false);
-    cudnnBackendDescriptor_t o = tensor(b, UID_O, io, qd, qs, false, false);
+    cudnnBackendDescriptor_t o = tensor(b, UID_O, io, qd, os, false, false);
     cudnnBackendDescriptor_t scale = tensor(b, UID_SCALE, f32, one, one, false, true);
     int64_t u = UID_VIRTUAL;
     cudnnBackendDescriptor_t s = tensor(b, u++, f32, sd, ss, true, false);
@@ -630,9 +631,10 @@ static void tbuf_free(tbuf_t *t) {
 
 static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t st) {
     const size_t io = (size_t)(p->B * p->S * p->H * p->dh) * 2, seg = (io + 255) & ~(size_t)255;
+    const size_t oseg = ((size_t)(p->B * p->S * p->ldo) * 2 + 255) & ~(size_t)255; /* out with its row stride */
     const size_t pat = 65536; /* pattern elements, then copied over itself */
     memset(t, 0, sizeof *t);
-    cudaError_t e = cudaMalloc((void **)&t->base, 4 * seg + ws);
+    cudaError_t e = cudaMalloc((void **)&t->base, 3 * seg + oseg + ws);
     if (e != cudaSuccess) {
         (void)cudaGetLastError(); /* not sticky: clear it for the caller's later checks */
         t->base = NULL;
@@ -640,7 +642,7 @@ static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t
     }
     t->io = io;
     t->q = t->base, t->k = t->base + seg, t->v = t->base + 2 * seg, t->o = t->base + 3 * seg;
-    t->ws = ws ? t->base + 4 * seg : NULL;
+    t->ws = ws ? t->base + 3 * seg + oseg : NULL;
     uint16_t *hp = malloc(pat * 2);
     if (!hp) {
         tbuf_free(t);
@@ -971,7 +973,7 @@ static fq_status ready(fq_ctx *ctx, fq_cuda_dev *d) {
 /* The cached plan of these sizes, built if missing; *out = NULL when cuDNN has
  * none (strict = 0; strict = 1 reports it). */
 static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                           int strict, plan_t **out) {
+                           int64_t ldo, int strict, plan_t **out) {
     *out = NULL;
     if (!fq_attn_cudnn_shape_ok(dh, dt, dt) || B < 1 || S < 1 || H < 1)
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention (cuDNN): %s head dim %lld is not supported",
@@ -981,7 +983,7 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
     plan_t *p = NULL;
     for (int i = 0; i < NPLANS && !p; i++)
         if (c->p[i].used && c->p[i].dt == dt && c->p[i].B == B && c->p[i].S == S && c->p[i].H == H &&
-            c->p[i].dh == dh)
+            c->p[i].dh == dh && c->p[i].ldo == ldo)
             p = &c->p[i];
     if (!p) {
         p = &c->p[c->next];
@@ -998,7 +1000,7 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
         }
         c->next = (c->next + 1) % NPLANS;
         p->used = 1;
-        p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh;
+        p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh, p->ldo = ldo;
         p->scale = (float)(1.0 / sqrt((double)dh));
         /* the softmax as cudnn-frontend lowers it (statistics m + log z computed,
          * virtual), else without the statistics; any failure leaves a slot that
@@ -1024,11 +1026,11 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
 }
 
 fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                             int strict, int *ok, size_t *ws_bytes) {
+                             int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
     plan_t *p = NULL;
     *ok = 0;
     *ws_bytes = 0;
-    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, strict, &p));
+    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, ldo > 0 ? ldo : H * dh, strict, &p));
     if (p) {
         *ok = 1;
         *ws_bytes = p->ws;
@@ -1037,21 +1039,25 @@ fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
 }
 
 fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                            const void *q, const void *k, const void *v, void *out, void *ws, size_t ws_bytes,
-                            int strict, int *ran) {
+                            const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
+                            size_t ws_bytes, int strict, int *ran) {
     plan_t *p = NULL;
     *ran = 0;
-    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, strict, &p));
+    if (ldo <= 0) ldo = H * dh;
+    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, ldo, strict, &p));
     if (!p) return FQ_OK;
-    const uintptr_t mis = ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)out) & 15u;
+    const uintptr_t mis = ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)out | (uintptr_t)(ldo * 2)) & 15u;
     /* out over q, k or v would be overwritten while other CTAs still read it */
     const uintptr_t nb = (uintptr_t)(B * S * H * dh * 2), o0 = (uintptr_t)out;
+    const uintptr_t ob = (uintptr_t)(((B * S - 1) * ldo + H * dh) * 2); /* out's extent */
     const uintptr_t in[3] = {(uintptr_t)q, (uintptr_t)k, (uintptr_t)v};
     int alias = 0;
-    for (int i = 0; i < 3; i++) alias |= o0 < in[i] + nb && in[i] < o0 + nb;
+    for (int i = 0; i < 3; i++) alias |= o0 < in[i] + nb && in[i] < o0 + ob;
     if (mis || alias || (p->ws && (!ws || ws_bytes < p->ws))) {
         if (!strict) return FQ_OK;
-        if (mis) return fq_err(ctx, FQ_ERR_SHAPE, "attention (cuDNN): q, k, v and out must be 16-byte aligned");
+        if (mis)
+            return fq_err(ctx, FQ_ERR_SHAPE,
+                          "attention (cuDNN): q, k, v, out and out's row stride must be 16-byte aligned");
         if (alias) return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention (cuDNN): out overlaps q, k or v");
         return fq_err(ctx, FQ_ERR_SHAPE,
                       "attention (cuDNN): scratch of %zu bytes is smaller than the plan's workspace of %zu bytes "
@@ -1119,7 +1125,7 @@ fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
         free(cs);
         return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "attention (cuDNN): out of host memory");
     }
-    p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh;
+    p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh, p->ldo = H * dh;
     p->scale = (float)(1.0 / sqrt((double)dh));
     fq_cuda_guard g;
     fq_status s = fq_cuda_guard_enter(ctx, d->index, &g);

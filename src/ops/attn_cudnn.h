@@ -40,19 +40,21 @@ int fq_attn_cudnn_available(void);
  * stored as xt (xt must equal rnd: bf16 or f16; dh a multiple of 8, <= 256). */
 int fq_attn_cudnn_shape_ok(int64_t dh, fq_dtype rnd, fq_dtype xt);
 
-/* Finds or builds the plan on d. strict = 0: a plan cuDNN cannot build is
- * remembered and *ok = 0 (no error); strict = 1: it is an error. *ws_bytes: the
- * plan's workspace (0 when *ok = 0). */
+/* Finds or builds the plan on d for out rows ldo elements apart (0: packed,
+ * H*dh; a larger ldo writes into the first columns of a wider tensor).
+ * strict = 0: a plan cuDNN cannot build is remembered and *ok = 0 (no
+ * error); strict = 1: it is an error. *ws_bytes: the plan's workspace (0 when
+ * *ok = 0). */
 fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                             int strict, int *ok, size_t *ws_bytes);
+                             int64_t ldo, int strict, int *ok, size_t *ws_bytes);
 
 /* Queues the attention on d's stream; the caller has entered d's guard. Uses
  * (or builds, for a bare op call) the plan as fq_attn_cudnn_plan; *ran = 0
  * without an error when strict = 0 and cuDNN has no plan for the shape or
  * the workspace does not fit ws_bytes at ws. */
 fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                            const void *q, const void *k, const void *v, void *out, void *ws, size_t ws_bytes,
-                            int strict, int *ran);
+                            const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
+                            size_t ws_bytes, int strict, int *ran);
 
 /* Sets d's tuning mode (0, 1, 2 as above; -1: back to FQ_ATTN_CUDNN_TUNE) and
  * drops d's cached plans (after its stream is idle), so that the next plan of

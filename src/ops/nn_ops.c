@@ -704,9 +704,23 @@ fq_status fq_nn_attention_plan(fq_ctx *ctx, fq_device dev, int64_t batch, int64_
     *scratch = attention_scratch(dev, batch, s, heads, dh, rnd, impl, xt);
 #ifdef FQ_HAVE_CUDA
     if (dev.type == FQ_DEVICE_CUDA)
-        return fq_nncu_attention_plan(ctx, dev.index, batch, s, heads, dh, rnd, xt, impl, scratch);
+        return fq_nncu_attention_plan(ctx, dev.index, batch, s, heads, dh, rnd, xt, impl, 0, scratch);
 #endif
     return FQ_OK;
+}
+
+fq_status fq_nn_attention_plan_cols(fq_ctx *ctx, fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                    fq_dtype rnd, fq_dtype xt, int64_t width, int64_t *scratch) {
+    FQ_TRY(fq_device_check(ctx, dev));
+    if (batch < 1 || s < 1 || heads < 1 || dh < 1 || width < heads * dh)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention_plan_cols: bad sizes");
+#ifdef FQ_HAVE_CUDA
+    if (dev.type == FQ_DEVICE_CUDA)
+        return fq_nncu_attention_plan(ctx, dev.index, batch, s, heads, dh, rnd, xt, FQ_NN_ATTN_AUTO, width, scratch);
+#else
+    (void)rnd, (void)xt, (void)scratch;
+#endif
+    return FQ_ERR_UNSUPPORTED;
 }
 
 fq_status fq_nn_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
@@ -748,9 +762,37 @@ fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor 
                       (long long)(B * heads));
 #endif
     FQ_TRY(scratch_check(ctx, op, scratch, attention_scratch(dev, B, S, heads, dh, rnd, impl, q->dtype), dev));
-    DISPATCH(dev, fq_nncu_attention(ctx, q, k, v, heads, out, scratch, rnd, impl));
+    DISPATCH(dev, fq_nncu_attention(ctx, q, k, v, heads, out, 0, scratch, rnd, impl));
     fq_cpu_attention(F(q), F(k), F(v), F(out), B, S, heads, dh, F(scratch), rnd);
     return FQ_OK;
+}
+
+fq_status fq_nn_attention_cols(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                               int64_t heads, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "attention_cols";
+    const fq_device dev = out->buf.dev;
+    FQ_TRY(check_act(ctx, op, "out", out, dev, rnd, NULL));
+    FQ_TRY(check_act(ctx, op, "q", q, dev, rnd, out));
+    FQ_TRY(check_act(ctx, op, "k", k, dev, rnd, out));
+    FQ_TRY(check_act(ctx, op, "v", v, dev, rnd, out));
+    FQ_TRY(rnd_ok(ctx, op, rnd));
+    if (q->ndim != 3 || heads <= 0 || q->shape[2] % heads != 0)
+        return shape_err(ctx, op, "q", q, "[batch, tokens, heads*head_dim]");
+    FQ_TRY(same_shape(ctx, op, "k", k, q));
+    FQ_TRY(same_shape(ctx, op, "v", v, q));
+    if (out->ndim != 3 || out->shape[0] != q->shape[0] || out->shape[1] != q->shape[1] || c0 < 0 ||
+        c0 + q->shape[2] > out->shape[2])
+        return shape_err(ctx, op, "out", out, "[batch, tokens, >= c0 + heads*head_dim]");
+    if (dev.type != FQ_DEVICE_CUDA) return FQ_ERR_UNSUPPORTED;
+    const int64_t B = q->shape[0], S = q->shape[1], dh = q->shape[2] / heads;
+    FQ_TRY(scratch_check(ctx, op, scratch, attention_scratch(dev, B, S, heads, dh, rnd, FQ_NN_ATTN_AUTO, q->dtype),
+                         dev));
+    fq_tensor o = *q; /* out's first row, for the placement of the columns */
+    o.buf = out->buf;
+    o.buf.ptr = (char *)out->buf.ptr + (size_t)c0 * fq_dtype_size(out->dtype);
+    o.name = out->name;
+    DISPATCH(dev, fq_nncu_attention(ctx, q, k, v, heads, &o, out->shape[2], scratch, rnd, FQ_NN_ATTN_AUTO));
+    return FQ_ERR_UNSUPPORTED;
 }
 
 /* ---- devices, random values, timing --------------------------------------------- */

@@ -183,6 +183,17 @@ int64_t fq_nn_attention_scratch_impl(fq_device dev, int64_t batch, int64_t s, in
 fq_status fq_nn_attention_impl(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
                                int64_t heads, fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl);
 
+/* The attention written into columns [c0, c0 + H*dh) of out [B, S, W] (a
+ * single block's cat: no copy of its output), where cuDNN runs it (CUDA,
+ * automatic choice): elsewhere FQ_ERR_UNSUPPORTED without a message, and the
+ * caller runs fq_nn_attention and copies. fq_nn_attention_plan_cols, like
+ * fq_nn_attention_plan, builds its plan ahead and says FQ_ERR_UNSUPPORTED
+ * (no message) where it would not run. */
+fq_status fq_nn_attention_cols(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v,
+                               int64_t heads, fq_tensor *out, int64_t c0, fq_tensor *scratch, fq_dtype rnd);
+fq_status fq_nn_attention_plan_cols(fq_ctx *ctx, fq_device dev, int64_t batch, int64_t s, int64_t heads, int64_t dh,
+                                    fq_dtype rnd, fq_dtype xt, int64_t width, int64_t *scratch);
+
 /* ---- devices, random values, timing --------------------------------------------- */
 
 /* Sets up what the ops need on dev before a forward runs there (CUDA: the

@@ -648,8 +648,9 @@ static int use_cudnn(int impl, int64_t dh, fq_dtype rnd, fq_dtype xt) {
 }
 
 fq_status fq_nncu_attention_plan(fq_ctx *ctx, int device, int64_t batch, int64_t s, int64_t heads, int64_t dh,
-                                 fq_dtype rnd, fq_dtype xt, int impl, int64_t *scratch) {
-    if (!use_cudnn(impl, dh, rnd, xt)) return FQ_OK;
+                                 fq_dtype rnd, fq_dtype xt, int impl, int64_t ldo, int64_t *scratch) {
+    const int strided = ldo > 0 && ldo != heads * dh;
+    if (!use_cudnn(impl, dh, rnd, xt)) return strided ? FQ_ERR_UNSUPPORTED : FQ_OK;
     if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_available())
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention_plan: this build has no cuDNN (cudnn.h was not found)");
     if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_shape_ok(dh, rnd, xt))
@@ -661,16 +662,19 @@ fq_status fq_nncu_attention_plan(fq_ctx *ctx, int device, int64_t batch, int64_t
     FQ_TRY(fq_cuda_dev_get(ctx, device, &d));
     int ok = 0;
     size_t ws = 0;
-    FQ_TRY(fq_attn_cudnn_plan(ctx, d, rnd, batch, s, heads, dh, impl == FQ_NN_ATTN_CUDNN, &ok, &ws));
+    FQ_TRY(fq_attn_cudnn_plan(ctx, d, rnd, batch, s, heads, dh, ldo, impl == FQ_NN_ATTN_CUDNN, &ok, &ws));
+    if (!ok && strided) return FQ_ERR_UNSUPPORTED; /* no strided output without cuDNN's plan */
     const int64_t need = ok && ws ? (int64_t)((ws + NN_ALIGN + 3) / 4) : 0;
     if (need > *scratch) *scratch = need;
     return FQ_OK;
 }
 
 fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v, int64_t heads,
-                            fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl) {
+                            fq_tensor *out, int64_t ldo, fq_tensor *scratch, fq_dtype rnd, int impl) {
     run_t r;
     const int64_t dh = q->shape[2] / heads;
+    const int strided = ldo > 0 && ldo != q->shape[2];
+    if (strided && !use_cudnn(impl, dh, rnd, q->dtype)) return FQ_ERR_UNSUPPORTED;
     if (impl == FQ_NN_ATTN_CUDNN && !fq_attn_cudnn_shape_ok(dh, rnd, q->dtype))
         return fq_err(ctx, FQ_ERR_UNSUPPORTED,
                       "attention (cuDNN): q, k, v, out must be stored as the compute dtype (bf16/f16); got %s "
@@ -688,12 +692,16 @@ fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k,
     if (use_cudnn(impl, dh, rnd, q->dtype)) {
         int ran = 0;
         fq_status s = fq_attn_cudnn_run(ctx, r.d, rnd, q->shape[0], q->shape[1], heads, dh, q->buf.ptr, k->buf.ptr,
-                                        v->buf.ptr, out->buf.ptr, sp, sb, impl == FQ_NN_ATTN_CUDNN, &ran);
+                                        v->buf.ptr, out->buf.ptr, ldo, sp, sb, impl == FQ_NN_ATTN_CUDNN, &ran);
         if (s != FQ_OK) {
             fq_cuda_guard_exit(&r.g);
             return s;
         }
         if (ran) return end(ctx, &r, 0, "attention", FQ_NN_CLASS_ATTENTION);
+        if (strided) {
+            fq_cuda_guard_exit(&r.g);
+            return FQ_ERR_UNSUPPORTED;
+        }
         /* AUTO and no cuDNN plan for these sizes: our kernel */
     }
     if (!(r.d->nn_prepared & NN_PREP_ATTENTION)) {

@@ -63,11 +63,13 @@ fq_status fq_nncu_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out)
 int fq_nncu_attention_supported(int64_t dh, fq_dtype rnd, int impl);
 int64_t fq_nncu_attention_scratch(int64_t batch, int64_t s, int64_t heads, int64_t dh, fq_dtype rnd, int impl,
                                   fq_dtype xt);
+/* ldo: out's row stride in elements (0: packed); only cuDNN takes another one
+ * (else FQ_ERR_UNSUPPORTED, no message). */
 fq_status fq_nncu_attention(fq_ctx *ctx, const fq_tensor *q, const fq_tensor *k, const fq_tensor *v, int64_t heads,
-                            fq_tensor *out, fq_tensor *scratch, fq_dtype rnd, int impl);
+                            fq_tensor *out, int64_t ldo, fq_tensor *scratch, fq_dtype rnd, int impl);
 /* fq_nn_attention_plan on cuda:device; *scratch holds our kernel's need on entry. */
 fq_status fq_nncu_attention_plan(fq_ctx *ctx, int device, int64_t batch, int64_t s, int64_t heads, int64_t dh,
-                                 fq_dtype rnd, fq_dtype xt, int impl, int64_t *scratch);
+                                 fq_dtype rnd, fq_dtype xt, int impl, int64_t ldo, int64_t *scratch);
 
 /* ---- devices ---- */
 fq_status fq_nncu_prepare(fq_ctx *ctx, int device);
