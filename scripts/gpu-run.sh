@@ -9,7 +9,8 @@
 #     all    build + test + bench
 #     perf   build, then the CUDA tests of the FLUX and linear work (test_flux_cuda,
 #            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
-#            benchmark (NF4 + double quant; again with --exact-gelu and with --no-gemv)
+#            benchmark (NF4 + double quant, also as a CUDA graph; again with --exact-gelu,
+#            with the previous AdaLN kernel, and with dense bf16 weights)
 #     multi-flux  for the 2-GPU machine: build, test_flux_cuda (cuda:0 vs cuda:1 and moves),
 #            test_multi_gpu, and a FLUX.1-dev NF4 step benchmark on cuda:1 with nvidia-smi
 #            asked meanwhile which GPUs hold the process (GPU 0 must not)
@@ -113,15 +114,20 @@ if [ "$WHAT" = perf ]; then
         grep -q '0 failed' "$OUT/$f.log" && grep -q '^exit 0' "$OUT/$f.log" || STATUS=1
     done
     BF=(build/bench/bench_flux --config dev --random-weights --quantize nf4 --double-quant --profile)
-    timeout 150 "${BF[@]}" --iters 10 > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
+    timeout 150 "${BF[@]}" --iters 10 --graph > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
     timeout 120 "${BF[@]}" --iters 5 --exact-gelu > "$OUT/bench_flux_exact_gelu.txt" 2>&1 || STATUS=1
-    timeout 120 "${BF[@]}" --iters 5 --no-gemv > "$OUT/bench_flux_no_gemv.txt" 2>&1 || STATUS=1
+    # baselines in the same call: the previous AdaLN kernel, and dense bf16 weights (no dequantization)
+    FQ_ADALN=row timeout 120 "${BF[@]}" --iters 5 > "$OUT/bench_flux_adaln_row.txt" 2>&1 || STATUS=1
+    timeout 150 build/bench/bench_flux --config dev --random-weights --profile --iters 5 \
+        > "$OUT/bench_flux_bf16.txt" 2>&1 || STATUS=1
     note "bench_flux (NF4 + dq):"
     grep -E '^step|plan|peak|linears|attention|rest|by op|TFLOP' "$OUT/bench_flux.txt" | tee -a "$SUMMARY"
     note "bench_flux --exact-gelu:"
     grep -E '^step|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
-    note "bench_flux --no-gemv:"
-    grep -E 'step|linears|attention|rest' "$OUT/bench_flux_no_gemv.txt" | tee -a "$SUMMARY"
+    note "bench_flux with FQ_ADALN=row (the AdaLN kernel before 13fd0c5):"
+    grep -E '^step|linears|attention|rest' "$OUT/bench_flux_adaln_row.txt" | tee -a "$SUMMARY"
+    note "bench_flux, dense bf16 weights:"
+    grep -E '^step|^weights|peak|linears|attention|rest' "$OUT/bench_flux_bf16.txt" | tee -a "$SUMMARY"
 fi
 
 # ---- two GPUs: the FLUX forward on cuda:1 leaves GPU 0 alone ----
