@@ -35,7 +35,10 @@ note() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
 case "$WHAT" in all|build|test|bench|perf|multi|multi-flux) ;; *) echo "usage: $0 [all|build|test|bench|perf|multi|multi-flux]" >&2; exit 2 ;; esac
 
 : > "$SUMMARY"
-note "fluxq gpu-run: $WHAT, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# The device's copy of the tree may carry an older .git: the sources' own hash
+# (the same command on the development machine) says which tree was built.
+src_hash() { find Makefile include src tests/*.c tests/*.h tests/support bench/*.c scripts -type f 2>/dev/null | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12; }
+note "fluxq gpu-run: $WHAT, $(date -u +%Y-%m-%dT%H:%M:%SZ), git HEAD here $(git rev-parse --short HEAD 2>/dev/null || echo '?'), sources $(src_hash)"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=index,name,pci.bus_id,driver_version,memory.used,memory.total --format=csv 2>&1 | tee -a "$SUMMARY"
 else
