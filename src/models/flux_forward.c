@@ -22,9 +22,9 @@ enum {
     B_TPROJ,             /* [B, 256]   sinusoidal projection                             */
     B_E1, B_E2, B_E3,    /* [B, D]     embedder temporaries                              */
     B_TEMB, B_TACT,      /* [B, D]     temb and silu(temb)                               */
-    B_MODI, B_MODC,      /* [B, 6D]    AdaLN modulation (image / text; single: [B, 3D])  */
-    B_MODI2, B_MODC2,    /* [B, 6D]    the same of the odd double blocks (the even ones'  */
-                         /*            gates are still needed when the next one's come)  */
+    B_MODS,              /* every AdaLN modulation, computed up front: per double block  */
+                         /* [B, 6D] image then [B, 6D] text, per single block [B, 3D],   */
+                         /* then norm_out's [B, 2D] (see mod_view)                       */
     B_XIN,               /* [B, Si, Cin] input latents in the arena                      */
     B_CIN,               /* [B, St, J] input text states                                 */
     B_PIN,               /* [B, P]     pooled projection                                 */
@@ -42,7 +42,7 @@ enum {
 
 static const char *const g_buf_names[NBUF] = {
     "timestep", "guidance", "ids", "rope_cos", "rope_sin", "time_proj", "emb1", "emb2", "emb3", "temb",
-    "silu_temb", "mod", "mod_context", "mod_odd", "mod_context_odd", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
+    "silu_temb", "modulations", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
     "norm_h", "tmp_h", "c", "norm_c", "tmp_c", "q", "k", "v", "attn_out", "x", "norm_x", "mlp", "cat",
     "attn_scratch", "linear_scratch"};
 
@@ -154,10 +154,7 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     set_shape(p, B_SIN, 2, S, c->attention_head_dim, 0);
     set_shape(p, B_TPROJ, 2, B, 256, 0);
     for (int id = B_E1; id <= B_TACT; id++) set_shape(p, id, 2, B, D, 0);
-    set_shape(p, B_MODI, 2, B, 6 * D, 0);
-    set_shape(p, B_MODC, 2, B, 6 * D, 0);
-    set_shape(p, B_MODI2, 2, B, 6 * D, 0);
-    set_shape(p, B_MODC2, 2, B, 6 * D, 0);
+    set_shape(p, B_MODS, 1, B * D * (12 * c->num_layers + 3 * c->num_single_layers + 2), 0, 0);
     set_shape(p, B_XIN, 3, B, Si, c->in_channels);
     set_shape(p, B_CIN, 3, B, St, c->joint_attention_dim);
     set_shape(p, B_PIN, 2, B, c->pooled_projection_dim, 0);
@@ -226,12 +223,6 @@ static fq_tensor V(const fq_flux_plan *p, int id) {
     return fq_nn_view(&p->arena, p->off[id], p->dt[id], p->ndim[id], p->shape[id], g_buf_names[id]);
 }
 
-/* A buffer seen with another shape of at most its planned size. */
-static fq_tensor V2(const fq_flux_plan *p, int id, int64_t a, int64_t b) {
-    int64_t sh[2] = {a, b};
-    FQ_ASSERT(a * b <= p->cap[id]);
-    return fq_nn_view(&p->arena, p->off[id], p->dt[id], 2, sh, g_buf_names[id]);
-}
 
 static fq_tensor V3(const fq_flux_plan *p, int id, int64_t a, int64_t b, int64_t c) {
     int64_t sh[3] = {a, b, c};
@@ -250,6 +241,7 @@ static void tap(const fq_flux_plan *p, const fq_tensor *t, const char *fmt, ...)
 }
 
 /* ---- the forward ------------------------------------------------------------------------- */
+
 
 /* Modulation chunk order of AdaLayerNormZero (double blocks); single blocks use
  * the first three; AdaLayerNormContinuous (norm_out) is (scale, shift). */
@@ -280,6 +272,35 @@ static fq_status lin_gelu(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_line
     FQ_TRY(lin(ctx, p, l, x, tmp));
     if (name) tap(p, tmp, "%s", name);
     return fq_nn_gelu_tanh_cols(ctx, tmp, out, c0, cd);
+}
+
+/* A block's AdaLN modulation [B, n*D] in B_MODS: kind 0 double block i (which:
+ * 0 image, 1 text; n = 6), 1 single block i (n = 3), 2 norm_out (n = 2). */
+static fq_tensor mod_view(const fq_flux_plan *p, int kind, int64_t i, int which) {
+    const int64_t D = p->m->cfg.inner_dim, L = p->m->cfg.num_layers, Ls = p->m->cfg.num_single_layers;
+    const int64_t e0 = kind == 0 ? (12 * i + 6 * which) * D : kind == 1 ? (12 * L + 3 * i) * D : (12 * L + 3 * Ls) * D;
+    const int64_t sh[2] = {p->B, (kind == 0 ? 6 : kind == 1 ? 3 : 2) * D};
+    static const char *const names[3] = {"mod", "mod_single", "mod_out"};
+    return fq_nn_view(&p->arena, p->off[B_MODS] + (size_t)(e0 * p->B) * sizeof(float), FQ_F32, 2, sh,
+                      kind == 0 && which ? "mod_context" : names[kind]);
+}
+
+/* Every block's modulation linear(silu(temb)) up front: they depend on temb
+ * only, and back to back the few-row GEMVs stream their weights without the
+ * big kernels in between. */
+static fq_status modulations(fq_ctx *ctx, const fq_flux_plan *p, const fq_tensor *tact) {
+    const fq_flux_model *m = p->m;
+    for (int64_t i = 0; i < m->cfg.num_layers; i++) {
+        fq_tensor mi = mod_view(p, 0, i, 0), mc = mod_view(p, 0, i, 1);
+        FQ_TRY(lin(ctx, p, &m->blocks[i].norm1, tact, &mi));
+        FQ_TRY(lin(ctx, p, &m->blocks[i].norm1_context, tact, &mc));
+    }
+    for (int64_t i = 0; i < m->cfg.num_single_layers; i++) {
+        fq_tensor ms = mod_view(p, 1, i, 0);
+        FQ_TRY(lin(ctx, p, &m->single[i].norm, tact, &ms));
+    }
+    fq_tensor mo = mod_view(p, 2, 0, 0);
+    return lin(ctx, p, &m->norm_out, tact, &mo);
 }
 
 /* An embedder MLP: out = l2(silu(l1(x))), using tmp. */
@@ -327,8 +348,8 @@ static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_li
     return p->B == 1 ? FQ_OK : fq_nn_concat(ctx, &tc, &ti, 1, out);
 }
 
-/* next: the double block after bl (NULL for the last): its AdaLN modulation is
- * computed before bl's last gated adds, which then also norm its inputs. */
+/* next: the double block after bl (NULL for the last): bl's last gated adds
+ * also norm its inputs. */
 static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double *bl, int64_t i,
                               const fq_flux_double *next) {
     const fq_flux_model *m = p->m;
@@ -336,19 +357,13 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     const int64_t heads = m->cfg.num_attention_heads, B = p->B, F = m->cfg.mlp_dim;
     fq_tensor h = V(p, B_H), nh = V(p, B_NH), ti = V(p, B_TI), c = V(p, B_C), nc = V(p, B_NC), tc = V(p, B_TC);
     fq_tensor q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O), att = V(p, B_ATT);
-    fq_tensor tact = V(p, B_TACT), mi = V(p, i & 1 ? B_MODI2 : B_MODI), mc = V(p, i & 1 ? B_MODC2 : B_MODC);
-    fq_tensor mi_next = V(p, i & 1 ? B_MODI : B_MODI2), mc_next = V(p, i & 1 ? B_MODC : B_MODC2);
+    fq_tensor mi = mod_view(p, 0, i, 0), mc = mod_view(p, 0, i, 1);
+    fq_tensor mi_next = mod_view(p, 0, next ? i + 1 : i, 0), mc_next = mod_view(p, 0, next ? i + 1 : i, 1);
     fq_tensor mlp_i = V3(p, B_WORK, B, p->Si, F), mlp_c = V3(p, B_WORK, B, p->St, F); /* q, k, v, o are dead */
 
     /* AdaLN-Zero of both streams (unless the block before did it) */
-    if (!p->normed_img) {
-        FQ_TRY(lin(ctx, p, &bl->norm1, &tact, &mi));
-        FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
-    }
-    if (!p->normed_txt) {
-        FQ_TRY(lin(ctx, p, &bl->norm1_context, &tact, &mc));
-        FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
-    }
+    if (!p->normed_img) FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
+    if (!p->normed_txt) FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
     p->normed_img = p->normed_txt = 0;
     tap(p, &mi, "transformer_blocks.%lld.norm1.emb", (long long)i);
     tap(p, &nh, "transformer_blocks.%lld.norm1.x", (long long)i);
@@ -378,7 +393,6 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     FQ_TRY(lin(ctx, p, &bl->ff2, &mlp_i, &ti));
     tap(p, &ti, "transformer_blocks.%lld.ff", (long long)i);
     if (next) { /* nh is free: the next block's normed input goes there */
-        FQ_TRY(lin(ctx, p, &next->norm1, &tact, &mi_next));
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &h, &mi, MLP_GATE, &ti, &mi_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
         p->normed_img = 1;
     } else {
@@ -391,7 +405,6 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     FQ_TRY(lin(ctx, p, &bl->ff_ctx2, &mlp_c, &tc));
     tap(p, &tc, "transformer_blocks.%lld.ff_context", (long long)i);
     if (next && cd != FQ_F16) {
-        FQ_TRY(lin(ctx, p, &next->norm1_context, &tact, &mc_next));
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &c, &mc, MLP_GATE, &tc, &mc_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
         p->normed_txt = 1;
     } else {
@@ -409,16 +422,13 @@ static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single
                               const fq_flux_single *next) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
-    const int64_t heads = m->cfg.num_attention_heads, B = p->B, D = m->cfg.inner_dim;
+    const int64_t heads = m->cfg.num_attention_heads, D = m->cfg.inner_dim;
     fq_tensor x = V(p, B_X), nx = V(p, B_NX), q = V(p, B_Q), k = V(p, B_K), v = V(p, B_V), o = V(p, B_O);
-    fq_tensor att = V(p, B_ATT), mlp = V(p, B_WORK), cat = V(p, B_CAT), tact = V(p, B_TACT);
-    fq_tensor mod = V2(p, i & 1 ? B_MODC : B_MODI, B, 3 * D), mod_next = V2(p, i & 1 ? B_MODI : B_MODC, B, 3 * D);
+    fq_tensor att = V(p, B_ATT), mlp = V(p, B_WORK), cat = V(p, B_CAT);
+    fq_tensor mod = mod_view(p, 1, i, 0), mod_next = mod_view(p, 1, next ? i + 1 : i, 0);
     fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
 
-    if (!p->normed_img) {
-        FQ_TRY(lin(ctx, p, &sb->norm, &tact, &mod));
-        FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
-    }
+    if (!p->normed_img) FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
     p->normed_img = 0;
     tap(p, &mod, "single_transformer_blocks.%lld.norm.emb", (long long)i);
     tap(p, &nx, "single_transformer_blocks.%lld.norm.x", (long long)i);
@@ -450,7 +460,6 @@ static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single
     FQ_TRY(lin(ctx, p, &sb->proj_out, &cat, &q));
     tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
     if (next && cd != FQ_F16) { /* nx is free: the next block's normed input goes there */
-        FQ_TRY(lin(ctx, p, &next->norm, &tact, &mod_next));
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &x, &mod, MSA_GATE, &q, &mod_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
         p->normed_img = 1;
     } else {
@@ -497,7 +506,6 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     FQ_TRY(check_inputs(ctx, m, p, in, out));
     const fq_flux_config *c = &m->cfg;
     const fq_dtype cd = m->compute_dtype;
-    const int64_t B = p->B, D = c->inner_dim;
     fq_tensor xin = V(p, B_XIN), cin = V(p, B_CIN), pin = V(p, B_PIN), ids = V(p, B_IDS);
     fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN), tt = V(p, B_T), gg = V(p, B_G), tproj = V(p, B_TPROJ);
     fq_tensor e1 = V(p, B_E1), e2 = V(p, B_E2), e3 = V(p, B_E3), temb = V(p, B_TEMB), tact = V(p, B_TACT);
@@ -544,6 +552,7 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     tap(p, &temb, "time_text_embed");
     /* every AdaLN computes linear(silu(temb)); silu once here */
     FQ_TRY(fq_nn_silu(ctx, &temb, &tact, cd));
+    FQ_TRY(modulations(ctx, p, &tact));
 
     FQ_TRY(lin(ctx, p, &m->context_embedder, &cin, &c_));
     tap(p, &c_, "context_embedder");
@@ -561,8 +570,7 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     FQ_TRY(fq_nn_split(ctx, &x, 1, &c_, &h));
 
     /* norm_out (AdaLayerNormContinuous: SCALE first, then shift) and proj_out */
-    fq_tensor mod = V2(p, B_MODI, B, 2 * D);
-    FQ_TRY(lin(ctx, p, &m->norm_out, &tact, &mod));
+    fq_tensor mod = mod_view(p, 2, 0, 0);
     FQ_TRY(fq_nn_adaln(ctx, &h, &mod, OUT_SHIFT, OUT_SCALE, LN_EPS, &nh, cd));
     tap(p, &nh, "norm_out");
     FQ_TRY(lin(ctx, p, &m->proj_out, &nh, out));
