@@ -58,8 +58,6 @@ struct fq_flux_plan {
     int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
     int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
     int attn_cat;             /* single blocks: attention written into cat (cuDNN) */
-    int normed_img, normed_txt; /* the block before normed the next one's input   */
-                              /* (its last gated add fused with this AdaLN)         */
     fq_flux_tap_fn tap;
     void *tap_user;
 };
@@ -223,7 +221,6 @@ static fq_tensor V(const fq_flux_plan *p, int id) {
     return fq_nn_view(&p->arena, p->off[id], p->dt[id], p->ndim[id], p->shape[id], g_buf_names[id]);
 }
 
-
 static fq_tensor V3(const fq_flux_plan *p, int id, int64_t a, int64_t b, int64_t c) {
     int64_t sh[3] = {a, b, c};
     FQ_ASSERT(a * b * c <= p->cap[id]);
@@ -241,7 +238,6 @@ static void tap(const fq_flux_plan *p, const fq_tensor *t, const char *fmt, ...)
 }
 
 /* ---- the forward ------------------------------------------------------------------------- */
-
 
 /* Modulation chunk order of AdaLayerNormZero (double blocks); single blocks use
  * the first three; AdaLayerNormContinuous (norm_out) is (scale, shift). */
@@ -349,8 +345,8 @@ static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_li
 }
 
 /* next: the double block after bl (NULL for the last): bl's last gated adds
- * also norm its inputs. */
-static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double *bl, int64_t i,
+ * also norm its inputs (the text stream's not at f16, whose clamp comes between). */
+static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, int64_t i,
                               const fq_flux_double *next) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
@@ -362,9 +358,8 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     fq_tensor mlp_i = V3(p, B_WORK, B, p->Si, F), mlp_c = V3(p, B_WORK, B, p->St, F); /* q, k, v, o are dead */
 
     /* AdaLN-Zero of both streams (unless the block before did it) */
-    if (!p->normed_img) FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
-    if (!p->normed_txt) FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
-    p->normed_img = p->normed_txt = 0;
+    if (i == 0) FQ_TRY(fq_nn_adaln(ctx, &h, &mi, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
+    if (i == 0 || cd == FQ_F16) FQ_TRY(fq_nn_adaln(ctx, &c, &mc, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
     tap(p, &mi, "transformer_blocks.%lld.norm1.emb", (long long)i);
     tap(p, &nh, "transformer_blocks.%lld.norm1.x", (long long)i);
     tap(p, &mc, "transformer_blocks.%lld.norm1_context.emb", (long long)i);
@@ -394,7 +389,6 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     tap(p, &ti, "transformer_blocks.%lld.ff", (long long)i);
     if (next) { /* nh is free: the next block's normed input goes there */
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &h, &mi, MLP_GATE, &ti, &mi_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nh, cd));
-        p->normed_img = 1;
     } else {
         FQ_TRY(fq_nn_gated_add(ctx, &h, &mi, MLP_GATE, &ti, cd));
     }
@@ -406,7 +400,6 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     tap(p, &tc, "transformer_blocks.%lld.ff_context", (long long)i);
     if (next && cd != FQ_F16) {
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &c, &mc, MLP_GATE, &tc, &mc_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nc, cd));
-        p->normed_txt = 1;
     } else {
         FQ_TRY(fq_nn_gated_add(ctx, &c, &mc, MLP_GATE, &tc, cd));
         /* diffusers clips the text stream (before the next block's AdaLN) */
@@ -417,8 +410,8 @@ static fq_status double_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_double
     return FQ_OK;
 }
 
-/* next: as for double_block. */
-static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single *sb, int64_t i,
+/* next: as for double_block (no fusion at f16). */
+static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_single *sb, int64_t i,
                               const fq_flux_single *next) {
     const fq_flux_model *m = p->m;
     const fq_dtype cd = m->compute_dtype;
@@ -428,8 +421,7 @@ static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single
     fq_tensor mod = mod_view(p, 1, i, 0), mod_next = mod_view(p, 1, next ? i + 1 : i, 0);
     fq_tensor cos_t = V(p, B_COS), sin_t = V(p, B_SIN);
 
-    if (!p->normed_img) FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
-    p->normed_img = 0;
+    if (i == 0 || cd == FQ_F16) FQ_TRY(fq_nn_adaln(ctx, &x, &mod, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
     tap(p, &mod, "single_transformer_blocks.%lld.norm.emb", (long long)i);
     tap(p, &nx, "single_transformer_blocks.%lld.norm.x", (long long)i);
     /* gelu(proj_mlp(nx)) goes straight into cat's last F columns (its linear
@@ -461,7 +453,6 @@ static fq_status single_block(fq_ctx *ctx, fq_flux_plan *p, const fq_flux_single
     tap(p, &q, "single_transformer_blocks.%lld.proj_out", (long long)i);
     if (next && cd != FQ_F16) { /* nx is free: the next block's normed input goes there */
         FQ_TRY(fq_nn_gated_add_adaln2(ctx, &x, &mod, MSA_GATE, &q, &mod_next, MSA_SHIFT, MSA_SCALE, LN_EPS, &nx, cd));
-        p->normed_img = 1;
     } else {
         FQ_TRY(fq_nn_gated_add(ctx, &x, &mod, MSA_GATE, &q, cd));
         if (cd == FQ_F16) FQ_TRY(fq_nn_clamp(ctx, &x, -65504.0f, 65504.0f));
@@ -557,7 +548,6 @@ fq_status fq_flux_forward(fq_ctx *ctx, const fq_flux_model *m, fq_flux_plan *p, 
     FQ_TRY(lin(ctx, p, &m->context_embedder, &cin, &c_));
     tap(p, &c_, "context_embedder");
 
-    p->normed_img = p->normed_txt = 0;
     for (int64_t i = 0; i < c->num_layers; i++) {
         fq_status s = double_block(ctx, p, &m->blocks[i], i, i + 1 < c->num_layers ? &m->blocks[i + 1] : NULL);
         if (s != FQ_OK) return fq_err_prefix(ctx, s, "transformer_blocks.%lld", (long long)i);
