@@ -117,6 +117,20 @@ int fq_cuda_gemv4_bulk_prepare(void);
 int fq_cuda_gemv4_bulk(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                        int sm_count, int cfg, cudaStream_t stream);
 
+/* M <= 2 GEMV with contiguous 256-byte warp loads (gemv4_flat.cu, sm_80+): a warp
+ * streams two rows at a time, one persistent block per SM over an equal run of row
+ * pairs, the diagonal of mma.sync as 8 + 8 per-block dot products. Fast decode
+ * only (code rounded to x's type, absmax applied in f32 to each 64-element
+ * partial). Needs x f16/bf16, blocksize >= 64, K % 512 == 0, K <= 16384,
+ * K % blocksize == 0, x and packed 16-byte aligned. cfg (0 = choose): bits 0..1
+ * mode (0/1 fast; 2 loads-only probe, 3 flat-stream probe: bench only, WRONG
+ * results), bits 2..3 block shape (0 = automatic), bit 4 L2 prefetch of each
+ * block's range before the wait, bit 7 plain launch (set it before sm_90). */
+int fq_cuda_gemv4_flat_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemv4_flat_prepare(void);
+int fq_cuda_gemv4_flat(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                       int sm_count, int cfg, cudaStream_t stream);
+
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
  * needs more shared memory than smem_optin is replaced by the automatic choice). */
@@ -190,6 +204,7 @@ typedef enum {
     FQ_LIN4_GEMV_STREAM,  /* M <= 8 streaming kernel, W rounded like dequantize (FQ_LINEAR_GEMV) */
     FQ_LIN4_GEMV_BULK,    /* M <= 2 bulk-copy streaming kernel, sm_90 (FQ_LINEAR_GEMV)     */
     FQ_LIN4_GEMM_WS,      /* warp-specialized TMA/wgmma GEMM, W rounded like dequantize (sm_90) */
+    FQ_LIN4_GEMV_FLAT,    /* M <= 2 contiguous-load GEMV, fast decode only (FQ_LINEAR_GEMV)  */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 
