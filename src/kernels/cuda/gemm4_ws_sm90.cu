@@ -353,11 +353,6 @@ static __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorM
                  : "memory");
 }
 
-static __device__ __forceinline__ float ws_mul_ftz(float a, float b) {
-    float r;
-    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 
 template <int R> static __device__ __forceinline__ void setmaxnreg_inc(void) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
@@ -529,7 +524,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 /* the nested absmax exactly as dequantize rebuilds it */
-                const float am = NESTED ? __fadd_rn(ws_mul_ftz(code_s[q[i]], v[i]), a.w.offset) : v[i];
+                const float am = NESTED ? __fadd_rn(fq_lin4_mul_ftz(code_s[q[i]], v[i]), a.w.offset) : v[i];
                 am_s[st * WS_ROWS + lane + 32 * i] = (c.n0 + lane + 32 * i < N) ? am : 0.0f;
             }
             mbar_arrive(full0 + 8 * st);
@@ -584,9 +579,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                         continue;
                     }
                     const uint32_t ba = (ua >> sh) & 0xffu, bb = (ub >> sh) & 0xffu;
-                    af[s][2 * h] = fq_mma_t<T>::pack(ws_mul_ftz(qm_s[ba >> 4], amA), ws_mul_ftz(qm_s[ba & 15u], amA));
+                    af[s][2 * h] =
+                        fq_mma_t<T>::pack(fq_lin4_mul_ftz(qm_s[ba >> 4], amA), fq_lin4_mul_ftz(qm_s[ba & 15u], amA));
                     af[s][2 * h + 1] =
-                        fq_mma_t<T>::pack(ws_mul_ftz(qm_s[bb >> 4], amB), ws_mul_ftz(qm_s[bb & 15u], amB));
+                        fq_mma_t<T>::pack(fq_lin4_mul_ftz(qm_s[bb >> 4], amB), fq_lin4_mul_ftz(qm_s[bb & 15u], amB));
                 }
                 if (probe_nomma) continue;
                 ws_fence();

@@ -375,18 +375,6 @@ typedef struct {
  * bench-only probe that streams the weight and skips the arithmetic: wrong results). */
 enum { ST_EXACT = 0, ST_HMUL = 1, ST_LOADS = 2 };
 
-static __device__ __forceinline__ uint4 st_ld_stream(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-static __device__ __forceinline__ float st_mul_ftz(float a, float b) {
-    float r;
-    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 /* Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16): the whole slice
  * of a warp goes out at once, beyond what registers could hold in flight. A hint
  * into L2, the coherent point, so it never returns stale data. */
@@ -448,8 +436,8 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
         for (int u = 0; u < U; u++) {
             const int64_t c = cb + u;
             if (c < c_end && c * 128 + 32 * t < K) {
-                wa[u] = st_ld_stream(pA + c * 64);
-                wb[u] = st_ld_stream(pB + c * 64);
+                wa[u] = fq_lin4_ld_stream16(pA + c * 64);
+                wb[u] = fq_lin4_ld_stream16(pB + c * 64);
                 const int64_t ba = (eA + c * 128) >> a.lg2bs, bb = (eB + c * 128) >> a.lg2bs;
                 if (DEC == ST_LOADS) {
                     qa[u] = qb[u] = 0;
@@ -500,7 +488,7 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
         const uint32_t off = __byte_perm(tl, wd, 0x1140u + ((uint32_t)j << 4));
         if (DEC == ST_EXACT) {
             const float2 p = *(const float2 *)(st_sm + off);
-            return fq_mma_t<T>::pack(st_mul_ftz(p.x, am), st_mul_ftz(p.y, am));
+            return fq_mma_t<T>::pack(fq_lin4_mul_ftz(p.x, am), fq_lin4_mul_ftz(p.y, am));
         } else {
             __nv_bfloat162 p = *(const __nv_bfloat162 *)(st_sm + off);
             p = __hmul2(p, am2);
@@ -522,8 +510,8 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
             const bool kin = c * 128 + 32 * t < K;
             float amA, amB;
             if (NESTED) {
-                amA = __fadd_rn(st_mul_ftz(code_s[qa[u]], va[u]), a.w.offset);
-                amB = __fadd_rn(st_mul_ftz(code_s[qb[u]], vb[u]), a.w.offset);
+                amA = __fadd_rn(fq_lin4_mul_ftz(code_s[qa[u]], va[u]), a.w.offset);
+                amB = __fadd_rn(fq_lin4_mul_ftz(code_s[qb[u]], vb[u]), a.w.offset);
             } else {
                 amA = va[u];
                 amB = vb[u];

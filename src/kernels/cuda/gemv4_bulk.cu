@@ -109,11 +109,6 @@ static __device__ __forceinline__ void bk_copy(void *dst, const void *src, uint3
 static __device__ __forceinline__ void bk_prefetch(const void *p, uint32_t bytes) {
     if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
-static __device__ __forceinline__ float bk_mul_ftz(float a, float b) {
-    float r;
-    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 #endif
 
 /* DEC: 0 fast, 1 exact, 2 loads only (a bench probe of the streaming: wrong results). */
@@ -236,7 +231,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
         const uint32_t off = __byte_perm(tl, wd, 0x1140u + ((uint32_t)j << 4)); /* byte * 256 + tl */
         if (EXACT) {
             const float2 p = *(const float2 *)(sm + off);
-            return fq_mma_t<T>::pack(bk_mul_ftz(p.x, am), bk_mul_ftz(p.y, am));
+            return fq_mma_t<T>::pack(fq_lin4_mul_ftz(p.x, am), fq_lin4_mul_ftz(p.y, am));
         } else {
             return *(const uint32_t *)(sm + off);
         }
@@ -289,8 +284,8 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
             } else {
                 float amA, amB;
                 if (NESTED) {
-                    amA = __fadd_rn(bk_mul_ftz(code_s[qa], va), a.w.offset);
-                    amB = __fadd_rn(bk_mul_ftz(code_s[qb], vb), a.w.offset);
+                    amA = __fadd_rn(fq_lin4_mul_ftz(code_s[qa], va), a.w.offset);
+                    amB = __fadd_rn(fq_lin4_mul_ftz(code_s[qb], vb), a.w.offset);
                 } else {
                     amA = va;
                     amB = vb;

@@ -67,18 +67,6 @@ static __device__ __forceinline__ uint2 fl_ld8(const void *p) {
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-static __device__ __forceinline__ uint4 fl_ld16(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-static __device__ __forceinline__ float fl_mul_ftz(float a, float b) {
-    float r;
-    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 #endif
 static __device__ __forceinline__ void fl_prefetch(const void *p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -113,7 +101,7 @@ __global__ void __launch_bounds__(NW * 32, 1) gemv4_flat_kernel(fl_args a) {
             uint4 v[2 * U];
 #pragma unroll
             for (int u = 0; u < 2 * U; u++)
-                v[u] = c + u < c1 ? fl_ld16(a.w.packed + (c + u) * 512 + 16 * lane) : make_uint4(0, 0, 0, 0);
+                v[u] = c + u < c1 ? fq_lin4_ld_stream16(a.w.packed + (c + u) * 512 + 16 * lane) : make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int u = 0; u < 2 * U; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
         }
@@ -193,7 +181,7 @@ __global__ void __launch_bounds__(NW * 32, 1) gemv4_flat_kernel(fl_args a) {
             float v = 0.0f;
             if (b < blkN) {
                 if (NESTED)
-                    v = __fadd_rn(fl_mul_ftz(code_s[__ldg(&a.w.qabsmax[b])], __ldg(&a.w.nested_absmax[b >> 8])),
+                    v = __fadd_rn(fq_lin4_mul_ftz(code_s[__ldg(&a.w.qabsmax[b])], __ldg(&a.w.nested_absmax[b >> 8])),
                                   a.w.offset);
                 else v = __ldg(&a.w.absmax[b]);
             }

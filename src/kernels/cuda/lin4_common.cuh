@@ -96,6 +96,23 @@ static __device__ __forceinline__ void fq_tbl_build(uint32_t *tbl, const float *
     }
 }
 
+/* a * b rounded to nearest with subnormals flushed (bitsandbytes' fast-math
+ * product), whatever the compiler flags. */
+static __device__ __forceinline__ float fq_lin4_mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+/* A 16-byte read-only load of streamed weights: not kept in L1, 256-byte L2 sectors. */
+static __device__ __forceinline__ uint4 fq_lin4_ld_stream16(const void *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 /* Absmax of block `blk` (f32, or reconstructed from the nested state). code_s is
  * the 256-entry nested map in shared memory. */
 static __device__ __forceinline__ float fq_absmax(const fq_lin4_weight &w, const float *code_s, int64_t blk) {
