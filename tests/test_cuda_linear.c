@@ -7,7 +7,7 @@
  * absmax in f32, absmax = code256[q] * nested_absmax + offset with double quant)
  * and x, bias taken as the values their dtype holds.
  *
- * Every implementation (gemv4_simple, gemv4_tc, gemv4_stream, gemv4_bulk, gemv4_flat, gemm4_mma, gemm4_wgmma, dequantize
+ * Every implementation (gemv4_simple, gemv4_tc, gemv4_stream, gemv4_bulk, gemv4_flat, gemv4_win, gemm4_mma, gemm4_wgmma, dequantize
  * + cuBLASLt) runs every case it can run, plus the public choices (AUTO, GEMV,
  * GEMM, DEQUANT_BLAS), over NF4/FP4, nested or not, x f32/f16/bf16, y f32/f16/bf16,
  * bias or not (bias in several dtypes), odd M, N not a multiple of the tile, K not
@@ -16,7 +16,7 @@
  * every call, so an unwritten element fails.
  *
  * Tolerances (u = unit roundoff of the named type: bf16 2^-9, f16 2^-12, f32 0):
- *  - weight rounding u_w: gemv4_simple and f32 x: 0; gemv4_tc, gemv4_flat and gemv4_bulk's fast
+ *  - weight rounding u_w: gemv4_simple, gemv4_win (W never rounded) and f32 x: 0; gemv4_tc, gemv4_flat and gemv4_bulk's fast
  *    decode: u of the MMA type (the code value is rounded, absmax applied in f32);
  *    gemm4_*, gemv4_stream, gemv4_bulk's exact decode and
  *    dequantize + cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it;
@@ -380,7 +380,8 @@ static int compare(const char *what, const hweight *w, const hact *x, const hbia
 /* Weight rounding of an implementation for x's dtype. */
 static double weight_roundoff(fq_lin4_impl impl, fq_dtype xdt) {
     switch (impl) {
-    case FQ_LIN4_GEMV_SIMPLE: return 0.0;
+    case FQ_LIN4_GEMV_SIMPLE:
+    case FQ_LIN4_GEMV_WIN: return 0.0; /* W never rounded: code * absmax enters the f32 sums as is */
     default: return unit_roundoff(xdt);
     }
 }
@@ -414,6 +415,8 @@ static const shape_t g_shapes[] = {
     {2, 1001, 3072, 64, 1},   /* gemv4_flat: odd N, row pairs split between warps */
     {1, 77, 15360, 128, 1},   /* gemv4_flat: long K, a pair over 3 warps, idle blocks */
     {2, 4500, 384, 128, 1},   /* gemv4_bulk: several tiles per block, M = 2, blocksize 128 */
+    {1, 50, 1056, 128, 1},    /* gemv4_win: blocks straddle rows, a 32-element last window */
+    {2, 300, 16384, 64, 1},   /* gemv4_win: 16 windows per row, M = 2 */
     {33, 200, 256, 64, 1},    /* smallest GEMM M; N, M not tile multiples */
     {130, 384, 512, 128, 1},
     {257, 520, 1024, 64, 0},
@@ -428,7 +431,7 @@ static const shape_t g_shapes[] = {
 };
 
 static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
-                                       FQ_LIN4_GEMV_FLAT,
+                                       FQ_LIN4_GEMV_FLAT,   FQ_LIN4_GEMV_WIN,
                                        FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS,
                                        FQ_LIN4_GEMM_WS};
 
@@ -513,10 +516,12 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 static const int stream_codes[6] = {0x21, 0x42, 0x24, 0x48, 0x51, 0x38}; /* decode, batch, K slices */
                 static const int bulk_codes[6] = {1, 2, 0x05, 0x0a, 0x1d, 0x81}; /* decode, prefetch, grid, launch */
                 static const int flat_codes[5] = {0x05, 0x09, 0x0d, 0x11, 0x81}; /* block shape, prefetch, launch */
+                static const int win_codes[4] = {0x02, 0x03, 0x11, 0x81};        /* block shape, prefetch, launch */
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMV_STREAM ? 6
                            : impl == FQ_LIN4_GEMV_BULK   ? 6
                            : impl == FQ_LIN4_GEMV_FLAT   ? 5
+                           : impl == FQ_LIN4_GEMV_WIN    ? 4
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                            : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2
@@ -527,6 +532,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     if (impl == FQ_LIN4_GEMV_STREAM) code = stream_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMV_BULK) code = bulk_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMV_FLAT) code = flat_codes[cfg - 1];
+                    if (impl == FQ_LIN4_GEMV_WIN) code = win_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
                     if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x (1 split, 3 splits) */
@@ -551,9 +557,9 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 }
                 CHECK(impl != FQ_LIN4_NONE, "no kernel for public choice %d: %s", p, fq_ctx_error(ctx));
                 if (impl == FQ_LIN4_NONE) continue;
-                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT, "GEMV -> %s", fq_lin4_impl_name(impl));
+                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN, "GEMV -> %s", fq_lin4_impl_name(impl));
                 if (p == 3) CHECK(impl == FQ_LIN4_DEQUANT_BLAS, "DEQUANT_BLAS -> %s", fq_lin4_impl_name(impl));
-                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
+                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
                 snprintf(what, sizeof what, "public %d (%s)", p, fq_lin4_impl_name(impl));
                 run_and_check(ctx, pub[p], what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
             }

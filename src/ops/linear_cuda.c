@@ -7,9 +7,8 @@
  * call is asynchronous: it returns once the work is queued on the stream.
  *
  * Automatic choice (measured on an H100, bench/results/bench_linear_h100_*.txt):
- *   M <= 2    gemv4_bulk (sm_90) up to 2^24 weights, gemv4_flat from 45 * 2^20
- *             weights (M = 1) / 54 * 2^20 (M = 2), gemv4_tc in between, else
- *             gemv4_stream;
+ *   M <= 2    gemv4_bulk (sm_90) up to 2^24 weights, gemv4_win above (and
+ *             wherever bulk cannot run), else gemv4_tc, else gemv4_stream;
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
  *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
  *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
@@ -35,8 +34,6 @@
 #define LIN_STREAM_MAX_M 2
 #define LIN_BULK_MAX_NK ((int64_t)1 << 24)        /* gemv4_bulk (fast) up to this many weights  */
 #define LIN_BULK_EXACT_MAX_NK ((int64_t)10 << 20) /* gemv4_bulk (exact) up to this many weights */
-#define LIN_FLAT_MIN_NK_M1 ((int64_t)45 << 20)    /* gemv4_flat at M = 1 from this many weights */
-#define LIN_FLAT_MIN_NK_M2 ((int64_t)54 << 20)    /* gemv4_flat at M = 2 from this many weights */
 #define LIN_DQ_MIN_M 192
 #define LIN_PREP_GEMM_MMA 1u
 #define LIN_PREP_GEMM_WGMMA 2u
@@ -44,12 +41,13 @@
 #define LIN_PREP_GEMV_BULK 8u
 #define LIN_PREP_GEMM_WS 16u
 #define LIN_PREP_GEMV_FLAT 32u
+#define LIN_PREP_GEMV_WIN 64u
 #define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
                                                   "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream", "gemv4_bulk",
-                                                  "gemm4_ws",    "gemv4_flat"};
+                                                  "gemm4_ws",    "gemv4_flat",      "gemv4_win"};
 
 const char *fq_lin4_impl_name(fq_lin4_impl k) {
     return (unsigned)k < FQ_LIN4_COUNT ? g_impl_names[k] : "?";
@@ -129,6 +127,7 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
     case FQ_LIN4_GEMV_STREAM: return d->cc_major >= 8 && fq_cuda_gemv4_stream_supported(&op->w, &op->io);
     case FQ_LIN4_GEMV_BULK: return d->cc_major >= 9 && fq_cuda_gemv4_bulk_supported(&op->w, &op->io);
     case FQ_LIN4_GEMV_FLAT: return d->cc_major >= 8 && fq_cuda_gemv4_flat_supported(&op->w, &op->io);
+    case FQ_LIN4_GEMV_WIN: return d->cc_major >= 8 && fq_cuda_gemv4_win_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_MMA: return d->cc_major >= 8 && fq_cuda_gemm4_mma_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_WGMMA:
         return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_wgmma_built() &&
@@ -143,22 +142,20 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
 static fq_lin4_impl best_gemm(const fq_cuda_dev *d, const lin_op *op);
 
 /* The best GEMV-family kernel for op (M <= LIN_GEMV_MAX_M). H100, M = 1 and 2
- * (bench/results/bench_linear_gemv_h100_2026-11-27.txt): gemv4_bulk is fastest on
- * small weights (3072x3072: 6.2 us vs 7.1 stream, 7.2 tc; 3072x4096: 7.6 vs 7.9,
- * 8.7), gemv4_tc on the large ones (12288x3072 .. 21504x3072: 2-10 % ahead of
- * gemv4_stream, 12-18 % ahead of gemv4_bulk), except the largest ones, where
- * gemv4_flat is faster (bench/results/bench_linear_gemv2_h100_2026-11-27.txt, same
- * run: M = 1 3072x15360 19.5 vs 20.5 us, 18432x3072 21.8 vs 24.1, 21504x3072 23.9 vs
- * 28.5; M = 2 18432x3072 24.4 vs 24.8, 21504x3072 26.7 vs 29.1; it is slower on
- * 12288x3072 and at M = 2 on the 3072-row shapes). All three round W differently
- * from dequantize (within the bf16/f16 tolerance); FQ_LIN4_AUTO_EXACT keeps it exact. */
+ * (bench/results/bench_linear_gemv3_h100_2026-11-27.txt, one run): gemv4_bulk is
+ * fastest on small weights (3072x3072 M = 1: 6.3 us vs 6.7 gemv4_win; 3072x4096
+ * 7.6 vs 7.6), gemv4_win on every larger FLUX shape at M = 1 and 2 (M = 1: 21504x3072
+ * 19.4 us vs 24.1 gemv4_flat, 28.6 gemv4_tc; 12288x3072 13.2 vs 16.1 gemv4_tc;
+ * 3072x15360 15.3 vs 19.5 gemv4_flat; M = 2: 21504x3072 22.5 vs 27.0). gemv4_tc and
+ * gemv4_stream are the fallbacks where it cannot run (K % 32 != 0, K > 16384,
+ * blocksize < 32). All of these round W differently from dequantize (gemv4_win
+ * not at all; the others within the bf16/f16 tolerance); FQ_LIN4_AUTO_EXACT keeps
+ * dequantize's rounding. */
 static fq_lin4_impl best_gemv(const fq_cuda_dev *d, const lin_op *op) {
     if (op->io.m <= LIN_STREAM_MAX_M) {
-        const int64_t nk = op->w.n * op->w.k;
-        const int small = nk <= LIN_BULK_MAX_NK;
+        const int small = op->w.n * op->w.k <= LIN_BULK_MAX_NK;
         if (small && can_run(d, FQ_LIN4_GEMV_BULK, op)) return FQ_LIN4_GEMV_BULK;
-        if (nk >= (op->io.m == 1 ? LIN_FLAT_MIN_NK_M1 : LIN_FLAT_MIN_NK_M2) && can_run(d, FQ_LIN4_GEMV_FLAT, op))
-            return FQ_LIN4_GEMV_FLAT;
+        if (can_run(d, FQ_LIN4_GEMV_WIN, op)) return FQ_LIN4_GEMV_WIN;
         if (!small && can_run(d, FQ_LIN4_GEMV_TC, op)) return FQ_LIN4_GEMV_TC;
         if (can_run(d, FQ_LIN4_GEMV_STREAM, op)) return FQ_LIN4_GEMV_STREAM;
     }
@@ -385,6 +382,7 @@ static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
              : bit == LIN_PREP_GEMV_BULK   ? fq_cuda_gemv4_bulk_prepare()
              : bit == LIN_PREP_GEMM_WS     ? fq_cuda_gemm4_ws_prepare()
              : bit == LIN_PREP_GEMV_FLAT   ? fq_cuda_gemv4_flat_prepare()
+             : bit == LIN_PREP_GEMV_WIN    ? fq_cuda_gemv4_win_prepare()
                                            : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
@@ -410,6 +408,10 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_FLAT));
         rc = fq_cuda_gemv4_flat(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0),
                                 d->stream);
+        break;
+    case FQ_LIN4_GEMV_WIN:
+        FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_WIN));
+        rc = fq_cuda_gemv4_win(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0), d->stream);
         break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));

@@ -662,23 +662,8 @@ extern "C" int fq_cuda_gemv4_stream(const fq_lin4_weight *w, const fq_lin4_io *i
     a.ks = ks;
     a.lg2bs = fq_log2i(w->blocksize);
     const st_kernel_fn fn = g_st_fns[io->x_dtype == FQ_BF16 ? 0 : 1][small_u][dec][w->nested ? 1 : 0];
-    if (cfg & 0x80) { /* before sm_90: no programmatic dependent launch */
-        fn<<<(unsigned)blocks, 256, ST_SMEM_BYTES, stream>>>(a);
-        return (int)cudaGetLastError();
-    }
-    cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute attr[1] = {};
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.gridDim = dim3((unsigned)blocks);
-    lc.blockDim = dim3(256);
-    lc.dynamicSmemBytes = ST_SMEM_BYTES;
-    lc.stream = stream;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    cudaError_t err = cudaLaunchKernelEx(&lc, fn, a);
-    if (err != cudaSuccess) return (int)err;
-    return (int)cudaGetLastError();
+    /* cfg bit 7: before sm_90, no programmatic dependent launch */
+    return fq_lin4_launch(fn, (unsigned)blocks, 256, ST_SMEM_BYTES, stream, a, (cfg & 0x80) != 0);
 }
 
 /* ---- elementwise epilogues ---------------------------------------------------------- */

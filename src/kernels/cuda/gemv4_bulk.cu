@@ -440,21 +440,5 @@ extern "C" int fq_cuda_gemv4_bulk(const fq_lin4_weight *w, const fq_lin4_io *io,
     a.tpc = (int)tpc;
     a.pf = pfsel == 1 ? 0 : pfsel == 2 ? 24 : pfsel == 3 ? 8 : -1;
     a.tiles = tiles;
-    if (cfg & 0x80) {
-        fn<<<(unsigned)blocks, BK_THREADS, BK_SMEM, stream>>>(a);
-        return (int)cudaGetLastError();
-    }
-    cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute attr[1] = {};
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.gridDim = dim3((unsigned)blocks);
-    lc.blockDim = dim3(BK_THREADS);
-    lc.dynamicSmemBytes = BK_SMEM;
-    lc.stream = stream;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    err = cudaLaunchKernelEx(&lc, fn, a);
-    if (err != cudaSuccess) return (int)err;
-    return (int)cudaGetLastError();
+    return fq_lin4_launch(fn, (unsigned)blocks, BK_THREADS, BK_SMEM, stream, a, (cfg & 0x80) != 0);
 }

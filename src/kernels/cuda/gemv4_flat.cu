@@ -414,21 +414,5 @@ extern "C" int fq_cuda_gemv4_flat(const fq_lin4_weight *w, const fq_lin4_io *io,
     a.pf = (cfg & 0x10) ? 1 : 0;
     a.pairs = pairs;
     a.am_floats = (int)am_floats;
-    if (cfg & 0x80) {
-        fn<<<(unsigned)blocks, nw * 32, smem, stream>>>(a);
-        return (int)cudaGetLastError();
-    }
-    cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute attr[1] = {};
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.gridDim = dim3((unsigned)blocks);
-    lc.blockDim = dim3((unsigned)(nw * 32));
-    lc.dynamicSmemBytes = smem;
-    lc.stream = stream;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    cudaError_t err = cudaLaunchKernelEx(&lc, fn, a);
-    if (err != cudaSuccess) return (int)err;
-    return (int)cudaGetLastError();
+    return fq_lin4_launch(fn, (unsigned)blocks, (unsigned)(nw * 32), smem, stream, a, (cfg & 0x80) != 0);
 }

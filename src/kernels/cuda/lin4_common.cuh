@@ -200,6 +200,34 @@ template <int N> static __device__ __forceinline__ void fq_cp_async_wait(void) {
 #endif
 }
 
+/* ---- launching ------------------------------------------------------------------ */
+
+/* fn<<<grid, block, smem, stream>>>(a) as a programmatic dependent launch (the
+ * kernel may start while the previous kernel on the stream finishes; it must run
+ * griddepcontrol.wait before reading anything that one writes), or as a plain
+ * launch (needed before sm_90). Returns a cudaError_t. */
+template <typename A>
+static inline int fq_lin4_launch(void (*fn)(A), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                                 const A &a, bool plain) {
+    if (plain) {
+        fn<<<grid, block, smem, stream>>>(a);
+        return (int)cudaGetLastError();
+    }
+    cudaLaunchConfig_t lc = {};
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.gridDim = dim3(grid);
+    lc.blockDim = dim3(block);
+    lc.dynamicSmemBytes = smem;
+    lc.stream = stream;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&lc, fn, a);
+    if (err != cudaSuccess) return (int)err;
+    return (int)cudaGetLastError();
+}
+
 static __host__ __device__ __forceinline__ int fq_log2i(int64_t v) {
     int l = 0;
     while (((int64_t)1 << l) < v) l++;

@@ -131,6 +131,20 @@ int fq_cuda_gemv4_flat_prepare(void);
 int fq_cuda_gemv4_flat(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                        int sm_count, int cfg, cudaStream_t stream);
 
+/* M <= 2 GEMV whose every warp load is one contiguous 512-byte window of one W row
+ * (gemv4_win.cu, sm_80+): each warp keeps one window of the rows it owns, with its
+ * x values in registers as f32; bytes decoded through a table of f32 code pairs,
+ * sums in f32, the absmax applied to each lane's 32-element sum (W never rounded:
+ * not bit-identical to dequantize + GEMM). Needs blocksize >= 32, K % 32 == 0,
+ * K <= 16384, x f32/f16/bf16, x and packed 16-byte aligned. cfg (0 = choose):
+ * bits 0..1 block shape (0/1: up to 16 warps, batches of 4 rows at M = 1 and 2 at
+ * M = 2; 2: half the batch; 3: up to 8 warps), bit 4 L2 prefetch of each block's
+ * rows before the wait, bit 7 plain launch (set it before sm_90). */
+int fq_cuda_gemv4_win_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+int fq_cuda_gemv4_win_prepare(void);
+int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                      int sm_count, int cfg, cudaStream_t stream);
+
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
  * needs more shared memory than smem_optin is replaced by the automatic choice). */
@@ -205,6 +219,7 @@ typedef enum {
     FQ_LIN4_GEMV_BULK,    /* M <= 2 bulk-copy streaming kernel, sm_90 (FQ_LINEAR_GEMV)     */
     FQ_LIN4_GEMM_WS,      /* warp-specialized TMA/wgmma GEMM, W rounded like dequantize (sm_90) */
     FQ_LIN4_GEMV_FLAT,    /* M <= 2 contiguous-load GEMV, fast decode only (FQ_LINEAR_GEMV)  */
+    FQ_LIN4_GEMV_WIN,     /* M <= 2 window GEMV, f32 decode, W not rounded (FQ_LINEAR_GEMV)   */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 

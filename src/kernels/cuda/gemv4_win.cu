@@ -1,0 +1,342 @@
+/* gemv4_win: the M <= 2 4-bit GEMV built around one load shape, a 16-byte load per
+ * lane that makes every warp load one contiguous 512-byte window of one W row.
+ *
+ * Why this shape. A flat stream of 16-byte loads reaches 0.90 of the device copy
+ * bandwidth on the H100 (gemv4_flat's probe); the earlier kernels load two rows at
+ * once (8 bytes each) or 16-row tiles, which the DRAM sees as shorter runs. Here a
+ * warp always reads the same window w of the rows it owns (ceil(K / 1024) windows
+ * per row; the warps of a block cover all windows of R neighbouring rows, so a
+ * block sweeps its rows front to back), which keeps the lane's 32 x values in
+ * registers (as f32) for the whole kernel: no x traffic, no operand shuffling.
+ *
+ * Decode. A lane's 32 elements lie in one absmax block (blocksize >= 32, the
+ * block grid is aligned to 32 elements and so is a lane's first element). Each
+ * byte is looked up in a shared-memory table of f32 pairs (code[first],
+ * code[second]): 32 copies of the 256 entries, lane l reading copy l, so a warp's
+ * LDS.64 never conflicts, and the address is one PRMT (the table sits at offset 0).
+ * The lane sums code * x in f32 (four chains) and multiplies the sum by its
+ * block's absmax (rebuilt from the nested state with dequantize's own roundings).
+ * The weight is therefore never rounded: the result is a f32 dot product of x with
+ * code * absmax, closer to the float64 reference than any kernel that rounds W to
+ * bf16, but not bit-identical to dequantize + GEMM (a non-exact choice, like
+ * gemv4_flat and gemv4_tc).
+ *
+ * Sums. The lane values of a batch of rows are added over the warp in one
+ * butterfly (each step halves the rows a lane carries), the window sums of a row
+ * meet in shared memory and are added in window order at the end: results are
+ * bit-identical from run to run and independent of timing.
+ *
+ * Order in a block: griddepcontrol.launch_dependents, griddepcontrol.wait (W, x and
+ * the absmax state are read only after it), the first two batches of loads, then x
+ * and the decode table, so the setup hides under the first loads. One block per SM
+ * (64 KB of table); rows split evenly over the blocks.
+ *
+ * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
+ * 21504x3072 19.4 us (gemv4_flat 24.1, cuBLASLt bf16 48.8 in the same run),
+ * 0.60 of the copy bandwidth. ncu: 45 % issue utilisation with 15 warps per SM,
+ * the largest stall waiting for the loads. Tried and slower: an L2 prefetch per
+ * row ahead of the loads (the uniform-datapath loop it compiles to costs more than
+ * it hides), branch-free clamped loads, and a per-warp cp.async ring in shared
+ * memory with 24 warps (28.8 us: the ring's copies and reads on top of the table
+ * lookups saturate the shared-memory pipe). */
+#include "kernels/cuda/lin4_common.cuh"
+
+#define GW_WIN_ELEMS 1024 /* one warp load: 32 lanes x 32 elements (16 bytes) */
+#define GW_MAX_K 16384
+#define GW_TBL_BYTES (256 * 32 * 8) /* f32 pairs, 32 copies */
+#define GW_PART_CAP (32 << 10)      /* bytes of per-window row sums per block */
+
+typedef struct {
+    fq_lin4_weight w;
+    const void *x; /* [m, k] */
+    int x_dtype;
+    void *y; /* [m, n] */
+    int y_dtype;
+    fq_lin4_epilogue e;
+    int lg2bs;
+    int wins; /* ceil(K / 1024) windows per row */
+    int R;    /* rows a block works on at once (warps = wins * R) */
+    int pf;   /* 1: L2 prefetch of the block's rows before the wait */
+} gw_args;
+
+/* One row in flight: its 16 bytes and the raw absmax state of the lane's block. */
+struct gw_row {
+    uint4 w;
+    uint32_t q;  /* nested: the 8-bit absmax code */
+    float am;    /* nested: the nested absmax; else the absmax itself */
+};
+
+static __device__ __forceinline__ void gw_prefetch(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
+/* x[m, k0 .. k0 + 32) as f32 (0 past K) */
+static __device__ __forceinline__ void gw_load_x(const void *x, int dt, int64_t off, int valid, float (&xf)[32]) {
+    if (!valid) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) xf[i] = 0.0f;
+        return;
+    }
+    if (dt == FQ_F32) {
+        const float4 *p = (const float4 *)((const float *)x + off);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float4 v = __ldg(p + i);
+            xf[4 * i] = v.x;
+            xf[4 * i + 1] = v.y;
+            xf[4 * i + 2] = v.z;
+            xf[4 * i + 3] = v.w;
+        }
+        return;
+    }
+    const uint4 *p = (const uint4 *)((const uint16_t *)x + off);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const uint4 v = __ldg(p + i);
+        const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float2 f = dt == FQ_BF16 ? fq_mma_t<__nv_bfloat16>::unpack(u[j]) : fq_mma_t<__half>::unpack(u[j]);
+            xf[8 * i + 2 * j] = f.x;
+            xf[8 * i + 2 * j + 1] = f.y;
+        }
+    }
+}
+
+template <bool NESTED, int M, int U>
+__global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    extern __shared__ __align__(16) uint8_t gw_sm[];
+    /* the table is at offset 0 of the dynamic shared memory, so that a lookup's
+     * byte offset, (byte << 8) | 8 * lane, is one PRMT and the base an immediate */
+    uint2 *tbl = (uint2 *)gw_sm;                      /* [256][32] f32 pairs */
+    float *code_s = (float *)(gw_sm + GW_TBL_BYTES);  /* nested map, 256 */
+    float *qm_s = code_s + 256;                       /* 16 codes */
+    float *part = qm_s + 16;                          /* [rows of the block][M][wins] */
+
+    const int64_t N = a.w.n, K = a.w.k, rowb = K >> 1;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wins = a.wins, R = a.R;
+    const int wi = warp % wins, ro = warp / wins;
+    const int64_t rb0 = N * blockIdx.x / gridDim.x, rb1 = N * (blockIdx.x + 1) / gridDim.x;
+    const int64_t k0 = (int64_t)wi * GW_WIN_ELEMS + 32 * lane; /* this lane's first element of a row */
+    const bool on = k0 < K;                                    /* the last window may be partial */
+
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    if (a.pf && tid == 0 && rb1 > rb0) {
+        const int64_t b0 = rb0 * rowb, bytes = (rb1 - rb0) * rowb;
+        for (int64_t o = 0; o < bytes; o += 1 << 16)
+            gw_prefetch(a.w.packed + b0 + o, (uint32_t)min((int64_t)1 << 16, bytes - o));
+    }
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+
+    /* load cursor: the next row of this warp */
+    int64_t rl = rb0 + ro;
+    auto issue = [&](gw_row (&b)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            b[u].w = make_uint4(0, 0, 0, 0);
+            b[u].q = 0;
+            b[u].am = 0.0f;
+            if (rl < rb1 && on) {
+                const int64_t e = rl * K + k0; /* flat element index */
+                b[u].w = fq_lin4_ld_stream16(a.w.packed + (e >> 1));
+                const int64_t blk = e >> a.lg2bs;
+                if (NESTED) {
+                    b[u].q = __ldg(a.w.qabsmax + blk);
+                    b[u].am = __ldg(&a.w.nested_absmax[blk >> 8]);
+                } else {
+                    b[u].am = __ldg(&a.w.absmax[blk]);
+                }
+            }
+            rl += R;
+        }
+    };
+    gw_row bA[U], bB[U];
+    issue(bA);
+    issue(bB);
+
+    float xf[M][32];
+#pragma unroll
+    for (int m = 0; m < M; m++) gw_load_x(a.x, a.x_dtype, (int64_t)m * K + k0, on, xf[m]);
+    if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
+    if (NESTED)
+        for (int i = tid; i < 256; i += blockDim.x) code_s[i] = __ldg(&a.w.nested_code[i]);
+    __syncthreads();
+    /* entry b, copy l at word pair b * 32 + l; thread writes are rotated over the
+     * 16-byte columns so that a store phase covers distinct banks */
+    for (int i = tid; i < 256 * 16; i += blockDim.x) {
+        const int b = i >> 4, c = (i + b) & 15; /* 16-byte column c holds copies 2c, 2c+1 */
+        const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
+        *(uint4 *)(tbl + b * 32 + 2 * c) = make_uint4(first, second, first, second);
+    }
+    __syncthreads();
+
+    /* (code of the byte's first element, code of its second) from lane's copy */
+    const uint32_t lane8 = 8u * (uint32_t)lane;
+    auto pair = [&](uint32_t wd, int byte) -> float2 {
+        /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
+        const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
+        return *(const float2 *)(gw_sm + off);
+    };
+
+    /* compute cursor */
+    int64_t rc = rb0 + ro;
+    auto consume = [&](const gw_row (&b)[U]) {
+        if (rc >= rb1) return; /* warp-uniform */
+        float v[M][U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float s[M][4];
+#pragma unroll
+            for (int m = 0; m < M; m++) s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
+            const uint32_t wd[4] = {b[u].w.x, b[u].w.y, b[u].w.z, b[u].w.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int by = 0; by < 4; by++) {
+                    const float2 c = pair(wd[j], by);
+                    const int i = 8 * j + 2 * by, ch = 2 * (by & 1); /* four chains */
+#pragma unroll
+                    for (int m = 0; m < M; m++) {
+                        s[m][ch] = fmaf(c.x, xf[m][i], s[m][ch]);
+                        s[m][ch + 1] = fmaf(c.y, xf[m][i + 1], s[m][ch + 1]);
+                    }
+                }
+            float am = b[u].am;
+            if (NESTED) am = __fadd_rn(fq_lin4_mul_ftz(code_s[b[u].q], am), a.w.offset);
+#pragma unroll
+            for (int m = 0; m < M; m++) v[m][u] = ((s[m][0] + s[m][1]) + (s[m][2] + s[m][3])) * am;
+        }
+        /* the U row sums over the warp at once: each butterfly step halves the rows a
+         * lane carries (lane bit 4, then 3, ... picks which half it keeps) */
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float t[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) t[u] = v[m][u];
+            int h = U, bit = 16;
+#pragma unroll
+            for (; h > 1; h >>= 1, bit >>= 1) {
+                const bool up = (lane & bit) != 0;
+#pragma unroll
+                for (int j = 0; j < h / 2; j++) {
+                    const float keep = up ? t[j + h / 2] : t[j], send = up ? t[j] : t[j + h / 2];
+                    t[j] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+                }
+            }
+#pragma unroll
+            for (; bit >= 1; bit >>= 1) t[0] += __shfl_xor_sync(0xffffffffu, t[0], bit);
+            /* lane bits 4, 3, ... (log2 U of them) name the row whose sum it holds */
+            const int row = U == 1 ? 0 : lane >> (5 - (U == 2 ? 1 : U == 4 ? 2 : 3));
+            const int64_t r = rc + (int64_t)row * R;
+            if ((lane & ((32 / U) - 1)) == 0 && r < rb1) part[((r - rb0) * M + m) * wins + wi] = t[0];
+        }
+        rc += (int64_t)U * R;
+    };
+    /* two batches of U rows in flight; a batch is reloaded as soon as it is used */
+    while (rc < rb1) {
+        consume(bA);
+        issue(bA);
+        if (rc >= rb1) break;
+        consume(bB);
+        issue(bB);
+    }
+    __syncthreads();
+
+    /* rows of the block: the window sums in window order, the epilogue, the store */
+    const int64_t nr = rb1 - rb0;
+    for (int64_t i = tid; i < nr * M; i += blockDim.x) {
+        const int64_t r = i / M;
+        const int m = (int)(i - r * M);
+        const float *p = part + i * wins;
+        float v = p[0];
+        for (int w = 1; w < wins; w++) v += p[w];
+        const int64_t n = rb0 + r;
+        fq_stf(a.y, a.y_dtype, (int64_t)m * N + n, fq_epi(a.e, n, v));
+    }
+#else
+    (void)a;
+    __trap(); /* never launched: the host needs sm_80 */
+#endif
+}
+
+typedef void (*gw_fn)(gw_args);
+/* configurations: {most warps per block, batch: 0 the longest without spills (4
+ * rows at M = 1, 2 at M = 2; 8 and 4 spill), 1 half of it} */
+#define GW_SHAPES 3
+static const int g_gw_nw[GW_SHAPES] = {16, 16, 8};
+static const int g_gw_half[GW_SHAPES] = {0, 1, 0};
+
+/* [nested][M - 1][half batch] */
+static const gw_fn g_gw[2][2][2] = {
+    {{gemv4_win_kernel<false, 1, 4>, gemv4_win_kernel<false, 1, 2>},
+     {gemv4_win_kernel<false, 2, 2>, gemv4_win_kernel<false, 2, 1>}},
+    {{gemv4_win_kernel<true, 1, 4>, gemv4_win_kernel<true, 1, 2>},
+     {gemv4_win_kernel<true, 2, 2>, gemv4_win_kernel<true, 2, 1>}},
+};
+
+static size_t gw_smem(int64_t rows, int64_t m, int wins) {
+    return GW_TBL_BYTES + (256 + 16) * 4 + (size_t)(rows * m * wins) * 4;
+}
+
+extern "C" int fq_cuda_gemv4_win_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
+    const int xt = io->x_dtype, yt = io->y_dtype;
+    return (xt == FQ_BF16 || xt == FQ_F16 || xt == FQ_F32) && (yt == FQ_BF16 || yt == FQ_F16 || yt == FQ_F32) &&
+           io->m >= 1 && io->m <= 2 && w->blocksize >= 32 && w->k >= 32 && w->k % 32 == 0 && w->k <= GW_MAX_K &&
+           w->n >= 1 && ((uintptr_t)io->x & 15) == 0 && ((uintptr_t)w->packed & 15) == 0 && w->quant_map != NULL;
+}
+
+extern "C" int fq_cuda_gemv4_win_prepare(void) {
+    const int bytes = (int)gw_smem(1, 1, 1) + GW_PART_CAP;
+    for (int n = 0; n < 2; n++)
+        for (int m = 0; m < 2; m++)
+            for (int h = 0; h < 2; h++) {
+                cudaError_t e = cudaFuncSetAttribute(g_gw[n][m][h], cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+                if (e != cudaSuccess) return (int)e;
+            }
+    return (int)cudaSuccess;
+}
+
+/* cfg (0 = automatic): bits 0..1 block shape (0/1: up to 16 warps, batches of 4 rows
+ * at M = 1 and 2 at M = 2; 2: the same with half the batch; 3: up to 8 warps); bit
+ * 4: L2 prefetch of each block's rows before the wait; bit 7: plain launch (no
+ * programmatic dependent launch). */
+extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
+                                 int sm_count, int cfg, cudaStream_t stream) {
+    if (!fq_cuda_gemv4_win_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (io->m <= 0) return (int)cudaSuccess;
+    const int shp = cfg & 3, s = shp == 0 ? 0 : shp - 1;
+    const int wins = (int)((w->k + GW_WIN_ELEMS - 1) / GW_WIN_ELEMS);
+    int R = g_gw_nw[s] / wins;
+    if (R < 1) R = 1;
+    /* one block per SM, more when a block's row sums would not fit */
+    int64_t blocks = sm_count > 0 ? sm_count : 132;
+    const int64_t per_row = io->m * wins * 4;
+    const int64_t max_rows = GW_PART_CAP / per_row; /* >= 256 */
+    if (blocks < (w->n + max_rows - 1) / max_rows) blocks = (w->n + max_rows - 1) / max_rows;
+    if (blocks > w->n) blocks = w->n;
+    if (blocks > 0x7fffffff) return (int)cudaErrorInvalidConfiguration;
+    const int64_t rows = (w->n + blocks - 1) / blocks;
+    gw_args a;
+    a.w = *w;
+    a.x = io->x;
+    a.x_dtype = io->x_dtype;
+    a.y = io->y;
+    a.y_dtype = io->y_dtype;
+    a.e = *e;
+    a.lg2bs = fq_log2i(w->blocksize);
+    a.wins = wins;
+    a.R = R;
+    a.pf = (cfg & 0x10) ? 1 : 0;
+    const gw_fn fn = g_gw[w->nested ? 1 : 0][io->m - 1][g_gw_half[s]];
+    const size_t smem = gw_smem(rows, io->m, wins);
+    const unsigned threads = (unsigned)(wins * R * 32);
+    return fq_lin4_launch(fn, (unsigned)blocks, threads, smem, stream, a, (cfg & 0x80) != 0);
+}
