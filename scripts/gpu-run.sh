@@ -10,7 +10,8 @@
 #     perf   build, then the CUDA tests of the FLUX and linear work (test_flux_cuda,
 #            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
 #            benchmark (NF4 + double quant, also as a CUDA graph; again with --exact-gelu,
-#            with the previous AdaLN kernel, and with dense bf16 weights)
+#            with the previous AdaLN kernel, and with dense bf16 weights; the SM clock
+#            and power drawn during the NF4 step loop go to the summary)
 #     multi-flux  for the 2-GPU machine: build, test_flux_cuda (cuda:0 vs cuda:1 and moves),
 #            test_multi_gpu, and a FLUX.1-dev NF4 step benchmark on cuda:1 with nvidia-smi
 #            asked meanwhile which GPUs hold the process (GPU 0 must not)
@@ -117,7 +118,13 @@ if [ "$WHAT" = perf ]; then
         grep -q '0 failed' "$OUT/$f.log" && grep -q '^exit 0' "$OUT/$f.log" || STATUS=1
     done
     BF=(build/bench/bench_flux --config dev --random-weights --quantize nf4 --double-quant --profile)
+    # the card's clock and power while the step benchmark runs (is it power-limited?)
+    smi_log=/tmp/fluxq_smi_flux.csv
+    nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit,temperature.gpu,clocks.max.sm \
+        --format=csv,noheader,nounits -lms 200 > "$smi_log" 2>/dev/null &
+    smi_pid=$!
     timeout 150 "${BF[@]}" --iters 10 --graph > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
+    kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
     timeout 120 "${BF[@]}" --iters 5 --exact-gelu > "$OUT/bench_flux_exact_gelu.txt" 2>&1 || STATUS=1
     # baselines in the same call: the previous AdaLN kernel, and dense bf16 weights (no dequantization)
     FQ_ADALN=row timeout 120 "${BF[@]}" --iters 5 > "$OUT/bench_flux_adaln_row.txt" 2>&1 || STATUS=1
@@ -125,6 +132,16 @@ if [ "$WHAT" = perf ]; then
         > "$OUT/bench_flux_bf16.txt" 2>&1 || STATUS=1
     note "bench_flux (NF4 + dq):"
     grep -E '^step|plan|peak|linears|attention|rest|by op|TFLOP' "$OUT/bench_flux.txt" | tee -a "$SUMMARY"
+    # samples drawing > 60 % of the power limit = the step loop, not the model build
+    awk -F', *' '$3 > 0 && $2 > 0.6 * $3' "$smi_log" > "$smi_log.busy"
+    if [ -s "$smi_log.busy" ]; then
+        n=$(wc -l < "$smi_log.busy")
+        clk=$(cut -d, -f1 "$smi_log.busy" | sort -n | awk '{ c[NR] = $1 } END { printf "min %d / median %d / max %d", c[1], c[int((NR + 1) / 2)], c[NR] }')
+        pw=$(awk -F', *' '{ p += $2; l = $3; m = $5; if ($4 > t) t = $4 } END { printf "(max %d), mean power %.0f W of a %.0f W limit, up to %d C", m, p / NR, l, t }' "$smi_log.busy")
+        note "card during bench_flux ($n busy samples of 200 ms): SM clock $clk MHz, $pw"
+    else
+        note "card during bench_flux: no busy samples (nvidia-smi -lms gave nothing)"
+    fi
     note "bench_flux --exact-gelu:"
     grep -E '^step|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"
     note "bench_flux with FQ_ADALN=row (the AdaLN kernel before 13fd0c5):"
