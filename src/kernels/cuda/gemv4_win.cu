@@ -138,26 +138,32 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 
-    /* load cursor: the next row of this warp */
-    int64_t rl = rb0 + ro;
+    /* load cursor: this warp's next row, as pointers stepped by R rows (no 64-bit
+     * multiplies per row); rows past the warp's last and lanes past K load nothing */
+    const int nrow = rb1 - rb0 > ro ? (int)((rb1 - rb0 - ro + R - 1) / R) : 0;
+    int li = on ? 0 : nrow;
+    const int64_t estep = (int64_t)R * K;
+    const uint8_t *lp = a.w.packed + (((rb0 + ro) * K + k0) >> 1);
+    int64_t le = (rb0 + ro) * K + k0; /* flat element index of the lane's first element */
     auto issue = [&](gw_row (&b)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             b[u].w = make_uint4(0, 0, 0, 0);
             b[u].q = 0;
             b[u].am = 0.0f;
-            if (rl < rb1 && on) {
-                const int64_t e = rl * K + k0; /* flat element index */
-                b[u].w = fq_lin4_ld_stream16(a.w.packed + (e >> 1));
-                const int64_t blk = e >> a.lg2bs;
+            if (li < nrow) {
+                b[u].w = fq_lin4_ld_stream16(lp);
+                const int64_t blk = le >> a.lg2bs;
                 if (NESTED) {
                     b[u].q = __ldg(a.w.qabsmax + blk);
                     b[u].am = __ldg(&a.w.nested_absmax[blk >> 8]);
                 } else {
                     b[u].am = __ldg(&a.w.absmax[blk]);
                 }
+                lp += estep >> 1;
+                le += estep;
             }
-            rl += R;
+            li++;
         }
     };
     gw_row bA[U], bB[U];
@@ -181,11 +187,13 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     __syncthreads();
 
     /* (code of the byte's first element, code of its second) from lane's copy */
-    const uint32_t lane8 = 8u * (uint32_t)lane;
+    const uint32_t lane8 = 8u * (uint32_t)lane, tbase = fq_smem_addr(gw_sm);
     auto pair = [&](uint32_t wd, int byte) -> float2 {
         /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
         const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
-        return *(const float2 *)(gw_sm + off);
+        float2 v; /* a shared-space address: the table base can become the load's immediate */
+        asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(tbase + off));
+        return v;
     };
 
     /* compute cursor */
