@@ -186,9 +186,9 @@ static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
      * K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
      * dequantize + cuBLASLt wins everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
     const int64_t m = op->io.m;
-    /* gemm4_ws (sm_90) at 192..384 rows: faster than dequantize + cuBLASLt at M = 256 on 6 of
-     * the 7 FLUX shapes (3072x12288: 52 vs 82 us), slower at 512 and 4608 rows
-     * (bench/results/bench_linear_gemm_h100_2026-11-27.txt). */
+    /* gemm4_ws (sm_90) at 192..384 rows: faster than dequantize + cuBLASLt at M = 256 on 5 of
+     * the 7 FLUX shapes (3072x12288: 44.7 vs 77.7 us; dq 4-11 % faster on 3072x3072 and
+     * 3072x4096), slower at 512 and 4608 rows (bench/results/bench_linear_gemm_ws2_h100_2026-11-27.txt). */
     if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op)) return FQ_LIN4_GEMM_WS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
     return FQ_LIN4_DEQUANT_BLAS;

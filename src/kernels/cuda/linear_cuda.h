@@ -175,12 +175,13 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
 
 /* Warp-specialized large-M GEMM (sm_90a only; gemm4_ws_sm90.cu): TMA + mbarrier
  * pipeline, W decoded exactly like dequantize into wgmma A registers. Same
- * requirements as gemm4_wgmma. cfg: low 4 bits = x rows per tile (0 = choose,
- * 1..FQ_GEMM4_WS_CONFIGS), bits 4..7 = K splits (0 = choose); with a split the f32
+ * requirements as gemm4_wgmma. cfg: low 4 bits = tile configuration (0 = choose,
+ * 1..FQ_GEMM4_WS_CONFIGS: 256/216/192/128 x rows per tile, then variants for
+ * benchmarks), bits 4..7 = K splits (0 = choose); with a split the f32
  * partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with less, K is not split).
  * fq_cuda_gemm4_ws_prepare (once per device, before the first launch there) sets
  * the shared-memory limits and looks up cuTensorMapEncodeTiled. */
-#define FQ_GEMM4_WS_CONFIGS 4
+#define FQ_GEMM4_WS_CONFIGS 7
 int fq_cuda_gemm4_ws_built(void);
 int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 int fq_cuda_gemm4_ws_prepare(void);
