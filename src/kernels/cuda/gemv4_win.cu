@@ -68,11 +68,16 @@ struct gw_row {
     float am;    /* nested: the nested absmax; else the absmax itself */
 };
 
-static __device__ __forceinline__ void gw_prefetch(const void *p, uint32_t bytes) {
+/* L2 prefetch of the packed bytes of rows [r0, r1) in 64 KB pieces (sm_90; one thread) */
+static __device__ __forceinline__ void gw_prefetch_rows(const uint8_t *packed, int64_t rowb, int64_t r0, int64_t r1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+    const int64_t b0 = r0 * rowb, bytes = (r1 - r0) * rowb;
+    for (int64_t o = 0; o < bytes; o += 1 << 16) {
+        const uint32_t n = (uint32_t)min((int64_t)1 << 16, bytes - o);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(packed + b0 + o), "r"(n) : "memory");
+    }
 #else
-    (void)p; (void)bytes;
+    (void)packed; (void)rowb; (void)r0; (void)r1;
 #endif
 }
 
@@ -120,7 +125,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     float *qm_s = code_s + 256;                       /* 16 codes */
     float *part = qm_s + 16;                          /* [rows of the block][M][wins] */
 
-    const int64_t N = a.w.n, K = a.w.k, rowb = K >> 1;
+    const int64_t N = a.w.n, K = a.w.k;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wins = a.wins, R = a.R;
     const int wi = warp % wins, ro = warp / wins;
@@ -130,11 +135,9 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
 
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    if (a.pf && tid == 0 && rb1 > rb0) {
-        const int64_t b0 = rb0 * rowb, bytes = (rb1 - rb0) * rowb;
-        for (int64_t o = 0; o < bytes; o += 1 << 16)
-            gw_prefetch(a.w.packed + b0 + o, (uint32_t)min((int64_t)1 << 16, bytes - o));
-    }
+#endif
+    if (a.pf && tid == 0 && rb1 > rb0) gw_prefetch_rows(a.w.packed, K >> 1, rb0, rb1); /* safe before the wait */
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 
