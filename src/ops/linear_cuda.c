@@ -43,6 +43,7 @@
 #define LIN_PREP_GEMV_FLAT 32u
 #define LIN_PREP_GEMV_WIN 64u
 #define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
+#define LIN_WS_MIN_NK ((int64_t)1 << 24) /* ... for weights larger than this (smaller: dequantize + cuBLASLt) */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
@@ -188,8 +189,10 @@ static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
     const int64_t m = op->io.m;
     /* gemm4_ws (sm_90) at 192..384 rows: faster than dequantize + cuBLASLt at M = 256 on 5 of
      * the 7 FLUX shapes (3072x12288: 44.7 vs 77.7 us; dq 4-11 % faster on 3072x3072 and
-     * 3072x4096), slower at 512 and 4608 rows (bench/results/bench_linear_gemm_ws2_h100_2026-11-27.txt). */
-    if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op)) return FQ_LIN4_GEMM_WS;
+     * 3072x4096, the two shapes of at most 2^24 weights, which therefore take it), slower at
+     * 512 and 4608 rows (bench/results/bench_linear_gemm_ws2_h100_2026-11-27.txt). */
+    if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op))
+        return op->w.n * op->w.k > LIN_WS_MIN_NK ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
     return FQ_LIN4_DEQUANT_BLAS;
 }
