@@ -13,7 +13,7 @@
  * block grid is aligned to 32 elements and so is a lane's first element). Each
  * byte is looked up in a shared-memory table of f32 pairs (code[first],
  * code[second]): 32 copies of the 256 entries, lane l reading copy l, so a warp's
- * LDS.64 never conflicts, and the address is one PRMT (the table sits at offset 0).
+ * LDS.64 never conflicts, and the offset is one PRMT (the table sits at offset 0).
  * The lane sums code * x in f32 (four chains) and multiplies the sum by its
  * block's absmax (rebuilt from the nested state with dequantize's own roundings).
  * The weight is therefore never rounded: the result is a f32 dot product of x with
@@ -118,8 +118,8 @@ template <bool NESTED, int M, int U>
 __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) uint8_t gw_sm[];
-    /* the table is at offset 0 of the dynamic shared memory, so that a lookup's
-     * byte offset, (byte << 8) | 8 * lane, is one PRMT and the base an immediate */
+    /* the table is at offset 0 of the dynamic shared memory: a lookup's byte
+     * offset, (byte << 8) | 8 * lane, is one PRMT */
     uint2 *tbl = (uint2 *)gw_sm;                      /* [256][32] f32 pairs */
     float *code_s = (float *)(gw_sm + GW_TBL_BYTES);  /* nested map, 256 */
     float *qm_s = code_s + 256;                       /* 16 codes */
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     auto pair = [&](uint32_t wd, int byte) -> float2 {
         /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
         const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
-        float2 v; /* a shared-space address: the table base can become the load's immediate */
+        float2 v; /* a shared-space address (a generic pointer costs a window-base add too) */
         asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(tbase + off));
         return v;
     };
