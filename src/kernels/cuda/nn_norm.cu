@@ -676,15 +676,18 @@ int resident_blocks(K kern, int threads, int64_t want, unsigned *grid, cudaStrea
     return 0;
 }
 
+/* 1 if the environment variable `name` is set to `value` (the baseline knobs
+ * below; each caller reads it once). */
+static bool env_is(const char *name, const char *value) {
+    const char *s = getenv(name);
+    return s && !strcmp(s, value);
+}
+
 /* FQ_NORM_KERNELS=old selects the earlier AdaLN and RMSNorm+RoPE kernels
  * (k_adaln_warp, k_rmsnorm_rope128), for a baseline in the same run. */
 bool norm_old() {
-    static int v = -1;
-    if (v < 0) {
-        const char *s = getenv("FQ_NORM_KERNELS");
-        v = s && !strcmp(s, "old");
-    }
-    return v != 0;
+    static const bool v = env_is("FQ_NORM_KERNELS", "old");
+    return v;
 }
 
 template <typename T, bool GATED>
@@ -693,11 +696,7 @@ int launch_adaln_row(T *h, const T *a, const float *gate, T *y, int64_t batch, i
     const int threads = (int)((d / 8 + 31) / 32 * 32);
     unsigned g = 0;
     /* rows loaded ahead: FQ_ADALN_PREFETCH=1 or 2 (the default; bf16 storage) */
-    static int pf = 0;
-    if (!pf) {
-        const char *s = getenv("FQ_ADALN_PREFETCH");
-        pf = s && !strcmp(s, "1") ? 1 : 2;
-    }
+    static const int pf = env_is("FQ_ADALN_PREFETCH", "1") ? 1 : 2;
     int e;
     if (pf == 1 || sizeof(T) == 4) { /* (f32 storage: too few registers for 2) */
         e = resident_blocks(k_adaln_row<T, GATED, 1>, threads, batch * rows, &g, st);
@@ -716,12 +715,8 @@ int launch_adaln_row(T *h, const T *a, const float *gate, T *y, int64_t batch, i
 /* FQ_ADALN=row selects k_adaln_row instead of k_adaln_rows, for a baseline
  * in the same run. */
 bool adaln_rowk() {
-    static int v = -1;
-    if (v < 0) {
-        const char *s = getenv("FQ_ADALN");
-        v = s && !strcmp(s, "row");
-    }
-    return v != 0;
+    static const bool v = env_is("FQ_ADALN", "row");
+    return v;
 }
 
 template <typename T, bool GATED, int K, int S>
