@@ -7,7 +7,7 @@
  * absmax in f32, absmax = code256[q] * nested_absmax + offset with double quant)
  * and x, bias taken as the values their dtype holds.
  *
- * Every implementation (gemv4_simple, gemv4_tc, gemv4_stream, gemv4_bulk, gemv4_flat, gemv4_win, gemv4_tcw, gemm4_mma, gemm4_wgmma, dequantize
+ * Every implementation (gemv4_simple, gemv4_tc, gemv4_stream, gemv4_bulk, gemv4_flat, gemv4_win, gemm4_mma, gemm4_wgmma, dequantize
  * + cuBLASLt) runs every case it can run, plus the public choices (AUTO, GEMV,
  * GEMM, DEQUANT_BLAS), over NF4/FP4, nested or not, x f32/f16/bf16, y f32/f16/bf16,
  * bias or not (bias in several dtypes), odd M, N not a multiple of the tile, K not
@@ -16,7 +16,7 @@
  * every call, so an unwritten element fails.
  *
  * Tolerances (u = unit roundoff of the named type: bf16 2^-9, f16 2^-12, f32 0):
- *  - weight rounding u_w: gemv4_simple, gemv4_win (W never rounded) and f32 x: 0; gemv4_tc, gemv4_tcw, gemv4_flat and gemv4_bulk's fast
+ *  - weight rounding u_w: gemv4_simple, gemv4_win (W never rounded) and f32 x: 0; gemv4_tc, gemv4_flat and gemv4_bulk's fast
  *    decode: u of the MMA type (the code value is rounded, absmax applied in f32);
  *    gemm4_*, gemv4_stream, gemv4_bulk's exact decode and
  *    dequantize + cuBLASLt with f16/bf16 x: u of x's type (W rounded once to it;
@@ -417,10 +417,6 @@ static const shape_t g_shapes[] = {
     {2, 4500, 384, 128, 1},   /* gemv4_bulk: several tiles per block, M = 2, blocksize 128 */
     {1, 50, 1056, 128, 1},    /* gemv4_win: blocks straddle rows, a 32-element last window */
     {2, 300, 16384, 64, 1},   /* gemv4_win: 16 windows per row, M = 2 */
-    {1, 2000, 576, 64, 1},    /* gemv4_tcw: one window, 4.5 sub-windows of it used */
-    {1, 130, 1152, 128, 1},   /* gemv4_tcw: blocksize 128, a second window of 128 elements */
-    {1, 5, 4096, 256, 0},     /* gemv4_tcw: fewer rows than blocks (one row each) */
-    {1, 6000, 512, 64, 1},    /* gemv4_tcw: ~46 rows per block, odd rows per warp */
     {33, 200, 256, 64, 1},    /* smallest GEMM M; N, M not tile multiples */
     {130, 384, 512, 128, 1},
     {257, 520, 1024, 64, 0},
@@ -435,7 +431,7 @@ static const shape_t g_shapes[] = {
 };
 
 static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
-                                       FQ_LIN4_GEMV_FLAT,   FQ_LIN4_GEMV_WIN,     FQ_LIN4_GEMV_TCW,
+                                       FQ_LIN4_GEMV_FLAT,   FQ_LIN4_GEMV_WIN,
                                        FQ_LIN4_GEMM_MMA,    FQ_LIN4_GEMM_WGMMA,   FQ_LIN4_DEQUANT_BLAS,
                                        FQ_LIN4_GEMM_WS};
 
@@ -521,13 +517,11 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 static const int bulk_codes[6] = {1, 2, 0x05, 0x0a, 0x1d, 0x81}; /* decode, prefetch, grid, launch */
                 static const int flat_codes[5] = {0x05, 0x09, 0x0d, 0x11, 0x81}; /* block shape, prefetch, launch */
                 static const int win_codes[4] = {0x02, 0x03, 0x11, 0x81};        /* block shape, prefetch, launch */
-                static const int tcw_codes[6] = {0x02, 0x03, 0x04, 0x05, 0x81, 0x11}; /* block shape, launch, interleave */
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMV_STREAM ? 6
                            : impl == FQ_LIN4_GEMV_BULK   ? 6
                            : impl == FQ_LIN4_GEMV_FLAT   ? 5
                            : impl == FQ_LIN4_GEMV_WIN    ? 4
-                           : impl == FQ_LIN4_GEMV_TCW    ? 6
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                            : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2
@@ -539,7 +533,6 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     if (impl == FQ_LIN4_GEMV_BULK) code = bulk_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMV_FLAT) code = flat_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMV_WIN) code = win_codes[cfg - 1];
-                    if (impl == FQ_LIN4_GEMV_TCW) code = tcw_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
                     if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x (1 split, 3 splits) */
@@ -564,9 +557,9 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 }
                 CHECK(impl != FQ_LIN4_NONE, "no kernel for public choice %d: %s", p, fq_ctx_error(ctx));
                 if (impl == FQ_LIN4_NONE) continue;
-                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN || impl == FQ_LIN4_GEMV_TCW, "GEMV -> %s", fq_lin4_impl_name(impl));
+                if (p == 1) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN, "GEMV -> %s", fq_lin4_impl_name(impl));
                 if (p == 3) CHECK(impl == FQ_LIN4_DEQUANT_BLAS, "DEQUANT_BLAS -> %s", fq_lin4_impl_name(impl));
-                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN || impl == FQ_LIN4_GEMV_TCW, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
+                if (p == 0 && sh->m <= 16) CHECK(impl == FQ_LIN4_GEMV_TC || impl == FQ_LIN4_GEMV_SIMPLE || impl == FQ_LIN4_GEMV_STREAM || impl == FQ_LIN4_GEMV_BULK || impl == FQ_LIN4_GEMV_FLAT || impl == FQ_LIN4_GEMV_WIN, "AUTO M<=16 -> %s", fq_lin4_impl_name(impl));
                 snprintf(what, sizeof what, "public %d (%s)", p, fq_lin4_impl_name(impl));
                 run_and_check(ctx, pub[p], what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
             }

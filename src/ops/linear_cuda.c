@@ -42,15 +42,13 @@
 #define LIN_PREP_GEMM_WS 16u
 #define LIN_PREP_GEMV_FLAT 32u
 #define LIN_PREP_GEMV_WIN 64u
-#define LIN_PREP_GEMV_TCW 128u
 #define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
 #define LIN_WS_MIN_NK ((int64_t)1 << 24) /* ... for weights larger than this (smaller: dequantize + cuBLASLt) */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static const char *g_impl_names[FQ_LIN4_COUNT] = {"none",        "gemv4_simple",     "gemv4_tc",    "gemm4_mma",
                                                   "gemm4_wgmma", "dequant_cublaslt", "gemv4_stream", "gemv4_bulk",
-                                                  "gemm4_ws",    "gemv4_flat",      "gemv4_win",
-                                                  "gemv4_tcw"};
+                                                  "gemm4_ws",    "gemv4_flat",      "gemv4_win"};
 
 const char *fq_lin4_impl_name(fq_lin4_impl k) {
     return (unsigned)k < FQ_LIN4_COUNT ? g_impl_names[k] : "?";
@@ -131,7 +129,6 @@ static int can_run(const fq_cuda_dev *d, fq_lin4_impl k, const lin_op *op) {
     case FQ_LIN4_GEMV_BULK: return d->cc_major >= 9 && fq_cuda_gemv4_bulk_supported(&op->w, &op->io);
     case FQ_LIN4_GEMV_FLAT: return d->cc_major >= 8 && fq_cuda_gemv4_flat_supported(&op->w, &op->io);
     case FQ_LIN4_GEMV_WIN: return d->cc_major >= 8 && fq_cuda_gemv4_win_supported(&op->w, &op->io);
-    case FQ_LIN4_GEMV_TCW: return d->cc_major >= 8 && fq_cuda_gemv4_tcw_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_MMA: return d->cc_major >= 8 && fq_cuda_gemm4_mma_supported(&op->w, &op->io);
     case FQ_LIN4_GEMM_WGMMA:
         return d->cc_major == 9 && d->cc_minor == 0 && fq_cuda_gemm4_wgmma_built() &&
@@ -389,7 +386,6 @@ static fq_status prepare(fq_ctx *ctx, fq_cuda_dev *d, unsigned bit) {
              : bit == LIN_PREP_GEMM_WS     ? fq_cuda_gemm4_ws_prepare()
              : bit == LIN_PREP_GEMV_FLAT   ? fq_cuda_gemv4_flat_prepare()
              : bit == LIN_PREP_GEMV_WIN    ? fq_cuda_gemv4_win_prepare()
-             : bit == LIN_PREP_GEMV_TCW    ? fq_cuda_gemv4_tcw_prepare()
                                            : fq_cuda_gemm4_wgmma_prepare();
     if (rc) return fq_cuda_status(ctx, (cudaError_t)rc, "cudaFuncSetAttribute (linear kernels)", d->index);
     d->lin_prepared |= bit;
@@ -419,10 +415,6 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
     case FQ_LIN4_GEMV_WIN:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_WIN));
         rc = fq_cuda_gemv4_win(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0), d->stream);
-        break;
-    case FQ_LIN4_GEMV_TCW:
-        FQ_TRY(prepare(ctx, d, LIN_PREP_GEMV_TCW));
-        rc = fq_cuda_gemv4_tcw(&op->w, &op->io, &op->e, d->sm_count, cfg | (d->cc_major < 9 ? 0x80 : 0), d->stream);
         break;
     case FQ_LIN4_GEMM_MMA:
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_MMA));

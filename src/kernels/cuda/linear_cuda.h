@@ -145,22 +145,6 @@ int fq_cuda_gemv4_win_prepare(void);
 int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                       int sm_count, int cfg, cudaStream_t stream);
 
-/* M = 1 GEMV with gemv4_win's load shape (one 512-byte window of one row per warp
- * load) decoded on tensor cores (gemv4_tcw.cu, sm_80+): a byte costs a PRMT and an
- * LDS.32 of a code pair in x's type, the sums are mma.sync whose B columns split x by
- * absmax block, the absmax applied in f32 to each block sum (the code is rounded to
- * x's type; W is not rounded like dequantize). An experiment kept for comparison:
- * not faster than gemv4_win (docs/linear-cuda.md), never chosen automatically. Needs
- * x f16/bf16, blocksize >= 64, K % blocksize == 0, K <= 16384, x and packed 16-byte
- * aligned. cfg (0 = 1): bits 0..2 block shape (most warps, units of two rows per batch:
- * 0/1: 16, 2; 2: 16, 1; 3: 12, 3; 4: 8, 2; 5: 8, 3), bit 3 loads-only probe (bench only,
- * WRONG results), bit 4 interleaved rows (R-row chunks dealt to the blocks in turn),
- * bit 7 plain launch (set it before sm_90). */
-int fq_cuda_gemv4_tcw_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
-int fq_cuda_gemv4_tcw_prepare(void);
-int fq_cuda_gemv4_tcw(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                      int sm_count, int cfg, cudaStream_t stream);
-
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
  * needs more shared memory than smem_optin is replaced by the automatic choice). */
@@ -237,7 +221,6 @@ typedef enum {
     FQ_LIN4_GEMM_WS,      /* warp-specialized TMA/wgmma GEMM, W rounded like dequantize (sm_90) */
     FQ_LIN4_GEMV_FLAT,    /* M <= 2 contiguous-load GEMV, fast decode only (FQ_LINEAR_GEMV)  */
     FQ_LIN4_GEMV_WIN,     /* M <= 2 window GEMV, f32 decode, W not rounded (FQ_LINEAR_GEMV)   */
-    FQ_LIN4_GEMV_TCW,     /* M = 1 GEMV decoded on tensor cores (experiment, never automatic)  */
     FQ_LIN4_COUNT
 } fq_lin4_impl;
 
