@@ -16,8 +16,10 @@
  *  - baselines measured in the same run: the attention op alone (24 heads,
  *    d 128 for FLUX.1) at 4608, 4096 and 512 tokens (and the step's count), with
  *    cuDNN's fused kernel (what the forward runs when the build has cuDNN) and
- *    with our tensor-core kernel, and a dense bf16 linear
- *    op (cuBLASLt with the op's conversions) of the size of a q projection.
+ *    with our tensor-core kernel; cuDNN's at 4608 tokens as one call and as
+ *    several calls over ranges of query rows (each against all keys), in
+ *    interleaved rounds; and a dense bf16 linear op (cuBLASLt with the op's
+ *    conversions) of the size of a q projection.
  *
  * Usage: bench_flux [--config dev|schnell|PATH] [--random-weights | --model PATH]
  *                   [--quantize nf4|fp4] [--double-quant] [--blocksize N] [--dtype bf16|f16|f32]
@@ -28,6 +30,10 @@
 #include "models/flux.h"
 #include "models/flux_random.h"
 #include "ops/nn_ops.h"
+#ifdef FQ_HAVE_CUDA
+#include "core/cuda_device.h"
+#include "ops/attn_cudnn.h" /* the query-range baseline calls cuDNN's ranges directly */
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -236,6 +242,122 @@ out:
     return ms;
 }
 
+#ifdef FQ_HAVE_CUDA
+/* Queues cuDNN's attention over the query ranges rows[0..] (ended by 0) of
+ * q, out [1, S, 24*128], each range against all S rows of k, v; under d's guard. */
+static fq_status run_ranges(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype rnd, int64_t S, const int64_t *rows,
+                            fq_tensor *const *qkvo, void *ws, size_t ws_bytes) {
+    int64_t r0 = 0;
+    for (; *rows; r0 += *rows++) {
+        const size_t off = (size_t)(r0 * 24 * 128) * 2;
+        int ran = 0;
+        FQ_TRY(fq_attn_cudnn_run_rows(ctx, d, rnd, 1, *rows, S, 24, 128, (char *)qkvo[0]->buf.ptr + off,
+                                      qkvo[1]->buf.ptr, qkvo[2]->buf.ptr, (char *)qkvo[3]->buf.ptr + off, 0, ws,
+                                      ws_bytes, 1, &ran));
+    }
+    return FQ_OK;
+}
+
+/* cuDNN's attention at 4608 tokens (24 heads, d 128) as one call and as
+ * several calls over ranges of query rows, each range against all keys and
+ * values (fq_attn_cudnn_run_rows), on the same rows; for reference 4096 tokens
+ * as one call. Timed alike: wall clock over `iters` repetitions of a variant
+ * (after a sync), the variants interleaved round robin for `rounds` rounds
+ * after ~20 ms of warm-up, the median kept; each split's bits are compared
+ * with the one call's. */
+enum { NRANGES = 8 }; /* variants: 7 splits of 4608 and 4096 whole */
+static void attention_ranges(fq_ctx *ctx, fq_device dev, fq_dtype rnd, int rounds, int iters) {
+    static const int64_t var[NRANGES][5] = {{4608},       {512, 4096},        {4096, 512},
+                                            {2304, 2304}, {1536, 1536, 1536}, {1152, 1152, 1152, 1152},
+                                            {3072, 1536}, {4096}};
+    const int64_t S = 4608, S2 = 4096, ld = 24 * 128, nv = NRANGES;
+    const fq_dtype act = fq_nn_act_dtype(dev, rnd);
+    fq_cuda_dev *d = NULL;
+    fq_tensor *t[8] = {0}, *scr = NULL; /* q, k, v, out of 4608 rows; the same of 4096 */
+    uint16_t *ref = NULL, *got = NULL;
+    double *tm = NULL;
+    fq_cuda_guard g;
+    int guarded = 0, same[NRANGES] = {0};
+    if (act != rnd || (rnd != FQ_BF16 && rnd != FQ_F16)) return; /* cuDNN reads bf16/f16 rows in place */
+    BTRY("cuda device", fq_cuda_dev_get(ctx, dev.index, &d));
+    size_t ws = 0; /* every range's plan now; the largest workspace */
+    for (int vi = 0; vi < nv; vi++)
+        for (int j = 0; var[vi][j]; j++) {
+            int ok = 0;
+            size_t w = 0;
+            const int64_t skv = vi == nv - 1 ? S2 : S;
+            BTRY("attention range plan", fq_attn_cudnn_plan_rows(ctx, d, rnd, 1, var[vi][j], skv, 24, 128, 0, 1, &ok, &w));
+            ws = w > ws ? w : ws;
+        }
+    for (int i = 0; i < 8; i++) {
+        int64_t sh[3] = {1, i < 4 ? S : S2, ld};
+        if (i % 4 == 3)
+            BTRY("attention buffers", fq_tensor_create(ctx, dev, act, 3, sh, &t[i]));
+        else
+            t[i] = as_act(ctx, rand_tensor(ctx, dev, 3, sh, 11 + (uint64_t)i % 4, i % 4 ? 1.0f : 3.0f, 0.0f, rnd),
+                          act, rnd);
+        if (!t[i]) goto out;
+    }
+    int64_t ss[1] = {(int64_t)(ws / 4) + 64};
+    BTRY("attention scratch", fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &scr));
+    void *wp = (void *)(((uintptr_t)scr->buf.ptr + 255) & ~(uintptr_t)255);
+    const size_t wb = (size_t)ss[0] * 4 - ((uintptr_t)wp - (uintptr_t)scr->buf.ptr);
+    const size_t nb = (size_t)(S * ld) * 2;
+    ref = malloc(nb), got = malloc(nb);
+    tm = calloc((size_t)(rounds * nv), sizeof *tm);
+    if (!ref || !got || !tm) goto out;
+    BTRY("guard", fq_cuda_guard_enter(ctx, dev.index, &g));
+    guarded = 1;
+    for (int vi = 0; vi < nv - 1; vi++) { /* the bits: every split against the one call */
+        BTRY("attention ranges", run_ranges(ctx, d, rnd, S, var[vi], t, wp, wb));
+        BTRY("sync", fq_nn_sync(ctx, dev));
+        BTRY("attention output", fq_tensor_to_host(ctx, t[3], vi ? got : ref));
+        same[vi] = !vi || !memcmp(ref, got, nb);
+    }
+    for (double w0 = now_ms(); now_ms() - w0 < 20;) {
+        BTRY("attention ranges", run_ranges(ctx, d, rnd, S, var[0], t, wp, wb));
+        BTRY("sync", fq_nn_sync(ctx, dev));
+    }
+    for (int r = 0; r < rounds; r++)
+        for (int vi = 0; vi < nv; vi++) {
+            const int sq = vi == nv - 1;
+            BTRY("sync", fq_nn_sync(ctx, dev));
+            const double a = now_ms();
+            for (int i = 0; i < iters; i++)
+                BTRY("attention ranges", run_ranges(ctx, d, rnd, sq ? S2 : S, var[vi], sq ? t + 4 : t, wp, wb));
+            BTRY("sync", fq_nn_sync(ctx, dev));
+            tm[vi * rounds + r] = (now_ms() - a) / iters;
+        }
+    printf("attention at %lld tokens as ranges of query rows (cuDNN, one call per range, each against all %lld keys; "
+           "median of %d interleaved rounds of %d):\n",
+           (long long)S, (long long)S, rounds, iters);
+    double one = -1;
+    for (int vi = 0; vi < nv; vi++) {
+        double *x = tm + vi * rounds;
+        qsort(x, (size_t)rounds, sizeof *x, cmp_double);
+        const double ms = rounds % 2 ? x[rounds / 2] : 0.5 * (x[rounds / 2 - 1] + x[rounds / 2]);
+        const int64_t sv = vi == nv - 1 ? S2 : S;
+        char name[64] = "";
+        int w = 0;
+        for (int j = 0; var[vi][j] && w < (int)sizeof name; j++)
+            w += snprintf(name + w, sizeof name - (size_t)w, "%s%lld", j ? " + " : "", (long long)var[vi][j]);
+        if (vi == 0) one = ms;
+        printf("  %-26s %.4f ms = %.1f TFLOP/s (min %.4f, max %.4f)", name, ms, 4.0 * sv * sv * ld / (ms * 1e9), x[0],
+               x[rounds - 1]);
+        if (vi == 0) printf("  one call\n");
+        else if (vi < nv - 1) printf("  %.3fx the one call, %s\n", ms / one, same[vi] ? "the same bits" : "OTHER BITS");
+        else printf("  %lld tokens, one call, for reference\n", (long long)S2);
+    }
+out:
+    if (guarded) fq_cuda_guard_exit(&g);
+    for (int i = 0; i < 8; i++) fq_tensor_free(t[i]);
+    fq_tensor_free(scr);
+    free(ref);
+    free(got);
+    free(tm);
+}
+#endif
+
 /* Times a dense linear y[M, N] = x[M, K]·Wᵀ + b with bf16 weights through fq_nn_linear. */
 static double time_dense_linear(fq_ctx *ctx, fq_device dev, int64_t M, int64_t N, int64_t K, fq_dtype rnd, int iters) {
     double ms = -1;
@@ -441,6 +563,9 @@ int fq_bench_flux(int argc, char **argv) {
                    (long long)Sa, fq_dtype_name(cd), fq_dtype_name(fq_nn_act_dtype(dev, cd)), ac,
                    ac > 0 ? fl / (ac * 1e9) : 0.0, am, am > 0 ? fl / (am * 1e9) : 0.0);
         }
+#ifdef FQ_HAVE_CUDA
+        if (fq_attn_cudnn_available()) attention_ranges(ctx, dev, cd, 9, 20);
+#endif
         double a0b = time_attention(ctx, dev, S0, 24, 128, cd, FQ_NN_ATTN_MMA1, 10);
         if (a0b > 0)
             printf("  the same with one query m-tile per warp (the earlier kernel): %.3f ms, %.1f TFLOP/s\n", a0b,

@@ -13,6 +13,16 @@
  * first one cuDNN offers (mode 0) are both held to the bar, and to twice it of
  * each other (another engine may sum in another order).
  *
+ * Query ranges: the attention as several cuDNN calls over ranges of query
+ * rows, each against all keys and values (fq_attn_cudnn_run_rows), gives the
+ * one call's bits, at FLUX's shape (4608 tokens, 24 heads of 128) and at
+ * batch 2 (q and out ranges keep the batch stride of the full rows); every
+ * row is written (out starts as NaN); a range longer than the keys is
+ * refused. Bit equality is what an H100 with cuDNN 9.14 gives (each range's
+ * plan runs the same engine and knobs, and a query row's result depends on
+ * that row and k, v only); a library that tiled a short range differently
+ * could sum in another order and fail it.
+ *
  * `test_cuda_attention --list` (or --list-wide: also every engine of the graph
  * and knob variants) instead prints, for FLUX's shapes (B 1, 24 heads, head dim
  * 128, bf16, S 512, 4096, 4608), every engine config whose plan finalizes with
@@ -258,6 +268,95 @@ done:
     fq_tensor_free(scr);
 }
 
+#ifdef FQ_HAVE_CUDA
+/* Query ranges against one call (see the top of the file). splits: lists of
+ * range sizes, each ended by 0, summing to S; the list of lists ends with an
+ * empty one. */
+static void ranges_case(fq_ctx *ctx, fq_device dev, int64_t B, int64_t S, int64_t H, int64_t dh, const int64_t *splits,
+                        uint64_t seed) {
+    const int64_t ld = H * dh, n = B * S * ld;
+    const int64_t sh[3] = {B, S, ld};
+    fq_cuda_dev *d = NULL;
+    fq_tensor *t[4] = {NULL, NULL, NULL, NULL}, *scr = NULL;
+    uint16_t *poison = malloc((size_t)n * 2), *ref = malloc((size_t)n * 2), *got = malloc((size_t)n * 2);
+    float *fr = malloc((size_t)n * 4), *fg = malloc((size_t)n * 4);
+    fq_cuda_guard g;
+    int guarded = 0;
+    CHECK_OK(ctx, fq_cuda_dev_get(ctx, dev.index, &d));
+    if (!d || !poison || !ref || !got || !fr || !fg) goto done;
+    memset(poison, 0xff, (size_t)n * 2); /* bf16 NaN: a row no range writes shows */
+    for (int i = 0; i < 4; i++) {
+        if (i < 3) {
+            CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_BF16, 3, sh, &t[i]));
+            if (t[i]) CHECK_OK(ctx, fq_nn_random(ctx, t[i], seed + (uint64_t)i, i ? 1.0f : 3.0f, 0.0f));
+        } else {
+            CHECK_OK(ctx, fq_tensor_from_host(ctx, dev, FQ_BF16, 3, sh, poison, &t[i]));
+        }
+        if (!t[i]) goto done;
+    }
+    /* every range's plan ahead; the scratch holds the largest workspace */
+    size_t ws = 0;
+    int ok = 0;
+    CHECK_OK(ctx, fq_attn_cudnn_plan_rows(ctx, d, FQ_BF16, B, S, S, H, dh, 0, 1, &ok, &ws));
+    for (const int64_t *sp = splits; *sp; sp++)
+        for (; *sp; sp++) {
+            size_t w = 0;
+            CHECK_OK(ctx, fq_attn_cudnn_plan_rows(ctx, d, FQ_BF16, B, *sp, S, H, dh, 0, 1, &ok, &w));
+            ws = w > ws ? w : ws;
+        }
+    int64_t ss[1] = {(int64_t)(ws / 4) + 64};
+    CHECK_OK(ctx, fq_tensor_create(ctx, dev, FQ_F32, 1, ss, &scr));
+    if (!scr) goto done;
+    void *wp = (void *)(((uintptr_t)scr->buf.ptr + 255) & ~(uintptr_t)255);
+    const size_t wb = (size_t)ss[0] * 4 - ((uintptr_t)wp - (uintptr_t)scr->buf.ptr);
+    CHECK_OK(ctx, fq_cuda_guard_enter(ctx, dev.index, &g));
+    guarded = 1;
+    int ran = 0;
+    fq_status s = fq_attn_cudnn_run_rows(ctx, d, FQ_BF16, B, S, S, H, dh, t[0]->buf.ptr, t[1]->buf.ptr,
+                                         t[2]->buf.ptr, t[3]->buf.ptr, 0, wp, wb, 1, &ran);
+    CHECK(s == FQ_OK && ran, "one call B%lld S%lld: %s", (long long)B, (long long)S, fq_ctx_error(ctx));
+    CHECK_OK(ctx, fq_nn_sync(ctx, dev));
+    CHECK_OK(ctx, fq_tensor_to_host(ctx, t[3], ref));
+    fq_cpu_to_f32(ref, FQ_BF16, n, fr);
+    CHECK(all_finite(fr, n), "one call B%lld S%lld: output finite", (long long)B, (long long)S);
+    /* a range longer than the keys */
+    s = fq_attn_cudnn_run_rows(ctx, d, FQ_BF16, B, S + 1, S, H, dh, t[0]->buf.ptr, t[1]->buf.ptr, t[2]->buf.ptr,
+                               t[3]->buf.ptr, 0, wp, wb, 1, &ran);
+    CHECK(s == FQ_ERR_INVALID_ARG && !ran, "a range of S + 1 query rows: %s", fq_ctx_error(ctx));
+    for (const int64_t *sp = splits; *sp;) {
+        const int64_t *list = sp;
+        char name[96] = "";
+        int w = 0;
+        CHECK_OK(ctx, fq_buf_write(ctx, &t[3]->buf, 0, poison, (size_t)n * 2));
+        for (int64_t r0 = 0; *sp; r0 += *sp++) {
+            if (w < (int)sizeof name)
+                w += snprintf(name + w, sizeof name - (size_t)w, "%s%lld", sp == list ? "" : " + ", (long long)*sp);
+            const size_t off = (size_t)(r0 * ld) * 2;
+            s = fq_attn_cudnn_run_rows(ctx, d, FQ_BF16, B, *sp, S, H, dh, (char *)t[0]->buf.ptr + off, t[1]->buf.ptr,
+                                       t[2]->buf.ptr, (char *)t[3]->buf.ptr + off, 0, wp, wb, 1, &ran);
+            CHECK(s == FQ_OK && ran, "range of %lld rows at %lld: %s", (long long)*sp, (long long)r0,
+                  fq_ctx_error(ctx));
+        }
+        sp++;
+        CHECK_OK(ctx, fq_nn_sync(ctx, dev));
+        CHECK_OK(ctx, fq_tensor_to_host(ctx, t[3], got));
+        fq_cpu_to_f32(got, FQ_BF16, n, fg);
+        int64_t diff = 0;
+        for (int64_t i = 0; i < n; i++) diff += got[i] != ref[i];
+        printf("  ranges B%lld S%lld H%lld dh%lld, %s: %lld of %lld values differ from one call, rel L2 %.3g\n",
+               (long long)B, (long long)S, (long long)H, (long long)dh, name, (long long)diff, (long long)n,
+               rel_l2_ff(fg, fr, n));
+        CHECK(all_finite(fg, n), "ranges %s: every row written", name);
+        CHECK(diff == 0, "ranges %s: the one call's bits (%lld values differ)", name, (long long)diff);
+    }
+done:
+    if (guarded) fq_cuda_guard_exit(&g);
+    for (int i = 0; i < 4; i++) fq_tensor_free(t[i]);
+    fq_tensor_free(scr);
+    free(poison), free(ref), free(got), free(fr), free(fg);
+}
+#endif
+
 static void test_device(fq_ctx *ctx, fq_device dev) {
     char dn[16];
     printf("cuDNN attention on %s, bf16 rows read in place:\n", fq_device_name(dev, dn, sizeof dn));
@@ -303,6 +402,14 @@ static void test_device(fq_ctx *ctx, fq_device dev) {
     const acase cases[] = {{2, 333, 3, 128, 0}, {1, 1000, 2, 128, 0}, {2, 77, 4, 64, 0},
                            {2, 600, 1, 128, 0},  {1, 1, 2, 128, 1},    {1, 130, 2, 256, 1}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(ctx, dev, &cases[i], 7100 + 10 * i);
+#ifdef FQ_HAVE_CUDA
+    /* query ranges: FLUX's joint attention (512 text + 4096 image tokens), and batch 2 with odd ranges */
+    static const int64_t flux_splits[] = {512, 4096, 0, 4096, 512, 0, 2304, 2304, 0, 1536, 1536, 1536, 0,
+                                          1152, 1152, 1152, 1152, 0, 3072, 1536, 0, 0};
+    static const int64_t b2_splits[] = {128, 472, 0, 300, 300, 0, 7, 77, 516, 0, 591, 9, 0, 0};
+    ranges_case(ctx, dev, 1, 4608, 24, 128, flux_splits, 7300);
+    ranges_case(ctx, dev, 2, 600, 3, 128, b2_splits, 7310);
+#endif
 }
 
 #ifdef FQ_HAVE_CUDA

@@ -17,7 +17,11 @@
  * q, k, v and out are read in place from our [B, S, H*dh] rows: as [B, H, S, dh]
  * tensors with strides (S*H*dh, dh, H*dh, 1); k enters the first matmul as kᵀ
  * [B, H, dh, S] with strides (S*H*dh, dh, 1, H*dh). Virtual tensors are never
- * stored: the engine keeps them in registers and shared memory.
+ * stored: the engine keeps them in registers and shared memory. A graph may
+ * take Sq < S query rows (a range of q and out, still with the batch stride of
+ * S rows) against all S key rows: the scores are then [B, H, Sq, S]
+ * (fq_attn_cudnn_run_rows). The op itself is one call over all rows: at FLUX's
+ * 4608 tokens every split into ranges measured slower (docs/flux-gpu.md).
  *
  * Engine choice: mode 0 (the default) keeps the first engine config of
  * heuristics mode A, then B, whose execution plan finalizes. Mode 1
@@ -29,10 +33,11 @@
  * unless it is within 1% of the first config (mode 0's), so that timing noise
  * does not flip a tie. Mode 2 adds every engine of the graph and knob variants
  * (exploring). The kept plan stays with all the descriptors it references in a
- * small per-device cache; the plan's workspace is the kept config's. The
- * variant pack (the data pointers) is rebuilt only when the pointers change: a
- * forward's buffers do not, so a forward creates nothing after its plan was
- * built. */
+ * small per-device cache; the plan's workspace is the kept config's. A plan
+ * keeps the variant packs (the data pointers) of its last NPACK pointer sets:
+ * a forward's buffers do not change, so a forward creates nothing after its
+ * plan was built (and ranges of equal size, which share a plan, do not rebuild
+ * packs in turn). */
 #ifdef FQ_HAVE_CUDA
 #include "ops/attn_cudnn.h"
 
@@ -52,21 +57,27 @@
 #define MAXCAND 96  /* engine configs gathered per shape                            */
 #define MAXKNOB FQ_ATTN_CUDNN_MAXKNOB 
 #define REPS 7      /* timed rounds per config (the median is kept)                 */
+#define NPACK 4     /* variant packs a plan keeps (pointer sets), replaced round robin */
 
 enum { UID_Q = 1, UID_K, UID_V, UID_O, UID_SCALE, UID_VIRTUAL = 100 };
 
 typedef struct {
+    cudnnBackendDescriptor_t d; /* variant pack for ptr[] (NULL: unused) */
+    const void *ptr[5];         /* q, k, v, out, workspace              */
+} pack_t;
+
+typedef struct {
     int used, ok;
     fq_dtype dt;
-    int64_t B, S, H, dh;
+    int64_t B, Sq, Skv, H, dh;     /* Sq query rows (a range when < Skv) against Skv key rows */
     int64_t ldo;                   /* out's row stride in elements (H*dh: packed) */
     cudnnBackendDescriptor_t plan;
     cudnnBackendDescriptor_t keep[MAXDESC]; /* graph, ops, tensors, engine config */
     int nkeep;
     size_t ws;
-    float scale;                   /* by-value operand: the pack points at it */
-    cudnnBackendDescriptor_t pack; /* variant pack for ptr[]                  */
-    const void *ptr[5];            /* q, k, v, out, workspace                 */
+    float scale;                   /* by-value operand: the packs point at it */
+    pack_t pack[NPACK];
+    int next_pack;
     char why[600];                 /* why cuDNN has no plan (ok == 0)         */
     char chosen[400];              /* what it runs and how it was chosen      */
 } plan_t;
@@ -188,16 +199,18 @@ static cudnnBackendDescriptor_t reduction(bld *b, cudnnReduceTensorOp_t mode, cu
 /* The operation graph of one attention shape (see the top of the file). */
 static cudnnBackendDescriptor_t attention_graph(bld *b, cudnnHandle_t h, int with_stats) {
     const plan_t *p = b->p;
-    const int64_t B = p->B, S = p->S, H = p->H, dh = p->dh, ld = H * dh, lo = p->ldo;
+    const int64_t B = p->B, Sq = p->Sq, S = p->Skv, H = p->H, dh = p->dh, ld = H * dh, lo = p->ldo;
     const cudnnDataType_t io = p->dt == FQ_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_HALF, f32 = CUDNN_DATA_FLOAT;
-    const int64_t qd[4] = {B, H, S, dh}, qs[4] = {S * ld, dh, ld, 1}, os[4] = {S * lo, dh, lo, 1};
+    /* q and out: Sq rows of tensors of S rows per batch (batch stride S rows) */
+    const int64_t qd[4] = {B, H, Sq, dh}, qs[4] = {S * ld, dh, ld, 1}, os[4] = {S * lo, dh, lo, 1};
+    const int64_t vd[4] = {B, H, S, dh};
     const int64_t kd[4] = {B, H, dh, S}, ks[4] = {S * ld, dh, 1, ld};
-    const int64_t sd[4] = {B, H, S, S}, ss[4] = {H * S * S, S * S, S, 1};
-    const int64_t rd[4] = {B, H, S, 1}, rs[4] = {H * S, S, 1, 1};
+    const int64_t sd[4] = {B, H, Sq, S}, ss[4] = {H * Sq * S, Sq * S, S, 1};
+    const int64_t rd[4] = {B, H, Sq, 1}, rs[4] = {H * Sq, Sq, 1, 1};
     const int64_t one[4] = {1, 1, 1, 1};
     cudnnBackendDescriptor_t q = tensor(b, UID_Q, io, qd, qs, false, false);
     cudnnBackendDescriptor_t kt = tensor(b, UID_K, io, kd, ks, false, false);
-    cudnnBackendDescriptor_t v = tensor(b, UID_V, io, qd, qs, false, false);
+    cudnnBackendDescriptor_t v = tensor(b, UID_V, io, vd, qs, false, false);
     cudnnBackendDescriptor_t o = tensor(b, UID_O, io, qd, os, false, false);
     cudnnBackendDescriptor_t scale = tensor(b, UID_SCALE, f32, one, one, false, true);
     int64_t u = UID_VIRTUAL;
@@ -616,12 +629,13 @@ static cudnnStatus_t make_pack(const void *q, const void *k, const void *v, void
 }
 
 /* Temporary operands for timing: raw cudaMalloc (the plan's memory is what our
- * allocator holds, and these are gone before the plan is), q, k, v filled with
- * a fixed pattern of values in [-1, 1), out zeroed. */
+ * allocator holds, and these are gone before the plan is), q, k, v of Skv rows
+ * (a range plan reads the first Sq of them) filled with a fixed pattern of
+ * values in [-1, 1), out (Skv rows ldo apart) zeroed. */
 typedef struct {
     char *base;
     void *q, *k, *v, *o, *ws;
-    size_t io;
+    size_t io, ob; /* bytes of q (k, v), of out */
 } tbuf_t;
 
 static void tbuf_free(tbuf_t *t) {
@@ -630,8 +644,8 @@ static void tbuf_free(tbuf_t *t) {
 }
 
 static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t st) {
-    const size_t io = (size_t)(p->B * p->S * p->H * p->dh) * 2, seg = (io + 255) & ~(size_t)255;
-    const size_t oseg = ((size_t)(p->B * p->S * p->ldo) * 2 + 255) & ~(size_t)255; /* out with its row stride */
+    const size_t io = (size_t)(p->B * p->Skv * p->H * p->dh) * 2, seg = (io + 255) & ~(size_t)255;
+    const size_t ob = (size_t)(p->B * p->Skv * p->ldo) * 2, oseg = (ob + 255) & ~(size_t)255; /* with its stride */
     const size_t pat = 65536; /* pattern elements, then copied over itself */
     memset(t, 0, sizeof *t);
     cudaError_t e = cudaMalloc((void **)&t->base, 3 * seg + oseg + ws);
@@ -640,7 +654,7 @@ static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t
         t->base = NULL;
         return e;
     }
-    t->io = io;
+    t->io = io, t->ob = ob;
     t->q = t->base, t->k = t->base + seg, t->v = t->base + 2 * seg, t->o = t->base + 3 * seg;
     t->ws = ws ? t->base + 3 * seg + oseg : NULL;
     uint16_t *hp = malloc(pat * 2);
@@ -664,7 +678,7 @@ static cudaError_t tbuf_make(tbuf_t *t, const plan_t *p, size_t ws, cudaStream_t
         e = cudaMemcpyAsync(t->base + have, t->base, n, cudaMemcpyDeviceToDevice, st);
         have += n;
     }
-    if (e == cudaSuccess) e = cudaMemsetAsync(t->o, 0, io, st);
+    if (e == cudaSuccess) e = cudaMemsetAsync(t->o, 0, ob, st);
     if (e == cudaSuccess) e = cudaStreamSynchronize(st); /* hp is pageable */
     free(hp);
     if (e != cudaSuccess) tbuf_free(t);
@@ -745,12 +759,13 @@ static int time_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tbuf_
     return rc;
 }
 
-/* Listing: each config's output against the first's (rel L2 over all of out). */
-static int compare_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tbuf_t *t, float *scale, fq_dtype dt,
-                         char *err, size_t nerr) {
-    const size_t n = t->io / 2;
-    uint16_t *raw = malloc(t->io);
-    double *ref = malloc(n * sizeof *ref);
+/* Listing: each config's output against the first's (rel L2 over the
+ * elements the plan writes: Sq rows per batch, H*dh columns of rows ldo apart). */
+static int compare_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tbuf_t *t, float *scale,
+                         const plan_t *p, char *err, size_t nerr) {
+    const int64_t cols = p->H * p->dh, n = p->B * p->Sq * cols;
+    uint16_t *raw = malloc(t->ob);
+    double *ref = malloc((size_t)n * sizeof *ref);
     cudnnBackendDescriptor_t pack = NULL;
     const char *what = "";
     int rc = 0, have_ref = 0;
@@ -763,9 +778,9 @@ static int compare_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tb
     }
     for (int i = 0; i < cs->n && !rc; i++) {
         if (cs->c[i].id.ms < 0) continue;
-        cudaError_t e = cudaMemsetAsync(t->o, 0xff, t->io, st); /* NaN: a config that writes nothing shows */
+        cudaError_t e = cudaMemsetAsync(t->o, 0xff, t->ob, st); /* NaN: a config that writes nothing shows */
         cudnnStatus_t s = e == cudaSuccess ? cudnnBackendExecute(h, cs->c[i].plan, pack) : CUDNN_STATUS_SUCCESS;
-        if (e == cudaSuccess) e = cudaMemcpyAsync(raw, t->o, t->io, cudaMemcpyDeviceToHost, st);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(raw, t->o, t->ob, cudaMemcpyDeviceToHost, st);
         if (e == cudaSuccess) e = cudaStreamSynchronize(st);
         if (e != cudaSuccess) {
             snprintf(err, nerr, "compare: %s", cudaGetErrorString(e));
@@ -774,13 +789,15 @@ static int compare_cands(cands_t *cs, cudnnHandle_t h, cudaStream_t st, const tb
         }
         if (s != CUDNN_STATUS_SUCCESS) continue;
         double num = 0, den = 0;
-        for (size_t j = 0; j < n; j++) {
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t row = j / cols, b = row / p->Sq;
+            const uint16_t x = raw[(b * p->Skv + row % p->Sq) * p->ldo + j % cols];
             float f;
-            if (dt == FQ_BF16) {
-                const uint32_t u = (uint32_t)raw[j] << 16;
+            if (p->dt == FQ_BF16) {
+                const uint32_t u = (uint32_t)x << 16;
                 memcpy(&f, &u, 4);
             } else { /* f16 -> f32 */
-                const uint32_t hb = raw[j], sg = (hb & 0x8000u) << 16, ex = (hb >> 10) & 31, mn = hb & 0x3ff;
+                const uint32_t hb = x, sg = (hb & 0x8000u) << 16, ex = (hb >> 10) & 31, mn = hb & 0x3ff;
                 f = ex == 31 ? (mn ? NAN : INFINITY) : ex ? ldexpf((float)(mn | 0x400), (int)ex - 25)
                                                           : ldexpf((float)mn, -24);
                 if (sg) f = -f;
@@ -858,7 +875,7 @@ static void build_plan(fq_cuda_dev *d, plan_t *p, int level) {
             int rc = time_cands(cs, h, d->stream, &t, &p->scale, note, sizeof note);
             /* the sweep's knob variants can finalize and still compute something
              * else (seen: NaN): only those matching the first config's output count */
-            if (!rc && level >= 2) rc = compare_cands(cs, h, d->stream, &t, &p->scale, p->dt, note, sizeof note);
+            if (!rc && level >= 2) rc = compare_cands(cs, h, d->stream, &t, &p->scale, p, note, sizeof note);
             if (!rc && level >= 2)
                 for (int i = 1; i < cs->n; i++)
                     if (!(cs->c[i].id.diff >= 0 && cs->c[i].id.diff <= 1.0 / 128)) cs->c[i].id.ms = -1;
@@ -882,7 +899,7 @@ static void build_plan(fq_cuda_dev *d, plan_t *p, int level) {
     p->ok = 1;
     char ids[240];
     id_str(&c->id, ids, sizeof ids);
-    const double fl = 4.0 * (double)(p->B * p->H) * (double)p->S * (double)p->S * (double)p->dh;
+    const double fl = 4.0 * (double)(p->B * p->H) * (double)p->Sq * (double)p->Skv * (double)p->dh;
     double best = -1;
     for (int i = 0; i < cs->n; i++)
         if (cs->c[i].id.ms > 0 && (best < 0 || cs->c[i].id.ms < best)) best = cs->c[i].id.ms;
@@ -905,7 +922,8 @@ static void build_plan(fq_cuda_dev *d, plan_t *p, int level) {
 /* ---- the per-device cache ----------------------------------------------------------------- */
 
 static void plan_clear(plan_t *p) {
-    if (p->pack) (void)cudnnBackendDestroyDescriptor(p->pack);
+    for (int i = 0; i < NPACK; i++)
+        if (p->pack[i].d) (void)cudnnBackendDestroyDescriptor(p->pack[i].d);
     if (p->plan) (void)cudnnBackendDestroyDescriptor(p->plan);
     for (int i = p->nkeep - 1; i >= 0; i--) (void)cudnnBackendDestroyDescriptor(p->keep[i]);
     memset(p, 0, sizeof *p);
@@ -932,13 +950,26 @@ static int env_tune(void) {
 
 static const char *dname(fq_dtype dt) { return dt == FQ_BF16 ? "bf16" : "f16"; }
 
+/* "bf16 B1 S4608 H24 dh128"; a range plan says "Sq512 Skv4608". */
+static const char *shape_str(char *buf, size_t n, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv, int64_t H,
+                             int64_t dh) {
+    if (Sq == Skv)
+        snprintf(buf, n, "%s B%lld S%lld H%lld dh%lld", dname(dt), (long long)B, (long long)Skv, (long long)H,
+                 (long long)dh);
+    else
+        snprintf(buf, n, "%s B%lld Sq%lld Skv%lld H%lld dh%lld", dname(dt), (long long)B, (long long)Sq,
+                 (long long)Skv, (long long)H, (long long)dh);
+    return buf;
+}
+
 static fq_status cudnn_err(fq_ctx *ctx, const fq_cuda_dev *d, const plan_t *p, const char *what, cudnnStatus_t st) {
     char last[512] = "";
     cudnnGetLastErrorString(last, sizeof last);
     char shape[96] = "";
-    if (p)
-        snprintf(shape, sizeof shape, " %s B%lld S%lld H%lld dh%lld", dname(p->dt), (long long)p->B, (long long)p->S,
-                 (long long)p->H, (long long)p->dh);
+    if (p) {
+        shape[0] = ' ';
+        shape_str(shape + 1, sizeof shape - 1, p->dt, p->B, p->Sq, p->Skv, p->H, p->dh);
+    }
     return fq_err(ctx, st == CUDNN_STATUS_ALLOC_FAILED ? FQ_ERR_OUT_OF_MEMORY : FQ_ERR_CUDA,
                   "attention (cuDNN%s) on cuda:%d: %s failed: %s%s%s", shape, d->index, what, cudnnGetErrorString(st),
                   last[0] ? ": " : "", last);
@@ -972,19 +1003,24 @@ static fq_status ready(fq_ctx *ctx, fq_cuda_dev *d) {
 
 /* The cached plan of these sizes, built if missing; *out = NULL when cuDNN has
  * none (strict = 0; strict = 1 reports it). */
-static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                           int64_t ldo, int strict, plan_t **out) {
+static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv, int64_t H,
+                           int64_t dh, int64_t ldo, int strict, plan_t **out) {
     *out = NULL;
-    if (!fq_attn_cudnn_shape_ok(dh, dt, dt) || B < 1 || S < 1 || H < 1)
+    if (Sq > Skv)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention (cuDNN): a range of %lld query rows of %lld-row tensors",
+                      (long long)Sq, (long long)Skv);
+    if (!fq_attn_cudnn_shape_ok(dh, dt, dt) || B < 1 || Sq < 1 || H < 1)
         return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention (cuDNN): %s head dim %lld is not supported",
                       fq_dtype_name(dt), (long long)dh);
     FQ_TRY(ready(ctx, d));
     struct fq_attn_cudnn_cache *c = d->attn_cudnn;
     plan_t *p = NULL;
     for (int i = 0; i < NPLANS && !p; i++)
-        if (c->p[i].used && c->p[i].dt == dt && c->p[i].B == B && c->p[i].S == S && c->p[i].H == H &&
-            c->p[i].dh == dh && c->p[i].ldo == ldo)
+        if (c->p[i].used && c->p[i].dt == dt && c->p[i].B == B && c->p[i].Sq == Sq && c->p[i].Skv == Skv &&
+            c->p[i].H == H && c->p[i].dh == dh && c->p[i].ldo == ldo)
             p = &c->p[i];
+    char shape[96];
+    shape_str(shape, sizeof shape, dt, B, Sq, Skv, H, dh);
     if (!p) {
         p = &c->p[c->next];
         fq_cuda_guard g;
@@ -1000,7 +1036,7 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
         }
         c->next = (c->next + 1) % NPLANS;
         p->used = 1;
-        p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh, p->ldo = ldo;
+        p->dt = dt, p->B = B, p->Sq = Sq, p->Skv = Skv, p->H = H, p->dh = dh, p->ldo = ldo;
         p->scale = (float)(1.0 / sqrt((double)dh));
         /* the softmax as cudnn-frontend lowers it (statistics m + log z computed,
          * virtual), else without the statistics; any failure leaves a slot that
@@ -1008,29 +1044,26 @@ static fq_status find_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, 
         build_plan(d, p, c->tune);
         fq_cuda_guard_exit(&g);
         if (p->ok) {
-            fq_log(ctx, FQ_LOG_DEBUG, "attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: %s", dname(dt),
-                   (long long)B, (long long)S, (long long)H, (long long)dh, d->index, p->chosen);
+            fq_log(ctx, FQ_LOG_DEBUG, "attention (cuDNN %s) on cuda:%d: %s", shape, d->index, p->chosen);
             const char *ev = getenv("FQ_ATTN_CUDNN_LOG");
             if (ev && *ev && strcmp(ev, "0") != 0) /* opt-in debugging aid (the log above is the library's way) */
-                fprintf(stderr, "fluxq: attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: %s\n", dname(dt),
-                        (long long)B, (long long)S, (long long)H, (long long)dh, d->index, p->chosen);
+                fprintf(stderr, "fluxq: attention (cuDNN %s) on cuda:%d: %s\n", shape, d->index, p->chosen);
         }
     }
     if (!p->ok) {
         if (!strict) return FQ_OK;
-        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention (cuDNN %s B%lld S%lld H%lld dh%lld) on cuda:%d: %s",
-                      dname(dt), (long long)B, (long long)S, (long long)H, (long long)dh, d->index, p->why);
+        return fq_err(ctx, FQ_ERR_UNSUPPORTED, "attention (cuDNN %s) on cuda:%d: %s", shape, d->index, p->why);
     }
     *out = p;
     return FQ_OK;
 }
 
-fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                             int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
+fq_status fq_attn_cudnn_plan_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                  int64_t H, int64_t dh, int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
     plan_t *p = NULL;
     *ok = 0;
     *ws_bytes = 0;
-    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, ldo > 0 ? ldo : H * dh, strict, &p));
+    FQ_TRY(find_plan(ctx, d, dt, B, Sq, Skv, H, dh, ldo > 0 ? ldo : H * dh, strict, &p));
     if (p) {
         *ok = 1;
         *ws_bytes = p->ws;
@@ -1038,51 +1071,79 @@ fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
     return FQ_OK;
 }
 
-fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                            const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
-                            size_t ws_bytes, int strict, int *ran) {
+fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
+                             int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
+    return fq_attn_cudnn_plan_rows(ctx, d, dt, B, S, S, H, dh, ldo, strict, ok, ws_bytes);
+}
+
+/* Whether q, k, v, out (a range of Sq of Skv rows per batch, see
+ * fq_attn_cudnn_run_rows) can go to cuDNN: 16-byte aligned, out over none
+ * of the others. *fine = 0: no (an error when strict). */
+static fq_status check_io(fq_ctx *ctx, int64_t B, int64_t Sq, int64_t Skv, int64_t ld, const void *q, const void *k,
+                          const void *v, const void *out, int64_t ldo, int strict, int *fine) {
+    *fine = 0;
+    const uintptr_t mis = ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)out | (uintptr_t)(ldo * 2)) & 15u;
+    /* out over q, k or v would be overwritten while other CTAs still read it */
+    const uintptr_t qb = (uintptr_t)((((B - 1) * Skv + Sq - 1) * ld + ld) * 2); /* q's extent */
+    const uintptr_t kb = (uintptr_t)(B * Skv * ld * 2);                          /* k's, v's  */
+    const uintptr_t ob = (uintptr_t)((((B - 1) * Skv + Sq - 1) * ldo + ld) * 2); /* out's     */
+    const uintptr_t in[3] = {(uintptr_t)q, (uintptr_t)k, (uintptr_t)v}, nb[3] = {qb, kb, kb}, o0 = (uintptr_t)out;
+    int alias = 0;
+    for (int i = 0; i < 3; i++) alias |= o0 < in[i] + nb[i] && in[i] < o0 + ob;
+    if (!mis && !alias) {
+        *fine = 1;
+        return FQ_OK;
+    }
+    if (!strict) return FQ_OK;
+    if (mis)
+        return fq_err(ctx, FQ_ERR_SHAPE, "attention (cuDNN): q, k, v, out and out's row stride must be 16-byte aligned");
+    return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention (cuDNN): out overlaps q, k or v");
+}
+
+fq_status fq_attn_cudnn_run_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                 int64_t H, int64_t dh, const void *q, const void *k, const void *v, void *out,
+                                 int64_t ldo, void *ws, size_t ws_bytes, int strict, int *ran) {
     plan_t *p = NULL;
     *ran = 0;
     if (ldo <= 0) ldo = H * dh;
-    FQ_TRY(find_plan(ctx, d, dt, B, S, H, dh, ldo, strict, &p));
+    FQ_TRY(find_plan(ctx, d, dt, B, Sq, Skv, H, dh, ldo, strict, &p));
     if (!p) return FQ_OK;
-    const uintptr_t mis = ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)out | (uintptr_t)(ldo * 2)) & 15u;
-    /* out over q, k or v would be overwritten while other CTAs still read it */
-    const uintptr_t nb = (uintptr_t)(B * S * H * dh * 2), o0 = (uintptr_t)out;
-    const uintptr_t ob = (uintptr_t)(((B * S - 1) * ldo + H * dh) * 2); /* out's extent */
-    const uintptr_t in[3] = {(uintptr_t)q, (uintptr_t)k, (uintptr_t)v};
-    int alias = 0;
-    for (int i = 0; i < 3; i++) alias |= o0 < in[i] + nb && in[i] < o0 + ob;
-    if (mis || alias || (p->ws && (!ws || ws_bytes < p->ws))) {
+    int fine = 0;
+    FQ_TRY(check_io(ctx, B, Sq, Skv, H * dh, q, k, v, out, ldo, strict, &fine));
+    if (!fine) return FQ_OK;
+    if (p->ws && (!ws || ws_bytes < p->ws)) {
         if (!strict) return FQ_OK;
-        if (mis)
-            return fq_err(ctx, FQ_ERR_SHAPE,
-                          "attention (cuDNN): q, k, v, out and out's row stride must be 16-byte aligned");
-        if (alias) return fq_err(ctx, FQ_ERR_INVALID_ARG, "attention (cuDNN): out overlaps q, k or v");
         return fq_err(ctx, FQ_ERR_SHAPE,
                       "attention (cuDNN): scratch of %zu bytes is smaller than the plan's workspace of %zu bytes "
                       "(size it with fq_nn_attention_plan)",
                       ws ? ws_bytes : (size_t)0, p->ws);
     }
     const void *ptr[5] = {q, k, v, out, ws};
-    if (!p->pack || memcmp(ptr, p->ptr, sizeof ptr) != 0) {
+    pack_t *pk = NULL;
+    for (int i = 0; i < NPACK && !pk; i++)
+        if (p->pack[i].d && !memcmp(ptr, p->pack[i].ptr, sizeof ptr)) pk = &p->pack[i];
+    if (!pk) {
         /* new buffers: a new variant pack (a forward's buffers stay the same) */
-        if (p->pack) (void)cudnnBackendDestroyDescriptor(p->pack);
-        p->pack = NULL;
-        memset(p->ptr, 0, sizeof p->ptr);
-        cudnnBackendDescriptor_t pack = NULL;
+        pk = &p->pack[p->next_pack];
+        p->next_pack = (p->next_pack + 1) % NPACK;
+        if (pk->d) (void)cudnnBackendDestroyDescriptor(pk->d);
+        memset(pk, 0, sizeof *pk);
         const char *what = "";
-        cudnnStatus_t st = make_pack(q, k, v, out, &p->scale, ws, &pack, &what);
+        cudnnStatus_t st = make_pack(q, k, v, out, &p->scale, ws, &pk->d, &what);
         if (st != CUDNN_STATUS_SUCCESS) return cudnn_err(ctx, d, p, what, st);
-        p->pack = pack;
-        memcpy(p->ptr, ptr, sizeof ptr);
+        memcpy(pk->ptr, ptr, sizeof ptr);
     }
-    cudnnStatus_t st = cudnnBackendExecute((cudnnHandle_t)d->cudnn, p->plan, p->pack);
+    cudnnStatus_t st = cudnnBackendExecute((cudnnHandle_t)d->cudnn, p->plan, pk->d);
     if (st != CUDNN_STATUS_SUCCESS) return cudnn_err(ctx, d, p, "cudnnBackendExecute", st);
     *ran = 1;
     return FQ_OK;
 }
 
+fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
+                            const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
+                            size_t ws_bytes, int strict, int *ran) {
+    return fq_attn_cudnn_run_rows(ctx, d, dt, B, S, S, H, dh, q, k, v, out, ldo, ws, ws_bytes, strict, ran);
+}
 
 fq_status fq_attn_cudnn_set_tune(fq_ctx *ctx, fq_cuda_dev *d, int mode) {
     FQ_TRY(ready(ctx, d));
@@ -1104,7 +1165,7 @@ void fq_attn_cudnn_describe(fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, i
     if (!d->attn_cudnn || !n) return;
     for (int i = 0; i < NPLANS; i++) {
         const plan_t *p = &d->attn_cudnn->p[i];
-        if (p->used && p->dt == dt && p->B == B && p->S == S && p->H == H && p->dh == dh) {
+        if (p->used && p->dt == dt && p->B == B && p->Sq == S && p->Skv == S && p->H == H && p->dh == dh) {
             snprintf(buf, n, "%s", p->ok ? p->chosen : p->why);
             return;
         }
@@ -1125,7 +1186,7 @@ fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
         free(cs);
         return fq_err(ctx, FQ_ERR_OUT_OF_MEMORY, "attention (cuDNN): out of host memory");
     }
-    p->dt = dt, p->B = B, p->S = S, p->H = H, p->dh = dh, p->ldo = H * dh;
+    p->dt = dt, p->B = B, p->Sq = S, p->Skv = S, p->H = H, p->dh = dh, p->ldo = H * dh;
     p->scale = (float)(1.0 / sqrt((double)dh));
     fq_cuda_guard g;
     fq_status s = fq_cuda_guard_enter(ctx, d->index, &g);
@@ -1151,7 +1212,7 @@ fq_status fq_attn_cudnn_list(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
             rc = 1;
         } else {
             rc = time_cands(cs, h, d->stream, &t, &p->scale, err, sizeof err);
-            if (!rc) rc = compare_cands(cs, h, d->stream, &t, &p->scale, dt, err, sizeof err);
+            if (!rc) rc = compare_cands(cs, h, d->stream, &t, &p->scale, p, err, sizeof err);
             tbuf_free(&t);
         }
         cs->c[0].id.first = 1;
@@ -1190,18 +1251,29 @@ static fq_status none(fq_ctx *ctx) {
 }
 
 fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                             int strict, int *ok, size_t *ws_bytes) {
-    (void)d, (void)dt, (void)B, (void)S, (void)H, (void)dh;
+                             int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
+    return fq_attn_cudnn_plan_rows(ctx, d, dt, B, S, S, H, dh, ldo, strict, ok, ws_bytes);
+}
+
+fq_status fq_attn_cudnn_plan_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                  int64_t H, int64_t dh, int64_t ldo, int strict, int *ok, size_t *ws_bytes) {
+    (void)d, (void)dt, (void)B, (void)Sq, (void)Skv, (void)H, (void)dh, (void)ldo;
     *ok = 0;
     *ws_bytes = 0;
     return strict ? none(ctx) : FQ_OK;
 }
 
 fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
-                            const void *q, const void *k, const void *v, void *out, void *ws, size_t ws_bytes,
-                            int strict, int *ran) {
-    (void)d, (void)dt, (void)B, (void)S, (void)H, (void)dh, (void)q, (void)k, (void)v, (void)out, (void)ws;
-    (void)ws_bytes;
+                            const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
+                            size_t ws_bytes, int strict, int *ran) {
+    return fq_attn_cudnn_run_rows(ctx, d, dt, B, S, S, H, dh, q, k, v, out, ldo, ws, ws_bytes, strict, ran);
+}
+
+fq_status fq_attn_cudnn_run_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                 int64_t H, int64_t dh, const void *q, const void *k, const void *v, void *out,
+                                 int64_t ldo, void *ws, size_t ws_bytes, int strict, int *ran) {
+    (void)d, (void)dt, (void)B, (void)Sq, (void)Skv, (void)H, (void)dh, (void)q, (void)k, (void)v, (void)out;
+    (void)ldo, (void)ws, (void)ws_bytes;
     *ran = 0;
     return strict ? none(ctx) : FQ_OK;
 }

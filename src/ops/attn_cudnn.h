@@ -5,9 +5,10 @@
  * Makefile finds cudnn.h (FQ_HAVE_CUDNN); otherwise fq_attn_cudnn_available()
  * is 0 and the other functions report FQ_ERR_UNSUPPORTED.
  *
- * A plan per (dtype, B, S, H, dh) is built once (cuDNN backend graph + heuristics)
- * and kept in the device's cache; fq_nn_attention_plan builds it ahead of a
- * forward, so that the forward creates nothing on the device.
+ * A plan per (dtype, B, query rows, key rows, H, dh, out's row stride) is
+ * built once (cuDNN backend graph + heuristics) and kept in the device's
+ * cache; fq_nn_attention_plan builds it ahead of a forward, so that the
+ * forward creates nothing on the device.
  *
  * Engine choice (the device's tuning mode, from env FQ_ATTN_CUDNN_TUNE unless
  * fq_attn_cudnn_set_tune says otherwise):
@@ -55,6 +56,22 @@ fq_status fq_attn_cudnn_plan(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B
 fq_status fq_attn_cudnn_run(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t S, int64_t H, int64_t dh,
                             const void *q, const void *k, const void *v, void *out, int64_t ldo, void *ws,
                             size_t ws_bytes, int strict, int *ran);
+
+/* One range of query rows, as one cuDNN call: rows [r0, r0 + Sq) of q and out
+ * against all Skv rows of k and v, where q, k, v and out are [B, Skv, ...]
+ * (q, k, v rows H*dh apart, out rows ldo apart) and q, out point at row r0 of
+ * batch 0 (k, v at row 0); 1 <= Sq <= Skv. Each query row's result depends on
+ * that row and k, v only, and cuDNN computes a row the same way in a range:
+ * ranges covering the rows give the one call's bits (on an H100 with cuDNN
+ * 9.14; tests/test_cuda_attention.c checks). The plan is cached per (dtype, B,
+ * Sq, Skv, H, dh, ldo); Sq = Skv is fq_attn_cudnn_plan's. Otherwise as
+ * fq_attn_cudnn_plan / _run. The op does not split: at FLUX's 4608 tokens
+ * every split measured slower than one call (bench_flux, docs/flux-gpu.md). */
+fq_status fq_attn_cudnn_plan_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                  int64_t H, int64_t dh, int64_t ldo, int strict, int *ok, size_t *ws_bytes);
+fq_status fq_attn_cudnn_run_rows(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype dt, int64_t B, int64_t Sq, int64_t Skv,
+                                 int64_t H, int64_t dh, const void *q, const void *k, const void *v, void *out,
+                                 int64_t ldo, void *ws, size_t ws_bytes, int strict, int *ran);
 
 /* Sets d's tuning mode (0, 1, 2 as above; -1: back to FQ_ATTN_CUDNN_TUNE) and
  * drops d's cached plans (after its stream is idle), so that the next plan of
