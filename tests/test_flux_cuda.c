@@ -1248,6 +1248,117 @@ static void same_bits(fq_ctx *ctx, const char *what, const fq_tensor *gpu, const
     free(g);
 }
 
+/* fq_nn_rmsnorm_rope_n (one launch for q and k of both streams) against the
+ * kernels before it (FQ_NN_ROPE_PREV, a launch per tensor), bit for bit, at
+ * FLUX.1's sizes (4096 image + 512 text tokens, 24 heads of 128) and at odd
+ * ones, with NaN, infinities, zeros, a zero head, huge and tiny values and
+ * weights that overflow mixed in; and a one-tensor fq_nn_rmsnorm_rope
+ * against the same. */
+static float rope_val(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((int32_t)(*s >> 33) - (1 << 30)) / (float)(1 << 30);
+}
+
+static void rope_case(fq_ctx *ctx, fq_device d, const char *name, int np, const int64_t *ntok, const int64_t *t0,
+                      int64_t batch, int64_t heads, int64_t rows, fq_dtype xt, fq_dtype rnd, int special) {
+    const int64_t D = heads * 128, tsh[2] = {rows, 128}, wsh[1] = {128};
+    uint64_t seed = 12345u + (uint64_t)np * 7u + (uint64_t)heads + (uint64_t)xt * 131u + (uint64_t)rnd * 17u;
+    fq_tensor *xa[4] = {NULL}, *xb[4] = {NULL}, *w[4] = {NULL}, *cs = NULL, *sn = NULL;
+    float *tc = malloc((size_t)rows * 128 * 4), *tsn = malloc((size_t)rows * 128 * 4), wv[128];
+    int ok = tc && tsn;
+    for (int64_t i = 0; ok && i < rows * 128; i++) {
+        const double a = 3.0 * rope_val(&seed);
+        tc[i] = (float)cos(a), tsn[i] = (float)sin(a);
+    }
+    if (ok) {
+        CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 2, tsh, tc, &cs));
+        CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 2, tsh, tsn, &sn));
+    }
+    for (int p = 0; ok && p < np; p++) {
+        const int64_t sh[3] = {batch, ntok[p], D}, n = batch * ntok[p] * D;
+        float *h = malloc((size_t)n * 4 + 4);
+        if (!h) {
+            ok = 0;
+            break;
+        }
+        for (int64_t i = 0; i < n; i++) h[i] = 2.0f * rope_val(&seed);
+        if (special && n >= 4 * D) {
+            h[3] = NAN, h[D + 130] = INFINITY, h[D + 260] = -INFINITY, h[2 * D + 5] = 0.0f;
+            for (int64_t i = 0; i < 128; i++) h[2 * D + 256 + i] = 0.0f;             /* a zero head */
+            for (int64_t i = 0; i < 16; i++) h[3 * D + 8 * i] = 1e30f, h[3 * D + 300 + i] = 1e-30f;
+            for (int64_t i = 0; i < 128; i++) h[3 * D + 512 + i] = 3e-39f * (float)(i + 1); /* subnormal head */
+        }
+        fq_tensor *f = NULL;
+        CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 3, sh, h, &f));
+        free(h);
+        if (!f) {
+            ok = 0;
+            break;
+        }
+        if (xt == FQ_F32 && rnd == FQ_F32) {
+            xa[p] = f;
+            CHECK_OK(ctx, fq_tensor_copy_to(ctx, f, d, &xb[p]));
+        } else {
+            xa[p] = dev_to(ctx, f, xt), xb[p] = dev_to(ctx, f, xt);
+            fq_tensor_free(f);
+        }
+        for (int i = 0; i < 128; i++) wv[i] = 1.0f + 0.5f * rope_val(&seed);
+        if (special && p == 1) wv[5] = 3e38f, wv[6] = -2e38f, wv[9] = 1e-38f; /* overflows, underflows */
+        fq_tensor *wf = NULL;
+        CHECK_OK(ctx, fq_tensor_from_host(ctx, d, FQ_F32, 1, wsh, wv, &wf));
+        w[p] = p & 1 ? wf : dev_to(ctx, wf, FQ_BF16); /* (bf16 and f32 weights) */
+        if (!(p & 1)) fq_tensor_free(wf);
+        ok = xa[p] && xb[p] && w[p];
+    }
+    if (ok && cs && sn) {
+        fq_nn_rope_part pa[4], pb[4];
+        for (int p = 0; p < np; p++) {
+            pa[p].x = xa[p], pa[p].weight = w[p], pa[p].t0 = t0[p];
+            pb[p] = pa[p], pb[p].x = xb[p];
+        }
+        CHECK_OK(ctx, fq_nn_rmsnorm_rope_n_impl(ctx, pa, np, 1e-6f, cs, sn, heads, rnd, FQ_NN_ROPE_AUTO));
+        CHECK_OK(ctx, fq_nn_rmsnorm_rope_n_impl(ctx, pb, np, 1e-6f, cs, sn, heads, rnd, FQ_NN_ROPE_PREV));
+        int64_t nd = 0, nt = 0;
+        for (int p = 0; p < np; p++) {
+            float *a = host_f32(ctx, xa[p]), *b = host_f32(ctx, xb[p]);
+            if (a && b) nd += ndiff(a, b, fq_tensor_numel(xa[p])), nt += fq_tensor_numel(xa[p]);
+            free(a), free(b);
+        }
+        printf("  rmsnorm_rope_n %-34s %lld of %lld elements differ from the previous kernels\n", name,
+               (long long)nd, (long long)nt);
+        CHECK(nd == 0 && nt > 0, "rmsnorm_rope_n %s: %lld of %lld elements differ", name, (long long)nd,
+              (long long)nt);
+        /* the one-tensor op on part 0 again (both now normed once: a second pass) */
+        CHECK_OK(ctx, fq_nn_rmsnorm_rope(ctx, xa[0], w[0], 1e-6f, cs, sn, t0[0], heads, rnd));
+        CHECK_OK(ctx, fq_nn_rmsnorm_rope_n_impl(ctx, pb, 1, 1e-6f, cs, sn, heads, rnd, FQ_NN_ROPE_PREV));
+        float *a = host_f32(ctx, xa[0]), *b = host_f32(ctx, xb[0]);
+        if (a && b) {
+            nd = ndiff(a, b, fq_tensor_numel(xa[0]));
+            CHECK(nd == 0, "rmsnorm_rope %s, one tensor: %lld elements differ", name, (long long)nd);
+        }
+        free(a), free(b);
+    }
+    for (int p = 0; p < 4; p++) fq_tensor_free(xa[p]), fq_tensor_free(xb[p]), fq_tensor_free(w[p]);
+    fq_tensor_free(cs), fq_tensor_free(sn);
+    free(tc), free(tsn);
+}
+
+static void test_rmsnorm_rope_n(fq_ctx *ctx, fq_device d) {
+    printf("rmsnorm_rope_n on cuda:%d\n", d.index);
+    const int64_t dbl_n[4] = {4096, 512, 4096, 512}, dbl_t0[4] = {512, 0, 512, 0};
+    const int64_t sgl_n[2] = {4608, 4608}, sgl_t0[2] = {0, 0};
+    rope_case(ctx, d, "(double block, bf16)", 4, dbl_n, dbl_t0, 1, 24, 4608, FQ_BF16, FQ_BF16, 1);
+    rope_case(ctx, d, "(single block, bf16)", 2, sgl_n, sgl_t0, 1, 24, 4608, FQ_BF16, FQ_BF16, 0);
+    rope_case(ctx, d, "(double block, f32 storage)", 4, dbl_n, dbl_t0, 1, 24, 4608, FQ_F32, FQ_BF16, 1);
+    rope_case(ctx, d, "(double block, f32 rounding)", 4, dbl_n, dbl_t0, 1, 24, 4608, FQ_F32, FQ_F32, 1);
+    rope_case(ctx, d, "(double block, f16 rounding)", 4, dbl_n, dbl_t0, 1, 24, 4608, FQ_F32, FQ_F16, 1);
+    const int64_t odd_n[3] = {37, 300, 5}, odd_t0[3] = {3, 40, 0};
+    rope_case(ctx, d, "(batch 2, 5 heads)", 3, odd_n, odd_t0, 2, 5, 350, FQ_BF16, FQ_BF16, 1);
+    rope_case(ctx, d, "(batch 2, 1 head, f32)", 3, odd_n, odd_t0, 2, 1, 350, FQ_F32, FQ_BF16, 0);
+    rope_case(ctx, d, "(batch 3, 23 heads)", 2, odd_n + 1, odd_t0 + 1, 3, 23, 350, FQ_BF16, FQ_BF16, 1);
+    rope_case(ctx, d, "(30 heads: previous kernels)", 2, odd_n, odd_t0, 1, 30, 350, FQ_BF16, FQ_BF16, 1);
+}
+
 static void test_bf16_storage(fq_ctx *ctx, fq_device d) {
     char dn[16];
     printf("bf16 activation storage on %s:\n", fq_device_name(d, dn, sizeof dn));
@@ -1644,6 +1755,7 @@ int main(void) {
             test_linear_q4_gemv(ctx, FQ_CUDA(d));
             test_attention(ctx, FQ_CUDA(d));
             test_bf16_storage(ctx, FQ_CUDA(d));
+            test_rmsnorm_rope_n(ctx, FQ_CUDA(d));
             if (fixtures) test_golden(ctx, FQ_CUDA(d));
             test_random_devices(ctx, FQ_CUDA(d));
             test_graph(ctx, FQ_CUDA(d));

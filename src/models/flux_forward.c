@@ -322,7 +322,8 @@ static fq_tensor tokens(const fq_tensor *t, int64_t t0, int64_t n) {
 /* q|k|v of the joint attention: text rows first, then image rows, per batch;
  * q and k (rope) RMS-normed and rotated by their positions (text tokens
  * first in the RoPE tables). At batch 1 the projections write their rows of
- * `out` directly. */
+ * `out` directly, and the norm of q and k is left to qk_norm_rope (one call
+ * for both). */
 static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *img, const fq_flux_linear *txt,
                             const fq_tensor *wn_img, const fq_tensor *wn_txt, int rope, fq_tensor *out) {
     const fq_dtype cd = p->m->compute_dtype;
@@ -335,13 +336,26 @@ static fq_status joint_proj(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_li
     FQ_TRY(lin(ctx, p, img, &nh, &ti));
     FQ_TRY(lin(ctx, p, txt, &nc, &tc));
     if (rope) {
-        FQ_TRY(fq_nn_rmsnorm_rope(ctx, &ti, wn_img, RMS_EPS, &cs, &sn, p->St, heads, cd));
-        FQ_TRY(fq_nn_rmsnorm_rope(ctx, &tc, wn_txt, RMS_EPS, &cs, &sn, 0, heads, cd));
+        if (p->B == 1) return FQ_OK;
+        const fq_nn_rope_part parts[2] = {{&ti, wn_img, p->St}, {&tc, wn_txt, 0}};
+        FQ_TRY(fq_nn_rmsnorm_rope_n(ctx, parts, 2, RMS_EPS, &cs, &sn, heads, cd));
     } else {
         if (wn_img) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &ti, wn_img, RMS_EPS, &ti, cd));
         if (wn_txt) FQ_TRY(fq_nn_rmsnorm_heads(ctx, &tc, wn_txt, RMS_EPS, &tc, cd));
     }
     return p->B == 1 ? FQ_OK : fq_nn_concat(ctx, &tc, &ti, 1, out);
+}
+
+/* Batch 1: RMSNorm + RoPE of the joint q and k of a double block, image and
+ * text rows with their own weights, in one call. */
+static fq_status qk_norm_rope(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_double *bl, fq_tensor *q,
+                              fq_tensor *k) {
+    fq_tensor qi = tokens(q, p->St, p->Si), qc = tokens(q, 0, p->St), ki = tokens(k, p->St, p->Si),
+              kc = tokens(k, 0, p->St), cs = V(p, B_COS), sn = V(p, B_SIN);
+    const fq_nn_rope_part parts[4] = {
+        {&qi, bl->norm_q, p->St}, {&qc, bl->norm_added_q, 0}, {&ki, bl->norm_k, p->St}, {&kc, bl->norm_added_k, 0}};
+    return fq_nn_rmsnorm_rope_n(ctx, parts, 4, RMS_EPS, &cs, &sn, p->m->cfg.num_attention_heads,
+                                p->m->compute_dtype);
 }
 
 /* next: the double block after bl (NULL for the last): bl's last gated adds
@@ -368,6 +382,7 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     /* joint attention over [text; image] with RMS-normed q, k and RoPE */
     FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, 1, &q));
     FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, 1, &k));
+    if (B == 1) FQ_TRY(qk_norm_rope(ctx, p, bl, &q, &k));
     FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, 0, &v));
     FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
     fq_tensor oi = ti, oc = tc; /* the image and text rows of o */
@@ -432,9 +447,9 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     FQ_TRY(lin_gelu(ctx, p, &sb->proj_mlp, &nx, &mlp, &cat, D, name));
 
     FQ_TRY(lin(ctx, p, &sb->to_q, &nx, &q));
-    FQ_TRY(fq_nn_rmsnorm_rope(ctx, &q, sb->norm_q, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
     FQ_TRY(lin(ctx, p, &sb->to_k, &nx, &k));
-    FQ_TRY(fq_nn_rmsnorm_rope(ctx, &k, sb->norm_k, RMS_EPS, &cos_t, &sin_t, 0, heads, cd));
+    const fq_nn_rope_part qk[2] = {{&q, sb->norm_q, 0}, {&k, sb->norm_k, 0}};
+    FQ_TRY(fq_nn_rmsnorm_rope_n(ctx, qk, 2, RMS_EPS, &cos_t, &sin_t, heads, cd));
     FQ_TRY(lin(ctx, p, &sb->to_v, &nx, &v));
     /* the attention into cat's first D columns: directly where cuDNN runs it
      * (not while a tap wants o), else into o and copied */

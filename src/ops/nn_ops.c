@@ -628,8 +628,10 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
     return FQ_OK;
 }
 
-fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
-                             const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd) {
+/* fq_nn_rmsnorm_rope's operand checks. */
+static fq_status rmsnorm_rope_check(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *weight,
+                                    const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t t0, int64_t heads,
+                                    fq_dtype rnd) {
     const char *op = "rmsnorm_rope";
     FQ_TRY(check_act(ctx, op, "x", x, x->buf.dev, rnd, NULL));
     FQ_TRY(check(ctx, op, "cos", cos_t, x->buf.dev, 1));
@@ -644,14 +646,51 @@ fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight,
     FQ_TRY(same_shape(ctx, op, "sin", sin_t, cos_t));
     if (weight && (weight->ndim != 1 || weight->shape[0] != dh))
         return shape_err(ctx, op, "weight", weight, "[head_dim]");
+    return FQ_OK;
+}
+
+fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
+                             const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd) {
+    FQ_TRY(rmsnorm_rope_check(ctx, x, weight, cos_t, sin_t, t0, heads, rnd));
+    const int64_t n = x->shape[1];
 #ifdef FQ_HAVE_CUDA
-    if (weight && x->buf.dev.type == FQ_DEVICE_CUDA && dh % 32 == 0)
+    if (weight && x->buf.dev.type == FQ_DEVICE_CUDA && (x->shape[2] / heads) % 32 == 0)
         return fq_nncu_rmsnorm_rope(ctx, x, weight, eps, cos_t, sin_t, t0, heads, rnd);
 #endif
     /* the two ops (the CPU, odd head dims, no norm) on the tables' rows t0.. */
     fq_tensor cv = fq_nn_view_rows(cos_t, t0, n), sv = fq_nn_view_rows(sin_t, t0, n);
     if (weight) FQ_TRY(fq_nn_rmsnorm_heads(ctx, x, weight, eps, x, rnd));
     return fq_nn_rope(ctx, x, &cv, &sv, heads, rnd);
+}
+
+fq_status fq_nn_rmsnorm_rope_n_impl(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps,
+                                    const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads, fq_dtype rnd,
+                                    int impl) {
+    if (n < 0 || n > 4 || (n && !parts))
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "rmsnorm_rope: %d tensors (at most 4)", n);
+    for (int i = 0; i < n; i++)
+        FQ_TRY(rmsnorm_rope_check(ctx, parts[i].x, parts[i].weight, cos_t, sin_t, parts[i].t0, heads, rnd));
+#ifdef FQ_HAVE_CUDA
+    /* one launch when every tensor has a norm and they share dtype and head
+     * dim (the checks put them all on the tables' device) */
+    int one = n > 0 && parts[0].x->buf.dev.type == FQ_DEVICE_CUDA;
+    for (int i = 0; i < n && one; i++) {
+        const fq_tensor *x = parts[i].x;
+        one = parts[i].weight && x->dtype == parts[0].x->dtype && x->shape[2] == parts[0].x->shape[2] &&
+              (x->shape[2] / heads) % 32 == 0;
+    }
+    if (one) return fq_nncu_rmsnorm_rope_n(ctx, parts, n, eps, cos_t, sin_t, heads, rnd, impl);
+#else
+    (void)impl;
+#endif
+    for (int i = 0; i < n; i++)
+        FQ_TRY(fq_nn_rmsnorm_rope(ctx, parts[i].x, parts[i].weight, eps, cos_t, sin_t, parts[i].t0, heads, rnd));
+    return FQ_OK;
+}
+
+fq_status fq_nn_rmsnorm_rope_n(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps, const fq_tensor *cos_t,
+                               const fq_tensor *sin_t, int64_t heads, fq_dtype rnd) {
+    return fq_nn_rmsnorm_rope_n_impl(ctx, parts, n, eps, cos_t, sin_t, heads, rnd, FQ_NN_ROPE_AUTO);
 }
 
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out) {

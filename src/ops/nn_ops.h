@@ -148,6 +148,25 @@ fq_status fq_nn_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq
  * multiple of 32). weight NULL: RoPE alone. */
 fq_status fq_nn_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
                              const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd);
+/* One tensor of fq_nn_rmsnorm_rope_n: x (in place), its norm weight, its
+ * first row t0 in the RoPE tables. */
+typedef struct {
+    fq_tensor *x;
+    const fq_tensor *weight;
+    int64_t t0;
+} fq_nn_rope_part;
+/* fq_nn_rmsnorm_rope on each of parts[0..n) (n <= 4 distinct tensors of one
+ * device and dtype, the same tables and heads): the same bits; on CUDA one
+ * launch for all (q and k of a block, both streams); the CPU runs the ops
+ * one tensor after the other. */
+fq_status fq_nn_rmsnorm_rope_n(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps, const fq_tensor *cos_t,
+                               const fq_tensor *sin_t, int64_t heads, fq_dtype rnd);
+/* Tests: the same with FQ_NN_ROPE_PREV: the CUDA kernels before the
+ * one-launch one, a launch per tensor (FQ_NN_ROPE_AUTO: the default). */
+enum { FQ_NN_ROPE_AUTO = 0, FQ_NN_ROPE_PREV = 1 };
+fq_status fq_nn_rmsnorm_rope_n_impl(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps,
+                                    const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads, fq_dtype rnd,
+                                    int impl);
 /* Sinusoidal projection (flip_sin_to_cos, shift 0) of t [B] into out [B, 2*half]. */
 fq_status fq_nn_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);
 /* Scratch floats fq_nn_attention needs on dev for q [batch, s, heads*dh]. */

@@ -602,6 +602,22 @@ fq_status fq_nncu_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weigh
     return end(ctx, &r, e, "rmsnorm_rope", FQ_NN_CLASS_OTHER);
 }
 
+fq_status fq_nncu_rmsnorm_rope_n(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps,
+                                 const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads, fq_dtype rnd,
+                                 int impl) {
+    run_t r;
+    FQ_TRY(begin(ctx, parts[0].x->buf.dev, &r));
+    fq_cuda_rope_part cp[FQ_CUDA_ROPE_PARTS];
+    for (int i = 0; i < n; i++) {
+        const fq_tensor *x = parts[i].x, *w = parts[i].weight;
+        cp[i].x = x->buf.ptr, cp[i].w = w->buf.ptr, cp[i].wt = w->dtype;
+        cp[i].batch = x->shape[0], cp[i].n = x->shape[1], cp[i].t0 = parts[i].t0;
+    }
+    int e = fq_cuda_nn_rmsnorm_rope_n(cp, n, parts[0].x->dtype, F(cos_t), F(sin_t), heads,
+                                      parts[0].weight->shape[0], eps, rnd, impl, r.d->stream);
+    return end(ctx, &r, e, "rmsnorm_rope", FQ_NN_CLASS_OTHER);
+}
+
 fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t axes[3], double theta,
                              fq_tensor *cos_t, fq_tensor *sin_t) {
     run_t r;

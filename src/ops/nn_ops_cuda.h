@@ -56,6 +56,9 @@ fq_status fq_nncu_rope_table(fq_ctx *ctx, const fq_tensor *ids, const int64_t ax
                              fq_tensor *cos_t, fq_tensor *sin_t);
 fq_status fq_nncu_rmsnorm_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *weight, float eps, const fq_tensor *cos_t,
                                const fq_tensor *sin_t, int64_t t0, int64_t heads, fq_dtype rnd);
+fq_status fq_nncu_rmsnorm_rope_n(fq_ctx *ctx, const fq_nn_rope_part *parts, int n, float eps,
+                                 const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads, fq_dtype rnd,
+                                 int impl);
 fq_status fq_nncu_rope(fq_ctx *ctx, fq_tensor *x, const fq_tensor *cos_t, const fq_tensor *sin_t, int64_t heads,
                        fq_dtype rnd);
 fq_status fq_nncu_timestep_proj(fq_ctx *ctx, const fq_tensor *t, fq_tensor *out);

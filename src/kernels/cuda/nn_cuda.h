@@ -118,6 +118,23 @@ int fq_cuda_nn_rmsnorm(const void *x, const void *w, fq_dtype wt, void *y, fq_dt
 int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t, const float *sin_t,
                             int64_t batch, int64_t n, int64_t heads, int64_t t0, int64_t d, float eps, fq_dtype rnd,
                             cudaStream_t st);
+/* One tensor of fq_cuda_nn_rmsnorm_rope_n: x [batch, n, heads*d] (in place)
+ * normed with w [d] of dtype wt, its tokens on rows t0.. of the tables. */
+typedef struct {
+    void *x;
+    const void *w;
+    fq_dtype wt;
+    int64_t batch, n, t0;
+} fq_cuda_rope_part;
+#define FQ_CUDA_ROPE_PARTS 4
+/* fq_cuda_nn_rmsnorm_rope on each of np <= FQ_CUDA_ROPE_PARTS distinct
+ * tensors of dtype xt with the same tables, heads and d: the same bits, one
+ * launch at d = 128 (q and k of a block, both streams). impl 1: the kernels
+ * before the one-launch one, a launch per part (tests; FQ_RMSNORM_ROPE=v
+ * picks them too). */
+int fq_cuda_nn_rmsnorm_rope_n(const fq_cuda_rope_part *parts, int np, fq_dtype xt, const float *cos_t,
+                              const float *sin_t, int64_t heads, int64_t d, float eps, fq_dtype rnd, int impl,
+                              cudaStream_t st);
 
 /* ---- positions and time (nn_rope.cu) --------------------------------------------------- */
 

@@ -860,11 +860,215 @@ __global__ void __launch_bounds__(256, 2)
     }
 }
 
+/* The parts of one k_rmsnorm_rope128s launch: x [ntok tokens, heads*128] with
+ * norm weights w (dtype wt), token t on table row t0 + t % n, its items
+ * (tokens) numbered [it0, it0 + ntok) in the launch. */
+constexpr int kRopeParts = FQ_CUDA_ROPE_PARTS, kRopeHeads = 24;
+struct RopePart {
+    void *x;
+    const void *w;
+    int wt, ntok, n, t0, it0;
+};
+struct RopeParts {
+    RopePart p[kRopeParts];
+    int np, items;
+};
+
+/* k_rmsnorm_rope128v with the data streamed in: one warp per token (all its
+ * heads, up to 24) instead of per 4 heads, the tokens of up to 4 tensors (q
+ * and k of both streams) in one launch. Why: k_rmsnorm_rope128v kept one
+ * item (1 KB) ahead per warp in registers, ~16 KB in flight per SM; its
+ * cos/sin rows came from L2 on the critical path of every item; and a step
+ * ran 152 launches, 38 of them of 512 text tokens that are mostly launch and
+ * tail. Here each warp copies its next token (6 KB in bf16) and its cos/sin
+ * rows into a ring of two slots in shared memory (cp.async, no registers)
+ * while it works on this one; a lane copies the x chunks it later reads
+ * itself, the table rows are shared by the warp (hence the __syncwarp). The
+ * work per token runs over groups of 4 G heads, G groups at once for
+ * independent latency chains, with k_rmsnorm_rope128v's lane layout and
+ * expressions (lane l holds elements 8(l & 15).. of heads h0 + (l >> 4),
+ * h0 + 2 + (l >> 4), ...; the same f64 sums, shuffles, square root and
+ * division, the same rounding points), so the bits are the same. With bf16
+ * rounding the guard that sends a chunk with a non-finite value to rnd_to
+ * looks at the rotated values only (a non-finite normed value makes its
+ * rotated one non-finite: inf * c is inf or NaN, so the decision is the
+ * same), sums in four chains instead of one (it only tells whether one is
+ * non-finite), and the packed bf16 pairs are stored as they come out of the
+ * rounding (no unpack and repack).
+ * Tried and slower on the H100 (bench/results/bench_flux_rope_h100_2026-11-27_session5.txt):
+ * three slots instead of two (fewer warps: shared memory), three groups at
+ * once (179 registers), and the normalized value as an f32 product checked
+ * against the bf16 rounding boundaries instead of the f64 product (more
+ * integer work than the conversions it saves: the kernel is bound by issue
+ * and latency, not by the f64 units). */
+template <typename T, int WPB, int G>
+__global__ void __launch_bounds__(32 * WPB)
+    k_rmsnorm_rope128s(RopeParts ps, const float *__restrict__ cos_t, const float *__restrict__ sin_t, int heads,
+                       float eps, int rnd) {
+    constexpr int S = 2;                     /* ring slots */
+    constexpr int CW = (int)sizeof(T) / 2;   /* 16-byte pieces per 8-element chunk */
+    constexpr int XS = kRopeHeads * 16 * CW; /* a token's x: 16 chunks a head */
+    constexpr int ST = XS + 64;              /* then its cos and sin rows, 32 pieces each */
+    constexpr int K = 2 * G;                 /* chunks per lane and step */
+    __shared__ uint4 ring[WPB][S][ST];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e0 = 8 * (lane & 15), hl = lane >> 4;
+    const int nw = (int)gridDim.x * WPB, npair = (heads + 1) / 2;
+    uint4(*rg)[ST] = ring[warp];
+    /* the part of item it (unrolled: no dynamic index into the parameters) */
+    auto part_of = [&](int it, int &pi) -> RopePart {
+        RopePart pp = ps.p[0];
+        pi = 0;
+#pragma unroll
+        for (int q = 1; q < kRopeParts; q++)
+            if (q < ps.np && it >= ps.p[q].it0) pp = ps.p[q], pi = q;
+        return pp;
+    };
+    /* token it into slot sl; one commit per call, empty or not, so that
+     * "this token has landed" is always "at most S - 1 groups pending".
+     * Pair j of the token (heads 2j, 2j + 1) sits at pieces (32j + lane) * CW. */
+    auto fetch = [&](int it, int sl) {
+        if (it < ps.items) {
+            int pi;
+            const RopePart pp = part_of(it, pi);
+            const int tok = it - pp.it0, row = pp.t0 + tok % pp.n;
+            const T *xr = static_cast<const T *>(pp.x) + (int64_t)tok * heads * 128 + e0;
+#pragma unroll
+            for (int j = 0; j < kRopeHeads / 2; j++) {
+                if (2 * j + hl >= heads) break;
+                const uint4 *src = reinterpret_cast<const uint4 *>(xr + (2 * j + hl) * 128);
+#pragma unroll
+                for (int w = 0; w < CW; w++) cp16_async(&rg[sl][(32 * j + lane) * CW + w], src + w);
+            }
+            cp16_async(&rg[sl][XS + lane], reinterpret_cast<const uint4 *>(cos_t + (int64_t)row * 128) + lane);
+            cp16_async(&rg[sl][XS + 32 + lane], reinterpret_cast<const uint4 *>(sin_t + (int64_t)row * 128) + lane);
+        }
+        cp_async_commit();
+    };
+    const int it_first = (int)blockIdx.x * WPB + warp;
+#pragma unroll
+    for (int i = 0; i < S; i++) fetch(it_first + i * nw, i);
+    int sl = 0, cur = -1;
+    double wd[8];
+    for (int it = it_first; it < ps.items; it += nw) {
+        cp_async_wait<S - 1>();
+        __syncwarp(); /* (the table pieces other lanes copied) */
+        int pi;
+        const RopePart pp = part_of(it, pi);
+        if (pi != cur) {
+            cur = pi;
+#pragma unroll
+            for (int e = 0; e < 8; e++) wd[e] = (double)load_any(pp.w, pp.wt, e0 + e);
+        }
+        T *xr = static_cast<T *>(pp.x) + (int64_t)(it - pp.it0) * heads * 128 + e0;
+        float c[8], sn[8];
+        {
+            const float4 *tc = reinterpret_cast<const float4 *>(&rg[sl][XS]), *ts = tc + 32;
+            const float4 c0 = tc[2 * (lane & 15)], c1 = tc[2 * (lane & 15) + 1];
+            const float4 s0 = ts[2 * (lane & 15)], s1 = ts[2 * (lane & 15) + 1];
+            c[0] = c0.x, c[1] = c0.y, c[2] = c0.z, c[3] = c0.w, c[4] = c1.x, c[5] = c1.y, c[6] = c1.z, c[7] = c1.w;
+            sn[0] = s0.x, sn[1] = s0.y, sn[2] = s0.z, sn[3] = s0.w, sn[4] = s1.x, sn[5] = s1.y, sn[6] = s1.z,
+            sn[7] = s1.w;
+        }
+        for (int j0 = 0; j0 < npair; j0 += K) { /* pairs j0 .. j0 + K - 1 */
+            double v[K][8], q[K];
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                float f[8];
+                if (2 * (j0 + k) + hl < heads) {
+                    Chunk8<T> ch;
+                    ch.load(reinterpret_cast<const T *>(&rg[sl][(32 * (j0 + k) + lane) * CW]));
+                    ch.get(f);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) f[e] = 0.0f;
+                }
+                q[k] = 0.0;
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    v[k][e] = (double)f[e];
+                    q[k] += v[k][e] * v[k][e];
+                }
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) {
+#pragma unroll
+                for (int k = 0; k < K; k++) q[k] += __shfl_xor_sync(0xffffffffu, q[k], o);
+            }
+            /* even lanes the square root and division of chunks 0, 2, ..,
+             * odd lanes of 1, 3, ..; then swapped */
+            const bool odd = lane & 1;
+            double r[K];
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const double rm = 1.0 / sqrt((odd ? q[2 * g + 1] : q[2 * g]) / 128.0 + (double)eps);
+                const double ro = __shfl_xor_sync(0xffffffffu, rm, 1);
+                r[2 * g] = odd ? ro : rm;
+                r[2 * g + 1] = odd ? rm : ro;
+            }
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                const int hh = 2 * (j0 + k) + hl;
+                if (hh >= heads) continue;
+                float nv[8], o[8];
+                if (rnd == FQ_BF16) { /* as in k_rmsnorm_rope128v (see above for the guard) */
+                    float nf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    uint32_t ow[4];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) nv[e] = (float)(v[k][e] * r[k] * wd[e]);
+#pragma unroll
+                    for (int e = 0; e < 8; e += 2) {
+                        const uint32_t u = bf2_pack(nv[e], nv[e + 1]);
+                        nv[e] = bf2_lo(u), nv[e + 1] = bf2_hi(u);
+                    }
+#pragma unroll
+                    for (int p = 0; p < 8; p += 2) {
+                        o[p] = __fadd_rn(__fmul_rn(nv[p], c[p]), __fmul_rn(-nv[p + 1], sn[p]));
+                        o[p + 1] = __fadd_rn(__fmul_rn(nv[p + 1], c[p + 1]), __fmul_rn(nv[p], sn[p + 1]));
+                        nf[p / 2] = __fmaf_rn(o[p + 1], 0.0f, __fmaf_rn(o[p], 0.0f, nf[p / 2]));
+                        ow[p / 2] = bf2_pack(o[p], o[p + 1]);
+                    }
+                    const float t = (nf[0] + nf[1]) + (nf[2] + nf[3]); /* NaN iff one is */
+                    if (t == t) {
+                        Chunk8<T> out;
+                        if constexpr (sizeof(T) == 2) {
+                            out.u = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+                        } else {
+                            const float w8[8] = {bf2_lo(ow[0]), bf2_hi(ow[0]), bf2_lo(ow[1]), bf2_hi(ow[1]),
+                                                 bf2_lo(ow[2]), bf2_hi(ow[2]), bf2_lo(ow[3]), bf2_hi(ow[3])};
+                            out.set(w8);
+                        }
+                        out.store(xr + hh * 128);
+                        continue;
+                    }
+                }
+                {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) nv[e] = rnd_to((float)(v[k][e] * r[k] * wd[e]), rnd);
+#pragma unroll
+                    for (int p = 0; p < 8; p += 2) {
+                        o[p] = rnd_to(__fadd_rn(__fmul_rn(nv[p], c[p]), __fmul_rn(-nv[p + 1], sn[p])), rnd);
+                        o[p + 1] = rnd_to(__fadd_rn(__fmul_rn(nv[p + 1], c[p + 1]), __fmul_rn(nv[p], sn[p + 1])), rnd);
+                    }
+                }
+                Chunk8<T> out;
+                out.set(o);
+                out.store(xr + hh * 128);
+            }
+        }
+        __syncwarp(); /* every lane is done with the slot before it is refilled */
+        fetch(it + S * nw, sl);
+        sl = sl + 1 == S ? 0 : sl + 1;
+    }
+    cp_async_wait<0>(); /* (only empty groups can be left) */
+}
+
 } // namespace
 
-extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
-                                       const float *sin_t, int64_t batch, int64_t n, int64_t heads, int64_t t0,
-                                       int64_t d, float eps, fq_dtype rnd, cudaStream_t st) {
+/* The kernels before k_rmsnorm_rope128s, one tensor a launch: k_rmsnorm_rope128v
+ * (FQ_NORM_KERNELS=old: k_rmsnorm_rope128), k_rmsnorm_rope off d = 128. */
+static int rmsnorm_rope_prev(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
+                             const float *sin_t, int64_t batch, int64_t n, int64_t heads, int64_t t0, int64_t d,
+                             float eps, fq_dtype rnd, cudaStream_t st) {
     const int64_t groups = batch * n * heads;
     if (groups <= 0 || d <= 0) return 0;
     if (d % 32) return (int)cudaErrorInvalidValue;
@@ -910,6 +1114,73 @@ extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_d
         k_rmsnorm_rope<float><<<(unsigned)blocks, kThreads, 0, st>>>(static_cast<float *>(x), w, (int)wt, cos_t, sin_t,
                                                                      groups, heads, n, t0, d, eps, (int)rnd);
     return launch_status();
+}
+
+/* FQ_RMSNORM_ROPE=v: the previous kernels (rmsnorm_rope_prev) for every
+ * call; =g1: k_rmsnorm_rope128s with one group of 4 heads at once instead of
+ * two (H100: the same speed within noise, 106 instead of 141 registers). */
+static int rope_knob() {
+    static const int v = env_is("FQ_RMSNORM_ROPE", "v") ? 1 : env_is("FQ_RMSNORM_ROPE", "g1") ? 2 : 0;
+    return v;
+}
+
+template <typename T, int WPB, int G>
+static int launch_rope_s(const RopeParts &ps, const float *cos_t, const float *sin_t, int heads, float eps, int rnd,
+                         cudaStream_t st) {
+    unsigned g = 0;
+    const int e = resident_blocks(k_rmsnorm_rope128s<T, WPB, G>, 32 * WPB, (ps.items + WPB - 1) / WPB, &g, st);
+    if (!e) k_rmsnorm_rope128s<T, WPB, G><<<g, 32 * WPB, 0, st>>>(ps, cos_t, sin_t, heads, eps, rnd);
+    return e ? e : launch_status();
+}
+
+extern "C" int fq_cuda_nn_rmsnorm_rope_n(const fq_cuda_rope_part *parts, int np, fq_dtype xt, const float *cos_t,
+                                         const float *sin_t, int64_t heads, int64_t d, float eps, fq_dtype rnd,
+                                         int impl, cudaStream_t st) {
+    if (np < 0 || np > kRopeParts) return (int)cudaErrorInvalidValue;
+    /* k_rmsnorm_rope128s: d 128, up to 24 heads, 16-byte aligned tensors
+     * and tables, 32-bit item and row numbers */
+    bool one = impl == 0 && !norm_old() && rope_knob() != 1 && d == 128 && heads > 0 && heads <= kRopeHeads &&
+               al16(cos_t) && al16(sin_t) && (xt == FQ_BF16 || xt == FQ_F32);
+    RopeParts ps;
+    memset(&ps, 0, sizeof ps);
+    int64_t items = 0;
+    for (int i = 0; i < np && one; i++) {
+        const fq_cuda_rope_part &p = parts[i];
+        const int64_t nt = p.batch * p.n;
+        if (nt <= 0) continue;
+        if (!al16(p.x) || p.t0 < 0 || p.t0 + p.n >= (1 << 30) || items + nt >= (1 << 30)) {
+            one = false;
+            break;
+        }
+        RopePart &q = ps.p[ps.np++];
+        q.x = p.x, q.w = p.w, q.wt = (int)p.wt, q.ntok = (int)nt, q.n = (int)p.n, q.t0 = (int)p.t0;
+        q.it0 = (int)items;
+        items += nt;
+    }
+    if (one) {
+        if (!ps.np) return 0;
+        ps.items = (int)items;
+        for (int i = ps.np; i < kRopeParts; i++) ps.p[i] = ps.p[ps.np - 1]; /* (never selected) */
+        typedef __nv_bfloat16 bf;
+        const int h = (int)heads, rn = (int)rnd;
+        if (xt == FQ_F32) return launch_rope_s<float, 1, 1>(ps, cos_t, sin_t, h, eps, rn, st);
+        if (rope_knob() == 2) return launch_rope_s<bf, 2, 1>(ps, cos_t, sin_t, h, eps, rn, st);
+        return launch_rope_s<bf, 2, 2>(ps, cos_t, sin_t, h, eps, rn, st);
+    }
+    for (int i = 0; i < np; i++) {
+        const fq_cuda_rope_part &p = parts[i];
+        const int e = rmsnorm_rope_prev(p.x, xt, p.w, p.wt, cos_t, sin_t, p.batch, p.n, heads, p.t0, d, eps, rnd, st);
+        if (e) return e;
+    }
+    return 0;
+}
+
+extern "C" int fq_cuda_nn_rmsnorm_rope(void *x, fq_dtype xt, const void *w, fq_dtype wt, const float *cos_t,
+                                       const float *sin_t, int64_t batch, int64_t n, int64_t heads, int64_t t0,
+                                       int64_t d, float eps, fq_dtype rnd, cudaStream_t st) {
+    fq_cuda_rope_part p;
+    p.x = x, p.w = w, p.wt = wt, p.batch = batch, p.n = n, p.t0 = t0;
+    return fq_cuda_nn_rmsnorm_rope_n(&p, 1, xt, cos_t, sin_t, heads, d, eps, rnd, 0, st);
 }
 
 extern "C" int fq_cuda_nn_adaln(const void *x, void *y, fq_dtype xt, int64_t batch, int64_t rows, int64_t d,
