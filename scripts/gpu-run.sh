@@ -11,7 +11,8 @@
 #            test_cuda_attention, test_cuda_linear, run side by side) and the FLUX step
 #            benchmark (NF4 + double quant, also as a CUDA graph; again with --exact-gelu,
 #            with the previous AdaLN kernel, and with dense bf16 weights; the SM clock
-#            and power drawn during the NF4 step loop go to the summary)
+#            and power drawn during the NF4 step loop, and the driver's clock event reasons,
+#            go to the summary)
 #     multi-flux  for the 2-GPU machine: build, test_flux_cuda (cuda:0 vs cuda:1 and moves),
 #            test_multi_gpu, and a FLUX.1-dev NF4 step benchmark on cuda:1 with nvidia-smi
 #            asked meanwhile which GPUs hold the process (GPU 0 must not)
@@ -123,8 +124,20 @@ if [ "$WHAT" = perf ]; then
     nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit,temperature.gpu,clocks.max.sm \
         --format=csv,noheader,nounits -lms 200 > "$smi_log" 2>/dev/null &
     smi_pid=$!
+    # why the clock is below its maximum: the driver's clock event reasons (older drivers
+    # call them throttle reasons), sampled the same way
+    why_log=/tmp/fluxq_smi_why.csv why_q=""
+    for pre in clocks_event_reasons clocks_throttle_reasons; do
+        q="power.draw,power.limit,$pre.sw_power_cap,$pre.hw_slowdown,$pre.hw_power_brake_slowdown,$pre.sw_thermal_slowdown,$pre.hw_thermal_slowdown"
+        if nvidia-smi --query-gpu="$q" --format=csv,noheader,nounits > /dev/null 2>&1; then why_q=$q; break; fi
+    done
+    why_pid=
+    if [ -n "$why_q" ]; then
+        nvidia-smi --query-gpu="$why_q" --format=csv,noheader,nounits -lms 200 > "$why_log" 2>/dev/null &
+        why_pid=$!
+    fi
     timeout 150 "${BF[@]}" --iters 10 --graph > "$OUT/bench_flux.txt" 2>&1 || STATUS=1
-    kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
+    kill "$smi_pid" $why_pid 2>/dev/null; wait "$smi_pid" $why_pid 2>/dev/null
     timeout 120 "${BF[@]}" --iters 5 --exact-gelu > "$OUT/bench_flux_exact_gelu.txt" 2>&1 || STATUS=1
     # baselines in the same call: the previous AdaLN kernel, and dense bf16 weights (no dequantization)
     FQ_ADALN=row timeout 120 "${BF[@]}" --iters 5 > "$OUT/bench_flux_adaln_row.txt" 2>&1 || STATUS=1
@@ -141,6 +154,15 @@ if [ "$WHAT" = perf ]; then
         note "card during bench_flux ($n busy samples of 200 ms): SM clock $clk MHz, $pw"
     else
         note "card during bench_flux: no busy samples (nvidia-smi -lms gave nothing)"
+    fi
+    if [ -n "$why_q" ] && [ -s "$why_log" ]; then
+        # busy samples (> 60 % of the power limit) in which each reason was active
+        awk -F', *' '$2 > 0 && $1 > 0.6 * $2 { n++; for (i = 3; i <= 7; i++) if ($i ~ /^Active/) a[i]++ }
+            END { if (n) printf "%d busy samples; active in them: SW power cap %d, HW slowdown %d, HW power brake %d, SW thermal %d, HW thermal %d\n",
+                  n, a[3], a[4], a[5], a[6], a[7] }' "$why_log" > "$why_log.sum"
+        note "clock event reasons during bench_flux: $(cat "$why_log.sum")"
+    else
+        note "clock event reasons during bench_flux: not available from nvidia-smi"
     fi
     note "bench_flux --exact-gelu:"
     grep -E '^step|linears|attention|rest' "$OUT/bench_flux_exact_gelu.txt" | tee -a "$SUMMARY"

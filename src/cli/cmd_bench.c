@@ -7,6 +7,7 @@ int fq_bench_quant(int argc, char **argv);
 int fq_bench_linear(int argc, char **argv);
 int fq_bench_flux(int argc, char **argv);
 int fq_bench_linear_cpu(int argc, char **argv);
+int fq_bench_gemm_group(int argc, char **argv);
 
 static const char *HELP =
     "usage: fluxq bench quant  [--device DEV] [--iters N] [--json FILE] [--quick]\n"
@@ -14,12 +15,15 @@ static const char *HELP =
     "       fluxq bench linear-cpu [--threads N] [--seconds S] [--quick]\n"
     "       fluxq bench flux   --config dev|schnell|PATH --random-weights [--quantize nf4]\n"
     "                          [--double-quant] [--width 1024 --height 1024] [--device DEV]\n"
+    "       fluxq bench gemm-group [--device DEV] [--iters N] [--reps N] [--shapes MxNxKxG,...]\n"
     "\n"
     "quant:  quantize/dequantize (NF4, blocksize 64, bf16, with and without double\n"
     "        quant) at the FLUX.1 weight shapes on every device, against a copy of\n"
     "        the same bytes measured in the same run.\n"
     "linear: 4-bit linear layers at the FLUX.1 shapes; on a GPU against cuBLASLt bf16\n"
     "        and dequantize + cuBLASLt, on the CPU against memory bandwidth.\n"
+    "gemm-group: G same-input bf16 GEMMs (FLUX's q, k, v) as separate cuBLASLt calls,\n"
+    "        one strided-batched call and one wide GEMM, interleaved in one run.\n"
     "Each benchmark also exists as a program: build/bench/bench_<name> --help.\n";
 
 int cmd_bench(int argc, char **argv) {
@@ -31,5 +35,7 @@ int cmd_bench(int argc, char **argv) {
     if (!strcmp(argv[1], "linear")) return fq_bench_linear(argc - 1, argv + 1);
     if (!strcmp(argv[1], "flux")) return fq_bench_flux(argc - 1, argv + 1);
     if (!strcmp(argv[1], "linear-cpu")) return fq_bench_linear_cpu(argc - 1, argv + 1);
-    return cli_usage_error("bench", "unknown benchmark '%s' (quant, linear, linear-cpu or flux)", argv[1]);
+    if (!strcmp(argv[1], "gemm-group")) return fq_bench_gemm_group(argc - 1, argv + 1);
+    return cli_usage_error("bench", "unknown benchmark '%s' (quant, linear, linear-cpu, flux or gemm-group)",
+                           argv[1]);
 }
