@@ -693,6 +693,136 @@ static void test_linear_q4_gemv(fq_ctx *ctx, fq_device dev) {
             }
 }
 
+/* Rows [r0, r0 + rows) of a 2-D tensor [*, n] as a [rows, n] view. */
+static fq_tensor rows_view(const fq_tensor *t, int64_t r0, int64_t rows) {
+    fq_tensor v = *t;
+    const size_t es = fq_dtype_size(t->dtype);
+    v.shape[0] = rows;
+    v.numel = rows * t->shape[1];
+    v.buf.ptr = (char *)t->buf.ptr + (size_t)(r0 * t->shape[1]) * es;
+    v.buf.bytes = (size_t)v.numel * es;
+    return v;
+}
+
+/* The same bytes in two device tensors. */
+static int same_bytes(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b) {
+    fq_tensor *ha = to_dev(ctx, a, FQ_CPU), *hb = to_dev(ctx, b, FQ_CPU);
+    int r = ha && hb && fq_tensor_nbytes(ha) == fq_tensor_nbytes(hb) &&
+            memcmp(fq_tensor_host_data(ha), fq_tensor_host_data(hb), fq_tensor_nbytes(ha)) == 0;
+    fq_tensor_free(ha);
+    fq_tensor_free(hb);
+    return r;
+}
+
+/* fq_nn_linear_q4_group (q, k, v as one batched GEMM) against three fq_nn_linear_q4
+ * calls: the same bits, batched or not (bias_cat NULL, outputs not at one stride). */
+static void test_linear_q4_group(fq_ctx *ctx, fq_device dev) {
+    char dn[16];
+    printf("4-bit q, k, v as one batched GEMM on %s:\n", fq_device_name(dev, dn, sizeof dn));
+    static const struct {
+        int64_t m, n, k;
+        fq_dtype rnd;
+        int qtype, dq;
+    } cases[] = {
+        {4608, 3072, 3072, FQ_BF16, FQ_QUANT_NF4, 1}, /* a FLUX single block at 1024x1024 */
+        {512, 3072, 3072, FQ_BF16, FQ_QUANT_NF4, 1},  /* the text stream's rows */
+        {5, 96, 256, FQ_BF16, FQ_QUANT_FP4, 0},
+        {33, 64, 128, FQ_F16, FQ_QUANT_NF4, 0}, /* f16 compute: f32 activations, three calls */
+        {2, 96, 256, FQ_BF16, FQ_QUANT_NF4, 1}, /* 2 rows: the GEMV, three calls */
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int64_t M = cases[ci].m, N = cases[ci].n, K = cases[ci].k;
+        const fq_dtype rnd = cases[ci].rnd, act = rnd == FQ_BF16 ? FQ_BF16 : FQ_F32; /* as fq_nn_act_dtype */
+        int64_t xs[2] = {M, K}, ws[2] = {N, K}, bs[1] = {N}, bcs[1] = {3 * N}, ys[2] = {4 * M, N};
+        fq_qtensor *q[3] = {NULL, NULL, NULL};
+        fq_tensor *b[3] = {NULL, NULL, NULL}, *bh[3] = {NULL, NULL, NULL};
+        fq_tensor *x = NULL, *bcat = NULL, *bcath = NULL, *yg = NULL, *yr = NULL, *scratch = NULL;
+        int ok = 1;
+        for (int j = 0; j < 3 && ok; j++) {
+            fq_tensor *w = cpu_rand(ctx, FQ_BF16, 2, ws, 301 + 7 * ci + j, 0.05f, 0.0f, FQ_F32);
+            fq_quant_params qp = fq_quant_default_params();
+            qp.type = (fq_quant_type)cases[ci].qtype;
+            qp.double_quant = cases[ci].dq;
+            fq_qtensor *hq = NULL;
+            if (w) CHECK_OK(ctx, fq_quantize_4bit(ctx, w, &qp, &hq));
+            if (hq) CHECK_OK(ctx, fq_qtensor_copy_to(ctx, hq, dev, &q[j]));
+            bh[j] = cpu_rand(ctx, rnd, 1, bs, 331 + j, 0.5f, 0.0f, FQ_F32);
+            b[j] = to_dev(ctx, bh[j], dev);
+            fq_qtensor_free(hq);
+            fq_tensor_free(w);
+            ok = q[j] && b[j];
+        }
+        fq_tensor *xh = cpu_rand(ctx, act, 2, xs, 351 + ci, 1.0f, 0.0f, rnd);
+        x = to_dev(ctx, xh, dev);
+        fq_tensor_free(xh);
+        CHECK_OK(ctx, fq_tensor_create(ctx, FQ_CPU, rnd, 1, bcs, &bcath));
+        if (bcath && ok)
+            for (int j = 0; j < 3; j++)
+                memcpy((char *)fq_tensor_host_data(bcath) + (size_t)(j * N) * fq_dtype_size(rnd),
+                       fq_tensor_host_data(bh[j]), (size_t)N * fq_dtype_size(rnd));
+        bcat = to_dev(ctx, bcath, dev);
+        CHECK_OK(ctx, fq_tensor_create(ctx, dev, act, 2, ys, &yg));
+        CHECK_OK(ctx, fq_tensor_create(ctx, dev, act, 2, ys, &yr));
+        const int64_t sc = q[0] ? fq_nn_linear_q4_group_scratch(ctx, q[0], b[0], 3, M, rnd, act, act) : 0;
+        int64_t scs[1] = {sc > 0 ? sc : 1};
+        scratch = empty(ctx, dev, 1, scs);
+        if (ok && x && bcat && yg && yr && scratch) {
+            char what[128];
+            /* the reference: three calls into rows [0, M), [M, 2M), [2M, 3M) */
+            fq_tensor r[3], g[3], h[3];
+            for (int j = 0; j < 3; j++) {
+                r[j] = rows_view(yr, j * M, M);
+                g[j] = rows_view(yg, j * M, M);
+                CHECK_OK(ctx, fq_nn_linear_q4(ctx, x, q[j], b[j], &r[j], scratch, rnd));
+            }
+            fq_tensor *const gy[3] = {&g[0], &g[1], &g[2]};
+            const fq_qtensor *qw[3] = {q[0], q[1], q[2]};
+            const fq_tensor *bb[3] = {b[0], b[1], b[2]};
+            CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, bcat, gy, 3, scratch, rnd));
+            snprintf(what, sizeof what, "M=%lld N=%lld K=%lld %s: batched == three calls", (long long)M,
+                     (long long)N, (long long)K, fq_dtype_name(rnd));
+            fq_tensor g3 = rows_view(yg, 0, 3 * M), r3 = rows_view(yr, 0, 3 * M);
+            CHECK(same_bytes(ctx, &g3, &r3), "%s", what);
+            /* not at one stride (v a block of rows further): three calls, the same bits */
+            fq_tensor *y2 = NULL, *y3 = NULL;
+            CHECK_OK(ctx, fq_tensor_create(ctx, dev, act, 2, ys, &y2));
+            CHECK_OK(ctx, fq_tensor_create(ctx, dev, act, 2, ys, &y3));
+            if (y2 && y3) {
+                h[0] = rows_view(y2, 0, M), h[1] = rows_view(y2, M, M), h[2] = rows_view(y2, 3 * M, M);
+                fq_tensor *const hy[3] = {&h[0], &h[1], &h[2]};
+                CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, bcat, hy, 3, scratch, rnd));
+                fq_tensor h01 = rows_view(y2, 0, 2 * M), r01 = rows_view(yr, 0, 2 * M);
+                CHECK(same_bytes(ctx, &h01, &r01) && same_bytes(ctx, &h[2], &r[2]), "%s, outputs not at one stride",
+                      what);
+                /* no bias_cat: three calls */
+                fq_tensor t[3] = {rows_view(y3, 0, M), rows_view(y3, M, M), rows_view(y3, 2 * M, M)};
+                fq_tensor *const ty[3] = {&t[0], &t[1], &t[2]};
+                CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, NULL, ty, 3, scratch, rnd));
+                fq_tensor t3 = rows_view(y3, 0, 3 * M), r3 = rows_view(yr, 0, 3 * M);
+                CHECK(same_bytes(ctx, &t3, &r3), "%s, no bias_cat", what);
+            }
+            fq_tensor_free(y2);
+            fq_tensor_free(y3);
+            /* a wrong bias shape is an error, as for one call */
+            const fq_tensor *bad[3] = {b[0], bcat, b[2]};
+            fq_status st = fq_nn_linear_q4_group(ctx, x, qw, bad, bcat, gy, 3, scratch, rnd);
+            CHECK(st == FQ_ERR_SHAPE && strstr(fq_ctx_error(ctx), "bias"), "bias of the wrong shape: %s",
+                  fq_ctx_error(ctx));
+        }
+        for (int j = 0; j < 3; j++) {
+            fq_qtensor_free(q[j]);
+            fq_tensor_free(b[j]);
+            fq_tensor_free(bh[j]);
+        }
+        fq_tensor_free(x);
+        fq_tensor_free(bcat);
+        fq_tensor_free(bcath);
+        fq_tensor_free(yg);
+        fq_tensor_free(yr);
+        fq_tensor_free(scratch);
+    }
+}
+
 /* ---- 3. attention ------------------------------------------------------------------------------ */
 
 static void attn_ref64(const float *q, const float *k, const float *v, double *out, int64_t B, int64_t S, int64_t H,
@@ -1753,6 +1883,7 @@ int main(void) {
         for (int d = 0; d < ndev; d++) {
             test_ops(ctx, FQ_CUDA(d));
             test_linear_q4_gemv(ctx, FQ_CUDA(d));
+            test_linear_q4_group(ctx, FQ_CUDA(d));
             test_attention(ctx, FQ_CUDA(d));
             test_bf16_storage(ctx, FQ_CUDA(d));
             test_rmsnorm_rope_n(ctx, FQ_CUDA(d));

@@ -37,6 +37,7 @@ enum {
                          /*            nc, tc, which only the double blocks use          */
     B_ATT,               /* attention scratch                                            */
     B_LIN,               /* linear scratch (dense weights widened / 4-bit dequantized)   */
+    B_QKVB,              /* [G, 3D] the q, k, v biases of each block's stream side by side */
     NBUF
 };
 
@@ -44,7 +45,7 @@ static const char *const g_buf_names[NBUF] = {
     "timestep", "guidance", "ids", "rope_cos", "rope_sin", "time_proj", "emb1", "emb2", "emb3", "temb",
     "silu_temb", "modulations", "hidden_states_in", "encoder_hidden_states_in", "pooled_in", "h",
     "norm_h", "tmp_h", "c", "norm_c", "tmp_c", "q", "k", "v", "attn_out", "x", "norm_x", "mlp", "cat",
-    "attn_scratch", "linear_scratch"};
+    "attn_scratch", "linear_scratch", "qkv_bias"};
 
 struct fq_flux_plan {
     const fq_flux_model *m;   /* not owned; must outlive the plan */
@@ -58,6 +59,7 @@ struct fq_flux_plan {
     int parent[NBUF];         /* the region a buffer lives in (-1: its own bytes) */
     int fused_gelu;           /* GELU in the MLP linears' epilogue (see flux.h) */
     int attn_cat;             /* single blocks: attention written into cat (cuDNN) */
+    int qkv_group;            /* 4-bit q, k, v as one batched GEMM (biases in B_QKVB) */
     fq_flux_tap_fn tap;
     void *tap_user;
 };
@@ -90,6 +92,22 @@ static int64_t lin_scratch(fq_ctx *ctx, const fq_flux_linear *l, const int64_t r
 }
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* The same-input q, k, v projections: group 2i / 2i + 1 the image / text stream
+ * of double block i, group 2L + i single block i. */
+static int64_t qkv_groups(const fq_flux_model *m) { return 2 * m->cfg.num_layers + m->cfg.num_single_layers; }
+static void qkv_linears(const fq_flux_model *m, int64_t g, const fq_flux_linear *l[3]) {
+    const int64_t L = m->cfg.num_layers;
+    if (g < 2 * L) {
+        const fq_flux_double *b = &m->blocks[g / 2];
+        l[0] = g % 2 ? &b->add_q : &b->to_q;
+        l[1] = g % 2 ? &b->add_k : &b->to_k;
+        l[2] = g % 2 ? &b->add_v : &b->to_v;
+    } else {
+        const fq_flux_single *sb = &m->single[g - 2 * L];
+        l[0] = &sb->to_q, l[1] = &sb->to_k, l[2] = &sb->to_v;
+    }
+}
 
 /* The largest scratch any linear of the model needs for these row counts. */
 static int64_t model_lin_scratch(fq_ctx *ctx, const fq_flux_model *m, const int64_t rows[4]) {
@@ -163,7 +181,29 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     set_shape(p, B_CAT, 3, B, S, D + F);
     set_shape(p, B_ATT, 1, att_scratch, 0, 0);
     const int64_t rows[4] = {B, B * St, B * Si, B * S};
-    set_shape(p, B_LIN, 1, model_lin_scratch(ctx, m, rows), 0, 0);
+    int64_t lin_need = model_lin_scratch(ctx, m, rows);
+    /* q, k, v of a stream as one batched GEMM: 4-bit weights of one shape and
+     * biases of the compute dtype everywhere (the plan keeps the biases side by side) */
+    const char *qg = getenv("FQ_QKV_GROUP"); /* "0": three calls (a baseline for benchmarks) */
+    p->qkv_group = fq_nn_linear_group_batched(m->device, m->compute_dtype) && !(qg && !strcmp(qg, "0"));
+    for (int64_t g = 0; g < qkv_groups(m) && p->qkv_group; g++) {
+        const fq_flux_linear *l[3];
+        qkv_linears(m, g, l);
+        for (int j = 0; j < 3; j++)
+            if (!l[j]->qw || !l[j]->b || l[j]->b->dtype != m->compute_dtype || l[j]->b->numel != D ||
+                l[j]->qw->info.shape[0] != D || l[j]->qw->info.shape[1] != D)
+                p->qkv_group = 0;
+    }
+    if (p->qkv_group) {
+        const fq_flux_linear *l[3];
+        qkv_linears(m, 0, l);
+        for (int i = 1; i < 4; i++)
+            lin_need = max64(lin_need, fq_nn_linear_q4_group_scratch(ctx, l[0]->qw, l[0]->b, 3, rows[i],
+                                                                     m->compute_dtype, act, act));
+        p->dt[B_QKVB] = m->compute_dtype;
+    }
+    set_shape(p, B_LIN, 1, lin_need, 0, 0);
+    set_shape(p, B_QKVB, 1, p->qkv_group ? qkv_groups(m) * 3 * D : 1, 0, 0);
     /* Buffers whose lifetimes never meet share bytes: q, k, v, o live in the
      * MLP hidden's region (a double block's MLP runs after its attention
      * output is projected; a single block's GELU has read the MLP hidden before
@@ -193,6 +233,17 @@ fq_status fq_flux_plan_create(fq_ctx *ctx, const fq_flux_model *m, int64_t batch
     if (s != FQ_OK) {
         free(p);
         return fq_err_prefix(ctx, s, "flux_plan (%zu bytes of activations)", off);
+    }
+    for (int64_t g = 0; p->qkv_group && g < qkv_groups(m); g++) {
+        const fq_flux_linear *l[3];
+        qkv_linears(m, g, l);
+        const size_t bb = (size_t)D * fq_dtype_size(m->compute_dtype);
+        for (int j = 0; j < 3 && s == FQ_OK; j++)
+            s = fq_buf_copy(ctx, &p->arena, p->off[B_QKVB] + (size_t)(3 * g + j) * bb, &l[j]->b->buf, 0, bb);
+        if (s != FQ_OK) {
+            fq_flux_plan_free(p);
+            return fq_err_prefix(ctx, s, "flux_plan (q, k, v biases)");
+        }
     }
     fq_flux_plan_set_fused_gelu(p, 1);
     *out = p;
@@ -252,6 +303,26 @@ static fq_status lin(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_linear *l
     fq_dtype cd = p->m->compute_dtype;
     return l->qw ? fq_nn_linear_q4(ctx, x, l->qw, l->b, y, &scratch, cd)
                  : fq_nn_linear(ctx, x, l->w, l->b, y, &scratch, cd);
+}
+
+/* y[j] = l[j](x), j < 3, for group g's q, k, v (see qkv_linears): one batched GEMM
+ * when the plan keeps their biases side by side, else three linears; the same bits. */
+static fq_status lin3(fq_ctx *ctx, const fq_flux_plan *p, int64_t g, const fq_tensor *x, fq_tensor *const y[3]) {
+    const fq_flux_linear *l[3];
+    qkv_linears(p->m, g, l);
+    if (!p->qkv_group) {
+        for (int j = 0; j < 3; j++) FQ_TRY(lin(ctx, p, l[j], x, y[j]));
+        return FQ_OK;
+    }
+    const int64_t n3 = 3 * p->m->cfg.inner_dim;
+    const size_t es = fq_dtype_size(p->dt[B_QKVB]);
+    fq_tensor bc = V(p, B_QKVB), scratch = V(p, B_LIN);
+    bc.shape[0] = bc.numel = n3;
+    bc.buf.ptr = (char *)bc.buf.ptr + (size_t)(g * n3) * es;
+    bc.buf.bytes = (size_t)n3 * es;
+    const fq_qtensor *w[3] = {l[0]->qw, l[1]->qw, l[2]->qw};
+    const fq_tensor *b[3] = {l[0]->b, l[1]->b, l[2]->b};
+    return fq_nn_linear_q4_group(ctx, x, w, b, &bc, y, 3, &scratch, p->m->compute_dtype);
 }
 
 /* out[..., c0 : c0 + N] = gelu_tanh(l(x)): in the GEMM's epilogue when the plan
@@ -380,10 +451,19 @@ static fq_status double_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     tap(p, &nc, "transformer_blocks.%lld.norm1_context.x", (long long)i);
 
     /* joint attention over [text; image] with RMS-normed q, k and RoPE */
-    FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, 1, &q));
-    FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, 1, &k));
-    if (B == 1) FQ_TRY(qk_norm_rope(ctx, p, bl, &q, &k));
-    FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, 0, &v));
+    if (B == 1 && p->qkv_group) { /* each stream's q, k, v in one GEMM, into its rows */
+        fq_tensor qi = tokens(&q, p->St, p->Si), ki = tokens(&k, p->St, p->Si), vi = tokens(&v, p->St, p->Si);
+        fq_tensor qc = tokens(&q, 0, p->St), kc = tokens(&k, 0, p->St), vc = tokens(&v, 0, p->St);
+        fq_tensor *const yi[3] = {&qi, &ki, &vi}, *const yc[3] = {&qc, &kc, &vc};
+        FQ_TRY(lin3(ctx, p, 2 * i, &nh, yi));
+        FQ_TRY(lin3(ctx, p, 2 * i + 1, &nc, yc));
+        FQ_TRY(qk_norm_rope(ctx, p, bl, &q, &k));
+    } else {
+        FQ_TRY(joint_proj(ctx, p, &bl->to_q, &bl->add_q, bl->norm_q, bl->norm_added_q, 1, &q));
+        FQ_TRY(joint_proj(ctx, p, &bl->to_k, &bl->add_k, bl->norm_k, bl->norm_added_k, 1, &k));
+        if (B == 1) FQ_TRY(qk_norm_rope(ctx, p, bl, &q, &k));
+        FQ_TRY(joint_proj(ctx, p, &bl->to_v, &bl->add_v, NULL, NULL, 0, &v));
+    }
     FQ_TRY(fq_nn_attention(ctx, &q, &k, &v, heads, &o, &att, cd));
     fq_tensor oi = ti, oc = tc; /* the image and text rows of o */
     if (B == 1) {
@@ -446,11 +526,10 @@ static fq_status single_block(fq_ctx *ctx, const fq_flux_plan *p, const fq_flux_
     snprintf(name, sizeof name, "single_transformer_blocks.%lld.proj_mlp", (long long)i);
     FQ_TRY(lin_gelu(ctx, p, &sb->proj_mlp, &nx, &mlp, &cat, D, name));
 
-    FQ_TRY(lin(ctx, p, &sb->to_q, &nx, &q));
-    FQ_TRY(lin(ctx, p, &sb->to_k, &nx, &k));
+    fq_tensor *const qkv[3] = {&q, &k, &v};
+    FQ_TRY(lin3(ctx, p, 2 * m->cfg.num_layers + i, &nx, qkv));
     const fq_nn_rope_part qk[2] = {{&q, sb->norm_q, 0}, {&k, sb->norm_k, 0}};
     FQ_TRY(fq_nn_rmsnorm_rope_n(ctx, qk, 2, RMS_EPS, &cos_t, &sin_t, heads, cd));
-    FQ_TRY(lin(ctx, p, &sb->to_v, &nx, &v));
     /* the attention into cat's first D columns: directly where cuDNN runs it
      * (not while a tap wants o), else into o and copied */
     fq_status as = p->attn_cat && !p->tap ? fq_nn_attention_cols(ctx, &q, &k, &v, heads, &cat, 0, &att, cd)

@@ -405,6 +405,67 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
     return FQ_OK;
 }
 
+int64_t fq_nn_linear_q4_group_scratch(fq_ctx *ctx, const fq_qtensor *w, const fq_tensor *bias, int g, int64_t m,
+                                      fq_dtype rnd, fq_dtype xt, fq_dtype yt) {
+    int64_t n = fq_nn_linear_q4_scratch_io(ctx, w, bias, m, rnd, xt, yt);
+#ifdef FQ_HAVE_CUDA
+    if (w->info.device.type == FQ_DEVICE_CUDA && w->info.ndim == 2 && g > 1) {
+        const int64_t b = fq_nncu_linear_q4_group_scratch(g, w->info.shape[0], w->info.shape[1], rnd);
+        n = b > n ? b : n;
+    }
+#else
+    (void)g;
+#endif
+    return n;
+}
+
+int fq_nn_linear_group_batched(fq_device dev, fq_dtype rnd) {
+#ifdef FQ_HAVE_CUDA
+    return dev.type == FQ_DEVICE_CUDA && rnd != FQ_F32;
+#else
+    (void)dev;
+    (void)rnd;
+    return 0;
+#endif
+}
+
+fq_status fq_nn_linear_q4_group(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *const *w,
+                                const fq_tensor *const *bias, const fq_tensor *bias_cat, fq_tensor *const *y, int g,
+                                fq_tensor *scratch, fq_dtype rnd) {
+    const char *op = "linear_4bit group";
+    if (!x || !w || !bias || !y || g < 2 || g > 7)
+        return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: NULL operand or %d weights (expected 2..7)", op, g);
+#ifdef FQ_HAVE_CUDA
+    /* the batched path where every operand allows it (each is checked as by the single op) */
+    int ok = bias_cat != NULL && y[0]->buf.dev.type == FQ_DEVICE_CUDA;
+    int64_t m = 0;
+    for (int j = 0; ok && j < g; j++) {
+        const fq_qtensor_info *wi = &w[j]->info;
+        FQ_TRY(fq_check_qtensor(ctx, op, w[j], y[j]->buf.dev));
+        if (wi->ndim != 2)
+            return fq_err(ctx, FQ_ERR_SHAPE, "%s: weight '%s' has rank %d; expected [out_features, in_features]", op,
+                          fq_qtensor_name(w[j]), wi->ndim);
+        int64_t mj;
+        FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias[j], y[j], fq_qtensor_name(w[j]), rnd, &mj));
+        if (j == 0) m = mj;
+        ok = (bias[j] != NULL) == (bias[0] != NULL) && mj == m;
+    }
+    if (ok) {
+        FQ_TRY(rnd_ok(ctx, op, rnd));
+        FQ_TRY(check(ctx, op, "bias_cat", bias_cat, y[0]->buf.dev, 0));
+        FQ_TRY(scratch_check(ctx, op, scratch,
+                             fq_nn_linear_q4_group_scratch(ctx, w[0], bias[0], g, m, rnd, x->dtype, y[0]->dtype),
+                             y[0]->buf.dev));
+        fq_status s = fq_nncu_linear_q4_group(ctx, x, w, bias_cat, y, g, m, scratch, rnd);
+        if (s != FQ_ERR_UNSUPPORTED) return s;
+    }
+#else
+    (void)bias_cat;
+#endif
+    for (int j = 0; j < g; j++) FQ_TRY(fq_nn_linear_q4(ctx, x, w[j], bias[j], y[j], scratch, rnd));
+    return FQ_OK;
+}
+
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd) {
     const char *op = "linear_4bit";

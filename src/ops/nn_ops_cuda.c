@@ -249,10 +249,13 @@ static fq_status blas_err(fq_ctx *ctx, cublasStatus_t st, const char *what, int 
  * terms: outᵀ (n x m, ld ldc >= n) = op(A) · B with A = w stored k x n (ld k,
  * transposed) and B = x stored k x m (ld k). gelu: cuBLASLt's GELU epilogue
  * on the f32 result (after the bias) before the output's one rounding; a
- * 16-bit out only, GEMM_TRY_F32 when no algorithm offers it. */
+ * 16-bit out only, GEMM_TRY_F32 when no algorithm offers it. bt: batch > 1
+ * runs `batch` such products in one call, weight j at w + j n k, output j at
+ * out + j ostride, bias j at bias + j n, all reading the same x (a 16-bit out
+ * with the bias epilogue only: GEMM_TRY_F32 otherwise). */
 static fq_status gemm_ld(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
                          fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws, int64_t ldc,
-                         int gelu) {
+                         int gelu, int batch, int64_t ostride) {
     cublasLtHandle_t h;
     FQ_TRY(fq_cuda_dev_blaslt(ctx, d, &h));
     cublasLtMatmulDescOpaque_t desc;
@@ -266,11 +269,26 @@ static fq_status gemm_ld(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lb, blas_type(gt), (uint64_t)k, (uint64_t)m, k), dev);
     BLAS_TRY(ctx, cublasLtMatrixLayoutInit(&lc, blas_type(ot), (uint64_t)n, (uint64_t)m, ldc), dev);
     if (gelu && ot == FQ_F32) return fq_err(ctx, FQ_ERR_UNSUPPORTED, "linear: GELU epilogue with an f32 output");
+    if (batch > 1) {
+        if (ot == FQ_F32 || batch > 7) return GEMM_TRY_F32;
+        const int32_t cnt = batch;
+        const int64_t sa = n * k, sb = 0, bs = n; /* every product reads the same x */
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&la, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &cnt, sizeof cnt), dev);
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&la, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &sa, sizeof sa), dev);
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&lb, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &cnt, sizeof cnt), dev);
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&lb, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &sb, sizeof sb), dev);
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&lc, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &cnt, sizeof cnt), dev);
+        BLAS_TRY(ctx, cublasLtMatrixLayoutSetAttribute(&lc, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &ostride,
+                                                       sizeof ostride), dev);
+        if (bias)
+            BLAS_TRY(ctx, cublasLtMatmulDescSetAttribute(&desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &bs, sizeof bs),
+                     dev);
+    }
 
     const uint32_t aw = align_log2(w), ax = align_log2(x), ay = align_log2(out), ab = bias ? align_log2(bias) : 8;
     const uint32_t key = 1u | (uint32_t)gt << 1 | (bias ? 1u : 0u) << 3 | (uint32_t)ot << 4 | (uint32_t)bt << 6 |
                          aw << 8 | ax << 12 | ay << 16 | ab << 20 | (uint32_t)(gelu != 0) << 24 |
-                         (uint32_t)(ldc != n) << 25;
+                         (uint32_t)(ldc != n) << 25 | (uint32_t)(batch > 1 ? batch : 0) << 26;
     cublasLtMatmulAlgo_t algo;
     uint32_t no_epi = 0;
     int found = 0;
@@ -349,7 +367,7 @@ static fq_status gemm_ld(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w
 
 static fq_status gemm(fq_ctx *ctx, fq_cuda_dev *d, fq_dtype gt, const void *w, const void *x, const void *bias,
                       fq_dtype bt, void *out, fq_dtype ot, int64_t m, int64_t n, int64_t k, void *ws) {
-    return gemm_ld(ctx, d, gt, w, x, bias, bt, out, ot, m, n, k, ws, n, 0);
+    return gemm_ld(ctx, d, gt, w, x, bias, bt, out, ot, m, n, k, ws, n, 0, 1, 0);
 }
 
 /* y = x · Wᵀ + b, rounded once; ldy: y's row stride (n: contiguous); gelu: the
@@ -390,6 +408,17 @@ static fq_status linear_gemv(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, co
     return e ? fq_cuda_status(ctx, (cudaError_t)e, "output widening", d->index) : FQ_OK;
 }
 
+/* The 4-bit weight qw dequantized into dst as dtype gt (bitsandbytes' values). */
+static int dequant_to(const fq_qtensor *qw, void *dst, fq_dtype gt, cudaStream_t st) {
+    const fq_qtensor_info *qi = &qw->info;
+    if (qi->double_quant)
+        return fq_cuda_dequantize4_nested(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr,
+                                          qw->m[FQ_QMEMBER_NESTED_ABSMAX].ptr, qw->m[FQ_QMEMBER_NESTED_QUANT_MAP].ptr,
+                                          qi->offset, qi->numel, qi->blocksize, qi->type, dst, gt, st);
+    return fq_cuda_dequantize4(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr, qi->numel, qi->blocksize,
+                               qi->type, dst, gt, st);
+}
+
 static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, const fq_tensor *w,
                             const fq_qtensor *qw, const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch,
                             fq_dtype rnd, int64_t ldy, int gelu) {
@@ -421,14 +450,7 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
     /* the weight in the GEMM dtype */
     const void *wg = w ? w->buf.ptr : NULL;
     if (qw) {
-        const fq_qtensor_info *qi = &qw->info;
-        if (qi->double_quant)
-            e = fq_cuda_dequantize4_nested(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr,
-                                           qw->m[FQ_QMEMBER_NESTED_ABSMAX].ptr, qw->m[FQ_QMEMBER_NESTED_QUANT_MAP].ptr,
-                                           qi->offset, qi->numel, qi->blocksize, qi->type, wbuf, p.gt, st);
-        else
-            e = fq_cuda_dequantize4(qw->m[FQ_QMEMBER_PACKED].ptr, qw->m[FQ_QMEMBER_ABSMAX].ptr, qi->numel,
-                                    qi->blocksize, qi->type, wbuf, p.gt, st);
+        e = dequant_to(qw, wbuf, p.gt, st);
         if (e) return fq_cuda_status(ctx, (cudaError_t)e, "dequantize4", dev);
         wg = wbuf;
     } else if (p.w_bytes) {
@@ -461,11 +483,11 @@ static fq_status linear_run(fq_ctx *ctx, fq_cuda_dev *d, const fq_tensor *x, con
     if (p.out16 && (!y16 || y->dtype == p.gt)) {
         /* a bf16 y takes the GEMM's 16-bit result directly */
         fq_status s = gemm_ld(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt,
-                              y16 ? y->buf.ptr : dbuf, p.gt, m, n, k, ws, ldy, gelu);
+                              y16 ? y->buf.ptr : dbuf, p.gt, m, n, k, ws, ldy, gelu, 1, 0);
         if (s == GEMM_TRY_F32 && gelu) {
             /* no GELU epilogue here: the GEMM, then GELU in place (the two ops' bits) */
             s = gemm_ld(ctx, d, p.gt, wg, xg, bias ? bias->buf.ptr : NULL, bias ? bias->dtype : p.gt, y->buf.ptr, p.gt,
-                        m, n, k, ws, ldy, 0);
+                        m, n, k, ws, ldy, 0, 1, 0);
             if (s == FQ_OK) {
                 e = fq_cuda_nn_gelu_tanh_rows(y->buf.ptr, ldy, y->buf.ptr, ldy, y->dtype, m, n, rnd, st);
                 return e ? fq_cuda_status(ctx, (cudaError_t)e, "GELU after the GEMM", dev) : FQ_OK;
@@ -520,6 +542,55 @@ fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, co
     if (s == FQ_OK) return end(ctx, &r, 0, "linear", FQ_NN_CLASS_LINEAR);
     fq_cuda_guard_exit(&r.g);
     return fq_err_prefix(ctx, s, "linear '%s'", qw ? fq_qtensor_name(qw) : (w->name ? w->name : "w"));
+}
+
+/* Scratch of fq_nncu_linear_q4_group's batched path: the g dequantized weights
+ * side by side, then the workspace. */
+int64_t fq_nncu_linear_q4_group_scratch(int g, int64_t n, int64_t k, fq_dtype rnd) {
+    const size_t w = al((size_t)(g * n * k) * fq_dtype_size(rnd));
+    return (int64_t)((NN_ALIGN + w + NN_WORKSPACE_BYTES + 3) / 4);
+}
+
+/* y[j] = x · w[j]ᵀ + bias_cat[j n .. (j + 1) n) for j < g as one strided-batched
+ * cuBLASLt call: the weights dequantized side by side into the scratch, the
+ * outputs at one stride from y[0]. Runs only where that computes what g calls of
+ * fq_nncu_linear would (token rows, 16-bit x, y and bias of the GEMM dtype, the
+ * bias epilogue available); FQ_ERR_UNSUPPORTED without a message otherwise, and
+ * the caller makes the g calls. */
+fq_status fq_nncu_linear_q4_group(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *const *w,
+                                  const fq_tensor *bias_cat, fq_tensor *const *y, int g, int64_t m, fq_tensor *scratch,
+                                  fq_dtype rnd) {
+    if (g < 2 || g > 7 || m <= NN_GEMV_MAX_M || rnd == FQ_F32 || x->dtype != rnd || !bias_cat ||
+        bias_cat->dtype != rnd)
+        return FQ_ERR_UNSUPPORTED;
+    const int64_t n = w[0]->info.shape[0], k = w[0]->info.shape[1];
+    const size_t es = fq_dtype_size(rnd);
+    const int64_t ostride = (int64_t)(((const char *)y[1]->buf.ptr - (const char *)y[0]->buf.ptr) / (ptrdiff_t)es);
+    if (k < 1 || n < 1 || bias_cat->numel != g * n || ostride < m * n ||
+        (size_t)ostride * es != (size_t)((const char *)y[1]->buf.ptr - (const char *)y[0]->buf.ptr))
+        return FQ_ERR_UNSUPPORTED;
+    for (int j = 0; j < g; j++)
+        if (w[j]->info.shape[0] != n || w[j]->info.shape[1] != k || y[j]->dtype != rnd ||
+            (const char *)y[j]->buf.ptr != (const char *)y[0]->buf.ptr + (size_t)(j * ostride) * es)
+            return FQ_ERR_UNSUPPORTED;
+    const size_t wstep = (size_t)(n * k) * es, wbytes = al(wstep * (size_t)g);
+    if ((size_t)scratch->numel * 4 < NN_ALIGN + wbytes + NN_WORKSPACE_BYTES) return FQ_ERR_UNSUPPORTED;
+    run_t r;
+    FQ_TRY(begin(ctx, y[0]->buf.dev, &r));
+    char *wbuf = (char *)(((uintptr_t)scratch->buf.ptr + NN_ALIGN - 1) & ~(uintptr_t)(NN_ALIGN - 1));
+    cudaStream_t st = r.d->stream;
+    int e = 0;
+    for (int j = 0; j < g && !e; j++) e = dequant_to(w[j], wbuf + j * wstep, rnd, st);
+    if (e) {
+        fq_cuda_guard_exit(&r.g);
+        return fq_cuda_status(ctx, (cudaError_t)e, "dequantize4", r.d->index);
+    }
+    fq_status s = gemm_ld(ctx, r.d, rnd, wbuf, x->buf.ptr, bias_cat->buf.ptr, rnd, y[0]->buf.ptr, rnd, m, n, k,
+                          wbuf + wbytes, n, 0, g, ostride);
+    if (s == FQ_OK) return end(ctx, &r, 0, "linear", FQ_NN_CLASS_LINEAR);
+    fq_cuda_guard_exit(&r.g);
+    if (s == GEMM_TRY_F32) return FQ_ERR_UNSUPPORTED; /* no batched bias epilogue: the caller's g calls */
+    return fq_err_prefix(ctx, s, "linear group '%s'", fq_qtensor_name(w[0]));
 }
 
 int fq_nncu_linear_gelu_ok(fq_dtype rnd, fq_dtype act) { return rnd != FQ_F32 && act == rnd; }

@@ -33,6 +33,11 @@ int64_t fq_nncu_linear_scratch(int qw, fq_dtype wt, int bt, int64_t m, int64_t n
 /* Exactly one of w, qw. */
 fq_status fq_nncu_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, const fq_qtensor *qw,
                          const fq_tensor *bias, fq_tensor *y, int64_t m, fq_tensor *scratch, fq_dtype rnd);
+/* fq_nn_linear_q4_group's batched path (FQ_ERR_UNSUPPORTED, no message: not here). */
+int64_t fq_nncu_linear_q4_group_scratch(int g, int64_t n, int64_t k, fq_dtype rnd);
+fq_status fq_nncu_linear_q4_group(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *const *w,
+                                  const fq_tensor *bias_cat, fq_tensor *const *y, int g, int64_t m, fq_tensor *scratch,
+                                  fq_dtype rnd);
 
 /* out[..., c0 : c0 + n] = gelu_tanh(x · Wᵀ + b) with GELU in cuBLASLt's epilogue
  * (exactly one of w, qw); fq_nncu_linear_gelu_ok says where it runs. */
