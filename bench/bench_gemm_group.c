@@ -32,11 +32,11 @@
 
 int fq_bench_gemm_group(int argc, char **argv);
 
-#ifdef FQ_HAVE_CUDA
 typedef struct {
     int64_t m, n, k, g;
 } gg_shape;
 
+#ifdef FQ_HAVE_CUDA
 enum { GG_SEPARATE = 0, GG_BATCHED, GG_WIDE, GG_VARIANTS };
 static const char *const k_variant_names[GG_VARIANTS] = {"separate", "batched", "wide"};
 
@@ -257,6 +257,8 @@ fail:
     return rc;
 }
 
+#endif
+
 static int parse_shapes(const char *s, gg_shape *out, int max) {
     int n = 0;
     while (*s && n < max) {
@@ -271,10 +273,7 @@ static int parse_shapes(const char *s, gg_shape *out, int max) {
     }
     return n;
 }
-#endif
-
 int fq_bench_gemm_group(int argc, char **argv) {
-#ifdef FQ_HAVE_CUDA
     const char *device = "cuda:0";
     int iters = 50, reps = 9;
     /* FLUX.1 at 1024x1024: single blocks (4608 rows), double blocks' image (4096) and text (512) streams */
@@ -292,14 +291,17 @@ int fq_bench_gemm_group(int argc, char **argv) {
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: bench_gemm_group [--device cuda:N] [--iters N] [--reps N] [--shapes MxNxKxG,...]\n");
-            return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
+            const int help = !strcmp(a, "--help") || !strcmp(a, "-h");
+            fprintf(help ? stdout : stderr,
+                    "usage: bench_gemm_group [--device cuda:N] [--iters N] [--reps N] [--shapes MxNxKxG,...]\n");
+            return help ? 0 : 2;
         }
     }
     if (iters < 1 || reps < 1) {
         fprintf(stderr, "bench_gemm_group: --iters and --reps must be >= 1\n");
         return 2;
     }
+#ifdef FQ_HAVE_CUDA
     fq_ctx *ctx = NULL;
     if (fq_ctx_create(&ctx) != FQ_OK) {
         fprintf(stderr, "bench_gemm_group: no context\n");
@@ -328,8 +330,9 @@ int fq_bench_gemm_group(int argc, char **argv) {
     fq_ctx_free(ctx);
     return rc;
 #else
-    (void)argc;
-    (void)argv;
+    (void)device;
+    (void)shapes;
+    (void)nshapes;
     fprintf(stderr, "bench_gemm_group: built without CUDA\n");
     return 1;
 #endif

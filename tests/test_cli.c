@@ -134,6 +134,11 @@ int main(void) {
     CHECK(fluxq("quantize a b --type nf5") == 2, "bad type -> 2");
     CHECK(fluxq("quantize a b --device tpu:0") == 2, "bad device -> 2");
     CHECK(fluxq("inspect --bogus x") == 2, "unknown option -> 2");
+    CHECK(fluxq("bench gemm-group --help") == 0 && strstr(g_out, "usage:"), "bench gemm-group --help: %s", g_out);
+    CHECK(fluxq("bench gemm-group --shapes 4608x3072") == 2 && strstr(g_out, "MxNxKxG"),
+          "bench gemm-group: a shape without K and G -> 2: %s", g_out);
+    CHECK(fluxq("bench gemm-group --reps 0") == 2, "bench gemm-group --reps 0 -> 2: %s", g_out);
+    CHECK(fluxq("bench frobnicate") == 2 && strstr(g_out, "gemm-group"), "unknown benchmark -> 2: %s", g_out);
 
     /* quantize -> inspect -> dequantize */
     write_input(ctx, "in.safetensors");
