@@ -15,8 +15,11 @@
  *
  * Timing: each measurement captures --iters calls into a CUDA graph on the
  * device's stream and reports the median over --reps replays of (replay time /
- * iters). The weights (ours and the bf16 copy) are rotated over enough copies to
- * exceed 256 MiB, so that small-M runs read DRAM rather than L2; --no-rotate
+ * iters); ours, dq+blas and cublas of one case are replayed in turn, round by
+ * round, so that the three see the same clock and power state (the ratio is not
+ * skewed by the card warming up between them). The weights (ours and the bf16
+ * copy) are rotated over enough copies to exceed 256 MiB, so that small-M runs
+ * read DRAM rather than L2; --no-rotate
  * turns this off. --sweep also times every implementation and tile/split
  * configuration that can run each case (for tuning the dispatcher).
  *
@@ -306,55 +309,90 @@ struct bl_gpu {
     cudaEvent_t ev0, ev1;
 };
 
-/* Median microseconds per body call: `iters` calls captured into a graph, replayed
- * `reps` times. Falls back to a plain loop if capture is impossible. NAN on error. */
-static double bl_time(bl_gpu *g, int iters, int reps, bl_body body, void *arg) {
-    fq_cuda_guard gd;
-    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) != FQ_OK) return NAN;
+/* One body captured as a graph of `iters` calls; exec NULL: capture failed and the
+ * calls run as a plain loop. */
+typedef struct {
+    bl_body body;
+    void *arg;
+    cudaGraphExec_t exec;
+    int ok;
+} bl_timed;
+
+/* A call outside any capture (module load, scratch growth, heuristics): every body
+ * of a comparison runs this before any is captured, since a graph keeps the scratch
+ * pointers of its capture and a later growth would free them. */
+static void bl_warm(bl_gpu *g, bl_timed *t) {
+    t->exec = NULL;
+    t->ok = t->body(g, t->arg, 0) == FQ_OK && cudaStreamSynchronize(g->d->stream) == cudaSuccess;
+    if (!t->ok) fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(g->ctx));
+}
+
+static void bl_capture(bl_gpu *g, int iters, bl_timed *t) {
     cudaStream_t st = g->d->stream;
-    double result = NAN;
-    /* warm-up outside any capture: module load, scratch growth, heuristics */
-    fq_status s = body(g, arg, 0);
-    if (s != FQ_OK || cudaStreamSynchronize(st) != cudaSuccess) {
-        fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(g->ctx));
-        fq_cuda_guard_exit(&gd);
-        return NAN;
-    }
+    if (!t->ok) return;
     cudaGraph_t graph = NULL;
-    cudaGraphExec_t exec = NULL;
     int captured = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
     for (int i = 0; captured && i < iters; i++)
-        if (body(g, arg, i) != FQ_OK) captured = 0;
+        if (t->body(g, t->arg, i) != FQ_OK) captured = 0;
     if (cudaStreamEndCapture(st, &graph) != cudaSuccess) captured = 0;
-    if (captured && cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) captured = 0;
-    (void)cudaGetLastError();
-    double *t = malloc(sizeof(double) * (size_t)(reps + 1));
-    int n_ok = 0;
-    for (int r = 0; t && r <= reps; r++) {
-        cudaError_t e = cudaEventRecord(g->ev0, st);
-        if (captured) {
-            if (e == cudaSuccess) e = cudaGraphLaunch(exec, st);
-        } else {
-            for (int i = 0; e == cudaSuccess && i < iters; i++)
-                if (body(g, arg, i) != FQ_OK) e = cudaErrorUnknown;
-        }
-        if (e == cudaSuccess) e = cudaEventRecord(g->ev1, st);
-        if (e == cudaSuccess) e = cudaEventSynchronize(g->ev1);
-        float ms = 0;
-        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, g->ev0, g->ev1);
-        if (e != cudaSuccess) {
-            fprintf(stderr, "bench_linear: timing failed: %s\n", cudaGetErrorString(e));
-            n_ok = 0;
-            break;
-        }
-        if (r) t[n_ok++] = (double)ms * 1e3 / iters; /* replay 0: warm-up */
-    }
-    if (n_ok) result = median(t, n_ok);
-    free(t);
-    if (exec) cudaGraphExecDestroy(exec);
+    if (captured && cudaGraphInstantiate(&t->exec, graph, 0) != cudaSuccess) t->exec = NULL;
     if (graph) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+}
+
+/* Microseconds per call of one replay of t (NAN on error). */
+static double bl_replay(bl_gpu *g, int iters, const bl_timed *t) {
+    cudaStream_t st = g->d->stream;
+    cudaError_t e = cudaEventRecord(g->ev0, st);
+    if (t->exec) {
+        if (e == cudaSuccess) e = cudaGraphLaunch(t->exec, st);
+    } else {
+        for (int i = 0; e == cudaSuccess && i < iters; i++)
+            if (t->body(g, t->arg, i) != FQ_OK) e = cudaErrorUnknown;
+    }
+    if (e == cudaSuccess) e = cudaEventRecord(g->ev1, st);
+    if (e == cudaSuccess) e = cudaEventSynchronize(g->ev1);
+    float ms = 0;
+    if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+    if (e != cudaSuccess) {
+        fprintf(stderr, "bench_linear: timing failed: %s\n", cudaGetErrorString(e));
+        return NAN;
+    }
+    return (double)ms * 1e3 / iters;
+}
+
+/* Median microseconds per call of each of the n bodies: each captured as a graph of
+ * `iters` calls, then `reps` rounds in which every graph is replayed once, in turn,
+ * so that all see the same clock and power state (after one round of warm-up). */
+static void bl_time_n(bl_gpu *g, int iters, int reps, bl_timed *t, int n, double *us) {
+    fq_cuda_guard gd;
+    for (int v = 0; v < n; v++) us[v] = NAN;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) != FQ_OK) return;
+    for (int v = 0; v < n; v++) bl_warm(g, &t[v]);
+    for (int v = 0; v < n; v++) bl_capture(g, iters, &t[v]);
+    double *tm = malloc(sizeof(double) * (size_t)(n * (reps + 1)));
+    int *cnt = calloc((size_t)n, sizeof(int));
+    for (int r = 0; tm && cnt && r <= reps; r++)
+        for (int v = 0; v < n; v++) {
+            if (!t[v].ok) continue;
+            const double x = bl_replay(g, iters, &t[v]);
+            if (r && !isnan(x)) tm[v * (reps + 1) + cnt[v]++] = x; /* round 0: warm-up */
+        }
+    for (int v = 0; tm && cnt && v < n; v++) {
+        if (cnt[v]) us[v] = median(tm + v * (reps + 1), cnt[v]);
+        if (t[v].exec) cudaGraphExecDestroy(t[v].exec);
+    }
+    free(tm);
+    free(cnt);
     fq_cuda_guard_exit(&gd);
-    return result;
+}
+
+/* Median microseconds per body call (bl_time_n of one body). NAN on error. */
+static double bl_time(bl_gpu *g, int iters, int reps, bl_body body, void *arg) {
+    bl_timed t = {body, arg, NULL, 0};
+    double us;
+    bl_time_n(g, iters, reps, &t, 1, &us);
+    return us;
 }
 
 typedef struct {
@@ -618,12 +656,8 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
                 rc = 1;
                 break;
             }
-            ours_arg oa = {wq, nq, x, y, FQ_LINEAR_AUTO};
+            ours_arg oa = {wq, nq, x, y, FQ_LINEAR_AUTO}, odq = {wq, nq, x, y, FQ_LINEAR_DEQUANT_BLAS};
             const fq_lin4_impl impl = fq_linear4_cuda_choice(ctx, x, wq[0], y);
-            const double us = bl_time(&g, iters, reps, body_ours, &oa);
-            oa.sel = FQ_LINEAR_DEQUANT_BLAS;
-            const double us_dq = bl_time(&g, iters, reps, body_ours, &oa);
-            oa.sel = FQ_LINEAR_AUTO;
             blas_arg ba;
             memset(&ba, 0, sizeof ba);
             ba.wb = wb;
@@ -632,9 +666,13 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
             ba.y = y;
             ba.ws = ws.ptr;
             ba.ws_bytes = ws_bytes;
-            double us_blas = NAN;
-            if (blas_setup(&g, &ba, m, n, k) == FQ_OK) us_blas = bl_time(&g, iters, reps, body_blas, &ba);
-            else fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+            /* ours, dequantize + cuBLASLt and cuBLASLt replayed in turn */
+            bl_timed tv[3] = {{body_ours, &oa, NULL, 0}, {body_ours, &odq, NULL, 0}, {body_blas, &ba, NULL, 0}};
+            const int nv = blas_setup(&g, &ba, m, n, k) == FQ_OK ? 3 : 2;
+            if (nv < 3) fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
+            double tus[3] = {NAN, NAN, NAN};
+            bl_time_n(&g, iters, reps, tv, nv, tus);
+            const double us = tus[0], us_dq = tus[1], us_blas = tus[2];
             blas_teardown(&ba);
             bl_row r;
             memset(&r, 0, sizeof r);
