@@ -14,8 +14,13 @@
  * TFLOP/s and the ratio to `separate`. All three compute the same numbers; the
  * check compares batched and wide against separate on the first round's output.
  *
+ * --gated instead times, per shape (G unused), the plain GEMM with the bias epilogue
+ * against the same GEMM with a FLUX block's gated residual add in its epilogue
+ * (bench_gated below): is that fusion available in cuBLASLt, and what does it cost?
+ *
  * Usage: bench_gemm_group [--device cuda:N] [--iters N] [--reps N]
- *                         [--shapes MxNxKxG,...]   (default: FLUX's q/k/v at 1024x1024)
+ *                         [--shapes MxNxKxG,...] [--gated]
+ *                         (default shapes: FLUX's q/k/v at 1024x1024)
  * (also: fluxq bench gemm-group ...) */
 #include "core/core.h"
 #ifdef FQ_HAVE_CUDA
@@ -259,6 +264,151 @@ fail:
 
 #endif
 
+#ifdef FQ_HAVE_CUDA
+/* --gated: can the residual add of a FLUX block, h += gate * (x W^T + b), go into the
+ * GEMM's epilogue? cuBLASLt with a per-output alpha vector (the gate, f32, device),
+ * beta = 1 and C = D = h in place, the bias epilogue carrying gate * b: timed against
+ * the plain GEMM with the bias epilogue into a separate y, interleaved; prints whether
+ * cuBLASLt offers such an algorithm at all. */
+static int bench_gated(fq_ctx *ctx, fq_cuda_dev *d, const gg_shape *sh, int iters, int reps) {
+    const int64_t m = sh->m, n = sh->n, k = sh->k;
+    const size_t wsb = (size_t)32 << 20;
+    struct cublasLtContext *hc;
+    if (fq_cuda_dev_blaslt(ctx, d, &hc) != FQ_OK) return 1;
+    cublasLtHandle_t h = (cublasLtHandle_t)hc;
+    void *w = NULL, *x = NULL, *y = NULL, *hres = NULL, *bias = NULL, *ws = NULL;
+    float *gate = NULL;
+    uint16_t *hb = NULL;
+    cudaGraphExec_t ex[2] = {NULL, NULL};
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    double *t[2] = {NULL, NULL};
+    cublasLtMatmulDesc_t op[2] = {NULL, NULL};
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasLtMatmulAlgo_t algo[2];
+    int ok[2] = {0, 0}, rc = 1;
+    cudaStream_t s = d->stream;
+    const size_t big = (size_t)(m > n ? m : n) * (size_t)k;
+    GG_CUDA(cudaMalloc(&w, (size_t)(n * k) * 2), "cudaMalloc");
+    GG_CUDA(cudaMalloc(&x, (size_t)(m * k) * 2), "cudaMalloc");
+    GG_CUDA(cudaMalloc(&y, (size_t)(m * n) * 2), "cudaMalloc");
+    GG_CUDA(cudaMalloc(&hres, (size_t)(m * n) * 2), "cudaMalloc");
+    GG_CUDA(cudaMalloc(&bias, (size_t)n * 2), "cudaMalloc");
+    GG_CUDA(cudaMalloc((void **)&gate, (size_t)n * 4), "cudaMalloc");
+    GG_CUDA(cudaMalloc(&ws, wsb), "cudaMalloc");
+    hb = malloc(big * 2 > (size_t)n * 4 ? big * 2 : (size_t)n * 4);
+    t[0] = malloc(sizeof(double) * (size_t)reps);
+    t[1] = malloc(sizeof(double) * (size_t)reps);
+    if (!hb || !t[0] || !t[1]) goto fail;
+    uint64_t seed = 0x9a7ed5eedull;
+    fill_bf16(hb, (size_t)(n * k), &seed);
+    GG_CUDA(cudaMemcpy(w, hb, (size_t)(n * k) * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    fill_bf16(hb, (size_t)(m * k), &seed);
+    GG_CUDA(cudaMemcpy(x, hb, (size_t)(m * k) * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    fill_bf16(hb, (size_t)(m * n), &seed);
+    GG_CUDA(cudaMemcpy(hres, hb, (size_t)(m * n) * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    fill_bf16(hb, (size_t)n, &seed);
+    GG_CUDA(cudaMemcpy(bias, hb, (size_t)n * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    for (int64_t i = 0; i < n; i++) ((float *)hb)[i] = 0.5f + (float)(i % 7) * 0.125f;
+    GG_CUDA(cudaMemcpy(gate, hb, (size_t)n * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bt = CUDA_R_16BF;
+    const cublasLtPointerMode_t pm = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
+    cublasStatus_t st = cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, (uint64_t)k, (uint64_t)n, k);
+    if (!st) st = cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, (uint64_t)k, (uint64_t)m, k);
+    if (!st) st = cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, (uint64_t)n, (uint64_t)m, n);
+    for (int v = 0; v < 2 && !st; v++) {
+        st = cublasLtMatmulDescCreate(&op[v], CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        if (!st) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+        if (!st) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+        if (!st) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+        if (!st) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
+        if (!st) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+        if (!st && v == 1) st = cublasLtMatmulDescSetAttribute(op[v], CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof pm);
+        if (st) break;
+        cublasLtMatmulPreference_t pref = NULL;
+        const uint64_t wsz = wsb;
+        cublasLtMatmulHeuristicResult_t res;
+        int nres = 0;
+        cublasStatus_t hs = cublasLtMatmulPreferenceCreate(&pref);
+        if (!hs) hs = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof wsz);
+        if (!hs) hs = cublasLtMatmulAlgoGetHeuristic(h, op[v], la, lb, lc, lc, pref, 1, &res, &nres);
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        ok[v] = !hs && nres > 0;
+        if (ok[v]) algo[v] = res.algo;
+        printf("  %s: %s\n", v ? "gated (alpha vector = gate, beta 1, C = D = h, bias epilogue)" : "plain (bias epilogue)",
+               ok[v] ? "cuBLASLt offers an algorithm" : hs ? cublasLtGetStatusString(hs) : "no algorithm");
+    }
+    if (st) {
+        fprintf(stderr, "bench_gemm_group: cuBLASLt setup: %s\n", cublasLtGetStatusString(st));
+        goto fail;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    for (int v = 0; v < 2; v++) {
+        if (!ok[v]) continue;
+        cudaGraph_t graph = NULL;
+        GG_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "capture");
+        for (int i = 0; i < iters && !st; i++)
+            st = v ? cublasLtMatmul(h, op[v], gate, w, la, x, lb, &one, hres, lc, hres, lc, &algo[v], ws, wsb, s)
+                   : cublasLtMatmul(h, op[v], &one, w, la, x, lb, &zero, y, lc, y, lc, &algo[v], ws, wsb, s);
+        cudaError_t ce = cudaStreamEndCapture(s, &graph);
+        if (st || ce != cudaSuccess) {
+            fprintf(stderr, "bench_gemm_group: gated capture: %s\n",
+                    st ? cublasLtGetStatusString(st) : cudaGetErrorString(ce));
+            if (graph) cudaGraphDestroy(graph);
+            ok[v] = 0;
+            st = CUBLAS_STATUS_SUCCESS;
+            continue;
+        }
+        ce = cudaGraphInstantiate(&ex[v], graph, 0);
+        cudaGraphDestroy(graph);
+        GG_CUDA(ce, "cudaGraphInstantiate");
+        GG_CUDA(cudaGraphLaunch(ex[v], s), "cudaGraphLaunch");
+    }
+    GG_CUDA(cudaEventCreate(&e0), "cudaEventCreate");
+    GG_CUDA(cudaEventCreate(&e1), "cudaEventCreate");
+    for (int r = 0; r < reps; r++)
+        for (int v = 0; v < 2; v++) {
+            if (!ex[v]) continue;
+            float ms = 0;
+            GG_CUDA(cudaEventRecord(e0, s), "cudaEventRecord");
+            GG_CUDA(cudaGraphLaunch(ex[v], s), "cudaGraphLaunch");
+            GG_CUDA(cudaEventRecord(e1, s), "cudaEventRecord");
+            GG_CUDA(cudaEventSynchronize(e1), "cudaEventSynchronize");
+            GG_CUDA(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+            t[v][r] = (double)ms * 1e3 / iters;
+        }
+    printf("M=%lld N=%lld K=%lld (%d GEMMs per replay, median of %d interleaved replays):\n", (long long)m,
+           (long long)n, (long long)k, iters, reps);
+    for (int v = 0; v < 2; v++) {
+        if (!ex[v]) continue;
+        qsort(t[v], (size_t)reps, sizeof(double), cmp_double);
+        printf("  %-6s %9.2f us\n", v ? "gated" : "plain", t[v][reps / 2]);
+    }
+    rc = 0;
+fail:
+    for (int v = 0; v < 2; v++) {
+        if (ex[v]) cudaGraphExecDestroy(ex[v]);
+        if (op[v]) cublasLtMatmulDescDestroy(op[v]);
+        free(t[v]);
+    }
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    cudaFree(w);
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(hres);
+    cudaFree(bias);
+    cudaFree(gate);
+    cudaFree(ws);
+    free(hb);
+    return rc;
+}
+#endif
+
 static int parse_shapes(const char *s, gg_shape *out, int max) {
     int n = 0;
     while (*s && n < max) {
@@ -275,7 +425,7 @@ static int parse_shapes(const char *s, gg_shape *out, int max) {
 }
 int fq_bench_gemm_group(int argc, char **argv) {
     const char *device = "cuda:0";
-    int iters = 50, reps = 9;
+    int iters = 50, reps = 9, gated = 0;
     /* FLUX.1 at 1024x1024: single blocks (4608 rows), double blocks' image (4096) and text (512) streams */
     gg_shape shapes[16] = {{4608, 3072, 3072, 3}, {4096, 3072, 3072, 3}, {512, 3072, 3072, 3}};
     int nshapes = 3;
@@ -284,6 +434,7 @@ int fq_bench_gemm_group(int argc, char **argv) {
         if (!strcmp(a, "--device") && i + 1 < argc) device = argv[++i];
         else if (!strcmp(a, "--iters") && i + 1 < argc) iters = atoi(argv[++i]);
         else if (!strcmp(a, "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(a, "--gated")) gated = 1;
         else if (!strcmp(a, "--shapes") && i + 1 < argc) {
             nshapes = parse_shapes(argv[++i], shapes, 16);
             if (nshapes < 1) {
@@ -293,7 +444,7 @@ int fq_bench_gemm_group(int argc, char **argv) {
         } else {
             const int help = !strcmp(a, "--help") || !strcmp(a, "-h");
             fprintf(help ? stdout : stderr,
-                    "usage: bench_gemm_group [--device cuda:N] [--iters N] [--reps N] [--shapes MxNxKxG,...]\n");
+                    "usage: bench_gemm_group [--device cuda:N] [--iters N] [--reps N] [--shapes MxNxKxG,...] [--gated]\n");
             return help ? 0 : 2;
         }
     }
@@ -322,7 +473,8 @@ int fq_bench_gemm_group(int argc, char **argv) {
         if (cudaGetDeviceProperties(&prop, dev.index) != cudaSuccess) prop.name[0] = 0;
         printf("fluxq bench gemm-group: dense bf16 cuBLASLt on %s (%s, %d SMs)\n", device, prop.name, d->sm_count);
         rc = 0;
-        for (int i = 0; i < nshapes; i++) rc |= bench_shape(ctx, d, &shapes[i], iters, reps);
+        for (int i = 0; i < nshapes; i++)
+            rc |= gated ? bench_gated(ctx, d, &shapes[i], iters, reps) : bench_shape(ctx, d, &shapes[i], iters, reps);
         fq_cuda_guard_exit(&gd);
     } else {
         fprintf(stderr, "bench_gemm_group: %s\n", fq_ctx_error(ctx));
@@ -333,6 +485,7 @@ int fq_bench_gemm_group(int argc, char **argv) {
     (void)device;
     (void)shapes;
     (void)nshapes;
+    (void)gated;
     fprintf(stderr, "bench_gemm_group: built without CUDA\n");
     return 1;
 #endif
