@@ -437,7 +437,7 @@ fq_status fq_nn_linear_q4_group(fq_ctx *ctx, const fq_tensor *x, const fq_qtenso
         return fq_err(ctx, FQ_ERR_INVALID_ARG, "%s: NULL operand or %d weights (expected 2..7)", op, g);
 #ifdef FQ_HAVE_CUDA
     /* the batched path where every operand allows it (each is checked as by the single op) */
-    int ok = bias_cat != NULL && y[0]->buf.dev.type == FQ_DEVICE_CUDA;
+    int ok = bias_cat != NULL && bias[0] != NULL && y[0]->buf.dev.type == FQ_DEVICE_CUDA;
     int64_t m = 0;
     for (int j = 0; ok && j < g; j++) {
         const fq_qtensor_info *wi = &w[j]->info;
@@ -448,7 +448,7 @@ fq_status fq_nn_linear_q4_group(fq_ctx *ctx, const fq_tensor *x, const fq_qtenso
         int64_t mj;
         FQ_TRY(linear_shapes(ctx, op, x, wi->shape[0], wi->shape[1], bias[j], y[j], fq_qtensor_name(w[j]), rnd, &mj));
         if (j == 0) m = mj;
-        ok = (bias[j] != NULL) == (bias[0] != NULL) && mj == m;
+        ok = bias[j] != NULL && mj == m;
     }
     if (ok) {
         FQ_TRY(rnd_ok(ctx, op, rnd));

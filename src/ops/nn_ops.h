@@ -97,10 +97,10 @@ fq_status fq_nn_linear(fq_ctx *ctx, const fq_tensor *x, const fq_tensor *w, cons
  * FQ_LINEAR_DEQUANT_BLAS keeps the GEMM). */
 fq_status fq_nn_linear_q4(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *bias,
                           fq_tensor *y, fq_tensor *scratch, fq_dtype rnd);
-/* y[j] = fq_nn_linear_q4(x, w[j], bias[j]) for j < g (2..7; bias may be NULL, then
- * every bias[j] is NULL): the same results. On CUDA, where the weights share one shape,
- * the y[j] are 16-bit views at one stride from y[0] (q, k, v of one buffer) and
- * bias_cat holds the biases one after another ([g N], the compute dtype), the g GEMMs
+/* y[j] = fq_nn_linear_q4(x, w[j], bias[j]) for j < g (2..7; a bias[j] may be NULL):
+ * the same results. On CUDA, where the weights share one shape, the y[j] are 16-bit
+ * views at one stride from y[0] (q, k, v of one buffer), every bias[j] is given and
+ * bias_cat holds them one after another ([g N], the compute dtype), the g GEMMs
  * run as one strided-batched cuBLASLt call on the g weights dequantized side by side
  * (3.5-4 % faster on FLUX's q, k, v on an H100, the same bits); otherwise, or with
  * bias_cat NULL, g calls. scratch: fq_nn_linear_q4_group_scratch floats. */
