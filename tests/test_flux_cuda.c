@@ -800,6 +800,11 @@ static void test_linear_q4_group(fq_ctx *ctx, fq_device dev) {
                 CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, NULL, ty, 3, scratch, rnd));
                 fq_tensor t3 = rows_view(y3, 0, 3 * M), r3 = rows_view(yr, 0, 3 * M);
                 CHECK(same_bytes(ctx, &t3, &r3), "%s, no bias_cat", what);
+                /* no biases but a bias_cat: three calls without a bias (bias_cat is not used) */
+                const fq_tensor *nob[3] = {NULL, NULL, NULL};
+                for (int j = 0; j < 3; j++) CHECK_OK(ctx, fq_nn_linear_q4(ctx, x, q[j], NULL, &r[j], scratch, rnd));
+                CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, nob, bcat, ty, 3, scratch, rnd));
+                CHECK(same_bytes(ctx, &t3, &r3), "%s, no biases (bias_cat ignored)", what);
             }
             fq_tensor_free(y2);
             fq_tensor_free(y3);
