@@ -714,6 +714,24 @@ static int same_bytes(fq_ctx *ctx, const fq_tensor *a, const fq_tensor *b) {
     return r;
 }
 
+/* The group call, and how many linear ops it ran (the profiler's count): 1 when it
+ * batched, g when it fell back to g calls. -1 on error. */
+static int64_t group_ops(fq_ctx *ctx, fq_device dev, const fq_tensor *x, const fq_qtensor *const *w,
+                         const fq_tensor *const *b, const fq_tensor *bcat, fq_tensor *const *y, fq_tensor *scratch,
+                         fq_dtype rnd) {
+    fq_nn_prof *pr = NULL;
+    double ms[FQ_NN_CLASSES];
+    int64_t ops[FQ_NN_CLASSES];
+    int64_t r = -1;
+    CHECK_OK(ctx, fq_nn_prof_create(ctx, dev, 16, &pr));
+    if (pr && fq_nn_prof_start(ctx, pr) == FQ_OK) {
+        CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, w, b, bcat, y, 3, scratch, rnd));
+        if (fq_nn_prof_stop(ctx, pr, ms, ops) == FQ_OK) r = ops[FQ_NN_CLASS_LINEAR];
+    }
+    fq_nn_prof_free(pr);
+    return r;
+}
+
 /* fq_nn_linear_q4_group (q, k, v as one batched GEMM) against three fq_nn_linear_q4
  * calls: the same bits, batched or not (bias_cat NULL, outputs not at one stride). */
 static void test_linear_q4_group(fq_ctx *ctx, fq_device dev) {
@@ -778,9 +796,12 @@ static void test_linear_q4_group(fq_ctx *ctx, fq_device dev) {
             fq_tensor *const gy[3] = {&g[0], &g[1], &g[2]};
             const fq_qtensor *qw[3] = {q[0], q[1], q[2]};
             const fq_tensor *bb[3] = {b[0], b[1], b[2]};
-            CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, bcat, gy, 3, scratch, rnd));
+            /* one batched GEMM for 16-bit activations and token rows, else three calls */
+            const int64_t nops = group_ops(ctx, dev, x, qw, bb, bcat, gy, scratch, rnd);
+            const int64_t want = act == rnd && M > 2 ? 1 : 3;
             snprintf(what, sizeof what, "M=%lld N=%lld K=%lld %s: batched == three calls", (long long)M,
                      (long long)N, (long long)K, fq_dtype_name(rnd));
+            CHECK(nops == want, "%s: %lld linear ops, expected %lld", what, (long long)nops, (long long)want);
             fq_tensor g3 = rows_view(yg, 0, 3 * M), r3 = rows_view(yr, 0, 3 * M);
             CHECK(same_bytes(ctx, &g3, &r3), "%s", what);
             /* not at one stride (v a block of rows further): three calls, the same bits */
@@ -790,14 +811,15 @@ static void test_linear_q4_group(fq_ctx *ctx, fq_device dev) {
             if (y2 && y3) {
                 h[0] = rows_view(y2, 0, M), h[1] = rows_view(y2, M, M), h[2] = rows_view(y2, 3 * M, M);
                 fq_tensor *const hy[3] = {&h[0], &h[1], &h[2]};
-                CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, bcat, hy, 3, scratch, rnd));
+                CHECK(group_ops(ctx, dev, x, qw, bb, bcat, hy, scratch, rnd) == 3, "%s, not at one stride: three calls",
+                      what);
                 fq_tensor h01 = rows_view(y2, 0, 2 * M), r01 = rows_view(yr, 0, 2 * M);
                 CHECK(same_bytes(ctx, &h01, &r01) && same_bytes(ctx, &h[2], &r[2]), "%s, outputs not at one stride",
                       what);
                 /* no bias_cat: three calls */
                 fq_tensor t[3] = {rows_view(y3, 0, M), rows_view(y3, M, M), rows_view(y3, 2 * M, M)};
                 fq_tensor *const ty[3] = {&t[0], &t[1], &t[2]};
-                CHECK_OK(ctx, fq_nn_linear_q4_group(ctx, x, qw, bb, NULL, ty, 3, scratch, rnd));
+                CHECK(group_ops(ctx, dev, x, qw, bb, NULL, ty, scratch, rnd) == 3, "%s, no bias_cat: three calls", what);
                 fq_tensor t3 = rows_view(y3, 0, 3 * M), r3 = rows_view(yr, 0, 3 * M);
                 CHECK(same_bytes(ctx, &t3, &r3), "%s, no bias_cat", what);
                 /* no biases but a bias_cat: three calls without a bias (bias_cat is not used) */

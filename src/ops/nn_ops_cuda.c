@@ -249,7 +249,7 @@ static fq_status blas_err(fq_ctx *ctx, cublasStatus_t st, const char *what, int 
  * terms: outᵀ (n x m, ld ldc >= n) = op(A) · B with A = w stored k x n (ld k,
  * transposed) and B = x stored k x m (ld k). gelu: cuBLASLt's GELU epilogue
  * on the f32 result (after the bias) before the output's one rounding; a
- * 16-bit out only, GEMM_TRY_F32 when no algorithm offers it. bt: batch > 1
+ * 16-bit out only, GEMM_TRY_F32 when no algorithm offers it. batch > 1
  * runs `batch` such products in one call, weight j at w + j n k, output j at
  * out + j ostride, bias j at bias + j n, all reading the same x (a 16-bit out
  * with the bias epilogue only: GEMM_TRY_F32 otherwise). */
