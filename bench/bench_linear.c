@@ -534,9 +534,10 @@ static int parse_variants(const char *s) {
     return g_nvariants;
 }
 
-/* Every implementation x configuration that can run the case, for tuning. */
-static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_blas, int64_t m, int64_t n,
-                       int64_t k) {
+/* Every implementation x configuration that can run the case, for tuning; each
+ * timed in turn with cuBLASLt (ba, when set up) and compared with that time. */
+static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int reps, double us_blas, int64_t m,
+                       int64_t n, int64_t k) {
     static const int gemv_cfg[] = {1, 2, 4, 8, 0x11, 0x12, 0x14, 0x18};
     static const int wg_splits[] = {1, 2, 3, 4, 6, 8, 12};
     for (int impl = FQ_LIN4_GEMV_SIMPLE; impl < FQ_LIN4_COUNT; impl++) {
@@ -570,7 +571,11 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
         if (impl == FQ_LIN4_GEMV_SIMPLE && m * n * k > ((int64_t)1 << 33)) continue; /* too slow to matter */
         for (int c = 0; c < nc; c++) {
             oa->sel = FQ_LIN4_SELECT(impl, cfgs[c]);
-            double us = bl_time(g, iters, reps, body_ours, oa);
+            bl_timed tv[2] = {{body_ours, oa, NULL, 0}, {body_blas, ba, NULL, 0}};
+            double tus[2] = {NAN, us_blas};
+            bl_time_n(g, iters, reps, tv, ba ? 2 : 1, tus);
+            const double us = tus[0];
+            if (ba) us_blas = tus[1];
             char name[64];
             if (impl == FQ_LIN4_GEMM_MMA) snprintf(name, sizeof name, "%s", fq_cuda_gemm4_mma_config_name(cfgs[c]));
             else if (impl == FQ_LIN4_GEMM_WS)
@@ -578,8 +583,9 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, int iters, int reps, double us_b
             else if (impl == FQ_LIN4_GEMM_WGMMA)
                 snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_wgmma_config_name(cfgs[c]), cfgs[c] >> 4);
             else snprintf(name, sizeof name, "%s cfg 0x%x", fq_lin4_impl_name((fq_lin4_impl)impl), cfgs[c]);
-            printf("    sweep %-34s %10.2f us  x blas %6.3f  %8.1f TFLOP/s\n", name, us, us_blas / us,
-                   2.0 * (double)m * (double)n * (double)k / (us * 1e6));
+            printf("    sweep %-34s %10.2f us  x blas %6.3f  %8.1f TFLOP/s  (cublas %.2f us%s)\n", name, us,
+                   us_blas / us, 2.0 * (double)m * (double)n * (double)k / (us * 1e6), us_blas,
+                   ba ? ", same rounds" : "");
         }
     }
     oa->sel = FQ_LINEAR_AUTO;
@@ -673,7 +679,6 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
             double tus[3] = {NAN, NAN, NAN};
             bl_time_n(&g, iters, reps, tv, nv, tus);
             const double us = tus[0], us_dq = tus[1], us_blas = tus[2];
-            blas_teardown(&ba);
             bl_row r;
             memset(&r, 0, sizeof r);
             r.n = n;
@@ -697,7 +702,8 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
                    target_text(r.target_ok), 2.0 * (double)m * (double)n * (double)k / (us_blas * 1e6),
                    (double)bbytes / (us_blas * 1e3));
             fflush(stdout);
-            if (sweep) sweep_case(&g, &oa, iters, reps, us_blas, m, n, k);
+            if (sweep) sweep_case(&g, &oa, nv == 3 ? &ba : NULL, iters, reps, us_blas, m, n, k);
+            blas_teardown(&ba);
             fq_tensor_free(x);
             fq_tensor_free(y);
         }
