@@ -552,8 +552,10 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
         if (impl == FQ_LIN4_GEMM_MMA)
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
         if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x K splits (large M: no split) */
-            for (int t = 1; t <= FQ_GEMM4_WS_CONFIGS; t++)
+            for (int t = 1; t <= FQ_GEMM4_WS_CONFIGS; t++) {
                 for (int s = 1; s <= (m >= 2048 ? 1 : 4); s *= 2) cfgs[nc++] = t | s << 4;
+                if (t <= 5 || t >= 8) cfgs[nc++] = t | 0xf0; /* stream-K (the DEEP loop's configurations) */
+            }
         if (impl == FQ_LIN4_GEMM_WGMMA)
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
                 for (int s = 0; s < 7; s++) cfgs[nc++] = t | wg_splits[s] << 4;
@@ -578,6 +580,8 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
             if (ba) us_blas = tus[1];
             char name[64];
             if (impl == FQ_LIN4_GEMM_MMA) snprintf(name, sizeof name, "%s", fq_cuda_gemm4_mma_config_name(cfgs[c]));
+            else if (impl == FQ_LIN4_GEMM_WS && (cfgs[c] >> 4) == 15)
+                snprintf(name, sizeof name, "%s stream-K", fq_cuda_gemm4_ws_config_name(cfgs[c]));
             else if (impl == FQ_LIN4_GEMM_WS)
                 snprintf(name, sizeof name, "%s split %d", fq_cuda_gemm4_ws_config_name(cfgs[c]), cfgs[c] >> 4);
             else if (impl == FQ_LIN4_GEMM_WGMMA)

@@ -524,7 +524,7 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                            : impl == FQ_LIN4_GEMV_WIN    ? 4
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
-                           : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2
+                           : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2 + 3
                                                         : 0;
                 for (int cfg = 1; cfg <= ncfg; cfg++) {
                     int code = cfg;
@@ -535,8 +535,12 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     if (impl == FQ_LIN4_GEMV_WIN) code = win_codes[cfg - 1];
                     if (impl == FQ_LIN4_GEMM_WGMMA)                      /* tiles x (1 split, 3 splits) */
                         code = ((cfg - 1) % FQ_GEMM4_WGMMA_CONFIGS + 1) | (cfg > FQ_GEMM4_WGMMA_CONFIGS ? 3 << 4 : 1 << 4);
-                    if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x (1 split, 3 splits) */
-                        code = ((cfg - 1) % FQ_GEMM4_WS_CONFIGS + 1) | (cfg > FQ_GEMM4_WS_CONFIGS ? 3 << 4 : 1 << 4);
+                    if (impl == FQ_LIN4_GEMM_WS) { /* x rows per tile x (1 split, 3 splits), then stream-K */
+                        static const int sk_codes[3] = {0xf1, 0xf9, 0xf8}; /* 256; 256, 216 with the TMA store */
+                        code = cfg > 2 * FQ_GEMM4_WS_CONFIGS
+                                   ? sk_codes[cfg - 2 * FQ_GEMM4_WS_CONFIGS - 1]
+                                   : ((cfg - 1) % FQ_GEMM4_WS_CONFIGS + 1) | (cfg > FQ_GEMM4_WS_CONFIGS ? 3 << 4 : 1 << 4);
+                    }
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
                     run_and_check(ctx, FQ_LIN4_SELECT(impl, code), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 }
@@ -709,15 +713,19 @@ static void test_ws_exact(fq_ctx *ctx) {
         fq_status s = b ? fq_tensor_from_host(ctx, FQ_CUDA(0), xdt, 2, shape, b, &x.t[0]) : FQ_ERR_OUT_OF_MEMORY;
         free(b);
         CHECK(s == FQ_OK, "identity x: %s", fq_ctx_error(ctx));
-        for (int split = 1; s == FQ_OK && split <= 4; split += 3) {
+        /* f32 y with 1 and 4 K splits; then y of x's dtype through the TMA-store
+         * configurations (216 rows, one split; 256 rows, stream-K) */
+        static const int sels[4] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0};
+        for (int si = 0; s == FQ_OK && si < 4; si++) {
+            const fq_dtype ydt = si < 2 ? FQ_F32 : xdt;
             unsigned char *y = NULL;
             fq_tensor *yt = NULL;
             int64_t ys[2] = {k, n};
-            int can = fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK &&
+            int can = fq_tensor_create(ctx, FQ_CUDA(0), ydt, 2, ys, &yt) == FQ_OK &&
                       fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, x.t[0], w.q, yt);
             fq_tensor_free(yt);
             if (!can) break;
-            fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, split << 4), &w, &x, NULL, FQ_F32, &y);
+            fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, sels[si]), &w, &x, NULL, ydt, &y);
             CHECK(r == FQ_OK, "gemm4_ws identity: %s", fq_ctx_error(ctx));
             if (r == FQ_OK) {
                 int64_t bad = -1;
@@ -725,13 +733,12 @@ static void test_ws_exact(fq_ctx *ctx) {
                     const int64_t mm = i / n, nn = i % n;
                     float want = w.wdq[nn * k + mm];
                     want = xdt == FQ_BF16 ? from_bf16(to_bf16(want)) : from_f16(to_f16(want));
-                    float got;
-                    memcpy(&got, y + 4 * i, 4);
+                    const float got = (float)decode1(ydt, y, i);
                     if (got != want && !(got == 0 && want == 0)) bad = i;
                 }
                 CHECK(bad < 0, "gemm4_ws W rounding differs from dequantize at (m=%lld, n=%lld) %s%s bs=%lld x=%s "
-                      "split %d", (long long)(bad / n), (long long)(bad % n), fq_quant_type_name(qt),
-                      nested ? "+dq" : "", (long long)bs, fq_dtype_name(xdt), split);
+                      "cfg 0x%x y=%s", (long long)(bad / n), (long long)(bad % n), fq_quant_type_name(qt),
+                      nested ? "+dq" : "", (long long)bs, fq_dtype_name(xdt), sels[si], fq_dtype_name(ydt));
             }
             free(y);
         }

@@ -95,6 +95,7 @@ void fq_cuda_dev_release_all(fq_ctx *ctx) {
             if (d->cudnn_release) d->cudnn_release(d);
             fq_buf_free(&d->lin_scratch);
             fq_buf_free(&d->lin_workspace);
+            fq_buf_free(&d->lin_flags);
             if (d->blaslt) (void)cublasLtDestroy(d->blaslt);
             (void)cudaStreamDestroy(d->stream);
             fq_cuda_guard_exit(&g);

@@ -50,6 +50,7 @@ typedef struct fq_cuda_dev {
     struct cublasLtContext *blaslt; /* see fq_cuda_dev_blaslt                        */
     fq_buffer lin_workspace;        /* cuBLASLt workspace                            */
     fq_buffer lin_scratch;          /* dequantized weight and f32 results (fallback) */
+    fq_buffer lin_flags;            /* gemm4_ws stream-K flags: zeroed once, kept zero */
     unsigned lin_prepared;          /* bit i: kernel family i has its attributes set */
     fq_cuda_lin_algo lin_algo[8];   /* cuBLASLt heuristic results, round robin       */
     int lin_algo_next;

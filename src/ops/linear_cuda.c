@@ -432,8 +432,18 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_WS));
         const size_t ws = fq_cuda_gemm4_ws_workspace(&op->w, &op->io, d->sm_count, cfg);
         if (ws) FQ_TRY(ensure_buffer(ctx, d, &d->lin_scratch, ws));
+        if (!d->lin_flags.ptr && fq_cuda_gemm4_ws_streamk(&op->w, &op->io, d->sm_count, cfg)) {
+            /* zeroed once; every launch leaves the flags zero again */
+            const size_t fb = 2 * FQ_GEMM4_WS_MAX_SMS * sizeof(int);
+            FQ_TRY(fq_buf_alloc(ctx, FQ_CUDA(d->index), fb, &d->lin_flags));
+            const cudaError_t e = cudaMemsetAsync(d->lin_flags.ptr, 0, fb, d->stream);
+            if (e != cudaSuccess) {
+                fq_buf_free(&d->lin_flags);
+                return fq_cuda_status(ctx, e, "cudaMemsetAsync (gemm4_ws flags)", d->index);
+            }
+        }
         rc = fq_cuda_gemm4_ws(&op->w, &op->io, &op->e, d->sm_count, cfg, (float *)d->lin_scratch.ptr,
-                              d->lin_scratch.bytes, d->stream);
+                              d->lin_scratch.bytes, (int *)d->lin_flags.ptr, d->stream);
         break;
     }
     case FQ_LIN4_DEQUANT_BLAS: return run_dequant_blas(ctx, d, op);

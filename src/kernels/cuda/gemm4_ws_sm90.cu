@@ -41,7 +41,7 @@
 #define WS_BK 64      /* K tile */
 #define WS_ROWS 128   /* W rows per tile (2 consumer warpgroups x 64) */
 #define WS_THREADS 384
-#define WS_AUTO_CONFIGS 4 /* configurations the automatic plan chooses from */
+#define WS_AUTO_CONFIGS 4 /* configurations the automatic plan chooses from (ws_auto_ci) */
 
 typedef struct {
     fq_lin4_weight w;
@@ -54,6 +54,21 @@ typedef struct {
     int ktiles;       /* K / WS_BK */
     int kps;          /* K tiles per split */
     int nt, mt, splits;
+    /* stream-K (splits == 1, the DEEP loop only): CTA b takes the K-tile units
+     * [units b / grid, units (b + 1) / grid) of the tile-major order, so every CTA
+     * gets the same share. A tile split between CTAs is finished by the CTA holding
+     * its first K tile ("owner"), which adds the later CTAs' f32 partials (sk_part,
+     * one slot per CTA and consumer warpgroup, published through sk_flag) in CTA
+     * order: the sums never depend on timing. All CTAs are co-resident (cooperative
+     * launch, one per SM), so the owner's wait always ends. */
+    int streamk;
+    int64_t units;
+    float *sk_part; /* [grid][2][128][BX / 2] */
+    int *sk_flag;   /* [grid][2]: 1 = the slot's partial is ready; reset to 0 by the owner */
+    /* TS configurations: y (16-bit, N % 8 == 0, no K split) is written through a
+     * shared-memory tile per consumer warpgroup and a TMA store, so the next tile's
+     * main loop starts while the store drains */
+    int tma_y;
     int probe; /* bench probes (FQ_WS_PROBE, WRONG results): 1 no decode, 2 no absmax loads, 4 no MMA, 8 no stores,
                 16 no W copy, 32 no x copy */
 } ws_args;
@@ -61,6 +76,7 @@ typedef struct {
 /* One stage's work: tile t (N fastest, then M, then the K split), K tile kt. */
 typedef struct {
     int64_t t;
+    int64_t u, u1; /* stream-K: the current unit and the end of this CTA's range */
     int kt, kt1, n0, mti, sp;
     uint32_t it;
     bool valid;
@@ -68,12 +84,16 @@ typedef struct {
 
 
 
-template <int BX, int S> struct ws_cfg {
+template <int BX, int S, bool TS> struct ws_cfg {
     static constexpr int X_STAGE = BX * 128;            /* bytes; BX % 8 == 0 => a multiple of 1024 */
     static constexpr int W_STAGE = WS_ROWS * WS_BK / 2; /* 4096 */
     static constexpr int STAGE = X_STAGE + W_STAGE;
-    static constexpr int SMEM = 1024 /* alignment slack */ + S * STAGE + S * WS_ROWS * 4 + 2 * S * 8 + (16 + 256) * 4;
-    static_assert((S * STAGE + S * WS_ROWS * 4) % 256 == 0, "the code table must be 256-byte aligned");
+    /* TS: two output tiles (one per consumer warpgroup) of BX rows x 64 16-bit values,
+     * 128-byte swizzled, after the stages (1024-aligned) */
+    static constexpr int OUT = TS ? 2 * BX * 128 : 0;
+    static constexpr int SMEM =
+        1024 /* alignment slack */ + S * STAGE + OUT + S * WS_ROWS * 4 + 2 * S * 8 + (16 + 256) * 4;
+    static_assert((S * STAGE + OUT + S * WS_ROWS * 4) % 256 == 0, "the code table must be 256-byte aligned");
 };
 
 #if defined(FQ_BUILD_SM90A)
@@ -360,6 +380,20 @@ static __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorM
 }
 
 
+static __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, uint32_t src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"((uint64_t)map),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+/* The bulk stores this thread issued have read their shared memory. */
+static __device__ __forceinline__ void tma_store_wait_read(void) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+static __device__ __forceinline__ void tma_store_wait_all(void) {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
 template <int R> static __device__ __forceinline__ void setmaxnreg_inc(void) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 }
@@ -377,19 +411,93 @@ static __device__ __forceinline__ void ws_tile(const ws_args &a, int64_t total, 
     c.kt = c.sp * a.kps;
     c.kt1 = min(a.ktiles, c.kt + a.kps);
 }
+/* Stream-K: unit c.u is tile u / ktiles, K tile u % ktiles; the segment runs to the
+ * tile's end or the range's. */
+static __device__ __forceinline__ void ws_unit(const ws_args &a, ws_item &c) {
+    c.valid = c.u < c.u1;
+    if (!c.valid) return;
+    c.t = c.u / a.ktiles;
+    const int kt = (int)(c.u - c.t * a.ktiles);
+    const int nti = (int)(c.t % a.nt);
+    c.n0 = nti * WS_ROWS;
+    c.mti = (int)(c.t / a.nt);
+    c.sp = 0;
+    c.kt = kt;
+    c.kt1 = (int)min((int64_t)a.ktiles, (int64_t)kt + (c.u1 - c.u));
+}
+static __device__ __forceinline__ int64_t ws_sk_start(const ws_args &a, int64_t b) {
+    return a.units * b / gridDim.x;
+}
 static __device__ __forceinline__ ws_item ws_first(const ws_args &a, int64_t total) {
     ws_item c;
-    c.t = blockIdx.x;
     c.it = 0;
+    if (a.streamk) {
+        c.u = ws_sk_start(a, blockIdx.x);
+        c.u1 = ws_sk_start(a, blockIdx.x + 1);
+        ws_unit(a, c);
+        return c;
+    }
+    c.u = c.u1 = 0;
+    c.t = blockIdx.x;
     ws_tile(a, total, c);
     return c;
 }
 static __device__ __forceinline__ void ws_next(const ws_args &a, int64_t total, ws_item &c) {
     if (!c.valid) return;
     c.it++;
+    c.u++;
     if (++c.kt < c.kt1) return;
+    if (a.streamk) {
+        ws_unit(a, c);
+        return;
+    }
     c.t += gridDim.x;
     ws_tile(a, total, c);
+}
+
+/* Named barrier of one consumer warpgroup (ids 1, 2; 0 is __syncthreads). */
+static __device__ __forceinline__ void ws_wg_sync(int cw) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+}
+
+/* Stream-K, a segment that starts inside its tile: the warpgroup's accumulators go
+ * to its slot, then the slot's flag is raised (release: the stores come first). */
+template <int BX>
+static __device__ __forceinline__ void ws_sk_publish(const ws_args &a, const float *acc, int cw) {
+    const int slot = 2 * blockIdx.x + cw, lt = threadIdx.x & 127;
+    float *p = a.sk_part + (size_t)slot * 128 * (BX / 2);
+#pragma unroll
+    for (int i = 0; i < BX / 2; i++) __stcg(p + i * 128 + lt, acc[i]);
+    __threadfence();
+    ws_wg_sync(cw);
+    if (lt == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(a.sk_flag + slot), "r"(1) : "memory");
+}
+
+/* Stream-K, the owner of a tile whose first segment ended at K tile kt1: adds the
+ * partials of the CTAs after this one that hold the rest of the tile, in CTA order. */
+template <int BX>
+static __device__ __forceinline__ void ws_sk_collect(const ws_args &a, float *acc, const ws_item &tile, int cw) {
+    const int lt = threadIdx.x & 127;
+    const int64_t tile_end = (tile.t + 1) * (int64_t)a.ktiles;
+    int64_t covered = tile.t * (int64_t)a.ktiles + tile.kt1;
+    for (int64_t b = blockIdx.x + 1; covered < tile_end && b < gridDim.x; b++) {
+        const int64_t e = ws_sk_start(a, b + 1);
+        if (e == covered) continue; /* an empty range publishes nothing */
+        const int slot = 2 * (int)b + cw;
+        if (lt == 0) {
+            int f = 0;
+            do {
+                asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(f) : "l"(a.sk_flag + slot) : "memory");
+            } while (f == 0);
+        }
+        ws_wg_sync(cw);
+        const float *p = a.sk_part + (size_t)slot * 128 * (BX / 2);
+#pragma unroll
+        for (int i = 0; i < BX / 2; i++) acc[i] += __ldcg(p + i * 128 + lt);
+        ws_wg_sync(cw); /* every lane has read the slot before the flag is lowered */
+        if (lt == 0) a.sk_flag[slot] = 0;
+        covered = e < tile_end ? e : tile_end;
+    }
 }
 
 /* GELU (tanh form), as fq_epi computes it. */
@@ -442,6 +550,18 @@ static __device__ __forceinline__ void ws_epilogue(const float *acc, void *y, in
     }
 }
 
+/* The bias of the two output pairs a lane stores (see ws_epilogue), 0 without a bias. */
+static __device__ __forceinline__ void ws_bias_pairs(const ws_args &a, int64_t nA, bool odd, float (&b)[2][2]) {
+    if (!a.e.bias) return;
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int64_t n = nA + 8 * h - (odd ? 1 : 0) + i;
+            if (n < a.w.n) b[h][i] = fq_ldf(a.e.bias, a.e.bias_dtype, n);
+        }
+}
+
 /* A consumer's epilogue (see ws_epilogue); split K: raw f32 partials. */
 template <int BX>
 static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const float *acc, const ws_item &tile, int rA,
@@ -449,15 +569,7 @@ static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const flo
     const int64_t nA = tile.n0 + rA, m0 = (int64_t)tile.mti * BX;
     const bool odd = (g & 1) != 0;
     float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    if (!a.partial && a.e.bias) {
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int64_t n = nA + 8 * h - (odd ? 1 : 0) + i;
-                if (n < N) b[h][i] = fq_ldf(a.e.bias, a.e.bias_dtype, n);
-            }
-    }
+    if (!a.partial) ws_bias_pairs(a, nA, odd, b);
     const bool pair = (N & 1) == 0, gelu = !a.partial && a.e.act == FQ_EPI_GELU_TANH;
     void *yp = a.partial ? (void *)(a.partial + (int64_t)tile.sp * M * N) : a.y;
     const int yt = a.partial ? FQ_F32 : a.y_dtype;
@@ -472,6 +584,65 @@ static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const flo
     else if (yt == FQ_F16) { if (gelu) WS_EPI(FQ_F16, true, false); else WS_EPI(FQ_F16, false, false); }
     else { if (gelu) WS_EPI(FQ_F32, true, false); else WS_EPI(FQ_F32, false, false); }
 #undef WS_EPI
+}
+
+/* The TS epilogue: the same values as ws_epilogue (lanes g, g ^ 1 swap one value; bias,
+ * GELU, one rounding), written as 16-bit pairs into the warpgroup's output tile (row
+ * = x row in the tile, 64 W rows of 2 bytes = 128 bytes, 16-byte chunks swizzled with
+ * the row's low 3 bits, as the TMA store's SWIZZLE_128B expects: conflict-free here). */
+template <int BX, int YT, bool GELU>
+static __device__ __forceinline__ void ws_epilogue_smem(const float *acc, uint32_t out, int wl, int g, bool odd,
+                                                        int t4, const float (&b)[2][2]) {
+#pragma unroll
+    for (int j = 0; j < BX / 8; j++) {
+        const int m = 8 * j + 2 * t4 + (odd ? 1 : 0);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+            float lo = (odd ? r : v0) + b[h][0], hi = (odd ? v1 : r) + b[h][1];
+            if (GELU) {
+                lo = ws_gelu(lo);
+                hi = ws_gelu(hi);
+            }
+            uint32_t pk;
+            if (YT == FQ_BF16) {
+                __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+                memcpy(&pk, &v, 4);
+            } else {
+                __half2 v = __floats2half2_rn(lo, hi);
+                memcpy(&pk, &v, 4);
+            }
+            const int byte = 2 * (wl * 16 + g + 8 * h - (odd ? 1 : 0));
+            const uint32_t addr = out + (uint32_t)m * 128u + ((uint32_t)((byte >> 4) ^ (m & 7)) << 4) + (byte & 15);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pk) : "memory");
+        }
+    }
+}
+
+/* A consumer warpgroup's tile through its output tile and one TMA store (TS, tma_y). */
+template <int BX>
+static __device__ __forceinline__ void ws_store_tile_tma(const ws_args &a, const CUtensorMap *tmy, const float *acc,
+                                                         const ws_item &tile, int cw, int rA, int g, int t4,
+                                                         uint32_t out) {
+    const int lt = threadIdx.x & 127, wl = (lt >> 5);
+    const bool odd = (g & 1) != 0;
+    float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    ws_bias_pairs(a, tile.n0 + rA, odd, b);
+    /* the previous tile's store has read the output tile */
+    if (lt == 0) tma_store_wait_read();
+    ws_wg_sync(cw);
+    const bool gelu = a.e.act == FQ_EPI_GELU_TANH;
+    if (a.y_dtype == FQ_BF16) {
+        if (gelu) ws_epilogue_smem<BX, FQ_BF16, true>(acc, out, wl, g, odd, t4, b);
+        else ws_epilogue_smem<BX, FQ_BF16, false>(acc, out, wl, g, odd, t4, b);
+    } else {
+        if (gelu) ws_epilogue_smem<BX, FQ_F16, true>(acc, out, wl, g, odd, t4, b);
+        else ws_epilogue_smem<BX, FQ_F16, false>(acc, out, wl, g, odd, t4, b);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the TMA unit */
+    ws_wg_sync(cw);
+    if (lt == 0) tma_store_2d(tmy, out, tile.n0 + cw * 64, tile.mti * BX);
 }
 
 /* Byte t4 (sel = t4 | (t4 + 4) << 4) of each of four words, gathered into one word. */
@@ -497,21 +668,22 @@ static __device__ __forceinline__ uint32_t ws_dec_pair(uint32_t tb, uint32_t H, 
 }
 #endif /* FQ_WS_DEVICE */
 
-template <typename T, int BX, int S, bool NESTED, bool DEEP>
+template <typename T, int BX, int S, bool NESTED, bool DEEP, bool TS>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     gemm4_ws_kernel(const __grid_constant__ CUtensorMap tmx, const __grid_constant__ CUtensorMap tmw,
-                    const ws_args a) {
+                    const __grid_constant__ CUtensorMap tmy, const ws_args a) {
 #ifdef FQ_WS_DEVICE
-    typedef ws_cfg<BX, S> C;
+    typedef ws_cfg<BX, S, TS> C;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = fq_smem_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u;
     uint8_t *sm = smem_raw + (base - raw);
-    float *am_s = (float *)(sm + S * C::STAGE); /* [S][WS_ROWS] */
+    const uint32_t out_a = base + S * C::STAGE;            /* TS: [2][BX][128 bytes] */
+    float *am_s = (float *)(sm + S * C::STAGE + C::OUT); /* [S][WS_ROWS] */
     /* the 16 codes at a 256-byte aligned address (ws_dec_pair forms lookups with one PRMT),
      * then the 256 nested codes, then the mbarriers */
-    const uint32_t qm_a = base + S * C::STAGE + S * WS_ROWS * 4;
-    float *qm_s = (float *)(sm + S * C::STAGE + S * WS_ROWS * 4);
+    const uint32_t qm_a = base + S * C::STAGE + C::OUT + S * WS_ROWS * 4;
+    float *qm_s = (float *)(sm + S * C::STAGE + C::OUT + S * WS_ROWS * 4);
     float *code_s = qm_s + 16;
     const uint32_t full0 = qm_a + (16 + 256) * 4, empty0 = full0 + 8 * S;
 
@@ -692,9 +864,16 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             }
             ws_wait<0>();
             if (leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+            if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
+                ws_sk_publish<BX>(a, acc, cw);
+                continue;
+            }
+            if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
             if (a.probe & 8) continue;
-            ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
+            if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
+            else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
         }
+        if (TS && a.tma_y && (tid & 127) == 0) tma_store_wait_all();
         return;
     }
     uint32_t af[4][4];
@@ -751,39 +930,48 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 #else
     (void)tmx;
     (void)tmw;
+    (void)tmy;
     (void)a;
 #endif
 }
 
 /* ---- configurations, plan and launch ------------------------------------------------ */
 
-typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const ws_args);
+typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const ws_args);
 typedef struct {
-    int bx, smem;
+    int bx, smem, deep, ts;
     ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
     const char *name;
 } ws_config;
 
-#define WS_CONFIG(BX, S, DEEP, NAME)                                                                            \
-    {BX, ws_cfg<BX, S>::SMEM,                                                                                   \
-     {{gemm4_ws_kernel<__half, BX, S, false, DEEP>, gemm4_ws_kernel<__half, BX, S, true, DEEP>},                \
-      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, DEEP>, gemm4_ws_kernel<__nv_bfloat16, BX, S, true, DEEP>}}, \
+#define WS_CONFIG(BX, S, DEEP, TS, NAME)                                                                       \
+    {BX,                                                                                                       \
+     ws_cfg<BX, S, TS>::SMEM,                                                                                  \
+     DEEP,                                                                                                     \
+     TS,                                                                                                       \
+     {{gemm4_ws_kernel<__half, BX, S, false, DEEP, TS>, gemm4_ws_kernel<__half, BX, S, true, DEEP, TS>},       \
+      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, DEEP, TS>,                                                 \
+       gemm4_ws_kernel<__nv_bfloat16, BX, S, true, DEEP, TS>}},                                                \
      NAME}
 
 /* x rows per tile (the W tile is 128 rows). 216 = 4608 / 22 (rounded up to a multiple of
  * 8): with N a multiple of 3072 the FLUX M = 4608 GEMMs then have a multiple of 4 x 132 tiles.
- * The automatic plan uses the first WS_AUTO_CONFIGS; the others are for benchmarks and tests
- * (216 rows with 7 stages; the first version's 4-group loop, "q4", 1.15-1.4x slower on the
- * H100 at M = 4608). */
+ * The automatic plan chooses from ws_auto_ci (ws_plan_for): the "tma-store" ones (fewer stages
+ * to make room for the output tiles; 3-7 % faster than their plain versions on the H100) and
+ * 128 rows; the others are for benchmarks and tests (216 rows with 7 stages; the first
+ * version's 4-group loop, "q4", 1.15-1.4x slower at M = 4608). */
 static const ws_config *ws_configs(void) {
     static const ws_config c[FQ_GEMM4_WS_CONFIGS] = {
-        WS_CONFIG(256, 6, true, "ws 128x256x64 s6"),
-        WS_CONFIG(216, 6, true, "ws 128x216x64 s6"),
-        WS_CONFIG(192, 7, true, "ws 128x192x64 s7"),
-        WS_CONFIG(128, 10, true, "ws 128x128x64 s10"),
-        WS_CONFIG(216, 7, true, "ws 128x216x64 s7"),
-        WS_CONFIG(216, 6, false, "ws 128x216x64 s6 q4"),
-        WS_CONFIG(256, 6, false, "ws 128x256x64 s6 q4"),
+        WS_CONFIG(256, 6, true, false, "ws 128x256x64 s6"),
+        WS_CONFIG(216, 6, true, false, "ws 128x216x64 s6"),
+        WS_CONFIG(192, 7, true, false, "ws 128x192x64 s7"),
+        WS_CONFIG(128, 10, true, false, "ws 128x128x64 s10"),
+        WS_CONFIG(216, 7, true, false, "ws 128x216x64 s7"),
+        WS_CONFIG(216, 6, false, false, "ws 128x216x64 s6 q4"),
+        WS_CONFIG(256, 6, false, false, "ws 128x256x64 s6 q4"),
+        WS_CONFIG(216, 5, true, true, "ws 128x216x64 s5 tma-store"),
+        WS_CONFIG(256, 4, true, true, "ws 128x256x64 s4 tma-store"),
+        WS_CONFIG(192, 6, true, true, "ws 128x192x64 s6 tma-store"),
     };
     return c;
 }
@@ -825,23 +1013,51 @@ static int ws_probe(void) {
 static int64_t ws_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 typedef struct {
-    int ci, splits, kps;
+    int ci, splits, kps, streamk;
 } ws_plan;
 
-/* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose).
- * Cost model (relative time, fitted to H100 runs): rounds of persistent tiles x (x
- * rows of a tile + ~128 for the per-K-tile decode and W load) x (K tiles + ~3 for the
- * fill and epilogue), plus the split-K partials written and read again. */
+#define WS_CFG_STREAMK 15 /* cfg bits 4..7: stream-K instead of a K split */
+
+/* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose,
+ * WS_CFG_STREAMK = stream-K). Cost model (relative time, fitted to H100 runs): rounds
+ * of persistent tiles x (x rows of a tile + ~128 for the per-K-tile decode and W load)
+ * x (K tiles + ~3 for the fill and epilogue), plus the split-K partials written and
+ * read again. Stream-K: each CTA's share of K tiles, ~3 per segment, and a partial
+ * written and read per CTA. */
 static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
     const int64_t sms = sm_count > 0 ? sm_count : 132;
     const int64_t ktiles = w->k / WS_BK;
-    const int want_ci = (cfg & 15) - 1, want_splits = (cfg >> 4) & 15;
-    ws_plan best = {0, 1, (int)ktiles};
+    const int want_ci = (cfg & 15) - 1;
+    int want_splits = (cfg >> 4) & 15;
+    if (want_splits == WS_CFG_STREAMK && want_ci >= 0 && !ws_configs()[want_ci].deep)
+        want_splits = 1; /* the q4 loop: no stream-K */
+    ws_plan best = {0, 1, (int)ktiles, 0};
     double best_cost = -1;
-    for (int ci = 0; ci < FQ_GEMM4_WS_CONFIGS; ci++) {
-        if (want_ci >= 0 ? ci != want_ci : ci >= WS_AUTO_CONFIGS) continue;
-        const int64_t bx = ws_configs()[ci].bx;
-        const int64_t tiles = ws_cdiv(w->n, WS_ROWS) * ws_cdiv(io->m, bx);
+    /* automatic: 256/216/192 x rows with the TMA-stored output, 128 rows (H100, session 6) */
+    static const int ws_auto_ci[WS_AUTO_CONFIGS] = {8, 7, 9, 3};
+    for (int ai = 0; ai < (want_ci >= 0 ? 1 : WS_AUTO_CONFIGS); ai++) {
+        const int ci = want_ci >= 0 ? want_ci : ws_auto_ci[ai];
+        const int64_t bx = ws_configs()[ci].bx, mt = ws_cdiv(io->m, bx);
+        const int64_t tiles = ws_cdiv(w->n, WS_ROWS) * mt;
+        /* stream-K: chosen automatically for one or two x tiles only - with more, a CTA's
+         * run of consecutive tiles no longer shares x tiles with the CTAs beside it in L2
+         * (3072x12288, M = 4608: 0.50x against 0.68x for the same tiles per CTA) */
+        if (ws_configs()[ci].deep && (want_splits == WS_CFG_STREAMK || (want_splits == 0 && mt <= 2))) {
+            const int64_t units = tiles * ktiles, grid = units < sms ? units : sms;
+            const int64_t share = ws_cdiv(units, grid), segs = ws_cdiv(share, ktiles) + 1;
+            /* + the partial written per CTA and the owner's sequential adds of its tile's
+             * partials (fitted: 3072x12288 at M = 256 has 6 per tile and loses to a split) */
+            const double cost = (double)(bx + 128) * (double)(share + 3 * segs) + 8.0 * (double)bx +
+                                2.0 * (double)bx * (double)ws_cdiv(ktiles, share);
+            if (best_cost < 0 || cost < best_cost) {
+                best_cost = cost;
+                best.ci = ci;
+                best.splits = 1;
+                best.kps = (int)ktiles;
+                best.streamk = 1;
+            }
+        }
+        if (want_splits == WS_CFG_STREAMK) continue;
         for (int64_t splits = 1; splits <= 8; splits++) {
             if (want_splits > 0 && splits != want_splits) continue;
             if (want_splits == 0 && splits > 1 && tiles * (splits - 1) >= sms) break;
@@ -856,16 +1072,25 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
                 best.ci = ci;
                 best.splits = (int)sp;
                 best.kps = (int)kps;
+                best.streamk = 0;
             }
         }
     }
     return best;
 }
 
+/* Bytes of f32 workspace plan p needs (0: none). */
+static size_t ws_plan_bytes(const ws_plan &p, const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count) {
+    if (p.streamk) {
+        const int64_t sms = sm_count > 0 ? sm_count : 132;
+        return (size_t)sms * WS_ROWS * (size_t)ws_configs()[p.ci].bx * sizeof(float);
+    }
+    return p.splits > 1 ? (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float) : 0;
+}
+
 extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
     if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0) return 0;
-    const ws_plan p = ws_plan_for(w, io, sm_count, cfg);
-    return p.splits > 1 ? (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float) : 0;
+    return ws_plan_bytes(ws_plan_for(w, io, sm_count, cfg), w, io, sm_count);
 }
 
 static int ws_encode(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64_t inner, uint64_t outer,
@@ -878,15 +1103,17 @@ static int ws_encode(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64
 }
 
 extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                                int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
+                                int sm_count, int cfg, float *ws, size_t ws_bytes, int *flags, cudaStream_t stream) {
     if (!fq_cuda_gemm4_ws_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (!g_encode) return (int)cudaErrorInitializationError; /* fq_cuda_gemm4_ws_prepare not called */
     if (io->m <= 0) return (int)cudaSuccess;
+    const int64_t sms = sm_count > 0 ? sm_count : 132;
     ws_plan p = ws_plan_for(w, io, sm_count, cfg);
-    const size_t need = (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float);
-    if (p.splits > 1 && (!ws || ws_bytes < need)) {
+    const size_t need = ws_plan_bytes(p, w, io, sm_count);
+    if ((p.splits > 1 || p.streamk) && (!ws || ws_bytes < need || (p.streamk && (!flags || sms > FQ_GEMM4_WS_MAX_SMS)))) {
         p.splits = 1;
         p.kps = (int)(w->k / WS_BK);
+        p.streamk = 0;
     }
     const ws_config *c = &ws_configs()[p.ci];
     CUtensorMap tmx, tmw;
@@ -897,6 +1124,18 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
         rc = ws_encode(&tmw, CU_TENSOR_MAP_DATA_TYPE_UINT8, (void *)w->packed, (uint64_t)w->k / 2, (uint64_t)w->n,
                        (uint64_t)w->k / 2, WS_BK / 2, WS_ROWS, CU_TENSOR_MAP_SWIZZLE_NONE);
     if (rc) return rc;
+    /* TS configurations store y (bf16/f16) with TMA when nothing is split and its rows
+     * are 16-byte aligned; otherwise (and in the other configurations) tmy is unused */
+    CUtensorMap tmy;
+    memset(&tmy, 0, sizeof tmy);
+    const int tma_y = c->ts && p.splits == 1 && (io->y_dtype == FQ_BF16 || io->y_dtype == FQ_F16) && w->n % 8 == 0 &&
+                      ((uintptr_t)io->y & 15) == 0;
+    if (tma_y) {
+        rc = ws_encode(&tmy, io->y_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                       io->y, (uint64_t)w->n, (uint64_t)io->m, (uint64_t)w->n * 2, 64, (uint32_t)c->bx,
+                       CU_TENSOR_MAP_SWIZZLE_128B);
+        if (rc) return rc;
+    }
     ws_args a;
     memset(&a, 0, sizeof a);
     a.w = *w;
@@ -912,13 +1151,42 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     a.mt = (int)ws_cdiv(io->m, c->bx);
     a.splits = p.splits;
     a.probe = ws_probe();
+    a.tma_y = tma_y;
     const int64_t total = (int64_t)a.nt * a.mt * a.splits;
-    const int64_t sms = sm_count > 0 ? sm_count : 132;
-    const unsigned grid = (unsigned)(total < sms ? total : sms);
-    c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0]<<<grid, WS_THREADS, c->smem, stream>>>(tmx, tmw, a);
-    cudaError_t err = cudaGetLastError();
+    unsigned grid = (unsigned)(total < sms ? total : sms);
+    const ws_kernel_fn fn = c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0];
+    cudaError_t err;
+    if (p.streamk) {
+        a.streamk = 1;
+        a.units = total * a.ktiles;
+        a.sk_part = ws;
+        a.sk_flag = flags;
+        grid = (unsigned)(a.units < sms ? a.units : sms);
+        /* cooperative: every CTA resident at once, or the launch fails (owners wait for
+         * later CTAs' partials) */
+        cudaLaunchConfig_t lc = {};
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeCooperative;
+        at[0].val.cooperative = 1;
+        lc.gridDim = dim3(grid);
+        lc.blockDim = dim3(WS_THREADS);
+        lc.dynamicSmemBytes = (size_t)c->smem;
+        lc.stream = stream;
+        lc.attrs = at;
+        lc.numAttrs = 1;
+        err = cudaLaunchKernelEx(&lc, fn, tmx, tmw, tmy, a);
+        if (err == cudaSuccess) err = cudaGetLastError();
+        return (int)err;
+    }
+    fn<<<grid, WS_THREADS, c->smem, stream>>>(tmx, tmw, tmy, a);
+    err = cudaGetLastError();
     if (err != cudaSuccess || p.splits == 1) return (int)err;
     return fq_cuda_lin4_splitk_reduce(ws, p.splits, io, w->n, e, stream);
+}
+
+extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0) return 0;
+    return ws_plan_for(w, io, sm_count, cfg).streamk;
 }
 
 extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
@@ -935,9 +1203,13 @@ extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_l
     return 0;
 }
 extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
-                                int sm_count, int cfg, float *ws, size_t ws_bytes, cudaStream_t stream) {
-    (void)w; (void)io; (void)e; (void)sm_count; (void)cfg; (void)ws; (void)ws_bytes; (void)stream;
+                                int sm_count, int cfg, float *ws, size_t ws_bytes, int *flags, cudaStream_t stream) {
+    (void)w; (void)io; (void)e; (void)sm_count; (void)cfg; (void)ws; (void)ws_bytes; (void)flags; (void)stream;
     return (int)cudaErrorNotSupported;
+}
+extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+    (void)w; (void)io; (void)sm_count; (void)cfg;
+    return 0;
 }
 extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
     (void)cfg;
