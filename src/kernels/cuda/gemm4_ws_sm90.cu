@@ -791,6 +791,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const uint32_t sel = (uint32_t)t4 | (uint32_t)(t4 + 4) << 4;
         uint32_t af[2][4][4];
         ws_item c = ws_first(a, total);
+        /* stage of item c.it, its full-barrier parity, and the previous item's stage, kept
+         * as counters (c.it % S and c.it / S cost a division per K tile) */
+        uint32_t st = 0, ph = 0, pst = S - 1;
+        const uint64_t desc0 = ws_desc(base); /* + (stage offset + 32 k16) / 16 below */
         while (c.valid) {
             const ws_item tile = c;
             if (probe_nomma) {
@@ -799,8 +803,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             }
             int nk = 0; /* K tiles of this tile so far */
             auto ktile = [&](uint32_t(&f)[4][4]) {
-                const int st = (int)(c.it % S);
-                mbar_wait(full0 + 8 * st, (c.it / S) & 1u);
+                mbar_wait(full0 + 8 * st, ph);
                 const uint8_t *wd = sm + st * C::STAGE + C::X_STAGE;
                 const uint4 pa0 = *(const uint4 *)(wd + rA * 32), pa1 = *(const uint4 *)(wd + rA * 32 + 16);
                 const uint4 pb0 = *(const uint4 *)(wd + (rA + 8) * 32), pb1 = *(const uint4 *)(wd + (rA + 8) * 32 + 16);
@@ -842,19 +845,25 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                         }
                 }
                 if (!probe_nomma) {
-                    const uint32_t xa = base + st * C::STAGE;
+                    /* the stage's x tile is 1024-aligned below 2^18: its descriptor is desc0 plus
+                     * the offset / 16 in the low field, with no carry out of it */
+                    const uint64_t xd = desc0 + (uint64_t)((st * C::STAGE) >> 4);
                     ws_fence();
 #pragma unroll
                     for (int s = 0; s < 4; s++) {
-                        ws_mma<T, BX>(acc, f[s][0], f[s][1], f[s][2], f[s][3], ws_desc(xa + s * 32),
-                                      (nk > 0 || s > 0) ? 1u : 0u);
+                        ws_mma<T, BX>(acc, f[s][0], f[s][1], f[s][2], f[s][3], xd + 2 * s, (nk > 0 || s > 0) ? 1u : 0u);
                         ws_commit();
                     }
                 }
                 /* the previous K tile's groups retired: its fragment set and x stage are free (this
                  * K tile's 4 groups keep the tensor cores busy while the next one is decoded) */
                 ws_wait<4>();
-                if (nk >= 1 && leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+                if (nk >= 1 && leader) mbar_arrive(empty0 + 8 * pst);
+                pst = st;
+                if (++st == (uint32_t)S) {
+                    st = 0;
+                    ph ^= 1u;
+                }
                 nk++;
                 ws_next(a, total, c);
                 return c.valid && c.t == tile.t;
@@ -863,7 +872,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             while (ktile(af[0]) && ktile(af[1])) {
             }
             ws_wait<0>();
-            if (leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+            if (leader) mbar_arrive(empty0 + 8 * pst);
             if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
                 ws_sk_publish<BX>(a, acc, cw);
                 continue;
