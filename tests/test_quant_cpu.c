@@ -509,10 +509,47 @@ static void test_from_members(fq_ctx *ctx) {
     CHECK(fq_qtensor_from_members(ctx, FQ_CPU, &info, md, &q) == FQ_ERR_NONFINITE, "Inf nested absmax refused");
 }
 
+/* The CUDA quantizer's decision table is built on the host: check it here, where CI runs
+ * (Debian 12's gcc 12.2 once compiled its construction away and FP4 codes on the GPU
+ * came out wrong). Bucket k covers [(2k - 81)/32, (2k - 79)/32]. */
+static void test_cuda_bucket_table(void) {
+#ifdef FQ_HAVE_CUDA
+    static const float fp4[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
+    for (int qt = 0; qt < 2; qt++) {
+        float thr[64];
+        uint8_t base[64];
+        memset(thr, 0, sizeof thr);
+        memset(base, 0xff, sizeof base);
+        fq_cuda_quant4_bucket_table((fq_quant_type)qt, thr, base);
+        const int nt = qt == FQ_QUANT_NF4 ? 15 : 7;
+        int found = 0, bad = 0;
+        for (int k = 0; k < 64; k++) {
+            const float lo = (float)(2 * k - 81) / 32.0f, hi = (float)(2 * k - 79) / 32.0f;
+            if (base[k] > nt || (k > 0 && base[k] < base[k - 1])) bad++;
+            if (isinf(thr[k])) continue;
+            if (!(thr[k] >= lo && thr[k] <= hi)) bad++;
+            found++;
+        }
+        CHECK(bad == 0 && found == nt && base[63] == nt, "%s bucket table: %d bad entries, %d thresholds (want %d)",
+              qt ? "FP4" : "NF4", bad, found, nt);
+        if (qt == FQ_QUANT_FP4) {
+            int same = 1;
+            for (int i = 0, k = 0; i < 7 && same; i++) {
+                while (k < 64 && isinf(thr[k])) k++;
+                same = k < 64 && thr[k] == fp4[i] && base[k] == i;
+                k++;
+            }
+            CHECK(same, "FP4 bucket table holds bitsandbytes' 7 thresholds in order");
+        }
+    }
+#endif
+}
+
 int main(void) {
     fq_ctx *ctx;
     CHECK(fq_ctx_create(&ctx) == FQ_OK, "ctx");
     test_rcp();
+    test_cuda_bucket_table();
     test_torch_mean();
     test_round_trip(ctx);
     test_dequant_simd_vs_ref(ctx);

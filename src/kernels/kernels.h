@@ -42,6 +42,11 @@ float fq_rcp_approx(float x);
 
 int fq_cuda_quantize4(const void *x, fq_dtype dtype, int64_t n, int64_t blocksize, fq_quant_type qt,
                       uint8_t *packed, float *absmax, cudaStream_t stream);
+/* The host-built decision table fq_cuda_quantize4 passes to its kernel (no GPU
+ * needed): for bucket k of 16 p + 40 (|p| for FP4), the threshold inside it (+inf if
+ * none) and how many thresholds lie below it. Tests check it, because a compiler once
+ * dropped the table's construction (see build_table in quant4.cu). */
+void fq_cuda_quant4_bucket_table(fq_quant_type qt, float thr[64], uint8_t base[64]);
 /* absmax is f32 per block (non-nested case). */
 int fq_cuda_dequantize4(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
                         fq_quant_type qt, void *out, fq_dtype out_dtype, cudaStream_t stream);

@@ -185,8 +185,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     }
 }
 
-/* Host: the bucket table for NF4 (signed p) or FP4 (|p|), from formats.h. */
-void build_table(fq_quant_type qt, BucketTable *t) {
+/* Host: the bucket table for NF4 (signed p) or FP4 (|p|), from formats.h. Returned by
+ * value: Debian 12's gcc 12.2 at -O2/-O3 dropped the call of the earlier form, which
+ * filled a table through a pointer, as if it stored nothing (an interprocedural
+ * summary error: the kernel then got an uninitialized table and FP4 codes were wrong;
+ * gcc 13.3 compiled it correctly). */
+BucketTable build_table(fq_quant_type qt) {
+    BucketTable tb;
+    BucketTable *t = &tb;
     float th[15];
     int nt;
     if (qt == FQ_QUANT_NF4) {
@@ -213,13 +219,13 @@ void build_table(fq_quant_type qt, BucketTable *t) {
         t->thr[k] = inside;
         t->base[k] = (uint8_t)below;
     }
+    return tb;
 }
 
 template <typename T, int QT>
 int launch_quantize(const T *x, int64_t n, int64_t bs, uint8_t *packed, float *absmax, cudaStream_t st) {
     constexpr int TILE = kWarps * 4 * 32 * fq_vec<T>::EV;
-    BucketTable tab;
-    build_table((fq_quant_type)QT, &tab);
+    const BucketTable tab = build_table((fq_quant_type)QT);
     int grid;
     cudaError_t e = fq_grid_for(st, (n + TILE - 1) / TILE, kCtasPerSm, &grid);
     if (e != cudaSuccess) return (int)e;
@@ -422,6 +428,12 @@ extern "C" int fq_cuda_quantize4(const void *x, fq_dtype dtype, int64_t n, int64
     case FQ_BF16: return launch_quantize_t<__nv_bfloat16>(x, n, blocksize, qt, packed, absmax, stream);
     default: return (int)cudaErrorInvalidValue;
     }
+}
+
+extern "C" void fq_cuda_quant4_bucket_table(fq_quant_type qt, float thr[64], uint8_t base[64]) {
+    const BucketTable t = build_table(qt);
+    memcpy(thr, t.thr, sizeof t.thr);
+    memcpy(base, t.base, sizeof t.base);
 }
 
 extern "C" int fq_cuda_dequantize4(const uint8_t *packed, const float *absmax, int64_t n, int64_t blocksize,
