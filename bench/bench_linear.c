@@ -28,9 +28,11 @@
  *
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
- *                     [--no-rotate] [--sweep] [--quick] [--impl NAME]
+ *                     [--no-rotate] [--sweep] [--quick] [--impl NAME] [--ceiling]
  * (--impl: sweep only that implementation's configurations, e.g. gemm4_ws;
- *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1)
+ *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1;
+ *  --ceiling: at M = 1, also a kernel that only reads the weight's bytes, three
+ *  ways, and a copy of them, in the same rounds as ours: the floor for M = 1)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -595,8 +597,62 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
     oa->sel = FQ_LINEAR_AUTO;
 }
 
+/* --ceiling: what a kernel that only reads the weight's bytes reaches per call. */
+typedef struct {
+    fq_qtensor **w;
+    int nw;
+    size_t bytes;
+    int mode; /* 0..3: stream_probe modes; 4: cudaMemcpyAsync into dst */
+    void *dst;
+    unsigned *sink;
+} probe_arg;
+
+static fq_status body_probe(bl_gpu *g, void *arg, int i) {
+    probe_arg *a = arg;
+    const void *src = a->w[i % a->nw]->buf.ptr;
+    int e = a->mode < 4 ? fq_cuda_stream_probe(src, a->bytes, a->sink, a->mode, g->d->sm_count, g->d->stream)
+                        : (int)cudaMemcpyAsync(a->dst, src, a->bytes, cudaMemcpyDeviceToDevice, g->d->stream);
+    if (e != 0) return fq_err(g->ctx, FQ_ERR_CUDA, "stream probe: %s", cudaGetErrorString((cudaError_t)e));
+    return FQ_OK;
+}
+
+/* One line per shape: the probe modes and a copy of the weight's bytes, timed in
+ * turn with our M = 1 call (same rounds), against 0.85 of the copy figure. */
+static void ceiling_case(bl_gpu *g, ours_arg *oa, size_t wbytes, int iters, int reps, double copy_gbps) {
+    fq_buffer dst = {0}, sink = {0};
+    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), wbytes, &dst) != FQ_OK ||
+        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
+        fprintf(stderr, "bench_linear: ceiling: %s\n", fq_ctx_error(g->ctx));
+        fq_buf_free(&dst);
+        return;
+    }
+    enum { NP = 5 };
+    probe_arg pa[NP];
+    bl_timed tv[NP + 1];
+    for (int v = 0; v < NP; v++) {
+        pa[v] = (probe_arg){oa->w, oa->nw, wbytes & ~(size_t)15, v, dst.ptr, sink.ptr};
+        tv[v] = (bl_timed){body_probe, &pa[v], NULL, 0};
+    }
+    tv[NP] = (bl_timed){body_ours, oa, NULL, 0};
+    double us[NP + 1];
+    bl_time_n(g, iters, reps, tv, NP + 1, us);
+    static const char *names[NP] = {"read-only plain", "read-only PDL", "read-only PDL, loads before wait",
+                                    "same, blocks not co-resident", "cudaMemcpy of W"};
+    const double need = (double)wbytes / (0.85 * copy_gbps * 1e3);
+    printf("    ceiling: W %.2f MB; 0.85 of copy = %.2f us; ours %.2f us (%.3f of copy)\n", (double)wbytes / 1e6, need,
+           us[NP], (double)wbytes / (us[NP] * 1e3) / copy_gbps);
+    for (int v = 0; v < NP; v++) {
+        const int cp = v == NP - 1;
+        const double gbps = (double)wbytes * (cp ? 2.0 : 1.0) / (us[v] * 1e3);
+        printf("    ceiling %-34s %8.2f us  %7.1f GB/s%s  %.3f of copy  %s\n", names[v], us[v], gbps,
+               cp ? " (r+w)" : "", gbps / copy_gbps, cp ? "" : us[v] <= need ? "reaches 0.85" : "below 0.85");
+    }
+    fq_buf_free(&dst);
+    fq_buf_free(&sink);
+}
+
 static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, const int64_t *ms, int nms, int iters,
-                     int reps, int fp4, int dq, int rotate, int sweep, bl_rows *rs) {
+                     int reps, int fp4, int dq, int rotate, int sweep, int ceiling, bl_rows *rs) {
     bl_gpu g = {ctx, dev, NULL, NULL, NULL};
     if (fq_cuda_dev_get(ctx, dev, &g.d) != FQ_OK) {
         fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
@@ -707,6 +763,7 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
                    (double)bbytes / (us_blas * 1e3));
             fflush(stdout);
             if (sweep) sweep_case(&g, &oa, nv == 3 ? &ba : NULL, iters, reps, us_blas, m, n, k);
+            if (ceiling && m == 1) ceiling_case(&g, &oa, wbytes, iters, reps, rs->copy_gbps);
             blas_teardown(&ba);
             fq_tensor_free(x);
             fq_tensor_free(y);
@@ -766,7 +823,7 @@ static int parse_shapes(const char *s, bl_shape *out, int max) {
 
 int fq_bench_linear(int argc, char **argv) {
     const char *device = "cuda:0", *json = NULL;
-    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0;
+    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0, ceiling = 0;
     bl_shape shapes[32];
     int nshapes = 0;
     int64_t ms[32];
@@ -787,6 +844,7 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--no-dq")) dq = 0;
         else if (!strcmp(a, "--no-rotate")) rotate = 0;
         else if (!strcmp(a, "--sweep")) sweep = 1;
+        else if (!strcmp(a, "--ceiling")) ceiling = 1;
 #ifdef FQ_HAVE_CUDA
         else if (!strcmp(a, "--impl") && i + 1 < argc) {
             g_sweep_only = argv[++i];
@@ -803,7 +861,7 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--impl NAME] [--variants impl:cfg,...]\n");
+                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }
@@ -837,7 +895,7 @@ int fq_bench_linear(int argc, char **argv) {
     if (dev.type == FQ_DEVICE_CPU) rc = bench_cpu(ctx, shapes, nshapes, ms, nms, iters, fp4, dq, &rs);
     else {
 #ifdef FQ_HAVE_CUDA
-        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, &rs);
+        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, &rs);
 #else
         (void)rotate, (void)sweep, (void)reps;
         fprintf(stderr, "bench_linear: built without CUDA\n");

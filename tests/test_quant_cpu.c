@@ -307,6 +307,9 @@ static void test_moves_and_failures(fq_ctx *ctx) {
     CHECK_OK(ctx, fq_quantize_4bit(ctx, x, &p, &orig));
     if (!q || !orig) { fq_qtensor_free(q); fq_qtensor_free(orig); fq_tensor_free(x); return; }
     CHECK_OK(ctx, fq_qtensor_set_name(ctx, q, "transformer_blocks.3.attn.to_q"));
+    /* A quantized weight is handed out only once written and synchronized with:
+     * GPU kernels read a ready weight before their programmatic-launch wait. */
+    CHECK(q->ready == 1, "quantize_4bit returns a ready weight");
 
     /* cpu -> cpu moves (twice) and copies of copies are byte-identical. */
     CHECK_OK(ctx, fq_qtensor_move(ctx, q, FQ_CPU));
@@ -317,6 +320,7 @@ static void test_moves_and_failures(fq_ctx *ctx) {
     if (c1) CHECK_OK(ctx, fq_qtensor_copy_to(ctx, c1, FQ_CPU, &c2));
     CHECK(c2 && same_qtensor(ctx, c2, orig), "copy of a copy: identical");
     CHECK(c2 && strcmp(fq_qtensor_name(c2), "transformer_blocks.3.attn.to_q") == 0, "copies keep the name");
+    CHECK(q->ready == 1 && c1 && c1->ready == 1 && c2 && c2->ready == 1, "moves and copies are ready");
     fq_qtensor_free(c1);
     fq_qtensor_free(c2);
 
@@ -329,6 +333,7 @@ static void test_moves_and_failures(fq_ctx *ctx) {
     }
     if (ndev) CHECK_OK(ctx, fq_qtensor_move(ctx, q, FQ_CPU));
     CHECK(same_qtensor(ctx, q, orig), "after device round trips: identical");
+    CHECK(q->ready == 1, "ready after device round trips");
 
     /* Injected allocation failure at every allocation of each operation. */
     int quant_fail = 0, copy_fail = 0, deq_fail = 0;
@@ -476,6 +481,7 @@ static void test_from_members(fq_ctx *ctx) {
     const void *m[FQ_QMEMBER_COUNT] = {packed, absmax, fq_quant_map(FQ_QUANT_NF4), NULL, NULL};
     fq_qtensor *q = NULL;
     CHECK_OK(ctx, fq_qtensor_from_members(ctx, FQ_CPU, &info, m, &q));
+    CHECK(q && q->ready == 1, "from_members returns a ready weight");
     fq_qtensor_free(q);
     float bad[3] = {NAN, INFINITY, -INFINITY};
     for (int i = 0; i < 3; i++) {

@@ -147,6 +147,7 @@ static fq_status clone_onto(fq_ctx *ctx, const fq_qtensor *src, fq_device dev, f
         fq_qtensor_free(c);
         return fq_err_prefix(ctx, s, "copying quantized tensor '%s'", fq_qtensor_name(src));
     }
+    c->ready = 1; /* fq_buf_copy synchronizes */
     *out = c;
     return FQ_OK;
 }
@@ -164,6 +165,7 @@ fq_status fq_qtensor_move(fq_ctx *ctx, fq_qtensor *q, fq_device dev) {
     q->buf = c->buf;
     memcpy(q->m, c->m, sizeof q->m);
     q->info.device = dev;
+    q->ready = c->ready;
     c->buf = tmp.buf;
     c->stray = (fq_buffer){0};
     free(c->name);
@@ -224,6 +226,7 @@ fq_status fq_qtensor_from_members(fq_ctx *ctx, fq_device dev, const fq_qtensor_i
         fq_status s = fq_buf_write(ctx, &q->buf, q->m[i].offset, members[i], q->m[i].bytes);
         if (s != FQ_OK) { fq_qtensor_free(q); return s; }
     }
+    q->ready = 1; /* fq_buf_write synchronizes */
     *out = q;
     return FQ_OK;
 }

@@ -20,6 +20,11 @@ struct fq_qtensor {
     fq_qmember_loc m[FQ_QMEMBER_COUNT];  /* members, all inside buf          */
     fq_buffer stray;                     /* test hook only: a misplaced member */
     char *name;
+    /* 1: every byte of the state has been written and the host has synchronized
+     * with those writes (every path that fills a qtensor ends with a stream
+     * synchronize). Kernels may then read the weight before their programmatic-
+     * launch wait: nothing still running can be writing it. 0 while being filled. */
+    int ready;
 };
 
 /* Fills info.numel/nblocks/nested_nblocks and member sizes/offsets; info.bytes. */

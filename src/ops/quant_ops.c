@@ -144,6 +144,7 @@ fq_status fq_quantize_4bit(fq_ctx *ctx, const fq_tensor *x, const fq_quant_param
         fq_qtensor_free(q);
         return s;
     }
+    q->ready = 1; /* quantize4_into ends with a synchronize on GPUs */
     *out = q;
     return FQ_OK;
 }

@@ -26,10 +26,12 @@
  * meet in shared memory and are added in window order at the end: results are
  * bit-identical from run to run and independent of timing.
  *
- * Order in a block: griddepcontrol.launch_dependents, griddepcontrol.wait (W, x and
- * the absmax state are read only after it), the first two batches of loads, then x
- * and the decode table, so the setup hides under the first loads. One block per SM
- * (64 KB of table); rows split evenly over the blocks.
+ * Order in a block: griddepcontrol.launch_dependents; the first two batches of W
+ * loads and the decode table; griddepcontrol.wait; x. The weight is read before
+ * the wait only when it is ready (fully written before this launch was enqueued,
+ * fq_lin4_weight.ready), so a call starts streaming while the previous kernel
+ * finishes; otherwise the wait comes first. One block per SM (64 KB of table);
+ * rows split evenly over the blocks.
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
  * 21504x3072 19.4 us (gemv4_flat 24.1, cuBLASLt bf16 48.8 in the same run),
@@ -59,6 +61,8 @@ typedef struct {
     int wins; /* ceil(K / 1024) windows per row */
     int R;    /* rows a block works on at once (warps = wins * R) */
     int pf;   /* 1: L2 prefetch of the block's rows before the wait */
+    int early; /* 1: the weight is ready (fq_lin4_weight.ready): its loads and the table
+                * build go before griddepcontrol.wait, only x waits for the previous kernel */
 } gw_args;
 
 /* One row in flight: its 16 bytes and the raw absmax state of the lane's block. */
@@ -137,9 +141,12 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
     if (a.pf && tid == 0 && rb1 > rb0) gw_prefetch_rows(a.w.packed, K >> 1, rb0, rb1); /* safe before the wait */
+    auto grid_wait = [] {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+    };
+    if (!a.early) grid_wait();
 
     /* load cursor: this warp's next row, as pointers stepped by R rows (no 64-bit
      * multiplies per row); rows past the warp's last and lanes past K load nothing */
@@ -174,8 +181,10 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     issue(bB);
 
     float xf[M][32];
+    if (!a.early) {
 #pragma unroll
-    for (int m = 0; m < M; m++) gw_load_x(a.x, a.x_dtype, (int64_t)m * K + k0, on, xf[m]);
+        for (int m = 0; m < M; m++) gw_load_x(a.x, a.x_dtype, (int64_t)m * K + k0, on, xf[m]);
+    }
     if (tid < 16) qm_s[tid] = __ldg(&a.w.quant_map[tid]);
     if (NESTED)
         for (int i = tid; i < 256; i += blockDim.x) code_s[i] = __ldg(&a.w.nested_code[i]);
@@ -186,6 +195,11 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
         const int b = i >> 4, c = (i + b) & 15; /* 16-byte column c holds copies 2c, 2c+1 */
         const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
         *(uint4 *)(tbl + b * 32 + 2 * c) = make_uint4(first, second, first, second);
+    }
+    if (a.early) {
+        grid_wait(); /* x may be the previous kernel's output */
+#pragma unroll
+        for (int m = 0; m < M; m++) gw_load_x(a.x, a.x_dtype, (int64_t)m * K + k0, on, xf[m]);
     }
     __syncthreads();
 
@@ -317,15 +331,23 @@ extern "C" int fq_cuda_gemv4_win_prepare(void) {
     return (int)cudaSuccess;
 }
 
-/* cfg (0 = automatic): bits 0..1 block shape (0/1: up to 16 warps, batches of 4 rows
- * at M = 1 and 2 at M = 2; 2: the same with half the batch; 3: up to 8 warps); bit
- * 4: L2 prefetch of each block's rows before the wait; bit 7: plain launch (no
- * programmatic dependent launch). */
+/* cfg (0 = automatic): bits 0..1 block shape (0: automatic, see below; 1: up to 16
+ * warps, batches of 4 rows at M = 1 and 2 at M = 2; 2: the same with half the
+ * batch; 3: up to 8 warps); bit
+ * 4: L2 prefetch of each block's rows before the wait; bit 6: wait before the
+ * first W load even when the weight is ready; bit 7: plain launch (no programmatic
+ * dependent launch). */
 extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                  int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_win_supported(w, io)) return (int)cudaErrorInvalidValue;
     if (io->m <= 0) return (int)cudaSuccess;
-    const int shp = cfg & 3, s = shp == 0 ? 0 : shp - 1;
+    const int early = w->ready && !(cfg & 0x40);
+    /* automatic shape: 16 warps; 8 on a ready weight of <= 2^24 elements at M = 1,
+     * where two calls' blocks then share an SM and the next call streams while this
+     * one finishes (3072x3072: 4.3 vs 6.6 us; with more rows per block 16 warps
+     * keep more loads in flight and win: 21504x3072 17.7 vs 21.6 us) */
+    const int shp = cfg & 3;
+    const int s = shp != 0 ? shp - 1 : early && io->m == 1 && w->n * w->k <= ((int64_t)1 << 24) ? 2 : 0;
     const int wins = (int)((w->k + GW_WIN_ELEMS - 1) / GW_WIN_ELEMS);
     int R = g_gw_nw[s] / wins;
     if (R < 1) R = 1;
@@ -348,6 +370,7 @@ extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, 
     a.wins = wins;
     a.R = R;
     a.pf = (cfg & 0x10) ? 1 : 0;
+    a.early = early;
     const gw_fn fn = g_gw[w->nested ? 1 : 0][io->m - 1][g_gw_half[s]];
     const size_t smem = gw_smem(rows, io->m, wins);
     const unsigned threads = (unsigned)(wins * R * 32);

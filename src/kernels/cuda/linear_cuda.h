@@ -50,6 +50,9 @@ typedef struct {
     const float *quant_map;     /* f32 [16]: the code table, read by every kernel        */
     float offset;               /* nested offset                                         */
     int nested;
+    int ready;                  /* 1: fully written before this launch was enqueued (the
+                                 * qtensor's `ready`): kernels may read the weight before
+                                 * griddepcontrol.wait                                    */
     int64_t blocksize;          /* a power of two, 32..4096                               */
     int64_t n, k;
 } fq_lin4_weight;
@@ -137,13 +140,23 @@ int fq_cuda_gemv4_flat(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_l
  * sums in f32, the absmax applied to each lane's 32-element sum (W never rounded:
  * not bit-identical to dequantize + GEMM). Needs blocksize >= 32, K % 32 == 0,
  * K <= 16384, x f32/f16/bf16, x and packed 16-byte aligned. cfg (0 = choose):
- * bits 0..1 block shape (0/1: up to 16 warps, batches of 4 rows at M = 1 and 2 at
- * M = 2; 2: half the batch; 3: up to 8 warps), bit 4 L2 prefetch of each block's
- * rows before the wait, bit 7 plain launch (set it before sm_90). */
+ * bits 0..1 block shape (0: automatic; 1: up to 16 warps, batches of 4 rows at M = 1
+ * and 2 at M = 2; 2: half the batch; 3: up to 8 warps), bit 4 L2 prefetch of each block's
+ * rows before the wait, bit 6 wait before the first W load even when w->ready (the
+ * default loads a ready weight before griddepcontrol.wait), bit 7 plain launch (set
+ * it before sm_90). */
 int fq_cuda_gemv4_win_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
 int fq_cuda_gemv4_win_prepare(void);
 int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                       int sm_count, int cfg, cudaStream_t stream);
+
+/* Benchmark only (stream_probe.cu, sm_90 for modes 1-2): reads `bytes` (16-byte
+ * aligned p; a multiple of 16 is read) and nothing else, the floor for any kernel
+ * that must stream the same bytes per call. mode 0 plain launch; 1 programmatic
+ * dependent launch waiting before the loads; 2 all loads before the wait (calls in
+ * a row overlap); 3 as 2 with blocks too large to share an SM with the next call's.
+ * *sink is written only in a case that does not happen. */
+int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink, int mode, int sm_count, cudaStream_t stream);
 
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that
