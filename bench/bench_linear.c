@@ -897,7 +897,7 @@ int fq_bench_linear(int argc, char **argv) {
 #ifdef FQ_HAVE_CUDA
         rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, &rs);
 #else
-        (void)rotate, (void)sweep, (void)reps;
+        (void)rotate, (void)sweep, (void)reps, (void)ceiling;
         fprintf(stderr, "bench_linear: built without CUDA\n");
         rc = 1;
 #endif
