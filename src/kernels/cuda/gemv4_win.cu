@@ -333,10 +333,9 @@ extern "C" int fq_cuda_gemv4_win_prepare(void) {
 
 /* cfg (0 = automatic): bits 0..1 block shape (0: automatic, see below; 1: up to 16
  * warps, batches of 4 rows at M = 1 and 2 at M = 2; 2: the same with half the
- * batch; 3: up to 8 warps); bit
- * 4: L2 prefetch of each block's rows before the wait; bit 6: wait before the
- * first W load even when the weight is ready; bit 7: plain launch (no programmatic
- * dependent launch). */
+ * batch; 3: up to 8 warps); bit 4: L2 prefetch of each block's rows before the
+ * wait; bit 6: wait before the first W load even when the weight is ready; bit 7:
+ * plain launch (no programmatic dependent launch). */
 extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                  int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_win_supported(w, io)) return (int)cudaErrorInvalidValue;

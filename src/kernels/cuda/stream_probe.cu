@@ -28,8 +28,16 @@
 #define SP_UNROLL 8
 #define SP_HOG_SMEM (100 << 10) /* mode 3: two blocks fill an SM's shared memory */
 
+typedef struct {
+    const uint4 *p;
+    int64_t n16; /* 16-byte words to read */
+    unsigned *sink;
+} sp_args;
+
 template <int MODE>
-__global__ void __launch_bounds__(SP_THREADS) stream_probe_kernel(const uint4 *p, int64_t n16, unsigned *sink) {
+__global__ void __launch_bounds__(SP_THREADS) stream_probe_kernel(sp_args a) {
+    const uint4 *p = a.p;
+    const int64_t n16 = a.n16;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (MODE >= 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     if (MODE == 1) asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -52,7 +60,7 @@ __global__ void __launch_bounds__(SP_THREADS) stream_probe_kernel(const uint4 *p
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (MODE == 2) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-    if (acc == 0x9e3779b9u) *sink = acc; /* never in practice; keeps the loads */
+    if (acc == 0x9e3779b9u) *a.sink = acc; /* never in practice; keeps the loads */
 }
 
 extern "C" int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink, int mode, int sm_count,
@@ -63,28 +71,13 @@ extern "C" int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink,
     int64_t blocks = (int64_t)(sm_count > 0 ? sm_count : 132) * SP_BLOCKS_PER_SM;
     const int64_t need = (n16 + SP_THREADS - 1) / SP_THREADS;
     if (blocks > need) blocks = need;
-    void (*fn)(const uint4 *, int64_t, unsigned *) =
+    void (*fn)(sp_args) =
         mode == 0 ? stream_probe_kernel<0> : mode == 1 ? stream_probe_kernel<1> : stream_probe_kernel<2>;
     const size_t smem = mode == 3 ? SP_HOG_SMEM : 0;
     if (mode == 3) {
         const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
-    if (mode == 0) {
-        fn<<<(unsigned)blocks, SP_THREADS, 0, stream>>>((const uint4 *)p, n16, sink);
-        return (int)cudaGetLastError();
-    }
-    cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute attr[1] = {};
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.gridDim = dim3((unsigned)blocks);
-    lc.blockDim = dim3(SP_THREADS);
-    lc.dynamicSmemBytes = smem;
-    lc.stream = stream;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    cudaError_t err = cudaLaunchKernelEx(&lc, fn, (const uint4 *)p, n16, sink);
-    if (err != cudaSuccess) return (int)err;
-    return (int)cudaGetLastError();
+    const sp_args a = {(const uint4 *)p, n16, sink};
+    return fq_lin4_launch(fn, (unsigned)blocks, SP_THREADS, smem, stream, a, mode == 0);
 }
