@@ -516,12 +516,13 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                 static const int stream_codes[6] = {0x21, 0x42, 0x24, 0x48, 0x51, 0x38}; /* decode, batch, K slices */
                 static const int bulk_codes[6] = {1, 2, 0x05, 0x0a, 0x1d, 0x81}; /* decode, prefetch, grid, launch */
                 static const int flat_codes[5] = {0x05, 0x09, 0x0d, 0x11, 0x81}; /* block shape, prefetch, launch */
-                static const int win_codes[6] = {0x02, 0x03, 0x11, 0x81, 0x40, 0x43}; /* block shape, prefetch, launch, wait first */
+                /* block shape, prefetch, launch, wait first, load order (batch, after the decode) */
+                static const int win_codes[8] = {0x02, 0x03, 0x11, 0x81, 0x40, 0x43, 0x21, 0x0b};
                 int ncfg = impl == FQ_LIN4_GEMV_TC       ? 6
                            : impl == FQ_LIN4_GEMV_STREAM ? 6
                            : impl == FQ_LIN4_GEMV_BULK   ? 6
                            : impl == FQ_LIN4_GEMV_FLAT   ? 5
-                           : impl == FQ_LIN4_GEMV_WIN    ? 6
+                           : impl == FQ_LIN4_GEMV_WIN    ? 8
                            : impl == FQ_LIN4_GEMM_MMA   ? FQ_GEMM4_MMA_CONFIGS
                            : impl == FQ_LIN4_GEMM_WGMMA ? FQ_GEMM4_WGMMA_CONFIGS * 2
                            : impl == FQ_LIN4_GEMM_WS    ? FQ_GEMM4_WS_CONFIGS * 2 + 3

@@ -31,12 +31,16 @@
  * the wait only when it is ready (fully written before this launch was enqueued,
  * fq_lin4_weight.ready), so a call starts streaming while the previous kernel
  * finishes; otherwise the wait comes first. One block per SM (64 KB of table);
- * rows split evenly over the blocks.
+ * rows split evenly over the blocks. In the main loop each row slot takes the
+ * warp's next row before the row it holds is decoded (a steadier stream than
+ * reloading a whole batch after its sums: 1-6 % at M = 1, 7-9 % at M = 2).
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
- * 21504x3072 19.4 us (gemv4_flat 24.1, cuBLASLt bf16 48.8 in the same run),
- * 0.60 of the copy bandwidth. ncu: 45 % issue utilisation with 15 warps per SM,
- * the largest stall waiting for the loads. Tried and slower: an L2 prefetch per
+ * 21504x3072 16.5 us (cuBLASLt bf16 48.8 in the same run), 0.70 of the copy
+ * bandwidth; in session 4, 19.4 us (gemv4_flat 24.1). Session 8 (SASS, ncu): ~123
+ * instructions per row and window in the main loop (32 FFMA, 16 PRMT + 16 IMAD +
+ * 16 LDS for the lookups), 46 % issue utilisation, 3.7 warps per scheduler (128
+ * registers), 0.86 of them eligible. Tried and slower: an L2 prefetch per
  * row ahead of the loads (the uniform-datapath loop it compiles to costs more than
  * it hides), branch-free clamped loads, the absmax of a block's rows computed
  * into shared memory at the start with three batches in flight (18432x3072: 20.0
@@ -66,6 +70,8 @@ typedef struct {
 } gw_args;
 
 /* One row in flight: its 16 bytes and the raw absmax state of the lane's block. */
+enum { GW_ORD_BEFORE, GW_ORD_BATCH, GW_ORD_AFTER }; /* see consume() */
+
 struct gw_row {
     uint4 w;
     uint32_t q;  /* nested: the 8-bit absmax code */
@@ -118,7 +124,7 @@ static __device__ __forceinline__ void gw_load_x(const void *x, int dt, int64_t 
     }
 }
 
-template <bool NESTED, int M, int U>
+template <bool NESTED, int M, int U, int ORD>
 __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) uint8_t gw_sm[];
@@ -155,26 +161,27 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     const int64_t estep = (int64_t)R * K;
     const uint8_t *lp = a.w.packed + (((rb0 + ro) * K + k0) >> 1);
     int64_t le = (rb0 + ro) * K + k0; /* flat element index of the lane's first element */
+    auto issue1 = [&](gw_row &r) {
+        r.w = make_uint4(0, 0, 0, 0);
+        r.q = 0;
+        r.am = 0.0f;
+        if (li < nrow) {
+            r.w = fq_lin4_ld_stream16(lp);
+            const int64_t blk = le >> a.lg2bs;
+            if (NESTED) {
+                r.q = __ldg(a.w.qabsmax + blk);
+                r.am = __ldg(&a.w.nested_absmax[blk >> 8]);
+            } else {
+                r.am = __ldg(&a.w.absmax[blk]);
+            }
+            lp += estep >> 1;
+            le += estep;
+        }
+        li++;
+    };
     auto issue = [&](gw_row (&b)[U]) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            b[u].w = make_uint4(0, 0, 0, 0);
-            b[u].q = 0;
-            b[u].am = 0.0f;
-            if (li < nrow) {
-                b[u].w = fq_lin4_ld_stream16(lp);
-                const int64_t blk = le >> a.lg2bs;
-                if (NESTED) {
-                    b[u].q = __ldg(a.w.qabsmax + blk);
-                    b[u].am = __ldg(&a.w.nested_absmax[blk >> 8]);
-                } else {
-                    b[u].am = __ldg(&a.w.absmax[blk]);
-                }
-                lp += estep >> 1;
-                le += estep;
-            }
-            li++;
-        }
+        for (int u = 0; u < U; u++) issue1(b[u]);
     };
     gw_row bA[U], bB[U];
     issue(bA);
@@ -215,7 +222,13 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
 
     /* compute cursor */
     int64_t rc = rb0 + ro;
-    auto consume = [&](const gw_row (&b)[U]) {
+    /* ORD: when a row's slot takes the warp's next row (in row order either way):
+     * GW_ORD_BEFORE (the default) before the row's decode, which works on a copy of its
+     * bytes; GW_ORD_AFTER as soon as the row is decoded; GW_ORD_BATCH after the whole
+     * batch's sums (the order before session 8). H100, one run, 21504x3072: M = 1 16.5 /
+     * 17.2 / 17.6 us; M = 2: 19.4 / 22.5 / 21.1 us (ptxas places the loads itself, so these are
+     * hints about the schedule rather than exact positions). */
+    auto consume = [&](gw_row (&b)[U]) {
         if (rc >= rb1) return; /* warp-uniform */
         float v[M][U];
 #pragma unroll
@@ -223,7 +236,9 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
             float s[M][4];
 #pragma unroll
             for (int m = 0; m < M; m++) s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
-            const uint32_t wd[4] = {b[u].w.x, b[u].w.y, b[u].w.z, b[u].w.w};
+            const gw_row cur = b[u];
+            if (ORD == GW_ORD_BEFORE) issue1(b[u]);
+            const uint32_t wd[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -236,10 +251,11 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
                         s[m][ch + 1] = fmaf(c.y, xf[m][i + 1], s[m][ch + 1]);
                     }
                 }
-            float am = b[u].am;
-            if (NESTED) am = __fadd_rn(fq_lin4_mul_ftz(code_s[b[u].q], am), a.w.offset);
+            float am = cur.am;
+            if (NESTED) am = __fadd_rn(fq_lin4_mul_ftz(code_s[cur.q], am), a.w.offset);
 #pragma unroll
             for (int m = 0; m < M; m++) v[m][u] = ((s[m][0] + s[m][1]) + (s[m][2] + s[m][3])) * am;
+            if (ORD == GW_ORD_AFTER) issue1(b[u]);
         }
         /* the U row sums over the warp at once: each butterfly step halves the rows a
          * lane carries (lane bit 4, then 3, ... picks which half it keeps) */
@@ -270,10 +286,10 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     /* two batches of U rows in flight; a batch is reloaded as soon as it is used */
     while (rc < rb1) {
         consume(bA);
-        issue(bA);
+        if (ORD == GW_ORD_BATCH) issue(bA);
         if (rc >= rb1) break;
         consume(bB);
-        issue(bB);
+        if (ORD == GW_ORD_BATCH) issue(bB);
     }
     __syncthreads();
 
@@ -301,12 +317,13 @@ typedef void (*gw_fn)(gw_args);
 static const int g_gw_nw[GW_SHAPES] = {16, 16, 8};
 static const int g_gw_half[GW_SHAPES] = {0, 1, 0};
 
-/* [nested][M - 1][half batch] */
-static const gw_fn g_gw[2][2][2] = {
-    {{gemv4_win_kernel<false, 1, 4>, gemv4_win_kernel<false, 1, 2>},
-     {gemv4_win_kernel<false, 2, 2>, gemv4_win_kernel<false, 2, 1>}},
-    {{gemv4_win_kernel<true, 1, 4>, gemv4_win_kernel<true, 1, 2>},
-     {gemv4_win_kernel<true, 2, 2>, gemv4_win_kernel<true, 2, 1>}},
+/* [nested][M - 1][half batch][load order] */
+#define GW_RE(NE, M, U) \
+    {gemv4_win_kernel<NE, M, U, GW_ORD_BEFORE>, gemv4_win_kernel<NE, M, U, GW_ORD_BATCH>, \
+     gemv4_win_kernel<NE, M, U, GW_ORD_AFTER>}
+static const gw_fn g_gw[2][2][2][3] = {
+    {{GW_RE(false, 1, 4), GW_RE(false, 1, 2)}, {GW_RE(false, 2, 2), GW_RE(false, 2, 1)}},
+    {{GW_RE(true, 1, 4), GW_RE(true, 1, 2)}, {GW_RE(true, 2, 2), GW_RE(true, 2, 1)}},
 };
 
 static size_t gw_smem(int64_t rows, int64_t m, int wins) {
@@ -324,17 +341,21 @@ extern "C" int fq_cuda_gemv4_win_prepare(void) {
     const int bytes = (int)gw_smem(1, 1, 1) + GW_PART_CAP;
     for (int n = 0; n < 2; n++)
         for (int m = 0; m < 2; m++)
-            for (int h = 0; h < 2; h++) {
-                cudaError_t e = cudaFuncSetAttribute(g_gw[n][m][h], cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-                if (e != cudaSuccess) return (int)e;
-            }
+            for (int h = 0; h < 2; h++)
+                for (int r = 0; r < 3; r++) {
+                    cudaError_t e =
+                        cudaFuncSetAttribute(g_gw[n][m][h][r], cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+                    if (e != cudaSuccess) return (int)e;
+                }
     return (int)cudaSuccess;
 }
 
 /* cfg (0 = automatic): bits 0..1 block shape (0: automatic, see below; 1: up to 16
  * warps, batches of 4 rows at M = 1 and 2 at M = 2; 2: the same with half the
  * batch; 3: up to 8 warps); bit 4: L2 prefetch of each block's rows before the
- * wait; bit 6: wait before the first W load even when the weight is ready; bit 7:
+ * wait; bits 3 and 5, the load order (consume()): by default each row's next load is
+ * issued before the row is decoded; bit 3: right after it is decoded; bit 5: after the
+ * batch's sums (the order before session 8); bit 6: wait before the first W load even when the weight is ready; bit 7:
  * plain launch (no programmatic dependent launch). */
 extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                  int sm_count, int cfg, cudaStream_t stream) {
@@ -370,7 +391,8 @@ extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, 
     a.R = R;
     a.pf = (cfg & 0x10) ? 1 : 0;
     a.early = early;
-    const gw_fn fn = g_gw[w->nested ? 1 : 0][io->m - 1][g_gw_half[s]];
+    const gw_fn fn = g_gw[w->nested ? 1 : 0][io->m - 1][g_gw_half[s]]
+                         [(cfg & 0x20) ? GW_ORD_BATCH : (cfg & 0x08) ? GW_ORD_AFTER : GW_ORD_BEFORE];
     const size_t smem = gw_smem(rows, io->m, wins);
     const unsigned threads = (unsigned)(wins * R * 32);
     return fq_lin4_launch(fn, (unsigned)blocks, threads, smem, stream, a, (cfg & 0x80) != 0);
