@@ -42,6 +42,11 @@ ifeq ($(CUDA),1)
   LDLIBS  += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static -ldl -lrt -Wl,-rpath,$(CUDA_HOME)/lib64
   # nvcc's kernel launch stubs use guarded statics and EH personality (libstdc++).
   LDLIBS  += -lstdc++
+  # WS_PROBES=1: gemm4_ws with its bench-only probes (FQ_WS_PROBE, docs/linear-cuda.md);
+  # without it the kernel's loops carry no test of the probe flag (2-9 % faster).
+  ifeq ($(WS_PROBES),1)
+    NVFLAGS += -DFQ_WS_PROBES
+  endif
   # cuDNN (fused attention, src/ops/attn_cudnn.c) whenever its header is found;
   # CUDNN=0 builds without it (our attention kernel only).
   CUDNN ?= $(if $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h /usr/include/*-linux-gnu/cudnn.h),1,0)

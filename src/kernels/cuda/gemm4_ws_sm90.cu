@@ -42,6 +42,14 @@
 #define WS_ROWS 128   /* W rows per tile (2 consumer warpgroups x 64) */
 #define WS_THREADS 384
 #define WS_AUTO_CONFIGS 4 /* configurations the automatic plan chooses from (ws_auto_ci) */
+/* The bench probes (ws_args.probe) exist only in builds with FQ_WS_PROBES (make
+ * WS_PROBES=1): elsewhere the hot loops carry no test of the flag (re-read from constant
+ * memory every K tile, it cost a short-scoreboard stall right after the W bytes' loads). */
+#ifdef FQ_WS_PROBES
+#define WS_PROBE(a, bit) (((a).probe & (bit)) != 0)
+#else
+#define WS_PROBE(a, bit) false
+#endif
 
 typedef struct {
     fq_lin4_weight w;
@@ -713,7 +721,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                 const int st = (int)(c.it % S);
                 mbar_wait(empty0 + 8 * st, ((c.it / S) & 1u) ^ 1u);
                 const uint32_t full = full0 + 8 * st, xs = base + st * C::STAGE;
-                const bool ldw = (a.probe & 16) == 0, ldx = (a.probe & 32) == 0;
+                const bool ldw = !WS_PROBE(a, 16), ldx = !WS_PROBE(a, 32);
                 mbar_arrive_tx(full, (ldx ? C::X_STAGE : 0) + (ldw ? C::W_STAGE : 0));
                 if (ldx) tma_load_2d(xs, &tmx, c.kt * WS_BK, c.mti * BX, full);
                 if (ldw) tma_load_2d(xs + C::X_STAGE, &tmw, c.kt * (WS_BK / 2), c.n0, full);
@@ -725,7 +733,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
          * 1 + it % 3; the raw values of a warp's next stage are loaded before it
          * waits for the current one, so three to six stages of loads are in flight */
         const int64_t kb = a.w.k >> a.lg2bs; /* absmax blocks per row */
-        const bool probe_noabs = (a.probe & 2) != 0;
+        const bool probe_noabs = WS_PROBE(a, 2);
         auto load_raw = [&](const ws_item &c, uint32_t (&q)[4], float (&v)[4]) {
             const int64_t kk = ((int64_t)c.kt * WS_BK) >> a.lg2bs;
 #pragma unroll
@@ -780,7 +788,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const int cw = (warp >> 2) - 1;               /* consumer warpgroup 0/1 */
     const int rA = cw * 64 + (warp & 3) * 16 + g; /* this lane's W rows in the tile: rA, rA + 8 */
     const bool leader = (tid & 127) == 0;
-    const bool probe_nodec = (a.probe & 1) != 0, probe_nomma = (a.probe & 4) != 0;
+    const bool probe_nodec = WS_PROBE(a, 1), probe_nomma = WS_PROBE(a, 4);
     float acc[BX / 2];
     if (DEEP) {
         /* Two fragment sets (two K tiles): a K tile's 32 weights per lane are decoded at
@@ -878,7 +886,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                 continue;
             }
             if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
-            if (a.probe & 8) continue;
+            if (WS_PROBE(a, 8)) continue;
             if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
             else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
         }
@@ -932,7 +940,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         }
         ws_wait<0>();
         if (leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
-        if (a.probe & 8) continue;
+        if (WS_PROBE(a, 8)) continue;
 
         ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
     }
@@ -1009,14 +1017,19 @@ extern "C" int fq_cuda_gemm4_ws_prepare(void) {
     return (int)cudaSuccess;
 }
 
-/* FQ_WS_PROBE=n (bench only; the results are then WRONG): see ws_args.probe. */
+/* FQ_WS_PROBE=n (bench only, builds with FQ_WS_PROBES; the results are then WRONG): see
+ * ws_args.probe. */
 static int ws_probe(void) {
+#ifdef FQ_WS_PROBES
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("FQ_WS_PROBE");
         v = e ? atoi(e) & 63 : 0;
     }
     return v;
+#else
+    return 0;
+#endif
 }
 
 static int64_t ws_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
