@@ -27,8 +27,8 @@
  * bit-identical from run to run and independent of timing.
  *
  * Order in a block: griddepcontrol.launch_dependents; the code tables' loads; the
- * first two batches of W loads; the decode table; griddepcontrol.wait; x. The weight is read before
- * the wait only when it is ready (fully written before this launch was enqueued,
+ * first two batches of W loads; the decode table; griddepcontrol.wait; x. The
+ * weight is read before the wait only when it is ready (fully written before this launch was enqueued,
  * fq_lin4_weight.ready), so a call starts streaming while the previous kernel
  * finishes; otherwise the wait comes first. One block per SM (64 KB of table);
  * rows split evenly over the blocks. In the main loop each row slot takes the
@@ -36,8 +36,8 @@
  * reloading a whole batch after its sums: 1-6 % at M = 1, 7-9 % at M = 2).
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
- * 21504x3072 16.5 us (cuBLASLt bf16 48.8 in the same run), 0.70 of the copy
- * bandwidth; in session 4, 19.4 us (gemv4_flat 24.1). Session 8 (SASS, ncu): ~123
+ * 21504x3072 16.7-16.9 us (cuBLASLt bf16 48.8-49.4 in the same runs), 0.68-0.69 of
+ * the copy bandwidth; in session 4, 19.4 us (gemv4_flat 24.1). Session 8 (SASS, ncu): ~123
  * instructions per row and window in the main loop (32 FFMA, 16 PRMT + 16 IMAD +
  * 16 LDS for the lookups), 46 % issue utilisation, 3.7 warps per scheduler (128
  * registers), 0.86 of them eligible. Tried and slower: an L2 prefetch per
