@@ -27,26 +27,25 @@
  * bit-identical from run to run and independent of timing.
  *
  * Order in a block: griddepcontrol.launch_dependents; the code tables' loads; the
- * first two batches of W loads; the decode table; griddepcontrol.wait; x. The
- * weight is read before the wait only when it is ready (fully written before this launch was enqueued,
- * fq_lin4_weight.ready), so a call starts streaming while the previous kernel
- * finishes; otherwise the wait comes first. One block per SM (64 KB of table);
- * rows split evenly over the blocks. In the main loop each row slot takes the
- * warp's next row before the row it holds is decoded (a steadier stream than
- * reloading a whole batch after its sums: 1-6 % at M = 1, 7-9 % at M = 2).
+ * first two batches of W loads; the decode table; griddepcontrol.wait; x. The weight
+ * is read before the wait only when it is ready (fully written before this launch was
+ * enqueued, fq_lin4_weight.ready), so a call starts streaming while the previous
+ * kernel finishes; otherwise the wait comes first. One block per SM (64 KB of table);
+ * rows split evenly over the blocks. In the main loop each row slot takes the warp's
+ * next row before the row it holds is decoded (a steadier stream than reloading a
+ * whole batch after its sums: 1-6 % at M = 1, 7-9 % at M = 2).
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
- * 21504x3072 16.7-16.9 us (cuBLASLt bf16 48.8-49.4 in the same runs), 0.68-0.69 of
- * the copy bandwidth; in session 4, 19.4 us (gemv4_flat 24.1). Session 8 (SASS, ncu): ~123
- * instructions per row and window in the main loop (32 FFMA, 16 PRMT + 16 IMAD +
- * 16 LDS for the lookups), 46 % issue utilisation, 3.7 warps per scheduler (128
- * registers), 0.86 of them eligible. Tried and slower: an L2 prefetch per
- * row ahead of the loads (the uniform-datapath loop it compiles to costs more than
- * it hides), branch-free clamped loads, the absmax of a block's rows computed
- * into shared memory at the start with three batches in flight (18432x3072: 20.0
- * vs 17.0 us), and a per-warp cp.async ring in shared memory with 24 warps (28.8 vs
- * 19.4 us: the ring's copies and reads on top of the table lookups saturate the
- * shared-memory pipe). */
+ * 21504x3072 16.7-16.9 us (cuBLASLt bf16 48.8-49.4 in the same runs), 0.68-0.69 of the
+ * copy bandwidth; in session 4, 19.4 us (gemv4_flat 24.1). Session 8 (SASS, ncu): ~123
+ * instructions per row and window in the main loop (32 FFMA, 16 PRMT + 16 IMAD + 16
+ * LDS for the lookups), 46 % issue utilisation, 3.7 warps per scheduler (128
+ * registers), 0.86 of them eligible. Tried and slower: an L2 prefetch per row ahead of
+ * the loads (the uniform-datapath loop it compiles to costs more than it hides),
+ * branch-free clamped loads, the absmax of a block's rows computed into shared memory
+ * at the start with three batches in flight (18432x3072: 20.0 vs 17.0 us), and a
+ * per-warp cp.async ring in shared memory with 24 warps (28.8 vs 19.4 us: the ring's
+ * copies and reads on top of the table lookups saturate the shared-memory pipe). */
 #include "kernels/cuda/lin4_common.cuh"
 
 #define GW_WIN_ELEMS 1024 /* one warp load: 32 lanes x 32 elements (16 bytes) */
