@@ -241,9 +241,9 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     /* ORD: when a row's slot takes the warp's next row (in row order either way):
      * GW_ORD_BEFORE (the default) before the row's decode, which works on a copy of its
      * bytes; GW_ORD_AFTER as soon as the row is decoded; GW_ORD_BATCH after the whole
-     * batch's sums (the order before session 8). H100, one run, 21504x3072: M = 1 16.5 /
-     * 17.2 / 17.6 us; M = 2: 19.4 / 22.5 / 21.1 us (ptxas places the loads itself, so these are
-     * hints about the schedule rather than exact positions). */
+     * batch's sums (the order before session 8). H100, one run, 21504x3072, in that
+     * order: M = 1 16.5 / 17.2 / 17.6 us, M = 2 19.4 / 22.5 / 21.1 us. ptxas places the
+     * loads itself, so the order is a hint about the schedule, not exact positions. */
     auto consume = [&](gw_row (&b)[U]) {
         if (rc >= rb1) return; /* warp-uniform */
         float v[M][U];
@@ -369,10 +369,11 @@ extern "C" int fq_cuda_gemv4_win_prepare(void) {
 /* cfg (0 = automatic): bits 0..1 block shape (0: automatic, see below; 1: up to 16
  * warps, batches of 4 rows at M = 1 and 2 at M = 2; 2: the same with half the
  * batch; 3: up to 8 warps); bit 4: L2 prefetch of each block's rows before the
- * wait; bits 3 and 5, the load order (consume()): by default each row's next load is
- * issued before the row is decoded; bit 3: right after it is decoded; bit 5: after the
- * batch's sums (the order before session 8); bit 6: wait before the first W load even when the weight is ready; bit 7:
- * plain launch (no programmatic dependent launch). */
+ * wait; bits 3 and 5, the load order (consume()): by default each row's next load
+ * is issued before the row is decoded; bit 3: right after it is decoded; bit 5:
+ * after the batch's sums (the order before session 8); bit 6: wait before the
+ * first W load even when the weight is ready; bit 7: plain launch (no programmatic
+ * dependent launch). */
 extern "C" int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                  int sm_count, int cfg, cudaStream_t stream) {
     if (!fq_cuda_gemv4_win_supported(w, io)) return (int)cudaErrorInvalidValue;
