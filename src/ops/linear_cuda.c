@@ -13,8 +13,10 @@
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
  *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
  *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
- *             they support the operands; otherwise dequantize + cuBLASLt, which
- *             is faster there (so the automatic choice never loses to it).
+ *             they support the operands; from LIN_DQ_MIN_M to LIN_WS_MAX_M rows
+ *             gemm4_ws (sm_90a) on weights of more than 2^24 elements; otherwise
+ *             dequantize + cuBLASLt, which is faster there (so the automatic choice
+ *             never loses to it).
  * ctx->linear_kernel forces a family (FQ_LINEAR_GEMV / GEMM / DEQUANT_BLAS);
  * a forced family that cannot run the operands falls back to one that can
  * (GEMV -> gemv4_simple, GEMM -> dequantize + cuBLASLt). The internal values
@@ -43,7 +45,12 @@
 #define LIN_PREP_GEMM_WS 16u
 #define LIN_PREP_GEMV_FLAT 32u
 #define LIN_PREP_GEMV_WIN 64u
-#define LIN_WS_MAX_M 384 /* gemm4_ws from LIN_DQ_MIN_M rows up to this */
+/* gemm4_ws from LIN_DQ_MIN_M rows up to this. H100 (session 9, in turn with cuBLASLt):
+ * at 512 rows 0.67-0.76x cuBLAS on the five large FLUX shapes against 0.58-0.62x for
+ * dequantize + cuBLASLt; at 1024 rows mixed (12288x3072 0.80 vs 0.75, 3072x12288 0.66 vs
+ * 0.77); at 2048 dequantize + cuBLASLt wins everywhere (0.86 vs 0.69-0.80). 768 sits
+ * between the two measured points. */
+#define LIN_WS_MAX_M 768
 #define LIN_WS_MIN_NK ((int64_t)1 << 24) /* ... for weights larger than this (smaller: dequantize + cuBLASLt) */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
@@ -190,14 +197,15 @@ static fq_lin4_impl best_gemv_exact(const fq_cuda_dev *d, const lin_op *op, int 
 static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
     fq_lin4_impl k = best_gemm(d, op);
     if (k == FQ_LIN4_NONE) return FQ_LIN4_DEQUANT_BLAS;
-    /* H100 (2026-11-27): the fused GEMMs win below ~192 rows; at 256 rows only where
-     * K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
-     * dequantize + cuBLASLt wins everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
+    /* H100 (2026-11-27): gemm4_wgmma / gemm4_mma win below ~192 rows; at 256 rows only
+     * where K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
+     * dequantize + cuBLASLt beats them everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
     const int64_t m = op->io.m;
-    /* gemm4_ws (sm_90) at 192..384 rows: faster than dequantize + cuBLASLt at M = 256 on 5 of
-     * the 7 FLUX shapes (3072x12288: 44.7 vs 77.7 us; dq 4-11 % faster on 3072x3072 and
-     * 3072x4096, the two shapes of at most 2^24 weights, which therefore take it), slower at
-     * 512 and 4608 rows (bench/results/bench_linear_gemm_ws2_h100_2026-11-27.txt). */
+    /* gemm4_ws (sm_90) at 192..768 rows: faster than dequantize + cuBLASLt at M = 256 and
+     * 512 on 5 of the 7 FLUX shapes (M = 256, 3072x12288: 44 vs 78 us; M = 512, 21504x3072:
+     * 129 vs 163 us); dequantize + cuBLASLt is faster on 3072x3072 and 3072x4096, the two
+     * shapes of at most 2^24 weights, which therefore take it, and from ~1024 rows on
+     * (bench/results/bench_linear_m512_h100_2026-11-27_session9.txt). */
     if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op))
         return op->w.n * op->w.k > LIN_WS_MIN_NK ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
