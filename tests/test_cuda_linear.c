@@ -576,6 +576,32 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
     }
 }
 
+/* The automatic choice at large M on a weight of more than 2^24 elements: gemm4_ws (where
+ * it can run) from 192 up to 768 rows, dequantize + cuBLASLt above (bench/results/
+ * bench_linear_m512_h100_2026-11-27_session9.txt). */
+static void test_auto_choice_large_m(fq_ctx *ctx) {
+    hweight w;
+    const int64_t n = 4096, k = 4160; /* 17039360 > 2^24 weights */
+    if (!make_weight(ctx, FQ_CUDA(0), FQ_QUANT_NF4, 1, n, k, 64, &w)) return;
+    static const int64_t ms[5] = {256, 512, 768, 769, 1024};
+    for (int i = 0; i < 5; i++) {
+        fq_tensor *xt = NULL, *yt = NULL;
+        int64_t xs[2] = {ms[i], k}, ys[2] = {ms[i], n};
+        if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, xs, &xt) == FQ_OK &&
+            fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, ys, &yt) == FQ_OK) {
+            if (fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, xt, w.q, yt)) {
+                const fq_lin4_impl got = fq_linear4_cuda_choice(ctx, xt, w.q, yt);
+                const fq_lin4_impl want = ms[i] <= 768 ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
+                CHECK(got == want, "auto choice at M = %lld, %lldx%lld: %s, expected %s", (long long)ms[i],
+                      (long long)n, (long long)k, fq_lin4_impl_name(got), fq_lin4_impl_name(want));
+            }
+        }
+        fq_tensor_free(xt);
+        fq_tensor_free(yt);
+    }
+    hweight_free(&w);
+}
+
 /* The exact selection refuses what it cannot run; the public one falls back. */
 static void test_selection(fq_ctx *ctx) {
     hweight w;
@@ -786,6 +812,7 @@ int main(int argc, char **argv) {
     int gemv_only = argc > 1 && strcmp(argv[1], "--gemv") == 0; /* the M <= 16 shapes only */
     if (g_ndev < 2) SKIP("one GPU: the cuda:0 -> cuda:1 identity checks need two");
     test_selection(ctx);
+    test_auto_choice_large_m(ctx);
     test_dequant_agrees(ctx);
     test_ws_exact(ctx);
     test_exact_rounding(ctx);
