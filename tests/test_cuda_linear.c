@@ -614,6 +614,18 @@ static void test_selection(fq_ctx *ctx) {
     CHECK(strstr(fq_ctx_error(ctx), "gemv4_tc") != NULL, "message names the kernel: %s", fq_ctx_error(ctx));
     free(y);
     y = NULL;
+    /* a gemm4_ws tile configuration that does not exist: an error naming the kernel, no
+     * read past the configuration table */
+    hact xb;
+    if (make_act(ctx, 1, FQ_BF16, 64, 256, 0, &xb)) {
+        s = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, FQ_GEMM4_WS_CONFIGS + 1), &w, &xb, NULL, FQ_BF16, &y);
+        CHECK(s != FQ_OK, "gemm4_ws configuration %d accepted", FQ_GEMM4_WS_CONFIGS + 1);
+        CHECK(s == FQ_ERR_UNSUPPORTED || strstr(fq_ctx_error(ctx), "gemm4_ws") != NULL, "message names the kernel: %s",
+              fq_ctx_error(ctx));
+        free(y);
+        y = NULL;
+        hact_free(&xb);
+    }
     fq_tensor *yt = NULL;
     int64_t ys[2] = {4, 64};
     if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK) {

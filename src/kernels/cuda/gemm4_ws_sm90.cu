@@ -1040,6 +1040,9 @@ typedef struct {
 
 #define WS_CFG_STREAMK 15 /* cfg bits 4..7: stream-K instead of a K split */
 
+/* cfg names an existing tile configuration (or 0, the plan's choice) */
+static bool ws_cfg_ok(int cfg) { return (cfg & 15) <= FQ_GEMM4_WS_CONFIGS; }
+
 /* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose,
  * WS_CFG_STREAMK = stream-K). Cost model (relative time, fitted to H100 runs): rounds
  * of persistent tiles x (x rows of a tile + ~128 for the per-K-tile decode and W load)
@@ -1111,7 +1114,7 @@ static size_t ws_plan_bytes(const ws_plan &p, const fq_lin4_weight *w, const fq_
 }
 
 extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
-    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0) return 0;
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg)) return 0;
     return ws_plan_bytes(ws_plan_for(w, io, sm_count, cfg), w, io, sm_count);
 }
 
@@ -1126,7 +1129,7 @@ static int ws_encode(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64
 
 extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e,
                                 int sm_count, int cfg, float *ws, size_t ws_bytes, int *flags, cudaStream_t stream) {
-    if (!fq_cuda_gemm4_ws_supported(w, io)) return (int)cudaErrorInvalidValue;
+    if (!fq_cuda_gemm4_ws_supported(w, io) || !ws_cfg_ok(cfg)) return (int)cudaErrorInvalidValue;
     if (!g_encode) return (int)cudaErrorInitializationError; /* fq_cuda_gemm4_ws_prepare not called */
     if (io->m <= 0) return (int)cudaSuccess;
     const int64_t sms = sm_count > 0 ? sm_count : 132;
@@ -1207,7 +1210,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
 }
 
 extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
-    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0) return 0;
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg)) return 0;
     return ws_plan_for(w, io, sm_count, cfg).streamk;
 }
 
