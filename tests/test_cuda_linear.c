@@ -576,30 +576,32 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
     }
 }
 
-/* The automatic choice at large M on a weight of more than 2^24 elements: gemm4_ws (where
- * it can run) from 192 up to 768 rows, dequantize + cuBLASLt above (bench/results/
- * bench_linear_m512_h100_2026-11-27_session9.txt). */
+/* The automatic choice at large M on weights of more than 2^24 elements: gemm4_ws (where
+ * it can run) from 192 up to 512 rows when K > N, up to 640 when N >= K, dequantize +
+ * cuBLASLt above (bench/results/bench_linear_m768_h100_2026-11-27_session9.txt). */
 static void test_auto_choice_large_m(fq_ctx *ctx) {
-    hweight w;
-    const int64_t n = 4096, k = 4160; /* 17039360 > 2^24 weights */
-    if (!make_weight(ctx, FQ_CUDA(0), FQ_QUANT_NF4, 1, n, k, 64, &w)) return;
-    static const int64_t ms[5] = {256, 512, 768, 769, 1024};
-    for (int i = 0; i < 5; i++) {
-        fq_tensor *xt = NULL, *yt = NULL;
-        int64_t xs[2] = {ms[i], k}, ys[2] = {ms[i], n};
-        if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, xs, &xt) == FQ_OK &&
-            fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, ys, &yt) == FQ_OK) {
-            if (fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, xt, w.q, yt)) {
+    static const int64_t nk[2][2] = {{4096, 4160}, {4160, 4096}}; /* 17039360 > 2^24 weights */
+    static const int64_t ms[5] = {256, 512, 513, 640, 641};
+    for (int v = 0; v < 2; v++) {
+        const int64_t n = nk[v][0], k = nk[v][1], ws_max = k > n ? 512 : 640;
+        hweight w;
+        if (!make_weight(ctx, FQ_CUDA(0), FQ_QUANT_NF4, 1, n, k, 64, &w)) return;
+        for (int i = 0; i < 5; i++) {
+            fq_tensor *xt = NULL, *yt = NULL;
+            int64_t xs[2] = {ms[i], k}, ys[2] = {ms[i], n};
+            if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, xs, &xt) == FQ_OK &&
+                fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, ys, &yt) == FQ_OK &&
+                fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, xt, w.q, yt)) {
                 const fq_lin4_impl got = fq_linear4_cuda_choice(ctx, xt, w.q, yt);
-                const fq_lin4_impl want = ms[i] <= 768 ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
+                const fq_lin4_impl want = ms[i] <= ws_max ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
                 CHECK(got == want, "auto choice at M = %lld, %lldx%lld: %s, expected %s", (long long)ms[i],
                       (long long)n, (long long)k, fq_lin4_impl_name(got), fq_lin4_impl_name(want));
             }
+            fq_tensor_free(xt);
+            fq_tensor_free(yt);
         }
-        fq_tensor_free(xt);
-        fq_tensor_free(yt);
+        hweight_free(&w);
     }
-    hweight_free(&w);
 }
 
 /* The exact selection refuses what it cannot run; the public one falls back. */

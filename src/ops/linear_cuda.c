@@ -13,8 +13,8 @@
  *   M <= 16   gemv4_tc if it supports the operands, else gemv4_simple;
  *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
  *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
- *             they support the operands; from LIN_DQ_MIN_M to LIN_WS_MAX_M rows
- *             gemm4_ws (sm_90a) on weights of more than 2^24 elements; otherwise
+ *             they support the operands; from LIN_DQ_MIN_M to 512 rows (640 when
+ *             N >= K) gemm4_ws (sm_90a) on weights of more than 2^24 elements; otherwise
  *             dequantize + cuBLASLt, which is faster there (so the automatic choice
  *             never loses to it).
  * ctx->linear_kernel forces a family (FQ_LINEAR_GEMV / GEMM / DEQUANT_BLAS);
@@ -45,12 +45,14 @@
 #define LIN_PREP_GEMM_WS 16u
 #define LIN_PREP_GEMV_FLAT 32u
 #define LIN_PREP_GEMV_WIN 64u
-/* gemm4_ws from LIN_DQ_MIN_M rows up to this. H100 (session 9, in turn with cuBLASLt):
- * at 512 rows 0.67-0.76x cuBLAS on the five large FLUX shapes against 0.58-0.62x for
- * dequantize + cuBLASLt; at 1024 rows mixed (12288x3072 0.80 vs 0.75, 3072x12288 0.66 vs
- * 0.77); at 2048 dequantize + cuBLASLt wins everywhere (0.86 vs 0.69-0.80). 768 sits
- * between the two measured points. */
-#define LIN_WS_MAX_M 768
+/* gemm4_ws from LIN_DQ_MIN_M rows up to LIN_WS_MAX_M (N >= K) or LIN_WS_MAX_M_KBIG
+ * (K > N). H100 (session 9, in turn with cuBLASLt): at 512 rows 0.67-0.76x cuBLAS on the
+ * five large FLUX shapes against 0.58-0.62x for dequantize + cuBLASLt; at 640 rows
+ * dequantize + cuBLASLt is faster where K > N (3072x12288: 103 vs 115-121 us) and
+ * gemm4_ws still where N >= K (21504x3072: 162-165 vs 185 us; 12288x3072 about even);
+ * from 768 rows on dequantize + cuBLASLt is as fast or faster except on 21504x3072. */
+#define LIN_WS_MAX_M 640
+#define LIN_WS_MAX_M_KBIG 512
 #define LIN_WS_MIN_NK ((int64_t)1 << 24) /* ... for weights larger than this (smaller: dequantize + cuBLASLt) */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
@@ -201,12 +203,14 @@ static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
      * where K >= 4N (3072x12288: 75 vs 80 us, 3072x15360: 88 vs 98 us); from 512 rows on
      * dequantize + cuBLASLt beats them everywhere (0.94x cuBLAS at 4608 rows vs 0.29-0.52x). */
     const int64_t m = op->io.m;
-    /* gemm4_ws (sm_90) at 192..768 rows: faster than dequantize + cuBLASLt at M = 256 and
-     * 512 on 5 of the 7 FLUX shapes (M = 256, 3072x12288: 44 vs 78 us; M = 512, 21504x3072:
-     * 129 vs 163 us); dequantize + cuBLASLt is faster on 3072x3072 and 3072x4096, the two
-     * shapes of at most 2^24 weights, which therefore take it, and from ~1024 rows on
-     * (bench/results/bench_linear_m512_h100_2026-11-27_session9.txt). */
-    if (m >= LIN_DQ_MIN_M && m <= LIN_WS_MAX_M && can_run(d, FQ_LIN4_GEMM_WS, op))
+    /* gemm4_ws (sm_90) at 192..512 rows (..640 where N >= K): faster than dequantize +
+     * cuBLASLt at M = 256 and 512 on 5 of the 7 FLUX shapes (M = 256, 3072x12288: 44 vs 78
+     * us; M = 512, 21504x3072: 129 vs 163 us); dequantize + cuBLASLt is faster on 3072x3072
+     * and 3072x4096, the two shapes of at most 2^24 weights, which therefore take it, and
+     * above the limits (bench/results/bench_linear_m512_h100_2026-11-27_session9.txt,
+     * bench_linear_m768_h100_2026-11-27_session9.txt). */
+    const int64_t ws_max = op->w.k > op->w.n ? LIN_WS_MAX_M_KBIG : LIN_WS_MAX_M;
+    if (m >= LIN_DQ_MIN_M && m <= ws_max && can_run(d, FQ_LIN4_GEMM_WS, op))
         return op->w.n * op->w.k > LIN_WS_MIN_NK ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
     return FQ_LIN4_DEQUANT_BLAS;
