@@ -32,8 +32,11 @@
  * enqueued, fq_lin4_weight.ready), so a call starts streaming while the previous
  * kernel finishes; otherwise the wait comes first. One block per SM (64 KB of table);
  * rows split evenly over the blocks. In the main loop each row slot takes the warp's
- * next row before the row it holds is decoded (a steadier stream than reloading a
- * whole batch after its sums: 1-6 % at M = 1, 7-9 % at M = 2).
+ * next row, in the source, before the row it holds is decoded (1-6 % faster at M = 1,
+ * 7-9 % at M = 2 than reloading a whole batch after its sums). The SASS places those
+ * loads after the decode of all the batch's rows either way (ptxas reuses the rows'
+ * registers at the 128-register cap), so the gain is in its schedule, not in more
+ * loads in flight (docs/linear-cuda.md, session 9).
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
  * 21504x3072 16.7-16.9 us (cuBLASLt bf16 48.8-49.4 in the same runs), 0.68-0.69 of the
@@ -243,7 +246,8 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
      * bytes; GW_ORD_AFTER as soon as the row is decoded; GW_ORD_BATCH after the whole
      * batch's sums (the order before session 8). H100, one run, 21504x3072, in that
      * order: M = 1 16.5 / 17.2 / 17.6 us, M = 2 19.4 / 22.5 / 21.1 us. ptxas places the
-     * loads itself, so the order is a hint about the schedule, not exact positions. */
+     * loads itself: in the SASS each batch's reloads follow the decode of all its rows
+     * in every order, so the order is a hint about the schedule, not exact positions. */
     auto consume = [&](gw_row (&b)[U]) {
         if (rc >= rb1) return; /* warp-uniform */
         float v[M][U];
