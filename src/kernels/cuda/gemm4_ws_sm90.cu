@@ -20,8 +20,7 @@
  * groups are pending: the previous K tile's groups have retired, so its
  * fragment set is free and its stage is handed back (the "empty" mbarrier, one
  * arrival per consumer warpgroup), while this K tile's groups keep the tensor
- * cores busy during the next decode. (Configurations marked "q4" keep the first
- * version's loop: one k16 step decoded per wgmma, at most 4 groups in flight.)
+ * cores busy during the next decode.
  *
  * CTAs are persistent: tile t = blockIdx.x + i * gridDim.x, tiles ordered N
  * fastest (the CTAs running together share x tiles in L2), then M, then K split.
@@ -32,6 +31,7 @@
  * Requires: x f16/bf16 (16-byte aligned), blocksize >= 64 and K a multiple of
  * it (one absmax per row and K tile), packed weight 16-byte aligned. */
 #include "kernels/cuda/lin4_common.cuh"
+#include "kernels/cuda/wgmma_rs_sm90.cuh"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -62,7 +62,7 @@ typedef struct {
     int ktiles;       /* K / WS_BK */
     int kps;          /* K tiles per split */
     int nt, mt, splits;
-    /* stream-K (splits == 1, the DEEP loop only): CTA b takes the K-tile units
+    /* stream-K (splits == 1): CTA b takes the K-tile units
      * [units b / grid, units (b + 1) / grid) of the tile-major order, so every CTA
      * gets the same share. A tile split between CTAs is finished by the CTA holding
      * its first K tile ("owner"), which adds the later CTAs' f32 partials (sk_part,
@@ -111,253 +111,6 @@ template <int BX, int S, bool TS> struct ws_cfg {
 #endif
 
 #ifdef FQ_WS_DEVICE
-/* Generated: wgmma.mma_async m64nNk16, A from registers, B from shared memory
- * (K-major, 128-byte swizzle), f32 accumulators; acc = 0 overwrites them. */
-template <typename T, int N>
-__device__ __forceinline__ void ws_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc,
-                                       uint32_t acc);
-
-template <>
-__device__ __forceinline__ void ws_mma<__nv_bfloat16, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__nv_bfloat16, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
-                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__nv_bfloat16, 216>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %113, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n216k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
-                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107"
-                 "}, {%108, %109, %110, %111}, %112, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__nv_bfloat16, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
-                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
-                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__half, 128>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__half, 192>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
-                 "}, {%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__half, 216>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %113, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n216k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
-                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107"
-                 "}, {%108, %109, %110, %111}, %112, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-template <>
-__device__ __forceinline__ void ws_mma<__half, 256>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
-                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
-                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
-                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
-                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-static __device__ __forceinline__ void ws_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-static __device__ __forceinline__ void ws_commit(void) {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N> static __device__ __forceinline__ void ws_wait(void) {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024
- * bytes apart; saddr lies in a 1024-aligned tile (plus the k offset). */
-static __device__ __forceinline__ uint64_t ws_desc(uint32_t saddr) {
-    uint64_t d = 0;
-    d |= (uint64_t)((saddr & 0x3FFFFu) >> 4);
-    d |= (uint64_t)1 << 16;           /* leading byte offset (unused with this swizzle): 16 B */
-    d |= (uint64_t)(1024 >> 4) << 32; /* stride byte offset: 1024 B */
-    d |= (uint64_t)1 << 62;           /* 128-byte swizzle */
-    return d;
-}
-
 /* ---- mbarriers and TMA ---- */
 static __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -676,7 +429,7 @@ static __device__ __forceinline__ uint32_t ws_dec_pair(uint32_t tb, uint32_t H, 
 }
 #endif /* FQ_WS_DEVICE */
 
-template <typename T, int BX, int S, bool NESTED, bool DEEP, bool TS>
+template <typename T, int BX, int S, bool NESTED, bool TS>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     gemm4_ws_kernel(const __grid_constant__ CUtensorMap tmx, const __grid_constant__ CUtensorMap tmw,
                     const __grid_constant__ CUtensorMap tmy, const ws_args a) {
@@ -784,166 +537,112 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
     /* ---- consumers ---- */
     setmaxnreg_inc<224>();
-    const int g = lane >> 2, t4 = lane & 3, sh = 8 * t4;
+    const int g = lane >> 2, t4 = lane & 3;
     const int cw = (warp >> 2) - 1;               /* consumer warpgroup 0/1 */
     const int rA = cw * 64 + (warp & 3) * 16 + g; /* this lane's W rows in the tile: rA, rA + 8 */
     const bool leader = (tid & 127) == 0;
     const bool probe_nodec = WS_PROBE(a, 1), probe_nomma = WS_PROBE(a, 4);
     float acc[BX / 2];
-    if (DEEP) {
-        /* Two fragment sets (two K tiles): a K tile's 32 weights per lane are decoded at
-         * once, right after its stage is full, while the previous K tile's 4 wgmma groups
-         * (and the other warpgroup's) keep the tensor cores busy; after issuing its own 4
-         * groups the warpgroup waits until at most 4 are pending, which frees the set and
-         * the x stage of the previous K tile. */
-        const uint32_t sel = (uint32_t)t4 | (uint32_t)(t4 + 4) << 4;
-        uint32_t af[2][4][4];
-        ws_item c = ws_first(a, total);
-        /* stage of item c.it, its full-barrier parity, and the previous item's stage, kept
-         * as counters (c.it % S and c.it / S cost a division per K tile) */
-        uint32_t st = 0, ph = 0, pst = S - 1;
-        const uint64_t desc0 = ws_desc(base); /* + (stage offset + 32 k16) / 16 below */
-        while (c.valid) {
-            const ws_item tile = c;
-            if (probe_nomma) {
-#pragma unroll
-                for (int i = 0; i < BX / 2; i++) acc[i] = 0.0f;
-            }
-            int nk = 0; /* K tiles of this tile so far */
-            auto ktile = [&](uint32_t(&f)[4][4]) {
-                mbar_wait(full0 + 8 * st, ph);
-                const uint8_t *wd = sm + st * C::STAGE + C::X_STAGE;
-                const uint4 pa0 = *(const uint4 *)(wd + rA * 32), pa1 = *(const uint4 *)(wd + rA * 32 + 16);
-                const uint4 pb0 = *(const uint4 *)(wd + (rA + 8) * 32), pb1 = *(const uint4 *)(wd + (rA + 8) * 32 + 16);
-                const float amA = am_s[st * WS_ROWS + rA], amB = am_s[st * WS_ROWS + rA + 8];
-                /* the set written below was read by the K tile before the previous one, whose
-                 * groups retired at the previous K tile's wait */
-                if (probe_nodec) { /* bench probe: raw bytes as weights */
-                    const uint32_t wa[8] = {pa0.x, pa0.y, pa0.z, pa0.w, pa1.x, pa1.y, pa1.z, pa1.w};
-                    const uint32_t wb[8] = {pb0.x, pb0.y, pb0.z, pb0.w, pb1.x, pb1.y, pb1.z, pb1.w};
-#pragma unroll
-                    for (int s = 0; s < 4; s++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            f[s][2 * h] = wa[2 * s + h] & 0x3f3f3f3fu;
-                            f[s][2 * h + 1] = wb[2 * s + h] & 0x3f3f3f3fu;
-                        }
-                } else {
-                    /* byte t4 of word w = 2 s + h holds this lane's two weights of k16 step s, half
-                     * h: gathered into G[row][w / 4] byte w % 4, then the nibbles x 4 per byte */
-                    const uint32_t G[2][2] = {{ws_gather4(pa0.x, pa0.y, pa0.z, pa0.w, sel),
-                                               ws_gather4(pa1.x, pa1.y, pa1.z, pa1.w, sel)},
-                                              {ws_gather4(pb0.x, pb0.y, pb0.z, pb0.w, sel),
-                                               ws_gather4(pb1.x, pb1.y, pb1.z, pb1.w, sel)}};
-                    uint32_t H[2][2], L[2][2];
-#pragma unroll
-                    for (int r = 0; r < 2; r++)
-#pragma unroll
-                        for (int i = 0; i < 2; i++) {
-                            H[r][i] = (G[r][i] >> 2) & 0x3c3c3c3cu;
-                            L[r][i] = (G[r][i] << 2) & 0x3c3c3c3cu;
-                        }
-#pragma unroll
-                    for (int s = 0; s < 4; s++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int w = 2 * s + h;
-                            f[s][2 * h] = ws_dec_pair<T>(qm_a, H[0][w >> 2], L[0][w >> 2], w & 3, amA);
-                            f[s][2 * h + 1] = ws_dec_pair<T>(qm_a, H[1][w >> 2], L[1][w >> 2], w & 3, amB);
-                        }
-                }
-                if (!probe_nomma) {
-                    /* the stage's x tile is 1024-aligned below 2^18: its descriptor is desc0 plus
-                     * the offset / 16 in the low field, with no carry out of it */
-                    const uint64_t xd = desc0 + (uint64_t)((st * C::STAGE) >> 4);
-                    ws_fence();
-#pragma unroll
-                    for (int s = 0; s < 4; s++) {
-                        ws_mma<T, BX>(acc, f[s][0], f[s][1], f[s][2], f[s][3], xd + 2 * s, (nk > 0 || s > 0) ? 1u : 0u);
-                        ws_commit();
-                    }
-                }
-                /* the previous K tile's groups retired: its fragment set and x stage are free (this
-                 * K tile's 4 groups keep the tensor cores busy while the next one is decoded) */
-                ws_wait<4>();
-                if (nk >= 1 && leader) mbar_arrive(empty0 + 8 * pst);
-                pst = st;
-                if (++st == (uint32_t)S) {
-                    st = 0;
-                    ph ^= 1u;
-                }
-                nk++;
-                ws_next(a, total, c);
-                return c.valid && c.t == tile.t;
-            };
-            /* K tiles alternate between the two fragment sets (registers need static indices) */
-            while (ktile(af[0]) && ktile(af[1])) {
-            }
-            ws_wait<0>();
-            if (leader) mbar_arrive(empty0 + 8 * pst);
-            if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
-                ws_sk_publish<BX>(a, acc, cw);
-                continue;
-            }
-            if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
-            if (WS_PROBE(a, 8)) continue;
-            if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
-            else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
-        }
-        if (TS && a.tma_y && (tid & 127) == 0) tma_store_wait_all();
-        return;
-    }
-    uint32_t af[4][4];
+    /* Two fragment sets (two K tiles): a K tile's 32 weights per lane are decoded at
+     * once, right after its stage is full, while the previous K tile's 4 wgmma groups
+     * (and the other warpgroup's) keep the tensor cores busy; after issuing its own 4
+     * groups the warpgroup waits until at most 4 are pending, which frees the set and
+     * the x stage of the previous K tile. */
+    const uint32_t sel = (uint32_t)t4 | (uint32_t)(t4 + 4) << 4;
+    uint32_t af[2][4][4];
     ws_item c = ws_first(a, total);
+    /* stage of item c.it, its full-barrier parity, and the previous item's stage, kept
+     * as counters (c.it % S and c.it / S cost a division per K tile) */
+    uint32_t st = 0, ph = 0, pst = S - 1;
+    const uint64_t desc0 = fq_wgmma_desc(base); /* + (stage offset + 32 k16) / 16 below */
     while (c.valid) {
         const ws_item tile = c;
         if (probe_nomma) {
 #pragma unroll
             for (int i = 0; i < BX / 2; i++) acc[i] = 0.0f;
         }
-        for (; c.valid && c.t == tile.t; ws_next(a, total, c)) {
-            const int st = (int)(c.it % S);
-            mbar_wait(full0 + 8 * st, (c.it / S) & 1u);
+        int nk = 0; /* K tiles of this tile so far */
+        auto ktile = [&](uint32_t(&f)[4][4]) {
+            mbar_wait(full0 + 8 * st, ph);
             const uint8_t *wd = sm + st * C::STAGE + C::X_STAGE;
             const uint4 pa0 = *(const uint4 *)(wd + rA * 32), pa1 = *(const uint4 *)(wd + rA * 32 + 16);
             const uint4 pb0 = *(const uint4 *)(wd + (rA + 8) * 32), pb1 = *(const uint4 *)(wd + (rA + 8) * 32 + 16);
             const float amA = am_s[st * WS_ROWS + rA], amB = am_s[st * WS_ROWS + rA + 8];
-            const uint32_t wa[8] = {pa0.x, pa0.y, pa0.z, pa0.w, pa1.x, pa1.y, pa1.z, pa1.w};
-            const uint32_t wb[8] = {pb0.x, pb0.y, pb0.z, pb0.w, pb1.x, pb1.y, pb1.z, pb1.w};
-            const uint32_t xa = base + st * C::STAGE;
-            const bool first = c.kt == tile.kt;
+            /* the set written below was read by the K tile before the previous one, whose
+             * groups retired at the previous K tile's wait */
+            if (probe_nodec) { /* bench probe: raw bytes as weights */
+                const uint32_t wa[8] = {pa0.x, pa0.y, pa0.z, pa0.w, pa1.x, pa1.y, pa1.z, pa1.w};
+                const uint32_t wb[8] = {pb0.x, pb0.y, pb0.z, pb0.w, pb1.x, pb1.y, pb1.z, pb1.w};
 #pragma unroll
-            for (int s = 0; s < 4; s++) {
-                /* at most 3 groups pending: the one that read af[s] (previous K tile) retired */
-                ws_wait<3>();
-                if (s == 3 && !first && leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+                for (int s = 0; s < 4; s++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint32_t ua = wa[2 * s + h], ub = wb[2 * s + h];
-                    if (probe_nodec) {
-                        af[s][2 * h] = ua & 0x3f3f3f3fu;
-                        af[s][2 * h + 1] = ub & 0x3f3f3f3fu;
-                        continue;
+                    for (int h = 0; h < 2; h++) {
+                        f[s][2 * h] = wa[2 * s + h] & 0x3f3f3f3fu;
+                        f[s][2 * h + 1] = wb[2 * s + h] & 0x3f3f3f3fu;
                     }
-                    const uint32_t ba = (ua >> sh) & 0xffu, bb = (ub >> sh) & 0xffu;
-                    af[s][2 * h] =
-                        fq_mma_t<T>::pack(fq_lin4_mul_ftz(qm_s[ba >> 4], amA), fq_lin4_mul_ftz(qm_s[ba & 15u], amA));
-                    af[s][2 * h + 1] =
-                        fq_mma_t<T>::pack(fq_lin4_mul_ftz(qm_s[bb >> 4], amB), fq_lin4_mul_ftz(qm_s[bb & 15u], amB));
-                }
-                if (probe_nomma) continue;
-                ws_fence();
-                ws_mma<T, BX>(acc, af[s][0], af[s][1], af[s][2], af[s][3], ws_desc(xa + s * 32),
-                              (!first || s > 0) ? 1u : 0u);
-                ws_commit();
+            } else {
+                /* byte t4 of word w = 2 s + h holds this lane's two weights of k16 step s, half
+                 * h: gathered into G[row][w / 4] byte w % 4, then the nibbles x 4 per byte */
+                const uint32_t G[2][2] = {{ws_gather4(pa0.x, pa0.y, pa0.z, pa0.w, sel),
+                                           ws_gather4(pa1.x, pa1.y, pa1.z, pa1.w, sel)},
+                                          {ws_gather4(pb0.x, pb0.y, pb0.z, pb0.w, sel),
+                                           ws_gather4(pb1.x, pb1.y, pb1.z, pb1.w, sel)}};
+                uint32_t H[2][2], L[2][2];
+#pragma unroll
+                for (int r = 0; r < 2; r++)
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        H[r][i] = (G[r][i] >> 2) & 0x3c3c3c3cu;
+                        L[r][i] = (G[r][i] << 2) & 0x3c3c3c3cu;
+                    }
+#pragma unroll
+                for (int s = 0; s < 4; s++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int w = 2 * s + h;
+                        f[s][2 * h] = ws_dec_pair<T>(qm_a, H[0][w >> 2], L[0][w >> 2], w & 3, amA);
+                        f[s][2 * h + 1] = ws_dec_pair<T>(qm_a, H[1][w >> 2], L[1][w >> 2], w & 3, amB);
+                    }
             }
+            if (!probe_nomma) {
+                /* the stage's x tile is 1024-aligned below 2^18: its descriptor is desc0 plus
+                 * the offset / 16 in the low field, with no carry out of it */
+                const uint64_t xd = desc0 + (uint64_t)((st * C::STAGE) >> 4);
+                fq_wgmma_fence();
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    fq_wgmma_rs<T, BX>(acc, f[s][0], f[s][1], f[s][2], f[s][3], xd + 2 * s, (nk > 0 || s > 0) ? 1u : 0u);
+                    fq_wgmma_commit();
+                }
+            }
+            /* the previous K tile's groups retired: its fragment set and x stage are free (this
+             * K tile's 4 groups keep the tensor cores busy while the next one is decoded) */
+            fq_wgmma_wait<4>();
+            if (nk >= 1 && leader) mbar_arrive(empty0 + 8 * pst);
+            pst = st;
+            if (++st == (uint32_t)S) {
+                st = 0;
+                ph ^= 1u;
+            }
+            nk++;
+            ws_next(a, total, c);
+            return c.valid && c.t == tile.t;
+        };
+        /* K tiles alternate between the two fragment sets (registers need static indices) */
+        while (ktile(af[0]) && ktile(af[1])) {
         }
-        ws_wait<0>();
-        if (leader) mbar_arrive(empty0 + 8 * ((c.it + S - 1) % S));
+        fq_wgmma_wait<0>();
+        if (leader) mbar_arrive(empty0 + 8 * pst);
+        if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
+            ws_sk_publish<BX>(a, acc, cw);
+            continue;
+        }
+        if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
         if (WS_PROBE(a, 8)) continue;
-
-        ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
+        if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
+        else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
     }
+    if (TS && a.tma_y && (tid & 127) == 0) tma_store_wait_all();
 #else
     (void)tmx;
     (void)tmw;
@@ -956,39 +655,40 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
 typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const ws_args);
 typedef struct {
-    int bx, smem, deep, ts;
-    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested] */
+    int bx, smem, ts;
+    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested]; NULL: a retired number */
     const char *name;
 } ws_config;
 
-#define WS_CONFIG(BX, S, DEEP, TS, NAME)                                                                       \
+#define WS_CONFIG(BX, S, TS, NAME)                                                                             \
     {BX,                                                                                                       \
      ws_cfg<BX, S, TS>::SMEM,                                                                                  \
-     DEEP,                                                                                                     \
      TS,                                                                                                       \
-     {{gemm4_ws_kernel<__half, BX, S, false, DEEP, TS>, gemm4_ws_kernel<__half, BX, S, true, DEEP, TS>},       \
-      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, DEEP, TS>,                                                 \
-       gemm4_ws_kernel<__nv_bfloat16, BX, S, true, DEEP, TS>}},                                                \
+     {{gemm4_ws_kernel<__half, BX, S, false, TS>, gemm4_ws_kernel<__half, BX, S, true, TS>},                   \
+      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, TS>, gemm4_ws_kernel<__nv_bfloat16, BX, S, true, TS>}},    \
      NAME}
+/* a number no longer in use (kept so that the others keep theirs) */
+#define WS_RETIRED(NAME) {0, 0, 0, {{NULL, NULL}, {NULL, NULL}}, NAME}
 
 /* x rows per tile (the W tile is 128 rows). 216 = 4608 / 22 (rounded up to a multiple of
  * 8): with N a multiple of 3072 the FLUX M = 4608 GEMMs then have a multiple of 4 x 132 tiles.
  * The automatic plan chooses from ws_auto_ci (ws_plan_for): the "tma-store" ones (fewer stages
  * to make room for the output tiles; 3-7 % faster than their plain versions on the H100) and
- * 128 rows; the others are for benchmarks and tests (216 rows with 7 stages; the first
- * version's 4-group loop, "q4", 1.15-1.4x slower at M = 4608). */
+ * 128 rows; the others are for benchmarks and tests (216 rows with 7 stages). 6 and 7 were
+ * the first version's 4-group loop ("q4", 1.15-1.4x slower at M = 4608), removed in
+ * session 10. */
 static const ws_config *ws_configs(void) {
     static const ws_config c[FQ_GEMM4_WS_CONFIGS] = {
-        WS_CONFIG(256, 6, true, false, "ws 128x256x64 s6"),
-        WS_CONFIG(216, 6, true, false, "ws 128x216x64 s6"),
-        WS_CONFIG(192, 7, true, false, "ws 128x192x64 s7"),
-        WS_CONFIG(128, 10, true, false, "ws 128x128x64 s10"),
-        WS_CONFIG(216, 7, true, false, "ws 128x216x64 s7"),
-        WS_CONFIG(216, 6, false, false, "ws 128x216x64 s6 q4"),
-        WS_CONFIG(256, 6, false, false, "ws 128x256x64 s6 q4"),
-        WS_CONFIG(216, 5, true, true, "ws 128x216x64 s5 tma-store"),
-        WS_CONFIG(256, 4, true, true, "ws 128x256x64 s4 tma-store"),
-        WS_CONFIG(192, 6, true, true, "ws 128x192x64 s6 tma-store"),
+        WS_CONFIG(256, 6, false, "ws 128x256x64 s6"),
+        WS_CONFIG(216, 6, false, "ws 128x216x64 s6"),
+        WS_CONFIG(192, 7, false, "ws 128x192x64 s7"),
+        WS_CONFIG(128, 10, false, "ws 128x128x64 s10"),
+        WS_CONFIG(216, 7, false, "ws 128x216x64 s7"),
+        WS_RETIRED("ws 128x216x64 s6 q4 (retired)"),
+        WS_RETIRED("ws 128x256x64 s6 q4 (retired)"),
+        WS_CONFIG(216, 5, true, "ws 128x216x64 s5 tma-store"),
+        WS_CONFIG(256, 4, true, "ws 128x256x64 s4 tma-store"),
+        WS_CONFIG(192, 6, true, "ws 128x192x64 s6 tma-store"),
     };
     return c;
 }
@@ -1008,7 +708,7 @@ extern "C" int fq_cuda_gemm4_ws_prepare(void) {
     }
     const ws_config *c = ws_configs();
     for (int i = 0; i < FQ_GEMM4_WS_CONFIGS; i++)
-        for (int t = 0; t < 2; t++)
+        for (int t = 0; t < 2 && c[i].fn[0][0]; t++)
             for (int n = 0; n < 2; n++) {
                 cudaError_t e =
                     cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
@@ -1040,8 +740,11 @@ typedef struct {
 
 #define WS_CFG_STREAMK 15 /* cfg bits 4..7: stream-K instead of a K split */
 
-/* cfg names an existing tile configuration (or 0, the plan's choice) */
-static bool ws_cfg_ok(int cfg) { return (cfg & 15) <= FQ_GEMM4_WS_CONFIGS; }
+/* cfg names an existing tile configuration, not a retired one (or 0, the plan's choice) */
+static bool ws_cfg_ok(int cfg) {
+    const int ci = (cfg & 15) - 1;
+    return ci < FQ_GEMM4_WS_CONFIGS && (ci < 0 || ws_configs()[ci].fn[0][0] != NULL);
+}
 
 /* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose,
  * WS_CFG_STREAMK = stream-K). Cost model (relative time, fitted to H100 runs): rounds
@@ -1054,8 +757,6 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
     const int64_t ktiles = w->k / WS_BK;
     const int want_ci = (cfg & 15) - 1;
     int want_splits = (cfg >> 4) & 15;
-    if (want_splits == WS_CFG_STREAMK && want_ci >= 0 && !ws_configs()[want_ci].deep)
-        want_splits = 1; /* the q4 loop: no stream-K */
     ws_plan best = {0, 1, (int)ktiles, 0};
     double best_cost = -1;
     /* automatic: 256/216/192 x rows with the TMA-stored output, 128 rows (H100, session 6) */
@@ -1067,7 +768,7 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
         /* stream-K: chosen automatically for one or two x tiles only - with more, a CTA's
          * run of consecutive tiles no longer shares x tiles with the CTAs beside it in L2
          * (3072x12288, M = 4608: 0.50x against 0.68x for the same tiles per CTA) */
-        if (ws_configs()[ci].deep && (want_splits == WS_CFG_STREAMK || (want_splits == 0 && mt <= 2))) {
+        if (want_splits == WS_CFG_STREAMK || (want_splits == 0 && mt <= 2)) {
             const int64_t units = tiles * ktiles, grid = units < sms ? units : sms;
             const int64_t share = ws_cdiv(units, grid), segs = ws_cdiv(share, ktiles) + 1;
             /* + the partial written per CTA and the owner's sequential adds of its tile's

@@ -375,16 +375,8 @@ typedef struct {
  * bench-only probe that streams the weight and skips the arithmetic: wrong results). */
 enum { ST_EXACT = 0, ST_HMUL = 1, ST_LOADS = 2 };
 
-/* Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16): the whole slice
- * of a warp goes out at once, beyond what registers could hold in flight. A hint
- * into L2, the coherent point, so it never returns stale data. */
-static __device__ __forceinline__ void st_prefetch_l2(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#else
-    (void)p; (void)bytes;
-#endif
-}
+/* The L2 prefetches below (fq_bulk_prefetch_l2) send a warp's whole slice out at
+ * once, beyond what registers could hold in flight. */
 
 template <typename T, bool NESTED, int U, int DEC>
 __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_args a) {
@@ -416,11 +408,11 @@ __global__ void __launch_bounds__(256, U >= 2 ? 2 : 3) gemv4_stream_kernel(st_ar
     if (lane < 16 && c_beg < c_end) {
         const int64_t r = min(n0 + lane, N - 1);
         const int64_t b0 = c_beg * 64, b1 = min(c_end * 64, rowb);
-        if (r == n0 + lane || lane == 0) st_prefetch_l2(a.w.packed + r * rowb + b0, (uint32_t)(b1 - b0));
+        if (r == n0 + lane || lane == 0) fq_bulk_prefetch_l2(a.w.packed + r * rowb + b0, (uint32_t)(b1 - b0));
     } else if (lane == 16 && NESTED && wk == 0) {
         const int64_t kb = K >> a.lg2bs, r1 = min(n0 + 16, N);
         const int64_t q0 = (n0 * kb) & ~(int64_t)15, q1 = (r1 * kb + 15) & ~(int64_t)15;
-        st_prefetch_l2(a.w.qabsmax + q0, (uint32_t)(q1 - q0));
+        fq_bulk_prefetch_l2(a.w.qabsmax + q0, (uint32_t)(q1 - q0));
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory"); /* no-op without a programmatic launch */

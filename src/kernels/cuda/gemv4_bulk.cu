@@ -79,37 +79,6 @@ static constexpr bool bk_arch_ok() {
 #endif
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-static __device__ __forceinline__ uint32_t bk_sa(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-static __device__ __forceinline__ void bk_bar_init(uint64_t *b, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bk_sa(b)), "r"(count) : "memory");
-}
-static __device__ __forceinline__ void bk_arrive_tx(uint64_t *b, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bk_sa(b)), "r"(bytes) : "memory");
-}
-static __device__ __forceinline__ void bk_arrive(uint64_t *b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bk_sa(b)) : "memory");
-}
-static __device__ __forceinline__ void bk_wait(uint64_t *b, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bk_sa(b)), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-static __device__ __forceinline__ void bk_copy(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     bk_sa(dst)),
-                 "l"(src), "r"(bytes), "r"(bk_sa(bar))
-                 : "memory");
-}
-static __device__ __forceinline__ void bk_prefetch(const void *p, uint32_t bytes) {
-    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-#endif
 
 /* DEC: 0 fast, 1 exact, 2 loads only (a bench probe of the streaming: wrong results). */
 template <typename T, bool NESTED, int DEC>
@@ -138,8 +107,8 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
-            bk_bar_init(&full[s], 1);
-            bk_bar_init(&empty[s], BK_WARPS);
+            fq_mbar_init(&full[s], 1);
+            fq_mbar_init(&empty[s], BK_WARPS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -160,7 +129,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
             int rows;
             uint32_t len;
             stage_src(i, r0, rows, kb0, len);
-            if (lane < rows) bk_prefetch(a.w.packed + (r0 + lane) * rowb + kb0, len);
+            if (lane < rows) fq_bulk_prefetch_l2(a.w.packed + (r0 + lane) * rowb + kb0, len);
         };
         /* hints before the wait: the absmax state of the block's rows, the first stages */
         if (lane == 31) {
@@ -168,7 +137,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
             const char *base = NESTED ? (const char *)a.w.qabsmax : (const char *)a.w.absmax;
             const int64_t q0 = (tile0 * 16 * kb * es) & ~(int64_t)15;
             const int64_t q1 = (min(tile1 * 16, N) * kb * es + 15) & ~(int64_t)15;
-            bk_prefetch(base + q0, (uint32_t)(q1 - q0));
+            fq_bulk_prefetch_l2(base + q0, (uint32_t)(q1 - q0));
         }
         const int ahead = a.pf < 0 ? nst : S + a.pf;
         for (int i = 0; i < ahead && i < nst; i++) prefetch_stage(i);
@@ -176,18 +145,18 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
         int s = 0;
         uint32_t ph = 0;
         for (int i = 0; i < nst; i++) {
-            if (i >= S) bk_wait(&empty[s], ph ^ 1);
+            if (i >= S) fq_mbar_wait(&empty[s], ph ^ 1);
             int64_t r0, kb0;
             int rows;
             uint32_t len;
             stage_src(i, r0, rows, kb0, len);
             /* x: elements [2 kb0, 2 kb0 + 2 len) of each row, 4 len bytes */
-            if (lane == 0) bk_arrive_tx(&full[s], len * (uint32_t)rows + (uint32_t)M * 4 * len);
+            if (lane == 0) fq_mbar_arrive_tx(&full[s], len * (uint32_t)rows + (uint32_t)M * 4 * len);
             __syncwarp();
             uint8_t *st = ring + s * stage_bytes;
-            if (lane < rows) bk_copy(st + lane * BK_PITCH, a.w.packed + (r0 + lane) * rowb + kb0, len, &full[s]);
+            if (lane < rows) fq_bulk_g2s(st + lane * BK_PITCH, a.w.packed + (r0 + lane) * rowb + kb0, len, &full[s]);
             else if (lane >= 16 && lane < 16 + M)
-                bk_copy(st + BK_WBYTES + (lane - 16) * 4 * BK_SB,
+                fq_bulk_g2s(st + BK_WBYTES + (lane - 16) * 4 * BK_SB,
                         (const uint8_t *)a.x + ((int64_t)(lane - 16) * K + 2 * kb0) * 2, 4 * len, &full[s]);
             if (a.pf >= 0) prefetch_stage(i + ahead);
             if (++s == S) {
@@ -269,7 +238,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
     auto step = [&](int i, uint32_t &qa, uint32_t &qb, float &va, float &vb) {
         const int ks = i % nks;
         const bool kin = ((int64_t)ks * (BK_SB / 64) + warp) * 64 < rowb; /* warp-uniform */
-        bk_wait(&full[s], ph);
+        fq_mbar_wait(&full[s], ph);
         const uint8_t *st = ring + s * stage_bytes;
         if (kin) {
             uint4 xv[4];
@@ -278,7 +247,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
             const uint4 wa = *(const uint4 *)(st + woff);
             const uint4 wb = *(const uint4 *)(st + woff + 8 * BK_PITCH);
             __syncwarp();
-            if (lane == 0) bk_arrive(&empty[s]); /* the stage's bytes are in registers now */
+            if (lane == 0) fq_mbar_arrive(&empty[s]); /* the stage's bytes are in registers now */
             if (DEC == 2) {
                 acc[0] += __uint_as_float((wa.x ^ wa.y ^ wa.z ^ wa.w ^ wb.x ^ xv[0].x) & 0x3fffffffu);
             } else {
@@ -314,7 +283,7 @@ __global__ void __launch_bounds__(BK_THREADS, 2) gemv4_bulk_kernel(bk_args a) {
             }
         } else {
             __syncwarp();
-            if (lane == 0) bk_arrive(&empty[s]);
+            if (lane == 0) fq_mbar_arrive(&empty[s]);
         }
         ld_am(i + 2, qa, qb, va, vb);
         if (++s == S) {

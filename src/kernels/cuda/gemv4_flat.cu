@@ -68,13 +68,6 @@ static __device__ __forceinline__ uint2 fl_ld8(const void *p) {
     return v;
 }
 #endif
-static __device__ __forceinline__ void fl_prefetch(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#else
-    (void)p; (void)bytes;
-#endif
-}
 
 template <typename T, bool NESTED, int M, int NW, int U, int MODE>
 __global__ void __launch_bounds__(NW * 32, 1) gemv4_flat_kernel(fl_args a) {
@@ -92,7 +85,7 @@ __global__ void __launch_bounds__(NW * 32, 1) gemv4_flat_kernel(fl_args a) {
         const int64_t chunks = N * rowb / 512, wt = (int64_t)gridDim.x * NW;
         const int64_t gw = (int64_t)blockIdx.x * NW + warp;
         const int64_t c0 = chunks * gw / wt, c1 = chunks * (gw + 1) / wt;
-        if (a.pf && lane == 0) fl_prefetch(a.w.packed + c0 * 512, (uint32_t)((c1 - c0) * 512));
+        if (a.pf && lane == 0) fq_bulk_prefetch_l2(a.w.packed + c0 * 512, (uint32_t)((c1 - c0) * 512));
 #if __CUDA_ARCH__ >= 900
         asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
@@ -126,7 +119,7 @@ __global__ void __launch_bounds__(NW * 32, 1) gemv4_flat_kernel(fl_args a) {
         const int64_t b0 = pb0 * 2 * rowb, b1 = min(pb1 * 2, N) * rowb;
         const int64_t pieces = (b1 - b0 + 8191) / 8192;
         for (int64_t i = tid; i < pieces; i += NW * 32)
-            fl_prefetch(a.w.packed + b0 + i * 8192, (uint32_t)min((int64_t)8192, b1 - b0 - i * 8192));
+            fq_bulk_prefetch_l2(a.w.packed + b0 + i * 8192, (uint32_t)min((int64_t)8192, b1 - b0 - i * 8192));
     }
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -48,7 +48,9 @@
  * branch-free clamped loads, the absmax of a block's rows computed into shared memory
  * at the start with three batches in flight (18432x3072: 20.0 vs 17.0 us), and a
  * per-warp cp.async ring in shared memory with 24 warps (28.8 vs 19.4 us: the ring's
- * copies and reads on top of the table lookups saturate the shared-memory pipe). */
+ * copies and reads on top of the table lookups saturate the shared-memory pipe), and
+ * (session 10) a per-warp ring filled by bulk copies, each warp refilling its own
+ * slots: 18.5-20.7 vs 16.5 us on 21504x3072, slower with more slots in flight. */
 #include "kernels/cuda/lin4_common.cuh"
 
 #define GW_WIN_ELEMS 1024 /* one warp load: 32 lanes x 32 elements (16 bytes) */
@@ -86,7 +88,7 @@ static __device__ __forceinline__ void gw_prefetch_rows(const uint8_t *packed, i
     const int64_t b0 = r0 * rowb, bytes = (r1 - r0) * rowb;
     for (int64_t o = 0; o < bytes; o += 1 << 16) {
         const uint32_t n = (uint32_t)min((int64_t)1 << 16, bytes - o);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(packed + b0 + o), "r"(n) : "memory");
+        fq_bulk_prefetch_l2(packed + b0 + o, n);
     }
 #else
     (void)packed; (void)rowb; (void)r0; (void)r1;
@@ -123,6 +125,93 @@ static __device__ __forceinline__ void gw_load_x(const void *x, int dt, int64_t 
             xf[8 * i + 2 * j] = f.x;
             xf[8 * i + 2 * j + 1] = f.y;
         }
+    }
+}
+
+/* The decode table: entry b (a byte, two nibbles), copy l at word pair b * 32 + l;
+ * thread writes are rotated over the 16-byte columns so that a store phase covers
+ * distinct banks. The caller syncs before (qm_s) and after. */
+static __device__ __forceinline__ void gw_build_table(uint2 *tbl, const float *qm_s) {
+    for (int i = threadIdx.x; i < 256 * 16; i += blockDim.x) {
+        const int b = i >> 4, c = (i + b) & 15; /* 16-byte column c holds copies 2c, 2c+1 */
+        const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
+        *(uint4 *)(tbl + b * 32 + 2 * c) = make_uint4(first, second, first, second);
+    }
+}
+
+/* (code of the byte's first element, code of its second) from the lane's copy of the
+ * table at shared address tbase (offset 0 of the dynamic shared memory) */
+static __device__ __forceinline__ float2 gw_pair(uint32_t tbase, uint32_t lane8, uint32_t wd, int byte) {
+    /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
+    const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
+    float2 v; /* a shared-space address (a generic pointer costs a window-base add too) */
+    asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(tbase + off));
+    return v;
+}
+
+/* One row's 16 bytes (the lane's 32 elements) against x, in four f32 chains. */
+template <int M>
+static __device__ __forceinline__ void gw_dot(uint4 w, uint32_t tbase, uint32_t lane8, const float (&xf)[M][32],
+                                              float (&s)[M][4]) {
+#pragma unroll
+    for (int m = 0; m < M; m++) s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
+    const uint32_t wd[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int by = 0; by < 4; by++) {
+            const float2 c = gw_pair(tbase, lane8, wd[j], by);
+            const int i = 8 * j + 2 * by, ch = 2 * (by & 1); /* four chains */
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                s[m][ch] = fmaf(c.x, xf[m][i], s[m][ch]);
+                s[m][ch + 1] = fmaf(c.y, xf[m][i + 1], s[m][ch + 1]);
+            }
+        }
+}
+
+/* The U row sums of a batch (rows rc, rc + R, ...) over the warp at once: each
+ * butterfly step halves the rows a lane carries (lane bit 4, then 3, ... picks which
+ * half it keeps); the window's sum of each row goes to part. */
+template <int M, int U>
+static __device__ __forceinline__ void gw_sums(float (&v)[M][U], int lane, int64_t rc, int R, int64_t rb0,
+                                               int64_t rb1, int wins, int wi, float *part) {
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float t[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) t[u] = v[m][u];
+        int h = U, bit = 16;
+#pragma unroll
+        for (; h > 1; h >>= 1, bit >>= 1) {
+            const bool up = (lane & bit) != 0;
+#pragma unroll
+            for (int j = 0; j < h / 2; j++) {
+                const float keep = up ? t[j + h / 2] : t[j], send = up ? t[j] : t[j + h / 2];
+                t[j] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+            }
+        }
+#pragma unroll
+        for (; bit >= 1; bit >>= 1) t[0] += __shfl_xor_sync(0xffffffffu, t[0], bit);
+        /* lane bits 4, 3, ... (log2 U of them) name the row whose sum it holds */
+        const int row = U == 1 ? 0 : lane >> (5 - (U == 2 ? 1 : U == 4 ? 2 : 3));
+        const int64_t r = rc + (int64_t)row * R;
+        if ((lane & ((32 / U) - 1)) == 0 && r < rb1) part[((r - rb0) * M + m) * wins + wi] = t[0];
+    }
+}
+
+/* The block's rows: the window sums in window order, the epilogue, the store. */
+static __device__ __forceinline__ void gw_store(void *y, int y_dtype, const fq_lin4_epilogue &e, const float *part,
+                                                int64_t rb0, int64_t rb1, int64_t N, int M, int wins) {
+    const int64_t nr = rb1 - rb0;
+    for (int64_t i = threadIdx.x; i < nr * M; i += blockDim.x) {
+        const int64_t r = i / M;
+        const int m = (int)(i - r * M);
+        const float *p = part + i * wins;
+        float v = p[0];
+        for (int w = 1; w < wins; w++) v += p[w];
+        const int64_t n = rb0 + r;
+        fq_stf(y, y_dtype, (int64_t)m * N + n, fq_epi(e, n, v));
     }
 }
 
@@ -215,13 +304,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
         for (int i = tid + 2 * (int)blockDim.x; i < 256; i += blockDim.x) code_s[i] = __ldg(&a.w.nested_code[i]);
     }
     __syncthreads();
-    /* entry b, copy l at word pair b * 32 + l; thread writes are rotated over the
-     * 16-byte columns so that a store phase covers distinct banks */
-    for (int i = tid; i < 256 * 16; i += blockDim.x) {
-        const int b = i >> 4, c = (i + b) & 15; /* 16-byte column c holds copies 2c, 2c+1 */
-        const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
-        *(uint4 *)(tbl + b * 32 + 2 * c) = make_uint4(first, second, first, second);
-    }
+    gw_build_table(tbl, qm_s);
     if (a.early) {
         grid_wait(); /* x may be the previous kernel's output */
 #pragma unroll
@@ -229,15 +312,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     }
     __syncthreads();
 
-    /* (code of the byte's first element, code of its second) from lane's copy */
     const uint32_t lane8 = 8u * (uint32_t)lane, tbase = fq_smem_addr(gw_sm);
-    auto pair = [&](uint32_t wd, int byte) -> float2 {
-        /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
-        const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
-        float2 v; /* a shared-space address (a generic pointer costs a window-base add too) */
-        asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(tbase + off));
-        return v;
-    };
 
     /* compute cursor */
     int64_t rc = rb0 + ro;
@@ -253,54 +328,17 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
         float v[M][U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            float s[M][4];
-#pragma unroll
-            for (int m = 0; m < M; m++) s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
             const gw_row cur = b[u];
             if (ORD == GW_ORD_BEFORE) issue1(b[u]);
-            const uint32_t wd[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int by = 0; by < 4; by++) {
-                    const float2 c = pair(wd[j], by);
-                    const int i = 8 * j + 2 * by, ch = 2 * (by & 1); /* four chains */
-#pragma unroll
-                    for (int m = 0; m < M; m++) {
-                        s[m][ch] = fmaf(c.x, xf[m][i], s[m][ch]);
-                        s[m][ch + 1] = fmaf(c.y, xf[m][i + 1], s[m][ch + 1]);
-                    }
-                }
+            float s[M][4];
+            gw_dot<M>(cur.w, tbase, lane8, xf, s);
             float am = cur.am;
             if (NESTED) am = __fadd_rn(fq_lin4_mul_ftz(code_s[cur.q], am), a.w.offset);
 #pragma unroll
             for (int m = 0; m < M; m++) v[m][u] = ((s[m][0] + s[m][1]) + (s[m][2] + s[m][3])) * am;
             if (ORD == GW_ORD_AFTER) issue1(b[u]);
         }
-        /* the U row sums over the warp at once: each butterfly step halves the rows a
-         * lane carries (lane bit 4, then 3, ... picks which half it keeps) */
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float t[U];
-#pragma unroll
-            for (int u = 0; u < U; u++) t[u] = v[m][u];
-            int h = U, bit = 16;
-#pragma unroll
-            for (; h > 1; h >>= 1, bit >>= 1) {
-                const bool up = (lane & bit) != 0;
-#pragma unroll
-                for (int j = 0; j < h / 2; j++) {
-                    const float keep = up ? t[j + h / 2] : t[j], send = up ? t[j] : t[j + h / 2];
-                    t[j] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
-                }
-            }
-#pragma unroll
-            for (; bit >= 1; bit >>= 1) t[0] += __shfl_xor_sync(0xffffffffu, t[0], bit);
-            /* lane bits 4, 3, ... (log2 U of them) name the row whose sum it holds */
-            const int row = U == 1 ? 0 : lane >> (5 - (U == 2 ? 1 : U == 4 ? 2 : 3));
-            const int64_t r = rc + (int64_t)row * R;
-            if ((lane & ((32 / U) - 1)) == 0 && r < rb1) part[((r - rb0) * M + m) * wins + wi] = t[0];
-        }
+        gw_sums<M, U>(v, lane, rc, R, rb0, rb1, wins, wi, part);
         rc += (int64_t)U * R;
     };
     /* two batches of U rows in flight; a batch is reloaded as soon as it is used */
@@ -313,17 +351,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     }
     __syncthreads();
 
-    /* rows of the block: the window sums in window order, the epilogue, the store */
-    const int64_t nr = rb1 - rb0;
-    for (int64_t i = tid; i < nr * M; i += blockDim.x) {
-        const int64_t r = i / M;
-        const int m = (int)(i - r * M);
-        const float *p = part + i * wins;
-        float v = p[0];
-        for (int w = 1; w < wins; w++) v += p[w];
-        const int64_t n = rb0 + r;
-        fq_stf(a.y, a.y_dtype, (int64_t)m * N + n, fq_epi(a.e, n, v));
-    }
+    gw_store(a.y, a.y_dtype, a.e, part, rb0, rb1, N, M, wins);
 #else
     (void)a;
     __trap(); /* never launched: the host needs sm_80 */

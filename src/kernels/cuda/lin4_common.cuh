@@ -200,6 +200,48 @@ template <int N> static __device__ __forceinline__ void fq_cp_async_wait(void) {
 #endif
 }
 
+/* ---- mbarriers and bulk copies (sm_90) ------------------------------------------- */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+static __device__ __forceinline__ void fq_mbar_init(uint64_t *b, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(fq_smem_addr(b)), "r"(count) : "memory");
+}
+/* one arrival that also announces `bytes` of bulk copies completing on b */
+static __device__ __forceinline__ void fq_mbar_arrive_tx(uint64_t *b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fq_smem_addr(b)), "r"(bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void fq_mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(fq_smem_addr(b)) : "memory");
+}
+/* waits until the phase of parity `parity` of b has completed */
+static __device__ __forceinline__ void fq_mbar_wait(uint64_t *b, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(fq_smem_addr(b)), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+/* global -> shared bulk copy (16-byte aligned, bytes % 16 == 0) completing on bar */
+static __device__ __forceinline__ void fq_bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     fq_smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(fq_smem_addr(bar))
+                 : "memory");
+}
+#endif
+/* Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16); a hint into L2, the
+ * coherent point, so it never returns stale data. Nothing before sm_90. */
+static __device__ __forceinline__ void fq_bulk_prefetch_l2(const void *p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
 /* ---- launching ------------------------------------------------------------------ */
 
 /* fn<<<grid, block, smem, stream>>>(a) as a programmatic dependent launch (the

@@ -189,8 +189,9 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
 /* Warp-specialized large-M GEMM (sm_90a only; gemm4_ws_sm90.cu): TMA + mbarrier
  * pipeline, W decoded exactly like dequantize into wgmma A registers. Same
  * requirements as gemm4_wgmma. cfg: low 4 bits = tile configuration (0 = choose,
- * 1..FQ_GEMM4_WS_CONFIGS: 256/216/192/128 x rows per tile, then variants for
- * benchmarks; 8..10: 216/256/192 with the output stored by TMA), bits 4..7 = K splits (0 = choose, 15 = stream-K: every CTA the same
+ * 1..4: 256/216/192/128 x rows per tile, 5: 216 with 7 stages, 6 and 7: retired (an
+ * error), 8..10: 216/256/192 with the output stored by TMA), bits 4..7 = K splits (0 =
+ * choose, 15 = stream-K: every CTA the same
  * share of the tile-major K tiles, split tiles summed in a fixed order); with a split
  * or stream-K the f32 partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with
  * less, K is not split). Stream-K also needs flags: 2 x FQ_GEMM4_WS_MAX_SMS ints,
