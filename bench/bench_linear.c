@@ -28,11 +28,12 @@
  *
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
- *                     [--no-rotate] [--sweep] [--quick] [--impl NAME] [--ceiling]
+ *                     [--no-rotate] [--sweep] [--quick] [--impl NAME] [--ceiling] [--l2]
  * (--impl: sweep only that implementation's configurations, e.g. gemm4_ws;
  *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1;
  *  --ceiling: at M = 1, also a kernel that only reads the weight's bytes, three
- *  ways, and a copy of them, in the same rounds as ours: the floor for M = 1)
+ *  ways, and a copy of them, in the same rounds as ours: the floor for M = 1;
+ *  --l2: first, how fast L2 hands a 1.5 MB L2-resident range to the SMs, several ways)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -651,8 +652,61 @@ static void ceiling_case(bl_gpu *g, ours_arg *oa, size_t wbytes, int iters, int 
     fq_buf_free(&sink);
 }
 
+/* --l2: how fast L2 hands an L2-resident range to the SMs (stream_probe.cu): the range
+ * is x at M = 256, K = 3072 (1.5 MB), which every CTA of the 4-bit GEMMs reads whole once
+ * per W tile; each variant's GB/s counts blocks x bytes x reps over the median of 5 runs. */
+static void l2_case(bl_gpu *g) {
+    const size_t bytes = (size_t)256 * 3072 * 2;
+    const int reps = 16;
+    fq_buffer buf = {0}, sink = {0};
+    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &buf) != FQ_OK ||
+        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
+        fprintf(stderr, "bench_linear: l2: %s\n", fq_ctx_error(g->ctx));
+        fq_buf_free(&buf);
+        return;
+    }
+    const int sms = g->d->sm_count;
+    const struct {
+        int how, blocks;
+        const char *name;
+    } v[] = {{0, 2 * sms, "16-byte loads, 2 blocks per SM"},
+             {1, sms, "bulk copies, every SM"},
+             {1, sms * 96 / 132, "bulk copies, 96/132 of the SMs"},
+             {1, sms / 2, "bulk copies, half the SMs"},
+             {2, sms, "bulk copies, every SM, in step"}};
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
+        (void)cudaMemsetAsync(buf.ptr, 1, bytes, g->d->stream);
+        for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+            if (v[i].how > 0 && g->d->cc_major < 9) continue;
+            double t[5];
+            int n = 0, e = 0;
+            for (int r = 0; r < 6 && !e; r++) {
+                float ms = 0;
+                e = (int)cudaEventRecord(g->ev0, g->d->stream);
+                if (!e) e = fq_cuda_l2_probe(buf.ptr, bytes, reps, v[i].how, v[i].blocks, sink.ptr, g->d->cc_major,
+                                             g->d->stream);
+                if (!e) e = (int)cudaEventRecord(g->ev1, g->d->stream);
+                if (!e) e = (int)cudaEventSynchronize(g->ev1);
+                if (!e) e = (int)cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+                if (!e && r) t[n++] = ms * 1e3;
+            }
+            if (e) {
+                fprintf(stderr, "bench_linear: l2 probe: %s\n", cudaGetErrorString((cudaError_t)e));
+                break;
+            }
+            const double us = median(t, n), total = (double)bytes * reps * v[i].blocks;
+            printf("l2 probe %-34s %4d blocks: %8.1f us  %7.1f GB/s out of L2  (%.1f GB/s per block)\n", v[i].name,
+                   v[i].blocks, us, total / (us * 1e3), total / (us * 1e3) / v[i].blocks);
+        }
+        fq_cuda_guard_exit(&gd);
+    }
+    fq_buf_free(&buf);
+    fq_buf_free(&sink);
+}
+
 static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, const int64_t *ms, int nms, int iters,
-                     int reps, int fp4, int dq, int rotate, int sweep, int ceiling, bl_rows *rs) {
+                     int reps, int fp4, int dq, int rotate, int sweep, int ceiling, int l2, bl_rows *rs) {
     bl_gpu g = {ctx, dev, NULL, NULL, NULL};
     if (fq_cuda_dev_get(ctx, dev, &g.d) != FQ_OK) {
         fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
@@ -672,6 +726,7 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
     rs->copy_gbps = copy_bandwidth(&g);
     printf("card: %s (%s, sm_%d%d, %d SMs)   D2D copy: %.1f GB/s (read + written)\n", rs->card, rs->device,
            g.d->cc_major, g.d->cc_minor, g.d->sm_count, rs->copy_gbps);
+    if (l2) l2_case(&g);
     printf("weights: %s, blocksize 64%s; x, y bf16; %d calls per graph, median of %d replays%s\n", fp4 ? "FP4" : "NF4",
            dq ? ", double quant" : "", iters, reps, rotate ? ", weights rotated over >= 256 MiB" : "");
     printf("%-12s %5s %-17s %10s %10s %10s %7s %8s %8s %7s %s\n", "W (NxK)", "M", "kernel", "ours us", "cublas us",
@@ -823,7 +878,7 @@ static int parse_shapes(const char *s, bl_shape *out, int max) {
 
 int fq_bench_linear(int argc, char **argv) {
     const char *device = "cuda:0", *json = NULL;
-    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0, ceiling = 0;
+    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0, ceiling = 0, l2 = 0;
     bl_shape shapes[32];
     int nshapes = 0;
     int64_t ms[32];
@@ -845,6 +900,7 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--no-rotate")) rotate = 0;
         else if (!strcmp(a, "--sweep")) sweep = 1;
         else if (!strcmp(a, "--ceiling")) ceiling = 1;
+        else if (!strcmp(a, "--l2")) l2 = 1;
 #ifdef FQ_HAVE_CUDA
         else if (!strcmp(a, "--impl") && i + 1 < argc) {
             g_sweep_only = argv[++i];
@@ -861,7 +917,7 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling]\n");
+                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling] [--l2]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }
@@ -895,9 +951,9 @@ int fq_bench_linear(int argc, char **argv) {
     if (dev.type == FQ_DEVICE_CPU) rc = bench_cpu(ctx, shapes, nshapes, ms, nms, iters, fp4, dq, &rs);
     else {
 #ifdef FQ_HAVE_CUDA
-        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, &rs);
+        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, l2, &rs);
 #else
-        (void)rotate, (void)sweep, (void)reps, (void)ceiling;
+        (void)rotate, (void)sweep, (void)reps, (void)ceiling, (void)l2;
         fprintf(stderr, "bench_linear: built without CUDA\n");
         rc = 1;
 #endif

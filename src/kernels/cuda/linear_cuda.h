@@ -157,6 +157,12 @@ int fq_cuda_gemv4_win(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_li
  * a row overlap); 3 as 2 with blocks too large to share an SM with the next call's.
  * *sink is written only in a case that does not happen. */
 int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink, int mode, int sm_count, cudaStream_t stream);
+/* Benchmark only (stream_probe.cu): L2 -> SM read bandwidth on an L2-resident range
+ * of `bytes` (a multiple of 16 KB, 16-byte aligned) that each of `blocks` blocks reads
+ * `reps` times; how 0 register loads, 1 bulk copies into shared memory from scattered
+ * offsets, 2 the same in step (1 and 2 need cc_major >= 9). Returns a cudaError_t. */
+int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, int blocks, unsigned *sink, int cc_major,
+                     cudaStream_t stream);
 
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that

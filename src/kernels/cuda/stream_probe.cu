@@ -81,3 +81,86 @@ extern "C" int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink,
     const sp_args a = {(const uint4 *)p, n16, sink};
     return fq_lin4_launch(fn, (unsigned)blocks, SP_THREADS, smem, stream, a, mode == 0);
 }
+
+/* ---- l2_probe: how fast L2 hands an L2-resident range to the SMs ----------------------
+ * For the benchmark only (bench_linear --l2). Every block reads the whole range `reps`
+ * times, the way each CTA of the 4-bit GEMMs reads its x tiles (at M = 256 and K = 3072,
+ * x is 1.5 MB and every CTA reads all of it once per W tile), so the total is blocks x
+ * bytes x reps. how 0: 16-byte register loads, 256 threads a block, 8 in flight per
+ * thread; how 1: bulk copies (cp.async.bulk) of 16 KB into an 8-deep shared-memory ring
+ * issued by one thread, as gemm4_ws's producer does, each block starting at its own
+ * offset; how 2: as 1, every block starting at offset 0 (the blocks read in step). */
+#define LP_PIECE (16 << 10)
+#define LP_SLOTS 8
+
+typedef struct {
+    const uint8_t *p;
+    int64_t bytes; /* a multiple of LP_PIECE */
+    int reps;
+    unsigned *sink;
+} lp_args;
+
+__global__ void __launch_bounds__(SP_THREADS) l2_probe_loads_kernel(lp_args a) {
+    const uint4 *p = (const uint4 *)a.p;
+    const int64_t n16 = a.bytes / 16;
+    const int64_t start = ((int64_t)blockIdx.x * 4099 * 16) % n16; /* blocks at scattered offsets */
+    unsigned acc = 0;
+    for (int r = 0; r < a.reps; r++)
+        for (int64_t i = threadIdx.x; i < n16; i += SP_UNROLL * SP_THREADS) {
+            uint4 v[SP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < SP_UNROLL; u++) {
+                int64_t j = i + u * SP_THREADS;
+                j = j < n16 ? j + start : start; /* past the end: any word, read again */
+                if (j >= n16) j -= n16;
+                v[u] = __ldg(p + j);
+            }
+#pragma unroll
+            for (int u = 0; u < SP_UNROLL; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        }
+    if (acc == 0x9e3779b9u) *a.sink = acc;
+}
+
+template <bool IN_STEP> __global__ void __launch_bounds__(32) l2_probe_bulk_kernel(lp_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) uint8_t lp_sm[];
+    __shared__ uint64_t bars[LP_SLOTS];
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < LP_SLOTS; s++) fq_mbar_init(&bars[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    const int64_t pieces = a.bytes / LP_PIECE, total = pieces * a.reps;
+    const int64_t start = IN_STEP ? 0 : (int64_t)blockIdx.x * 7 % pieces;
+    int64_t k = 0;
+    for (; k < total; k++) {
+        const int s = (int)(k % LP_SLOTS);
+        if (k >= LP_SLOTS) fq_mbar_wait(&bars[s], (uint32_t)((k / LP_SLOTS - 1) & 1));
+        const int64_t piece = (k + start) % pieces;
+        fq_mbar_arrive_tx(&bars[s], LP_PIECE);
+        fq_bulk_g2s(lp_sm + (size_t)s * LP_PIECE, a.p + piece * LP_PIECE, LP_PIECE, &bars[s]);
+    }
+    for (int64_t j = k > LP_SLOTS ? k - LP_SLOTS : 0; j < k; j++)
+        fq_mbar_wait(&bars[j % LP_SLOTS], (uint32_t)((j / LP_SLOTS) & 1));
+    if (lp_sm[0] == 0xa5 && lp_sm[1] == 0x5a && a.sink) *a.sink = lp_sm[2]; /* keeps the copies */
+#else
+    (void)a;
+    __trap(); /* never launched: the host checks for sm_90 */
+#endif
+}
+
+extern "C" int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, int blocks, unsigned *sink,
+                                int cc_major, cudaStream_t stream) {
+    if (!p || !sink || ((uintptr_t)p & 15) || bytes % LP_PIECE || bytes == 0 || reps < 1 || blocks < 1 || how < 0 ||
+        how > 2 || (how > 0 && cc_major < 9))
+        return (int)cudaErrorInvalidValue;
+    const lp_args a = {(const uint8_t *)p, (int64_t)bytes, reps, sink};
+    if (how == 0) {
+        l2_probe_loads_kernel<<<(unsigned)blocks, SP_THREADS, 0, stream>>>(a);
+        return (int)cudaGetLastError();
+    }
+    void (*fn)(lp_args) = how == 1 ? l2_probe_bulk_kernel<false> : l2_probe_bulk_kernel<true>;
+    const int smem = LP_SLOTS * LP_PIECE;
+    const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+    fn<<<(unsigned)blocks, 32, (size_t)smem, stream>>>(a);
+    return (int)cudaGetLastError();
+}
