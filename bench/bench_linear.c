@@ -539,6 +539,45 @@ static int parse_variants(const char *s) {
 
 /* Every implementation x configuration that can run the case, for tuning; each
  * timed in turn with cuBLASLt (ba, when set up) and compared with that time. */
+/* FQ_WS_STAMPS set (with FQ_WS_PROBE=64, in a WS_PROBES build): one more call of the
+ * selection, then gemm4_ws's per-CTA timeline (docs/linear-cuda.md): for each stamp,
+ * how many CTAs reached it and the min / median / max time since the first CTA began. */
+static int cmp_u64(const void *a, const void *b) {
+    const unsigned long long x = *(const unsigned long long *)a, y = *(const unsigned long long *)b;
+    return x < y ? -1 : x > y;
+}
+static void ws_timeline(bl_gpu *g, ours_arg *oa) {
+    enum { SL = 16 };
+    const int ctas = g->d->sm_count, n = ctas * SL;
+    unsigned long long *st = calloc((size_t)n, sizeof *st), *col = calloc((size_t)ctas, sizeof *col);
+    fq_cuda_guard gd;
+    int e = !st || !col || fq_cuda_guard_enter(g->ctx, g->dev, &gd) != FQ_OK;
+    if (!e) {
+        e = fq_cuda_gemm4_ws_stamps(NULL, n) != 0 || body_ours(g, oa, 0) != FQ_OK ||
+            cudaStreamSynchronize(g->d->stream) != cudaSuccess || fq_cuda_gemm4_ws_stamps(st, n) != 0;
+        fq_cuda_guard_exit(&gd);
+    }
+    unsigned long long t0 = 0;
+    for (int b = 0; !e && b < ctas; b++)
+        if (st[b * SL] && (!t0 || st[b * SL] < t0)) t0 = st[b * SL];
+    static const char *what[4] = {"start", "last MMA", "publish/collect", "store"};
+    for (int sl = 0; !e && t0 && sl < SL; sl++) {
+        int c = 0;
+        for (int b = 0; b < ctas; b++)
+            if (st[b * SL + sl] >= t0) col[c++] = st[b * SL + sl] - t0;
+        if (!c) continue;
+        qsort(col, (size_t)c, sizeof *col, cmp_u64);
+        char label[40];
+        if (sl == 0) snprintf(label, sizeof label, "consumers begin");
+        else snprintf(label, sizeof label, "segment %d %s", (sl - 1) / 4, what[(sl - 1) % 4]);
+        printf("      timeline %-26s %3d CTAs  min %7.2f  median %7.2f  max %7.2f us\n", label, c, col[0] * 1e-3,
+               col[c / 2] * 1e-3, col[c - 1] * 1e-3);
+    }
+    if (e || !t0) printf("      timeline: not available (a WS_PROBES build with FQ_WS_PROBE=64)\n");
+    free(st);
+    free(col);
+}
+
 static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int reps, double us_blas, int64_t m,
                        int64_t n, int64_t k) {
     static const int gemv_cfg[] = {1, 2, 4, 8, 0x11, 0x12, 0x14, 0x18};
@@ -556,8 +595,9 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
             for (int i = 1; i <= FQ_GEMM4_MMA_CONFIGS; i++) cfgs[nc++] = i;
         if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x K splits (large M: no split) */
             for (int t = 1; t <= FQ_GEMM4_WS_CONFIGS; t++) {
+                if (t == 6 || t == 7) continue; /* retired numbers */
                 for (int s = 1; s <= (m >= 2048 ? 1 : 4); s *= 2) cfgs[nc++] = t | s << 4;
-                if (t <= 5 || t >= 8) cfgs[nc++] = t | 0xf0; /* stream-K (the DEEP loop's configurations) */
+                cfgs[nc++] = t | 0xf0; /* stream-K */
             }
         if (impl == FQ_LIN4_GEMM_WGMMA)
             for (int t = 1; t <= FQ_GEMM4_WGMMA_CONFIGS; t++)
@@ -593,6 +633,7 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
             printf("    sweep %-34s %10.2f us  x blas %6.3f  %8.1f TFLOP/s  (cublas %.2f us%s)\n", name, us,
                    us_blas / us, 2.0 * (double)m * (double)n * (double)k / (us * 1e6), us_blas,
                    ba ? ", same rounds" : "");
+            if (impl == FQ_LIN4_GEMM_WS && getenv("FQ_WS_STAMPS")) ws_timeline(g, oa);
         }
     }
     oa->sel = FQ_LINEAR_AUTO;

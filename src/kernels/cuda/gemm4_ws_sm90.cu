@@ -50,6 +50,29 @@
 #else
 #define WS_PROBE(a, bit) false
 #endif
+/* Probe 64 (a timeline, results right): consumer warpgroup 0 of each CTA stamps the
+ * global timer at its start (slot 0) and, for its n-th segment (a tile or a stream-K
+ * piece of one, n < 4), at the segment's start, after its last MMA, after the stream-K
+ * publish or collect, and after the store (slots 1 + 4n .. 4 + 4n); the host reads the
+ * last launch's stamps with fq_cuda_gemm4_ws_stamps. */
+#define WS_STAMPS 16
+#ifdef FQ_WS_PROBES
+__device__ unsigned long long g_ws_stamps[FQ_GEMM4_WS_MAX_SMS * WS_STAMPS];
+#endif
+#if defined(FQ_WS_PROBES) && defined(__CUDA_ARCH__)
+#define WS_STAMP(a, slot)                                                                                  \
+    do {                                                                                                   \
+        if (WS_PROBE(a, 64) && (slot) < WS_STAMPS && (threadIdx.x & 127) == 0 && threadIdx.x < 256) {      \
+            unsigned long long t_;                                                                         \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                         \
+            g_ws_stamps[blockIdx.x * WS_STAMPS + (slot)] = t_;                                             \
+        }                                                                                                  \
+    } while (0)
+#else
+#define WS_STAMP(a, slot) \
+    do {                  \
+    } while (0)
+#endif
 
 typedef struct {
     fq_lin4_weight w;
@@ -71,14 +94,14 @@ typedef struct {
      * launch, one per SM), so the owner's wait always ends. */
     int streamk;
     int64_t units;
-    float *sk_part; /* [grid][2][128][BX / 2] */
+    float *sk_part; /* [grid][2]: 128 x BX / 2 floats, float4 j of lane l at [j][l] */
     int *sk_flag;   /* [grid][2]: 1 = the slot's partial is ready; reset to 0 by the owner */
     /* TS configurations: y (16-bit, N % 8 == 0, no K split) is written through a
      * shared-memory tile per consumer warpgroup and a TMA store, so the next tile's
      * main loop starts while the store drains */
     int tma_y;
     int probe; /* bench probes (FQ_WS_PROBE, WRONG results): 1 no decode, 2 no absmax loads, 4 no MMA, 8 no stores,
-                16 no W copy, 32 no x copy */
+                16 no W copy, 32 no x copy; 64 a timeline (WS_STAMP, right results) */
 } ws_args;
 
 /* One stage's work: tile t (N fastest, then M, then the K split), K tile kt. */
@@ -222,14 +245,18 @@ static __device__ __forceinline__ void ws_wg_sync(int cw) {
 }
 
 /* Stream-K, a segment that starts inside its tile: the warpgroup's accumulators go
- * to its slot, then the slot's flag is raised (release: the stores come first). */
+ * to its slot (16 bytes a store: float4 j of lane lt at p[j * 128 + lt]), then the
+ * slot's flag is raised. The warpgroup's barrier orders every lane's stores before lane
+ * 0's release (as CUTLASS's split-K semaphore does); a fence in every lane, as before
+ * session 10, made each lane wait for its 32 stores to reach L2 (the timeline: ~4 us
+ * per publish at BX = 256). */
 template <int BX>
 static __device__ __forceinline__ void ws_sk_publish(const ws_args &a, const float *acc, int cw) {
     const int slot = 2 * blockIdx.x + cw, lt = threadIdx.x & 127;
-    float *p = a.sk_part + (size_t)slot * 128 * (BX / 2);
+    float4 *p = (float4 *)(a.sk_part + (size_t)slot * 128 * (BX / 2));
 #pragma unroll
-    for (int i = 0; i < BX / 2; i++) __stcg(p + i * 128 + lt, acc[i]);
-    __threadfence();
+    for (int j = 0; j < BX / 8; j++)
+        __stcg(p + j * 128 + lt, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
     ws_wg_sync(cw);
     if (lt == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(a.sk_flag + slot), "r"(1) : "memory");
 }
@@ -252,9 +279,15 @@ static __device__ __forceinline__ void ws_sk_collect(const ws_args &a, float *ac
             } while (f == 0);
         }
         ws_wg_sync(cw);
-        const float *p = a.sk_part + (size_t)slot * 128 * (BX / 2);
+        const float4 *p = (const float4 *)(a.sk_part + (size_t)slot * 128 * (BX / 2));
 #pragma unroll
-        for (int i = 0; i < BX / 2; i++) acc[i] += __ldcg(p + i * 128 + lt);
+        for (int j = 0; j < BX / 8; j++) {
+            const float4 v = __ldcg(p + j * 128 + lt);
+            acc[4 * j] += v.x;
+            acc[4 * j + 1] += v.y;
+            acc[4 * j + 2] += v.z;
+            acc[4 * j + 3] += v.w;
+        }
         ws_wg_sync(cw); /* every lane has read the slot before the flag is lowered */
         if (lt == 0) a.sk_flag[slot] = 0;
         covered = e < tile_end ? e : tile_end;
@@ -543,6 +576,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const bool leader = (tid & 127) == 0;
     const bool probe_nodec = WS_PROBE(a, 1), probe_nomma = WS_PROBE(a, 4);
     float acc[BX / 2];
+    int seg = 0; /* WS_STAMP's segment count */
+    if (cw == 0) WS_STAMP(a, 0);
     /* Two fragment sets (two K tiles): a K tile's 32 weights per lane are decoded at
      * once, right after its stage is full, while the previous K tile's 4 wgmma groups
      * (and the other warpgroup's) keep the tensor cores busy; after issuing its own 4
@@ -557,6 +592,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const uint64_t desc0 = fq_wgmma_desc(base); /* + (stage offset + 32 k16) / 16 below */
     while (c.valid) {
         const ws_item tile = c;
+        if (cw == 0) WS_STAMP(a, 1 + 4 * seg);
         if (probe_nomma) {
 #pragma unroll
             for (int i = 0; i < BX / 2; i++) acc[i] = 0.0f;
@@ -633,14 +669,20 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         }
         fq_wgmma_wait<0>();
         if (leader) mbar_arrive(empty0 + 8 * pst);
+        if (cw == 0) WS_STAMP(a, 2 + 4 * seg);
         if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
             ws_sk_publish<BX>(a, acc, cw);
+            if (cw == 0) WS_STAMP(a, 3 + 4 * seg);
+            seg++;
             continue;
         }
         if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
+        if (cw == 0) WS_STAMP(a, 3 + 4 * seg);
         if (WS_PROBE(a, 8)) continue;
         if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
         else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
+        if (cw == 0) WS_STAMP(a, 4 + 4 * seg);
+        seg++;
     }
     if (TS && a.tma_y && (tid & 127) == 0) tma_store_wait_all();
 #else
@@ -724,7 +766,7 @@ static int ws_probe(void) {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("FQ_WS_PROBE");
-        v = e ? atoi(e) & 63 : 0;
+        v = e ? atoi(e) & 127 : 0;
     }
     return v;
 #else
@@ -944,6 +986,24 @@ extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
 #endif
 
 /* Limits: K < 2^31 elements (int tile coordinates), M < 2^31, TMA strides < 2^40. */
+/* The probe-64 timeline (FQ_WS_PROBE=64, probe builds): n entries of
+ * [FQ_GEMM4_WS_MAX_SMS][WS_STAMPS] global-timer ns into out, or (out NULL) all set to 0;
+ * elsewhere cudaErrorNotSupported. */
+extern "C" int fq_cuda_gemm4_ws_stamps(unsigned long long *out, int n) {
+#ifdef FQ_WS_PROBES
+    if (n < 0 || n > FQ_GEMM4_WS_MAX_SMS * WS_STAMPS) return (int)cudaErrorInvalidValue;
+    if (!out) {
+        static const unsigned long long zero[FQ_GEMM4_WS_MAX_SMS * WS_STAMPS] = {0};
+        return (int)cudaMemcpyToSymbol(g_ws_stamps, zero, sizeof zero);
+    }
+    return (int)cudaMemcpyFromSymbol(out, g_ws_stamps, (size_t)n * sizeof *out);
+#else
+    (void)out;
+    (void)n;
+    return (int)cudaErrorNotSupported;
+#endif
+}
+
 extern "C" int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io) {
     const int xt = io->x_dtype, yt = io->y_dtype;
     return fq_cuda_gemm4_ws_built() && (xt == FQ_BF16 || xt == FQ_F16) &&

@@ -209,6 +209,10 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
 #define FQ_GEMM4_WS_MAX_SMS 1024
 int fq_cuda_gemm4_ws_built(void);
 int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
+/* Bench only: gemm4_ws's timeline under FQ_WS_PROBE=64 in builds with FQ_WS_PROBES (n
+ * global-timer stamps, [CTA][16], of the launches since the last clear; out NULL clears
+ * them); cudaErrorNotSupported elsewhere. */
+int fq_cuda_gemm4_ws_stamps(unsigned long long *out, int n);
 int fq_cuda_gemm4_ws_prepare(void);
 size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
 int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e, int sm_count,
