@@ -35,6 +35,7 @@
  * to x's type like dequantize does, to f32 summation error (test_exact_rounding). */
 #include "check.h"
 #include "core/core.h"
+#include "core/cuda_device.h"
 #include "core/qtensor.h"
 #include "kernels/cuda/linear_cuda.h"
 #include "ops/linear_internal.h"
@@ -428,6 +429,8 @@ static const shape_t g_shapes[] = {
     {77, 130, 3072, 1024, 1}, /* blocksize 1024, odd M, a partial N tile  */
     {520, 384, 1536, 64, 1},  /* gemm4_ws: M = 2 x 216 + 88, 3 N tiles    */
     {65, 77, 512, 64, 1},     /* odd N (gemm4_ws: the unpaired epilogue)  */
+    {520, 4224, 256, 64, 1},  /* gemm4_ws: 99+ tiles, so 3 K splits have more items than
+                                 SMs: the separate reduce pass instead of the kernel's */
 };
 
 static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
@@ -656,6 +659,23 @@ static void test_selection(fq_ctx *ctx) {
     hweight_free(&w);
 }
 
+/* gemm4_ws's stream-K and in-kernel split-K counters must be zero after every launch
+ * (the next launch's waits rely on it). */
+static void ws_flags_zero(fq_ctx *ctx, const char *after) {
+    fq_cuda_dev *d = NULL;
+    if (fq_cuda_dev_get(ctx, 0, &d) != FQ_OK || !d->lin_flags.ptr) return;
+    const size_t n = 2 * FQ_GEMM4_WS_MAX_SMS;
+    int *h = calloc(n, sizeof(int));
+    if (!h) return;
+    const cudaError_t e = cudaMemcpy(h, d->lin_flags.ptr, n * sizeof(int), cudaMemcpyDeviceToHost);
+    CHECK(e == cudaSuccess, "reading the gemm4_ws flags: %s", cudaGetErrorString(e));
+    size_t bad = n;
+    for (size_t i = 0; e == cudaSuccess && i < n && bad == n; i++)
+        if (h[i] != 0) bad = i;
+    CHECK(bad == n, "gemm4_ws flag %zu is %d after %s (must be left 0)", bad, bad < n ? h[bad] : 0, after);
+    free(h);
+}
+
 /* The exact GEMV decodes (gemv4_bulk cfg 1, gemv4_stream cfg 0x21) use the very
  * weights dequantize writes: against a reference whose W is rounded to x's type
  * (bf16/f16 of the f32 code * absmax) they agree to f32 summation error alone
@@ -761,9 +781,10 @@ static void test_ws_exact(fq_ctx *ctx) {
         free(b);
         CHECK(s == FQ_OK, "identity x: %s", fq_ctx_error(ctx));
         /* f32 y with 1 and 4 K splits; then y of x's dtype through the TMA-store
-         * configurations (216 rows, one split; 256 rows, stream-K) */
-        static const int sels[4] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0};
-        for (int si = 0; s == FQ_OK && si < 4; si++) {
+         * configurations (216 rows, one split; 256 rows, stream-K) and K splits reduced in
+         * the kernel (5 uneven chunks of 256 rows, 3 of 192; the TMA store is off there) */
+        static const int sels[6] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0, 9 | 5 << 4, 3 | 3 << 4};
+        for (int si = 0; s == FQ_OK && si < 6; si++) {
             const fq_dtype ydt = si < 2 ? FQ_F32 : xdt;
             unsigned char *y = NULL;
             fq_tensor *yt = NULL;
@@ -789,6 +810,7 @@ static void test_ws_exact(fq_ctx *ctx) {
             }
             free(y);
         }
+        ws_flags_zero(ctx, "test_ws_exact");
         hact_free(&x);
         hweight_free(&w);
     }
@@ -845,6 +867,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "shape M=%lld N=%lld K=%lld bs=%lld: %s\n", (long long)g_shapes[i].m, (long long)g_shapes[i].n,
                 (long long)g_shapes[i].k, (long long)g_shapes[i].bs, g_fail == f0 ? "ok" : "FAILED");
     }
+    ws_flags_zero(ctx, "the shapes");
     fq_ctx_free(ctx);
     return check_summary("test_cuda_linear");
 }
