@@ -429,8 +429,8 @@ static const shape_t g_shapes[] = {
     {77, 130, 3072, 1024, 1}, /* blocksize 1024, odd M, a partial N tile  */
     {520, 384, 1536, 64, 1},  /* gemm4_ws: M = 2 x 216 + 88, 3 N tiles    */
     {65, 77, 512, 64, 1},     /* odd N (gemm4_ws: the unpaired epilogue)  */
-    {520, 4224, 256, 64, 1},  /* gemm4_ws: 99+ tiles, so 3 K splits have more items than
-                                 SMs: the separate reduce pass instead of the kernel's */
+    {520, 4224, 256, 64, 1},  /* gemm4_ws: 99+ tiles, so with 3 K splits the persistent
+                                 CTAs take several (tile, split) items each */
 };
 
 static const fq_lin4_impl g_impls[] = {FQ_LIN4_GEMV_SIMPLE, FQ_LIN4_GEMV_TC,      FQ_LIN4_GEMV_STREAM, FQ_LIN4_GEMV_BULK,
@@ -781,9 +781,10 @@ static void test_ws_exact(fq_ctx *ctx) {
         free(b);
         CHECK(s == FQ_OK, "identity x: %s", fq_ctx_error(ctx));
         /* f32 y with 1 and 4 K splits; then y of x's dtype through the TMA-store
-         * configurations (216 rows, one split; 256 rows, stream-K) and K splits reduced in
-         * the kernel (5 uneven chunks of 256 rows, 3 of 192; the TMA store is off there) */
-        static const int sels[6] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0, 9 | 5 << 4, 3 | 3 << 4};
+         * configurations (216 rows, one split; 256 rows, stream-K) and with K splits
+         * (256 rows: 6, 6 and 4 of the 16 K tiles; 192 rows: 8 and 8; the TMA store is
+         * off with a split) */
+        static const int sels[6] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0, 9 | 3 << 4, 3 | 2 << 4};
         for (int si = 0; s == FQ_OK && si < 6; si++) {
             const fq_dtype ydt = si < 2 ? FQ_F32 : xdt;
             unsigned char *y = NULL;

@@ -451,7 +451,7 @@ static fq_status run_impl(fq_ctx *ctx, fq_cuda_dev *d, fq_lin4_impl impl, int cf
         FQ_TRY(prepare(ctx, d, LIN_PREP_GEMM_WS));
         const size_t ws = fq_cuda_gemm4_ws_workspace(&op->w, &op->io, d->sm_count, cfg);
         if (ws) FQ_TRY(ensure_buffer(ctx, d, &d->lin_scratch, ws));
-        if (!d->lin_flags.ptr && fq_cuda_gemm4_ws_uses_flags(&op->w, &op->io, d->sm_count, cfg)) {
+        if (!d->lin_flags.ptr && fq_cuda_gemm4_ws_streamk(&op->w, &op->io, d->sm_count, cfg)) {
             /* zeroed once; every launch leaves the flags zero again */
             const size_t fb = 2 * FQ_GEMM4_WS_MAX_SMS * sizeof(int);
             FQ_TRY(fq_buf_alloc(ctx, FQ_CUDA(d->index), fb, &d->lin_flags));

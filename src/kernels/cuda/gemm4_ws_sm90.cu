@@ -24,9 +24,9 @@
  *
  * CTAs are persistent: tile t = blockIdx.x + i * gridDim.x, tiles ordered N
  * fastest (the CTAs running together share x tiles in L2), then M, then K split.
- * With K split (small M), f32 partials are summed in a fixed order, so results
- * never depend on timing: in the kernel when every (tile, split) has its own CTA
- * (ws_rs_fixup), else by fq_cuda_lin4_splitk_reduce after it.
+ * With K split (small M), f32 partials go to a workspace that
+ * fq_cuda_lin4_splitk_reduce sums in a fixed order, so results never depend on
+ * timing.
  *
  * Requires: x f16/bf16 (16-byte aligned), blocksize >= 64 and K a multiple of
  * it (one absmax per row and K tile), packed weight 16-byte aligned. */
@@ -96,10 +96,6 @@ typedef struct {
     int64_t units;
     float *sk_part; /* [grid][2]: 128 x BX / 2 floats, float4 j of lane l at [j][l] */
     int *sk_flag;   /* [grid][2]: 1 = the slot's partial is ready; reset to 0 by the owner */
-    /* K split reduced in the kernel (splits > 1, one CTA per (tile, split), cooperative
-     * launch): sk_part holds one slot per item and consumer warpgroup, sk_flag two
-     * counters per tile and warpgroup (see ws_rs_fixup); partial is then NULL */
-    int rs;
     /* TS configurations: y (16-bit, N % 8 == 0, no K split) is written through a
      * shared-memory tile per consumer warpgroup and a TMA store, so the next tile's
      * main loop starts while the store drains */
@@ -298,63 +294,6 @@ static __device__ __forceinline__ void ws_sk_collect(const ws_args &a, float *ac
     }
 }
 
-/* K split reduced in the kernel (a.rs): the consumer warpgroup's BX / 8 float4
- * accumulator vectors are cut into a.splits chunks, chunk p finished by split p of the
- * tile. A warpgroup writes every vector outside its own chunk to its slot (laid out as
- * ws_sk_publish's), counts itself in (red.release), waits until all splits of the tile
- * have, then adds the other splits' values of its chunk in split order - a fixed order,
- * so results never depend on timing - and stores only its chunk. Each CTA moves
- * (splits - 1) / splits of its partial out and as much in, where the separate reduce
- * pass wrote all of it and read all of it back. The last of the tile's warpgroups to
- * finish reading (a second counter) sets both counters back to 0. */
-template <int BX>
-static __device__ __forceinline__ void ws_rs_fixup(const ws_args &a, float *acc, const ws_item &tile, int cw,
-                                                   int &j0, int &j1) {
-    constexpr int J = BX / 8;
-    const int s = a.splits, q = tile.sp, lt = threadIdx.x & 127;
-    const int64_t T = tile.t - (int64_t)q * a.nt * a.mt; /* the tile without its split */
-    j0 = J * q / s;
-    j1 = J * (q + 1) / s;
-    const size_t slot_floats = (size_t)128 * (BX / 2);
-    float4 *mine = (float4 *)(a.sk_part + ((size_t)(T * s + q) * 2 + cw) * slot_floats);
-#pragma unroll
-    for (int j = 0; j < J; j++)
-        if (j < j0 || j >= j1)
-            __stcg(mine + j * 128 + lt, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
-    int *pub = a.sk_flag + 2 * T + cw, *done = a.sk_flag + FQ_GEMM4_WS_MAX_SMS + 2 * T + cw;
-    ws_wg_sync(cw); /* every lane's stores before lane 0's release */
-    if (lt == 0) {
-        asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(pub) : "memory");
-        int f = 0;
-        do {
-            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(f) : "l"(pub) : "memory");
-        } while (f < s);
-    }
-    ws_wg_sync(cw);
-    for (int p = 0; p < s; p++) {
-        if (p == q) continue;
-        const float4 *src = (const float4 *)(a.sk_part + ((size_t)(T * s + p) * 2 + cw) * slot_floats);
-#pragma unroll
-        for (int j = 0; j < J; j++) {
-            if (j < j0 || j >= j1) continue;
-            const float4 v = __ldcg(src + j * 128 + lt);
-            acc[4 * j] += v.x;
-            acc[4 * j + 1] += v.y;
-            acc[4 * j + 2] += v.z;
-            acc[4 * j + 3] += v.w;
-        }
-    }
-    ws_wg_sync(cw); /* every lane has read before the counters can be reset */
-    if (lt == 0) {
-        int old;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(done) : "memory");
-        if (old == s - 1) { /* all splits have read: nobody waits on pub any more */
-            *pub = 0;
-            *done = 0;
-        }
-    }
-}
-
 /* GELU (tanh form), as fq_epi computes it. */
 static __device__ __forceinline__ float ws_gelu(float v) {
     const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
@@ -380,11 +319,9 @@ template <int YT> static __device__ __forceinline__ void ws_st2(void *p, int64_t
  * loop shares the instruction cache with it). */
 template <int BX, int YT, bool GELU, bool PAIR>
 static __device__ __forceinline__ void ws_epilogue(const float *acc, void *y, int64_t M, int64_t N, int64_t m0,
-                                                   int64_t nA, bool odd, int t4, const float (&b)[2][2], int j0,
-                                                   int j1) {
+                                                   int64_t nA, bool odd, int t4, const float (&b)[2][2]) {
 #pragma unroll
     for (int j = 0; j < BX / 8; j++) {
-        if (j < j0 || j >= j1) continue; /* another split's chunk (a.rs) */
         const int64_t m = m0 + 8 * j + 2 * t4 + (odd ? 1 : 0);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -419,11 +356,10 @@ static __device__ __forceinline__ void ws_bias_pairs(const ws_args &a, int64_t n
         }
 }
 
-/* A consumer's epilogue (see ws_epilogue) of accumulator vectors [j0, j1); split K
- * reduced after the kernel: raw f32 partials. */
+/* A consumer's epilogue (see ws_epilogue); split K: raw f32 partials. */
 template <int BX>
 static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const float *acc, const ws_item &tile, int rA,
-                                                     int g, int t4, int64_t M, int64_t N, int j0, int j1) {
+                                                     int g, int t4, int64_t M, int64_t N) {
     const int64_t nA = tile.n0 + rA, m0 = (int64_t)tile.mti * BX;
     const bool odd = (g & 1) != 0;
     float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
@@ -431,7 +367,7 @@ static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const flo
     const bool pair = (N & 1) == 0, gelu = !a.partial && a.e.act == FQ_EPI_GELU_TANH;
     void *yp = a.partial ? (void *)(a.partial + (int64_t)tile.sp * M * N) : a.y;
     const int yt = a.partial ? FQ_F32 : a.y_dtype;
-#define WS_EPI(YT, GL, PR) ws_epilogue<BX, YT, GL, PR>(acc, yp, M, N, m0, nA, odd, t4, b, j0, j1)
+#define WS_EPI(YT, GL, PR) ws_epilogue<BX, YT, GL, PR>(acc, yp, M, N, m0, nA, odd, t4, b)
     if (yt == FQ_BF16 && pair && !gelu) WS_EPI(FQ_BF16, false, true);
     else if (yt == FQ_F16 && pair && !gelu) WS_EPI(FQ_F16, false, true);
     else if (yt == FQ_F32 && pair && !gelu) WS_EPI(FQ_F32, false, true);
@@ -741,12 +677,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             continue;
         }
         if (a.streamk && tile.kt1 < a.ktiles) ws_sk_collect<BX>(a, acc, tile, cw);
-        int j0 = 0, j1 = BX / 8; /* the accumulator vectors this warpgroup stores */
-        if (a.rs) ws_rs_fixup<BX>(a, acc, tile, cw, j0, j1);
         if (cw == 0) WS_STAMP(a, 3 + 4 * seg);
         if (WS_PROBE(a, 8)) continue;
         if (TS && a.tma_y) ws_store_tile_tma<BX>(a, &tmy, acc, tile, cw, rA, g, t4, out_a + cw * BX * 128);
-        else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N, j0, j1);
+        else ws_store_tile<BX>(a, acc, tile, rA, g, t4, M, N);
         if (cw == 0) WS_STAMP(a, 4 + 4 * seg);
         seg++;
     }
@@ -843,13 +777,10 @@ static int ws_probe(void) {
 static int64_t ws_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 typedef struct {
-    int ci, splits, kps, streamk, rs; /* rs: the K split reduced in the kernel (a.rs) */
+    int ci, splits, kps, streamk;
 } ws_plan;
 
 #define WS_CFG_STREAMK 15 /* cfg bits 4..7: stream-K instead of a K split */
-/* ws_rs_fixup's cost in the plan's units (x rows + 128 per K tile) per x row of the tile,
- * for a whole partial out and in */
-#define WS_RS_COST 10.0
 
 /* cfg names an existing tile configuration, not a retired one (or 0, the plan's choice) */
 static bool ws_cfg_ok(int cfg) {
@@ -862,15 +793,13 @@ static bool ws_cfg_ok(int cfg) {
  * of persistent tiles x (x rows of a tile + ~128 for the per-K-tile decode and W load)
  * x (K tiles + ~3 for the fill and epilogue), plus the split-K partials written and
  * read again. Stream-K: each CTA's share of K tiles, ~3 per segment, and a partial
- * written and read per CTA. A K split with a CTA for every (tile, split) is reduced in
- * the kernel (ws_rs_fixup): one round plus (splits - 1) / splits of a partial out and
- * in per CTA. */
+ * written and read per CTA. */
 static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
     const int64_t sms = sm_count > 0 ? sm_count : 132;
     const int64_t ktiles = w->k / WS_BK;
     const int want_ci = (cfg & 15) - 1;
     int want_splits = (cfg >> 4) & 15;
-    ws_plan best = {0, 1, (int)ktiles, 0, 0};
+    ws_plan best = {0, 1, (int)ktiles, 0};
     double best_cost = -1;
     /* automatic: 256/216/192 x rows with the TMA-stored output, 128 rows (H100, session 6) */
     static const int ws_auto_ci[WS_AUTO_CONFIGS] = {8, 7, 9, 3};
@@ -894,7 +823,6 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
                 best.splits = 1;
                 best.kps = (int)ktiles;
                 best.streamk = 1;
-                best.rs = 0;
             }
         }
         if (want_splits == WS_CFG_STREAMK) continue;
@@ -904,20 +832,15 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
             if (splits > ktiles) break;
             const int64_t kps = ws_cdiv(ktiles, splits), sp = ws_cdiv(ktiles, kps);
             const int64_t rounds = ws_cdiv(tiles * sp, sms);
-            const bool rs = sp > 1 && tiles * sp <= sms && sms <= FQ_GEMM4_WS_MAX_SMS;
             double cost = (double)rounds * (double)(bx + 128) * (double)(kps + 3);
-            if (rs) /* each CTA's partial, all but its chunk, out and in */
-                cost += WS_RS_COST * (double)bx * (double)(sp - 1) / (double)sp;
             /* partials: sp * m * n f32 written + read, against ~1 row-K-tile unit per 16 KB per SM */
-            else if (sp > 1)
-                cost += (double)sp * io->m * w->n * 8.0 / 16384.0 / (double)sms * 128.0;
+            if (sp > 1) cost += (double)sp * io->m * w->n * 8.0 / 16384.0 / (double)sms * 128.0;
             if (best_cost < 0 || cost < best_cost) {
                 best_cost = cost;
                 best.ci = ci;
                 best.splits = (int)sp;
                 best.kps = (int)kps;
                 best.streamk = 0;
-                best.rs = rs;
             }
         }
     }
@@ -929,10 +852,6 @@ static size_t ws_plan_bytes(const ws_plan &p, const fq_lin4_weight *w, const fq_
     if (p.streamk) {
         const int64_t sms = sm_count > 0 ? sm_count : 132;
         return (size_t)sms * WS_ROWS * (size_t)ws_configs()[p.ci].bx * sizeof(float);
-    }
-    if (p.rs) { /* a slot per (tile, split): at least the [splits][m][n] of the fallback below */
-        const int64_t bx = ws_configs()[p.ci].bx, tiles = ws_cdiv(w->n, WS_ROWS) * ws_cdiv(io->m, bx);
-        return (size_t)(tiles * p.splits) * WS_ROWS * (size_t)bx * sizeof(float);
     }
     return p.splits > 1 ? (size_t)p.splits * (size_t)io->m * (size_t)w->n * sizeof(float) : 0;
 }
@@ -958,9 +877,8 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     if (io->m <= 0) return (int)cudaSuccess;
     const int64_t sms = sm_count > 0 ? sm_count : 132;
     ws_plan p = ws_plan_for(w, io, sm_count, cfg);
-    if (p.rs && (!flags || !ws || ws_bytes < ws_plan_bytes(p, w, io, sm_count))) p.rs = 0; /* the separate pass */
-    if ((p.splits > 1 || p.streamk) && (!ws || ws_bytes < ws_plan_bytes(p, w, io, sm_count) ||
-                                        (p.streamk && (!flags || sms > FQ_GEMM4_WS_MAX_SMS)))) {
+    const size_t need = ws_plan_bytes(p, w, io, sm_count);
+    if ((p.splits > 1 || p.streamk) && (!ws || ws_bytes < need || (p.streamk && (!flags || sms > FQ_GEMM4_WS_MAX_SMS)))) {
         p.splits = 1;
         p.kps = (int)(w->k / WS_BK);
         p.streamk = 0;
@@ -994,7 +912,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     a.lg2bs = fq_log2i(w->blocksize);
     a.m = io->m;
     a.e = *e;
-    a.partial = p.splits > 1 && !p.rs ? ws : NULL;
+    a.partial = p.splits > 1 ? ws : NULL;
     a.ktiles = (int)(w->k / WS_BK);
     a.kps = p.kps;
     a.nt = (int)ws_cdiv(w->n, WS_ROWS);
@@ -1006,18 +924,14 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     unsigned grid = (unsigned)(total < sms ? total : sms);
     const ws_kernel_fn fn = c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0];
     cudaError_t err;
-    if (p.streamk || p.rs) {
+    if (p.streamk) {
+        a.streamk = 1;
+        a.units = total * a.ktiles;
         a.sk_part = ws;
         a.sk_flag = flags;
-        if (p.rs) {
-            a.rs = 1; /* grid = total <= sms: a CTA per (tile, split) */
-        } else {
-            a.streamk = 1;
-            a.units = total * a.ktiles;
-            grid = (unsigned)(a.units < sms ? a.units : sms);
-        }
+        grid = (unsigned)(a.units < sms ? a.units : sms);
         /* cooperative: every CTA resident at once, or the launch fails (owners wait for
-         * later CTAs' partials, splits for each other's) */
+         * later CTAs' partials) */
         cudaLaunchConfig_t lc = {};
         cudaLaunchAttribute at[1];
         at[0].id = cudaLaunchAttributeCooperative;
@@ -1038,10 +952,9 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     return fq_cuda_lin4_splitk_reduce(ws, p.splits, io, w->n, e, stream);
 }
 
-extern "C" int fq_cuda_gemm4_ws_uses_flags(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
     if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg)) return 0;
-    const ws_plan p = ws_plan_for(w, io, sm_count, cfg);
-    return p.streamk || p.rs;
+    return ws_plan_for(w, io, sm_count, cfg).streamk;
 }
 
 extern "C" const char *fq_cuda_gemm4_ws_config_name(int cfg) {
@@ -1062,7 +975,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     (void)w; (void)io; (void)e; (void)sm_count; (void)cfg; (void)ws; (void)ws_bytes; (void)flags; (void)stream;
     return (int)cudaErrorNotSupported;
 }
-extern "C" int fq_cuda_gemm4_ws_uses_flags(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
+extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
     (void)w; (void)io; (void)sm_count; (void)cfg;
     return 0;
 }

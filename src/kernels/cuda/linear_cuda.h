@@ -200,10 +200,9 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
  * choose, 15 = stream-K: every CTA the same
  * share of the tile-major K tiles, split tiles summed in a fixed order); with a split
  * or stream-K the f32 partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with
- * less, K is not split). Stream-K, and a K split with a CTA per (tile, split) (then
- * reduced in the kernel), also need flags: 2 x FQ_GEMM4_WS_MAX_SMS ints, zero before
- * the first launch, zero again after each (the kernel resets them); one launch at a
- * time may use them; without them a split is reduced by a separate pass. fq_cuda_gemm4_ws_prepare (once per device, before
+ * less, K is not split). Stream-K also needs flags: 2 x FQ_GEMM4_WS_MAX_SMS ints,
+ * zero before the first launch, zero again after each (the kernel resets them); one
+ * launch at a time may use them. fq_cuda_gemm4_ws_prepare (once per device, before
  * the first launch there) sets the shared-memory limits and looks up
  * cuTensorMapEncodeTiled. */
 #define FQ_GEMM4_WS_CONFIGS 10
@@ -218,8 +217,8 @@ int fq_cuda_gemm4_ws_prepare(void);
 size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
 int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_lin4_epilogue *e, int sm_count,
                      int cfg, float *ws, size_t ws_bytes, int *flags, cudaStream_t stream);
-/* 1 when the plan for cfg needs the flags (stream-K or a K split reduced in the kernel). */
-int fq_cuda_gemm4_ws_uses_flags(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
+/* 1 when the plan for cfg is stream-K (tests, benchmarks). */
+int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg);
 const char *fq_cuda_gemm4_ws_config_name(int cfg);
 
 /* y[i] = epilogue(acc[i]) for an f32 [m, n] result (used after cuBLASLt when y's
