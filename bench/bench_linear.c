@@ -29,11 +29,14 @@
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
  *                     [--no-rotate] [--sweep] [--quick] [--impl NAME] [--ceiling] [--l2]
+ *                     [--dsmem]
  * (--impl: sweep only that implementation's configurations, e.g. gemm4_ws;
  *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1;
  *  --ceiling: at M = 1, also a kernel that only reads the weight's bytes, three
  *  ways, and a copy of them, in the same rounds as ours: the floor for M = 1;
- *  --l2: first, how fast L2 hands a 1.5 MB L2-resident range to the SMs, several ways)
+ *  --l2: first, how fast L2 hands a 1.5 MB L2-resident range to the SMs, several ways;
+ *  --dsmem: first, how fast CTAs exchange 96 KB through a cluster's shared memory and
+ *  through global memory)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
@@ -746,8 +749,66 @@ static void l2_case(bl_gpu *g) {
     fq_buf_free(&sink);
 }
 
+/* --dsmem: how fast CTAs exchange a split-K partial (stream_probe.cu): 96 KB per block,
+ * the (splits - 1) / splits = 3/4 of a 128 x 256 f32 tile that a 4-way split reduced
+ * inside a cluster would send, through the shared memory of the next CTA of a cluster of
+ * 1 (its own), 2 or 4 (16-byte stores from 256 threads, or bulk copies from the block's own
+ * shared memory), and through global memory (written, then another block's read). The
+ * time per exchange includes the cluster barriers and 1/20 of a launch. */
+static void dsmem_case(bl_gpu *g) {
+    const size_t bytes = (size_t)96 << 10;
+    const int reps = 20, sms = g->d->sm_count;
+    if (g->d->cc_major < 9) return;
+    fq_buffer scratch = {0}, sink = {0};
+    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes * (size_t)sms, &scratch) != FQ_OK ||
+        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
+        fprintf(stderr, "bench_linear: dsmem: %s\n", fq_ctx_error(g->ctx));
+        fq_buf_free(&scratch);
+        return;
+    }
+    const struct {
+        int how, cluster;
+        const char *name;
+    } v[] = {{0, 1, "own shared memory (cluster of 1)"},
+             {0, 2, "next CTA's, cluster of 2"},
+             {0, 4, "next CTA's, cluster of 4"},
+             {2, 2, "bulk copies to the next CTA, cluster of 2"},
+             {2, 4, "bulk copies to the next CTA, cluster of 4"},
+             {1, 1, "global memory, another block's slot"}};
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
+        for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+            const int blocks = sms / v[i].cluster * v[i].cluster;
+            double t[5];
+            int n = 0, e = 0;
+            for (int r = 0; r < 6 && !e; r++) {
+                float ms = 0;
+                e = (int)cudaEventRecord(g->ev0, g->d->stream);
+                if (!e)
+                    e = fq_cuda_dsmem_probe(bytes, reps, v[i].cluster, v[i].how, blocks, scratch.ptr, sink.ptr,
+                                            g->d->cc_major, g->d->stream);
+                if (!e) e = (int)cudaEventRecord(g->ev1, g->d->stream);
+                if (!e) e = (int)cudaEventSynchronize(g->ev1);
+                if (!e) e = (int)cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+                if (!e && r) t[n++] = ms * 1e3;
+            }
+            if (e) {
+                fprintf(stderr, "bench_linear: dsmem probe (%s): %s\n", v[i].name, cudaGetErrorString((cudaError_t)e));
+                (void)cudaGetLastError();
+                continue;
+            }
+            const double us = median(t, n) / reps;
+            printf("dsmem probe %-42s %4d blocks: %6.2f us per 96 KB out and in  (%.1f GB/s written per block)\n",
+                   v[i].name, blocks, us, (double)bytes / (us * 1e3));
+        }
+        fq_cuda_guard_exit(&gd);
+    }
+    fq_buf_free(&scratch);
+    fq_buf_free(&sink);
+}
+
 static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, const int64_t *ms, int nms, int iters,
-                     int reps, int fp4, int dq, int rotate, int sweep, int ceiling, int l2, bl_rows *rs) {
+                     int reps, int fp4, int dq, int rotate, int sweep, int ceiling, int probes, bl_rows *rs) {
     bl_gpu g = {ctx, dev, NULL, NULL, NULL};
     if (fq_cuda_dev_get(ctx, dev, &g.d) != FQ_OK) {
         fprintf(stderr, "bench_linear: %s\n", fq_ctx_error(ctx));
@@ -767,7 +828,8 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
     rs->copy_gbps = copy_bandwidth(&g);
     printf("card: %s (%s, sm_%d%d, %d SMs)   D2D copy: %.1f GB/s (read + written)\n", rs->card, rs->device,
            g.d->cc_major, g.d->cc_minor, g.d->sm_count, rs->copy_gbps);
-    if (l2) l2_case(&g);
+    if (probes & 1) l2_case(&g);
+    if (probes & 2) dsmem_case(&g);
     printf("weights: %s, blocksize 64%s; x, y bf16; %d calls per graph, median of %d replays%s\n", fp4 ? "FP4" : "NF4",
            dq ? ", double quant" : "", iters, reps, rotate ? ", weights rotated over >= 256 MiB" : "");
     printf("%-12s %5s %-17s %10s %10s %10s %7s %8s %8s %7s %s\n", "W (NxK)", "M", "kernel", "ours us", "cublas us",
@@ -919,7 +981,8 @@ static int parse_shapes(const char *s, bl_shape *out, int max) {
 
 int fq_bench_linear(int argc, char **argv) {
     const char *device = "cuda:0", *json = NULL;
-    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0, ceiling = 0, l2 = 0;
+    /* probes: bit 0 --l2, bit 1 --dsmem */
+    int iters = 0, reps = 7, fp4 = 0, dq = 1, rotate = 1, sweep = 0, quick = 0, ceiling = 0, probes = 0;
     bl_shape shapes[32];
     int nshapes = 0;
     int64_t ms[32];
@@ -941,7 +1004,8 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--no-rotate")) rotate = 0;
         else if (!strcmp(a, "--sweep")) sweep = 1;
         else if (!strcmp(a, "--ceiling")) ceiling = 1;
-        else if (!strcmp(a, "--l2")) l2 = 1;
+        else if (!strcmp(a, "--l2")) probes |= 1;
+        else if (!strcmp(a, "--dsmem")) probes |= 2;
 #ifdef FQ_HAVE_CUDA
         else if (!strcmp(a, "--impl") && i + 1 < argc) {
             g_sweep_only = argv[++i];
@@ -958,7 +1022,7 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling] [--l2]\n");
+                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling] [--l2] [--dsmem]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }
@@ -992,9 +1056,10 @@ int fq_bench_linear(int argc, char **argv) {
     if (dev.type == FQ_DEVICE_CPU) rc = bench_cpu(ctx, shapes, nshapes, ms, nms, iters, fp4, dq, &rs);
     else {
 #ifdef FQ_HAVE_CUDA
-        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, l2, &rs);
+        rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, probes,
+                       &rs);
 #else
-        (void)rotate, (void)sweep, (void)reps, (void)ceiling, (void)l2;
+        (void)rotate, (void)sweep, (void)reps, (void)ceiling, (void)probes;
         fprintf(stderr, "bench_linear: built without CUDA\n");
         rc = 1;
 #endif

@@ -163,6 +163,12 @@ int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink, int mode, 
  * offsets, 2 the same in step (1 and 2 need cc_major >= 9). Returns a cudaError_t. */
 int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, int blocks, unsigned *sink, int cc_major,
                      cudaStream_t stream);
+/* Benchmark only (stream_probe.cu): `blocks` blocks (a multiple of `cluster`, 1..8)
+ * exchange `bytes` each (a multiple of 16, at most 200 KB), `reps` times: how 0 through
+ * the shared memory of the next CTA of their cluster (cc_major >= 9), how 1 through
+ * global memory (scratch: blocks x bytes, 16-byte aligned). Returns a cudaError_t. */
+int fq_cuda_dsmem_probe(size_t bytes, int reps, int cluster, int how, int blocks, void *scratch, unsigned *sink,
+                        int cc_major, cudaStream_t stream);
 
 /* Large-M GEMM on tensor cores (mma.sync, sm_80+), decoding W tiles on chip.
  * cfg: 0 = choose; 1..FQ_GEMM4_MMA_CONFIGS a fixed tile configuration (one that

@@ -164,3 +164,142 @@ extern "C" int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, 
     fn<<<(unsigned)blocks, 32, (size_t)smem, stream>>>(a);
     return (int)cudaGetLastError();
 }
+
+/* ---- dsmem_probe: how fast a cluster's CTAs exchange data through shared memory -------
+ * For the benchmark only (bench_linear --dsmem). A K split reduced inside a cluster
+ * would send each CTA's f32 partial, all but the chunk it finishes itself, into the
+ * shared memory of the CTAs finishing the other chunks. how 0: every block writes `bytes`
+ * into the shared memory of the next block of its cluster (16-byte st.shared::cluster,
+ * 256 threads), the cluster synchronizes, every block reads what it received from its own
+ * shared memory, the cluster synchronizes again; `reps` times. how 1, for comparison: the
+ * same bytes written to global memory (block b's own slot of `scratch`) and read back from
+ * the next block's slot, without any synchronization between blocks (the data are
+ * irrelevant, only the traffic counts). how 2: as 0, but each block writes the bytes into
+ * its own shared memory and one thread sends them to the next CTA with bulk copies
+ * (cp.async.bulk shared::cta -> shared::cluster, 16 KB each) that complete on that CTA's
+ * mbarrier; needs twice the bytes of shared memory. */
+#define DP_THREADS 256
+#define DP_PIECE (16 << 10)
+
+typedef struct {
+    int64_t bytes; /* a multiple of 16 */
+    int reps;
+    uint4 *scratch; /* how 1: [blocks][bytes / 16] */
+    unsigned *sink;
+} dp_args;
+
+static __device__ __forceinline__ void dp_cluster_sync(void) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+/* The xor of this thread's share of n16 16-byte words at p (keeps the reads). */
+static __device__ __forceinline__ unsigned dp_xor(const uint4 *p, int n16) {
+    unsigned acc = 0;
+    for (int i = threadIdx.x; i < n16; i += DP_THREADS) {
+        const uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    return acc;
+}
+
+/* how 0 (BULK false) and 2 (BULK true). Shared memory: BULK [0, bytes) outgoing and
+ * [bytes, 2 bytes) incoming; otherwise [0, bytes) incoming, written by the previous CTA. */
+template <bool BULK> __global__ void __launch_bounds__(DP_THREADS) dsmem_probe_kernel(dp_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) uint8_t dp_sm[];
+    __shared__ uint64_t bar; /* BULK: the incoming copies complete here */
+    uint32_t rank, n;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+    const uint32_t out = fq_smem_addr(dp_sm), in = BULK ? out + (uint32_t)a.bytes : out, next = (rank + 1) % n;
+    uint32_t rin, rbar; /* the next CTA's incoming range and barrier */
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rin) : "r"(in), "r"(next));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rbar) : "r"(fq_smem_addr(&bar)), "r"(next));
+    if (BULK && threadIdx.x == 0) {
+        fq_mbar_init(&bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    dp_cluster_sync();
+    const int n16 = (int)(a.bytes / 16);
+    unsigned acc = 0;
+    for (int r = 0; r < a.reps; r++) {
+        if (!BULK) {
+            for (int i = threadIdx.x; i < n16; i += DP_THREADS)
+                asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(rin + 16u * (uint32_t)i),
+                             "r"(i), "r"(r), "r"(rank), "r"(n)
+                             : "memory");
+            dp_cluster_sync();
+        } else {
+            for (int i = threadIdx.x; i < n16; i += DP_THREADS)
+                ((uint4 *)dp_sm)[i] = make_uint4((unsigned)i, r, rank, n);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the bulk copies */
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                fq_mbar_arrive_tx(&bar, (uint32_t)a.bytes); /* what the previous CTA sends here */
+                for (int64_t off = 0; off < a.bytes; off += DP_PIECE) {
+                    const uint32_t len = (uint32_t)(a.bytes - off < DP_PIECE ? a.bytes - off : DP_PIECE);
+                    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], "
+                                 "%2, [%3];\n" ::"r"(rin + (uint32_t)off),
+                                 "r"(out + (uint32_t)off), "r"(len), "r"(rbar)
+                                 : "memory");
+                }
+            }
+            fq_mbar_wait(&bar, (uint32_t)(r & 1));
+        }
+        acc ^= dp_xor((const uint4 *)(dp_sm + (in - out)), n16);
+        dp_cluster_sync(); /* read before the next round's data arrive; outgoing sent */
+    }
+    if (acc == 0x9e3779b9u) *a.sink = acc;
+#else
+    (void)a;
+    __trap(); /* never launched: the host checks for sm_90 */
+#endif
+}
+
+__global__ void __launch_bounds__(DP_THREADS) gmem_exchange_probe_kernel(dp_args a) {
+    const int64_t n16 = a.bytes / 16;
+    uint4 *mine = a.scratch + (int64_t)blockIdx.x * n16;
+    const uint4 *next = a.scratch + (int64_t)((blockIdx.x + 1) % gridDim.x) * n16;
+    unsigned acc = 0;
+    for (int r = 0; r < a.reps; r++) {
+        for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) __stcg(mine + i, make_uint4((unsigned)i, r, 0, 0));
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) {
+            const uint4 v = __ldcg(next + i);
+            acc ^= v.x ^ v.y ^ v.z ^ v.w;
+        }
+        __syncthreads();
+    }
+    if (acc == 0x9e3779b9u) *a.sink = acc;
+}
+
+extern "C" int fq_cuda_dsmem_probe(size_t bytes, int reps, int cluster, int how, int blocks, void *scratch,
+                                   unsigned *sink, int cc_major, cudaStream_t stream) {
+    if (!sink || bytes == 0 || bytes % 16 || bytes > (how == 2 ? 100u << 10 : 200u << 10) || reps < 1 || blocks < 1 ||
+        how < 0 || how > 2 || (how != 1 && (cc_major < 9 || cluster < 1 || cluster > 8 || blocks % cluster)) ||
+        (how == 1 && (!scratch || ((uintptr_t)scratch & 15))))
+        return (int)cudaErrorInvalidValue;
+    const dp_args a = {(int64_t)bytes, reps, (uint4 *)scratch, sink};
+    if (how == 1) {
+        gmem_exchange_probe_kernel<<<(unsigned)blocks, DP_THREADS, 0, stream>>>(a);
+        return (int)cudaGetLastError();
+    }
+    void (*fn)(dp_args) = how == 0 ? dsmem_probe_kernel<false> : dsmem_probe_kernel<true>;
+    const size_t smem = how == 0 ? bytes : 2 * bytes;
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return (int)e;
+    cudaLaunchConfig_t lc = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = (unsigned)cluster;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    lc.gridDim = dim3((unsigned)blocks);
+    lc.blockDim = dim3(DP_THREADS);
+    lc.dynamicSmemBytes = smem;
+    lc.stream = stream;
+    lc.attrs = at;
+    lc.numAttrs = 1;
+    e = cudaLaunchKernelEx(&lc, fn, a);
+    return (int)(e != cudaSuccess ? e : cudaGetLastError());
+}
