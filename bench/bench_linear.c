@@ -753,8 +753,9 @@ static void l2_case(bl_gpu *g) {
  * the (splits - 1) / splits = 3/4 of a 128 x 256 f32 tile that a 4-way split reduced
  * inside a cluster would send, through the shared memory of the next CTA of a cluster of
  * 1 (its own), 2 or 4 (16-byte stores from 256 threads, or bulk copies from the block's own
- * shared memory), and through global memory (written, then another block's read). The
- * time per exchange includes the cluster barriers and 1/20 of a launch. */
+ * shared memory), and through global memory (written by 16-byte stores or by bulk copies
+ * from shared memory, as a TMA-stored partial would be, then another block's read; and the
+ * writes alone). The time per exchange includes the barriers and 1/20 of a launch. */
 static void dsmem_case(bl_gpu *g) {
     const size_t bytes = (size_t)96 << 10;
     const int reps = 20, sms = g->d->sm_count;
@@ -774,7 +775,10 @@ static void dsmem_case(bl_gpu *g) {
              {0, 4, "next CTA's, cluster of 4"},
              {2, 2, "bulk copies to the next CTA, cluster of 2"},
              {2, 4, "bulk copies to the next CTA, cluster of 4"},
-             {1, 1, "global memory, another block's slot"}};
+             {1, 1, "global memory, another block's slot"},
+             {3, 1, "global memory, written by bulk copies"},
+             {4, 1, "global memory, the writes alone"},
+             {5, 1, "global memory, bulk-copy writes alone"}};
     fq_cuda_guard gd;
     if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
@@ -798,8 +802,8 @@ static void dsmem_case(bl_gpu *g) {
                 continue;
             }
             const double us = median(t, n) / reps;
-            printf("dsmem probe %-42s %4d blocks: %6.2f us per 96 KB out and in  (%.1f GB/s written per block)\n",
-                   v[i].name, blocks, us, (double)bytes / (us * 1e3));
+            printf("dsmem probe %-42s %4d blocks: %6.2f us per 96 KB %-10s (%.1f GB/s written per block)\n",
+                   v[i].name, blocks, us, v[i].how >= 4 ? "out" : "out and in", (double)bytes / (us * 1e3));
         }
         fq_cuda_guard_exit(&gd);
     }

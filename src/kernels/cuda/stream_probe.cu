@@ -174,7 +174,9 @@ extern "C" int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, 
  * shared memory, the cluster synchronizes again; `reps` times. how 1, for comparison: the
  * same bytes written to global memory (block b's own slot of `scratch`) and read back from
  * the next block's slot, without any synchronization between blocks (the data are
- * irrelevant, only the traffic counts). how 2: as 0, but each block writes the bytes into
+ * irrelevant, only the traffic counts); how 3 as 1 with the bytes sent from shared memory by
+ * bulk copies (cp.async.bulk global <- shared::cta, as a TMA-stored partial would be); how
+ * 4 and 5: 1 and 3 without the read (the writes alone). how 2: as 0, but each block writes the bytes into
  * its own shared memory and one thread sends them to the next CTA with bulk copies
  * (cp.async.bulk shared::cta -> shared::cluster, 16 KB each) that complete on that CTA's
  * mbarrier; needs twice the bytes of shared memory. */
@@ -256,32 +258,66 @@ template <bool BULK> __global__ void __launch_bounds__(DP_THREADS) dsmem_probe_k
 #endif
 }
 
-__global__ void __launch_bounds__(DP_THREADS) gmem_exchange_probe_kernel(dp_args a) {
+/* how 1, 3, 4, 5: BULK - the block's bytes written to its shared memory and sent to its
+ * slot with bulk copies (16 KB each), waited for; else 16-byte stores. READ - then the
+ * next block's slot read back. */
+template <bool BULK, bool READ> __global__ void __launch_bounds__(DP_THREADS) gmem_exchange_probe_kernel(dp_args a) {
+    extern __shared__ __align__(128) uint8_t dp_sm[];
     const int64_t n16 = a.bytes / 16;
     uint4 *mine = a.scratch + (int64_t)blockIdx.x * n16;
     const uint4 *next = a.scratch + (int64_t)((blockIdx.x + 1) % gridDim.x) * n16;
     unsigned acc = 0;
     for (int r = 0; r < a.reps; r++) {
-        for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) __stcg(mine + i, make_uint4((unsigned)i, r, 0, 0));
-        __syncthreads();
-        for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) {
-            const uint4 v = __ldcg(next + i);
-            acc ^= v.x ^ v.y ^ v.z ^ v.w;
+        if (!BULK) {
+            for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) __stcg(mine + i, make_uint4((unsigned)i, r, 0, 0));
+        } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) ((uint4 *)dp_sm)[i] = make_uint4((unsigned)i, r, 0, 0);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the bulk copies */
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                for (int64_t off = 0; off < a.bytes; off += DP_PIECE) {
+                    const uint32_t len = (uint32_t)(a.bytes - off < DP_PIECE ? a.bytes - off : DP_PIECE);
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
+                                     (uint8_t *)mine + off),
+                                 "r"(fq_smem_addr(dp_sm) + (uint32_t)off), "r"(len)
+                                 : "memory");
+                }
+                asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group 0;\n" ::: "memory");
+            }
+#else
+            __trap(); /* never launched: the host checks for sm_90 */
+#endif
         }
         __syncthreads();
+        if (READ) {
+            for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) {
+                const uint4 v = __ldcg(next + i);
+                acc ^= v.x ^ v.y ^ v.z ^ v.w;
+            }
+            __syncthreads();
+        }
     }
     if (acc == 0x9e3779b9u) *a.sink = acc;
 }
 
 extern "C" int fq_cuda_dsmem_probe(size_t bytes, int reps, int cluster, int how, int blocks, void *scratch,
                                    unsigned *sink, int cc_major, cudaStream_t stream) {
+    const bool cl = how == 0 || how == 2, gm_bulk = how == 3 || how == 5;
     if (!sink || bytes == 0 || bytes % 16 || bytes > (how == 2 ? 100u << 10 : 200u << 10) || reps < 1 || blocks < 1 ||
-        how < 0 || how > 2 || (how != 1 && (cc_major < 9 || cluster < 1 || cluster > 8 || blocks % cluster)) ||
-        (how == 1 && (!scratch || ((uintptr_t)scratch & 15))))
+        how < 0 || how > 5 || ((cl || gm_bulk) && cc_major < 9) ||
+        (cl && (cluster < 1 || cluster > 8 || blocks % cluster)) || (!cl && (!scratch || ((uintptr_t)scratch & 15))))
         return (int)cudaErrorInvalidValue;
     const dp_args a = {(int64_t)bytes, reps, (uint4 *)scratch, sink};
-    if (how == 1) {
-        gmem_exchange_probe_kernel<<<(unsigned)blocks, DP_THREADS, 0, stream>>>(a);
+    if (!cl) {
+        void (*gfn)(dp_args) = how == 1   ? gmem_exchange_probe_kernel<false, true>
+                               : how == 3 ? gmem_exchange_probe_kernel<true, true>
+                               : how == 4 ? gmem_exchange_probe_kernel<false, false>
+                                          : gmem_exchange_probe_kernel<true, false>;
+        const size_t gsm = gm_bulk ? bytes : 0;
+        const cudaError_t ge = cudaFuncSetAttribute(gfn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gsm);
+        if (ge != cudaSuccess) return (int)ge;
+        gfn<<<(unsigned)blocks, DP_THREADS, gsm, stream>>>(a);
         return (int)cudaGetLastError();
     }
     void (*fn)(dp_args) = how == 0 ? dsmem_probe_kernel<false> : dsmem_probe_kernel<true>;
