@@ -190,6 +190,7 @@ typedef struct {
     unsigned *sink;
 } dp_args;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 /* used by the cluster kernels only */
 static __device__ __forceinline__ void dp_cluster_sync(void) {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
@@ -203,6 +204,7 @@ static __device__ __forceinline__ unsigned dp_xor(const uint4 *p, int n16) {
     }
     return acc;
 }
+#endif
 
 /* how 0 (BULK false) and 2 (BULK true). Shared memory: BULK [0, bytes) outgoing and
  * [bytes, 2 bytes) incoming; otherwise [0, bytes) incoming, written by the previous CTA. */
@@ -272,7 +274,8 @@ template <bool BULK, bool READ> __global__ void __launch_bounds__(DP_THREADS) gm
             for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) __stcg(mine + i, make_uint4((unsigned)i, r, 0, 0));
         } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS) ((uint4 *)dp_sm)[i] = make_uint4((unsigned)i, r, 0, 0);
+            for (int64_t i = threadIdx.x; i < n16; i += DP_THREADS)
+                ((uint4 *)dp_sm)[i] = make_uint4((unsigned)i, r, 0, 0);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* visible to the bulk copies */
             __syncthreads();
             if (threadIdx.x == 0) {
