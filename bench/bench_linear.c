@@ -696,6 +696,45 @@ static void ceiling_case(bl_gpu *g, ours_arg *oa, size_t wbytes, int iters, int 
     fq_buf_free(&sink);
 }
 
+/* One launch of a probe (l2_case, dsmem_case) with its arguments; a cudaError_t. */
+typedef int (*bl_probe_fn)(bl_gpu *g, const void *arg);
+
+/* *us: the median of 5 launches of fn after one warm-up, each timed between two events;
+ * returns a cudaError_t (0: *us is set). */
+static int probe_median_us(bl_gpu *g, bl_probe_fn fn, const void *arg, double *us) {
+    double t[5];
+    int n = 0, e = 0;
+    for (int r = 0; r < 6 && !e; r++) {
+        float ms = 0;
+        e = (int)cudaEventRecord(g->ev0, g->d->stream);
+        if (!e) e = fn(g, arg);
+        if (!e) e = (int)cudaEventRecord(g->ev1, g->d->stream);
+        if (!e) e = (int)cudaEventSynchronize(g->ev1);
+        if (!e) e = (int)cudaEventElapsedTime(&ms, g->ev0, g->ev1);
+        if (!e && r) t[n++] = ms * 1e3;
+    }
+    if (!e) *us = median(t, n);
+    return e;
+}
+
+typedef struct {
+    void *buf, *scratch;
+    unsigned *sink;
+    size_t bytes;
+    int reps, how, blocks, cluster;
+} bl_probe_args;
+
+static int l2_launch(bl_gpu *g, const void *arg) {
+    const bl_probe_args *a = arg;
+    return fq_cuda_l2_probe(a->buf, a->bytes, a->reps, a->how, a->blocks, a->sink, g->d->cc_major, g->d->stream);
+}
+
+static int dsmem_launch(bl_gpu *g, const void *arg) {
+    const bl_probe_args *a = arg;
+    return fq_cuda_dsmem_probe(a->bytes, a->reps, a->cluster, a->how, a->blocks, a->scratch, a->sink, g->d->cc_major,
+                               g->d->stream);
+}
+
 /* --l2: how fast L2 hands an L2-resident range to the SMs (stream_probe.cu): the range
  * is x at M = 256, K = 3072 (1.5 MB), which every CTA of the 4-bit GEMMs reads whole once
  * per W tile; each variant's GB/s counts blocks x bytes x reps over the median of 5 runs. */
@@ -723,23 +762,14 @@ static void l2_case(bl_gpu *g) {
         (void)cudaMemsetAsync(buf.ptr, 1, bytes, g->d->stream);
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
             if (v[i].how > 0 && g->d->cc_major < 9) continue;
-            double t[5];
-            int n = 0, e = 0;
-            for (int r = 0; r < 6 && !e; r++) {
-                float ms = 0;
-                e = (int)cudaEventRecord(g->ev0, g->d->stream);
-                if (!e) e = fq_cuda_l2_probe(buf.ptr, bytes, reps, v[i].how, v[i].blocks, sink.ptr, g->d->cc_major,
-                                             g->d->stream);
-                if (!e) e = (int)cudaEventRecord(g->ev1, g->d->stream);
-                if (!e) e = (int)cudaEventSynchronize(g->ev1);
-                if (!e) e = (int)cudaEventElapsedTime(&ms, g->ev0, g->ev1);
-                if (!e && r) t[n++] = ms * 1e3;
-            }
+            const bl_probe_args pa = {buf.ptr, NULL, sink.ptr, bytes, reps, v[i].how, v[i].blocks, 1};
+            double us = 0;
+            const int e = probe_median_us(g, l2_launch, &pa, &us);
             if (e) {
                 fprintf(stderr, "bench_linear: l2 probe: %s\n", cudaGetErrorString((cudaError_t)e));
                 break;
             }
-            const double us = median(t, n), total = (double)bytes * reps * v[i].blocks;
+            const double total = (double)bytes * reps * v[i].blocks;
             printf("l2 probe %-34s %4d blocks: %8.1f us  %7.1f GB/s out of L2  (%.1f GB/s per block)\n", v[i].name,
                    v[i].blocks, us, total / (us * 1e3), total / (us * 1e3) / v[i].blocks);
         }
@@ -783,25 +813,15 @@ static void dsmem_case(bl_gpu *g) {
     if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
             const int blocks = sms / v[i].cluster * v[i].cluster;
-            double t[5];
-            int n = 0, e = 0;
-            for (int r = 0; r < 6 && !e; r++) {
-                float ms = 0;
-                e = (int)cudaEventRecord(g->ev0, g->d->stream);
-                if (!e)
-                    e = fq_cuda_dsmem_probe(bytes, reps, v[i].cluster, v[i].how, blocks, scratch.ptr, sink.ptr,
-                                            g->d->cc_major, g->d->stream);
-                if (!e) e = (int)cudaEventRecord(g->ev1, g->d->stream);
-                if (!e) e = (int)cudaEventSynchronize(g->ev1);
-                if (!e) e = (int)cudaEventElapsedTime(&ms, g->ev0, g->ev1);
-                if (!e && r) t[n++] = ms * 1e3;
-            }
+            const bl_probe_args pa = {NULL, scratch.ptr, sink.ptr, bytes, reps, v[i].how, blocks, v[i].cluster};
+            double us = 0;
+            const int e = probe_median_us(g, dsmem_launch, &pa, &us);
             if (e) {
                 fprintf(stderr, "bench_linear: dsmem probe (%s): %s\n", v[i].name, cudaGetErrorString((cudaError_t)e));
                 (void)cudaGetLastError();
                 continue;
             }
-            const double us = median(t, n) / reps;
+            us /= reps;
             printf("dsmem probe %-42s %4d blocks: %6.2f us per 96 KB %-10s (%.1f GB/s written per block)\n",
                    v[i].name, blocks, us, v[i].how >= 4 ? "out" : "out and in", (double)bytes / (us * 1e3));
         }

@@ -659,8 +659,8 @@ static void test_selection(fq_ctx *ctx) {
     hweight_free(&w);
 }
 
-/* gemm4_ws's stream-K and in-kernel split-K counters must be zero after every launch
- * (the next launch's waits rely on it). */
+/* gemm4_ws's stream-K flags must be zero after every launch (the next launch's owners
+ * wait for them to be raised). */
 static void ws_flags_zero(fq_ctx *ctx, const char *after) {
     fq_cuda_dev *d = NULL;
     if (fq_cuda_dev_get(ctx, 0, &d) != FQ_OK || !d->lin_flags.ptr) return;

@@ -163,10 +163,13 @@ int fq_cuda_stream_probe(const void *p, size_t bytes, unsigned *sink, int mode, 
  * offsets, 2 the same in step (1 and 2 need cc_major >= 9). Returns a cudaError_t. */
 int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, int blocks, unsigned *sink, int cc_major,
                      cudaStream_t stream);
-/* Benchmark only (stream_probe.cu): `blocks` blocks (a multiple of `cluster`, 1..8)
- * exchange `bytes` each (a multiple of 16, at most 200 KB), `reps` times: how 0 through
- * the shared memory of the next CTA of their cluster (cc_major >= 9), how 1 through
- * global memory (scratch: blocks x bytes, 16-byte aligned). Returns a cudaError_t. */
+/* Benchmark only (stream_probe.cu): `blocks` blocks exchange `bytes` each (a multiple of
+ * 16, at most 200 KB; 100 KB for how 2), `reps` times. Through the shared memory of the
+ * next CTA of their cluster of `cluster` (1..8, dividing blocks; cc_major >= 9): how 0 by
+ * 16-byte stores, 2 by bulk copies. Through global memory (scratch: blocks x bytes,
+ * 16-byte aligned): how 1 by 16-byte stores, 3 by bulk copies from shared memory
+ * (cc_major >= 9), each then reading another block's bytes; 4 and 5 as 1 and 3 without the
+ * read. Returns a cudaError_t. */
 int fq_cuda_dsmem_probe(size_t bytes, int reps, int cluster, int how, int blocks, void *scratch, unsigned *sink,
                         int cc_major, cudaStream_t stream);
 

@@ -165,21 +165,22 @@ extern "C" int fq_cuda_l2_probe(const void *p, size_t bytes, int reps, int how, 
     return (int)cudaGetLastError();
 }
 
-/* ---- dsmem_probe: how fast a cluster's CTAs exchange data through shared memory -------
+/* ---- dsmem_probe: how fast CTAs exchange data through a cluster's shared memory -------
  * For the benchmark only (bench_linear --dsmem). A K split reduced inside a cluster
  * would send each CTA's f32 partial, all but the chunk it finishes itself, into the
- * shared memory of the CTAs finishing the other chunks. how 0: every block writes `bytes`
- * into the shared memory of the next block of its cluster (16-byte st.shared::cluster,
- * 256 threads), the cluster synchronizes, every block reads what it received from its own
- * shared memory, the cluster synchronizes again; `reps` times. how 1, for comparison: the
- * same bytes written to global memory (block b's own slot of `scratch`) and read back from
- * the next block's slot, without any synchronization between blocks (the data are
- * irrelevant, only the traffic counts); how 3 as 1 with the bytes sent from shared memory by
- * bulk copies (cp.async.bulk global <- shared::cta, as a TMA-stored partial would be); how
- * 4 and 5: 1 and 3 without the read (the writes alone). how 2: as 0, but each block writes the bytes into
- * its own shared memory and one thread sends them to the next CTA with bulk copies
- * (cp.async.bulk shared::cta -> shared::cluster, 16 KB each) that complete on that CTA's
- * mbarrier; needs twice the bytes of shared memory. */
+ * shared memory of the CTAs finishing the other chunks. `reps` times:
+ *  how 0: every block writes `bytes` into the shared memory of the next block of its
+ *         cluster (16-byte st.shared::cluster, 256 threads), the cluster synchronizes,
+ *         every block reads what it received, the cluster synchronizes again;
+ *  how 2: as 0, but each block writes the bytes into its own shared memory and one thread
+ *         sends them with bulk copies (shared::cta -> shared::cluster, 16 KB each) that
+ *         complete on the next CTA's mbarrier (twice the bytes of shared memory);
+ *  how 1: for comparison, the same bytes written to global memory (block b's slot of
+ *         `scratch`) and the next block's slot read back, with no synchronization between
+ *         blocks (only the traffic counts);
+ *  how 3: as 1, the bytes sent from shared memory by bulk copies (global <- shared::cta,
+ *         as a TMA-stored partial would be);
+ *  how 4, 5: 1 and 3 without the read (the writes alone). */
 #define DP_THREADS 256
 #define DP_PIECE (16 << 10)
 
