@@ -474,15 +474,22 @@ static void blas_teardown(blas_arg *a) {
     if (a->op) cublasLtMatmulDescDestroy(a->op);
 }
 
+/* Two buffers on g's device (a, b zero-initialized): 1, or 0 with neither kept and, when
+ * `what` is not NULL, the error printed under that name. */
+static int alloc_two(bl_gpu *g, const char *what, size_t bytes_a, fq_buffer *a, size_t bytes_b, fq_buffer *b) {
+    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes_a, a) == FQ_OK &&
+        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes_b, b) == FQ_OK)
+        return 1;
+    if (what) fprintf(stderr, "bench_linear: %s: %s\n", what, fq_ctx_error(g->ctx));
+    fq_buf_free(a);
+    return 0;
+}
+
 static double copy_bandwidth(bl_gpu *g) {
     const size_t bytes = (size_t)512 << 20;
     fq_buffer a = {0}, b = {0};
     double gbps = 0;
-    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &a) != FQ_OK ||
-        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &b) != FQ_OK) {
-        fq_buf_free(&a);
-        return 0;
-    }
+    if (!alloc_two(g, NULL, bytes, &a, bytes, &b)) return 0;
     fq_cuda_guard gd;
     if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) == FQ_OK) {
         double t[10];
@@ -665,12 +672,7 @@ static fq_status body_probe(bl_gpu *g, void *arg, int i) {
  * turn with our M = 1 call (same rounds), against 0.85 of the copy figure. */
 static void ceiling_case(bl_gpu *g, ours_arg *oa, size_t wbytes, int iters, int reps, double copy_gbps) {
     fq_buffer dst = {0}, sink = {0};
-    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), wbytes, &dst) != FQ_OK ||
-        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
-        fprintf(stderr, "bench_linear: ceiling: %s\n", fq_ctx_error(g->ctx));
-        fq_buf_free(&dst);
-        return;
-    }
+    if (!alloc_two(g, "ceiling", wbytes, &dst, 64, &sink)) return;
     enum { NP = 5 };
     probe_arg pa[NP];
     bl_timed tv[NP + 1];
@@ -742,12 +744,7 @@ static void l2_case(bl_gpu *g) {
     const size_t bytes = (size_t)256 * 3072 * 2;
     const int reps = 16;
     fq_buffer buf = {0}, sink = {0};
-    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes, &buf) != FQ_OK ||
-        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
-        fprintf(stderr, "bench_linear: l2: %s\n", fq_ctx_error(g->ctx));
-        fq_buf_free(&buf);
-        return;
-    }
+    if (!alloc_two(g, "l2", bytes, &buf, 64, &sink)) return;
     const int sms = g->d->sm_count;
     const struct {
         int how, blocks;
@@ -791,12 +788,7 @@ static void dsmem_case(bl_gpu *g) {
     const int reps = 20, sms = g->d->sm_count;
     if (g->d->cc_major < 9) return;
     fq_buffer scratch = {0}, sink = {0};
-    if (fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), bytes * (size_t)sms, &scratch) != FQ_OK ||
-        fq_buf_alloc(g->ctx, FQ_CUDA(g->dev), 64, &sink) != FQ_OK) {
-        fprintf(stderr, "bench_linear: dsmem: %s\n", fq_ctx_error(g->ctx));
-        fq_buf_free(&scratch);
-        return;
-    }
+    if (!alloc_two(g, "dsmem", bytes * (size_t)sms, &scratch, 64, &sink)) return;
     const struct {
         int how, cluster;
         const char *name;
