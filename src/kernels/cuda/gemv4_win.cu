@@ -36,7 +36,7 @@
  * 7-9 % at M = 2 than reloading a whole batch after its sums). The SASS places those
  * loads after the decode of all the batch's rows either way (ptxas reuses the rows'
  * registers at the 128-register cap), so the gain is in its schedule, not in more
- * loads in flight (docs/linear-cuda.md, session 9).
+ * loads in flight (docs/linear-cuda-history.md, session 9).
  *
  * Measured (H100 SXM, M = 1, NF4 + double quant, bf16; docs/linear-cuda.md):
  * 21504x3072 16.7-16.9 us (cuBLASLt bf16 48.8-49.4 in the same runs), 0.68-0.69 of the
