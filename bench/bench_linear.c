@@ -606,10 +606,6 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
         if (impl == FQ_LIN4_GEMM_WS) /* x rows per tile x K splits (large M: no split) */
             for (int t = 1; t <= FQ_GEMM4_WS_CONFIGS; t++) {
                 if (t == 6 || t == 7) continue; /* retired numbers */
-                if (t >= FQ_GEMM4_WS_FIRST_SA) { /* gemm4_sa never splits */
-                    cfgs[nc++] = t;
-                    continue;
-                }
                 for (int s = 1; s <= (m >= 2048 ? 1 : 4); s *= 2) cfgs[nc++] = t | s << 4;
                 cfgs[nc++] = t | 0xf0; /* stream-K */
             }

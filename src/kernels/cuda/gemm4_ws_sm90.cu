@@ -30,9 +30,11 @@
  *
  * Requires: x f16/bf16 (16-byte aligned), blocksize >= 64 and K a multiple of
  * it (one absmax per row and K tile), packed weight 16-byte aligned. */
-#include "kernels/cuda/gemm4_ws_common.cuh"
+#include "kernels/cuda/lin4_common.cuh"
 #include "kernels/cuda/wgmma_rs_sm90.cuh"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,7 +129,61 @@ template <int BX, int S, bool TS> struct ws_cfg {
 
 #if defined(FQ_BUILD_SM90A)
 
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FQ_WS_DEVICE 1
+#endif
+
 #ifdef FQ_WS_DEVICE
+/* ---- mbarriers and TMA ---- */
+static __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.release.cta.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.release.cta.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+static __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\n"
+                 "WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+static __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                                   uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                 "%3}], [%4];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+
+
+static __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, uint32_t src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"((uint64_t)map),
+                 "r"(c0), "r"(c1), "r"(src)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+/* The bulk stores this thread issued have read their shared memory. */
+static __device__ __forceinline__ void tma_store_wait_read(void) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+static __device__ __forceinline__ void tma_store_wait_all(void) {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+template <int R> static __device__ __forceinline__ void setmaxnreg_inc(void) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R> static __device__ __forceinline__ void setmaxnreg_dec(void) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
 static __device__ __forceinline__ void ws_tile(const ws_args &a, int64_t total, ws_item &c) {
     c.valid = c.t < total;
     if (!c.valid) return;
@@ -238,6 +294,68 @@ static __device__ __forceinline__ void ws_sk_collect(const ws_args &a, float *ac
     }
 }
 
+/* GELU (tanh form), as fq_epi computes it. */
+static __device__ __forceinline__ float ws_gelu(float v) {
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + tanhf(u));
+}
+
+template <int YT> static __device__ __forceinline__ void ws_st1(void *p, int64_t i, float v) {
+    if (YT == FQ_BF16) ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    else if (YT == FQ_F16) ((__half *)p)[i] = __float2half_rn(v);
+    else ((float *)p)[i] = v;
+}
+template <int YT> static __device__ __forceinline__ void ws_st2(void *p, int64_t i, float v0, float v1) {
+    if (YT == FQ_BF16) *(__nv_bfloat162 *)((__nv_bfloat16 *)p + i) = __floats2bfloat162_rn(v0, v1);
+    else if (YT == FQ_F16) *(__half2 *)((__half *)p + i) = __floats2half2_rn(v0, v1);
+    else *(float2 *)((float *)p + i) = make_float2(v0, v1);
+}
+
+/* Stores a consumer's 64 x BX accumulator tile: acc[4j + v] is (W row nA + 8 (v >> 1),
+ * x row m0 + 8j + 2 t4 + (v & 1)). Lanes g and g ^ 1 swap one value so that each
+ * holds two neighbouring n of one x row (n = nA or nA + 8, minus 1 on odd g): one
+ * 4/8-byte store per pair when N is even (PAIR). b: the bias of those two n for the
+ * two row groups. Compile-time type and activation keep the code small (the hot
+ * loop shares the instruction cache with it). */
+template <int BX, int YT, bool GELU, bool PAIR>
+static __device__ __forceinline__ void ws_epilogue(const float *acc, void *y, int64_t M, int64_t N, int64_t m0,
+                                                   int64_t nA, bool odd, int t4, const float (&b)[2][2]) {
+#pragma unroll
+    for (int j = 0; j < BX / 8; j++) {
+        const int64_t m = m0 + 8 * j + 2 * t4 + (odd ? 1 : 0);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+            const int64_t n = nA + 8 * h - (odd ? 1 : 0);
+            float lo = (odd ? r : v0) + b[h][0], hi = (odd ? v1 : r) + b[h][1];
+            if (GELU) {
+                lo = ws_gelu(lo);
+                hi = ws_gelu(hi);
+            }
+            if (m >= M) continue;
+            if (PAIR) {
+                if (n < N) ws_st2<YT>(y, m * N + n, lo, hi);
+            } else {
+                if (n < N) ws_st1<YT>(y, m * N + n, lo);
+                if (n + 1 < N) ws_st1<YT>(y, m * N + n + 1, hi);
+            }
+        }
+    }
+}
+
+/* The bias of the two output pairs a lane stores (see ws_epilogue), 0 without a bias. */
+static __device__ __forceinline__ void ws_bias_pairs(const ws_args &a, int64_t nA, bool odd, float (&b)[2][2]) {
+    if (!a.e.bias) return;
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int64_t n = nA + 8 * h - (odd ? 1 : 0) + i;
+            if (n < a.w.n) b[h][i] = fq_ldf(a.e.bias, a.e.bias_dtype, n);
+        }
+}
+
 /* A consumer's epilogue (see ws_epilogue); split K: raw f32 partials. */
 template <int BX>
 static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const float *acc, const ws_item &tile, int rA,
@@ -245,11 +363,21 @@ static __device__ __forceinline__ void ws_store_tile(const ws_args &a, const flo
     const int64_t nA = tile.n0 + rA, m0 = (int64_t)tile.mti * BX;
     const bool odd = (g & 1) != 0;
     float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    if (!a.partial) ws_bias_pairs(a.e, a.w.n, nA, odd, b);
-    const bool gelu = !a.partial && a.e.act == FQ_EPI_GELU_TANH;
+    if (!a.partial) ws_bias_pairs(a, nA, odd, b);
+    const bool pair = (N & 1) == 0, gelu = !a.partial && a.e.act == FQ_EPI_GELU_TANH;
     void *yp = a.partial ? (void *)(a.partial + (int64_t)tile.sp * M * N) : a.y;
     const int yt = a.partial ? FQ_F32 : a.y_dtype;
-    ws_epilogue_any<BX>(acc, yp, yt, gelu, M, N, m0, nA, odd, t4, b);
+#define WS_EPI(YT, GL, PR) ws_epilogue<BX, YT, GL, PR>(acc, yp, M, N, m0, nA, odd, t4, b)
+    if (yt == FQ_BF16 && pair && !gelu) WS_EPI(FQ_BF16, false, true);
+    else if (yt == FQ_F16 && pair && !gelu) WS_EPI(FQ_F16, false, true);
+    else if (yt == FQ_F32 && pair && !gelu) WS_EPI(FQ_F32, false, true);
+    else if (yt == FQ_BF16 && pair) WS_EPI(FQ_BF16, true, true);
+    else if (yt == FQ_F16 && pair) WS_EPI(FQ_F16, true, true);
+    else if (yt == FQ_F32 && pair) WS_EPI(FQ_F32, true, true);
+    else if (yt == FQ_BF16) { if (gelu) WS_EPI(FQ_BF16, true, false); else WS_EPI(FQ_BF16, false, false); }
+    else if (yt == FQ_F16) { if (gelu) WS_EPI(FQ_F16, true, false); else WS_EPI(FQ_F16, false, false); }
+    else { if (gelu) WS_EPI(FQ_F32, true, false); else WS_EPI(FQ_F32, false, false); }
+#undef WS_EPI
 }
 
 /* The TS epilogue: the same values as ws_epilogue (lanes g, g ^ 1 swap one value; bias,
@@ -294,7 +422,7 @@ static __device__ __forceinline__ void ws_store_tile_tma(const ws_args &a, const
     const int lt = threadIdx.x & 127, wl = (lt >> 5);
     const bool odd = (g & 1) != 0;
     float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    ws_bias_pairs(a.e, a.w.n, tile.n0 + rA, odd, b);
+    ws_bias_pairs(a, tile.n0 + rA, odd, b);
     /* the previous tile's store has read the output tile */
     if (lt == 0) tma_store_wait_read();
     ws_wg_sync(cw);
@@ -317,6 +445,21 @@ static __device__ __forceinline__ uint32_t ws_gather4(uint32_t w0, uint32_t w1, 
     return __byte_perm(__byte_perm(w0, w1, sel), __byte_perm(w2, w3, sel), 0x5410);
 }
 
+/* code[nibble] from the 16-entry table at shared address tb (256-byte aligned): byte j of
+ * the offsets word o (nibble x 4) and the upper bytes of tb make the address in one PRMT.
+ * The table is written before the kernel's __syncthreads and never again. */
+static __device__ __forceinline__ float ws_code(uint32_t o, uint32_t tb, int j) {
+    float v;
+    asm("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(__byte_perm(o, tb, 0x7650u | (uint32_t)j)));
+    return v;
+}
+
+/* Byte j of a word of gathered bytes (H = high nibbles x 4, L = low nibbles x 4): the
+ * pair packed as dequantize rounds it, bf16/f16(code[nibble] * am) with mul.rn.ftz. */
+template <typename T>
+static __device__ __forceinline__ uint32_t ws_dec_pair(uint32_t tb, uint32_t H, uint32_t L, int j, float am) {
+    return fq_mma_t<T>::pack(fq_lin4_mul_ftz(ws_code(H, tb, j), am), fq_lin4_mul_ftz(ws_code(L, tb, j), am));
+}
 #endif /* FQ_WS_DEVICE */
 
 template <typename T, int BX, int S, bool NESTED, bool TS>
@@ -555,9 +698,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const ws_args);
 typedef struct {
     int bx, smem, ts;
-    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested]; NULL: a retired number or gemm4_sa */
+    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested]; NULL: a retired number */
     const char *name;
-    int sa; /* 1: gemm4_sa_sm90.cu with bx x rows per consumer warpgroup */
 } ws_config;
 
 #define WS_CONFIG(BX, S, TS, NAME)                                                                             \
@@ -566,12 +708,9 @@ typedef struct {
      TS,                                                                                                       \
      {{gemm4_ws_kernel<__half, BX, S, false, TS>, gemm4_ws_kernel<__half, BX, S, true, TS>},                   \
       {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, TS>, gemm4_ws_kernel<__nv_bfloat16, BX, S, true, TS>}},    \
-     NAME,                                                                                                     \
-     0}
+     NAME}
 /* a number no longer in use (kept so that the others keep theirs) */
-#define WS_RETIRED(NAME) {0, 0, 0, {{NULL, NULL}, {NULL, NULL}}, NAME, 0}
-/* gemm4_sa: the W tile decoded once for both consumer warpgroups (their own x rows each) */
-#define WS_SA(BX, NAME) {BX, 0, 0, {{NULL, NULL}, {NULL, NULL}}, NAME, 1}
+#define WS_RETIRED(NAME) {0, 0, 0, {{NULL, NULL}, {NULL, NULL}}, NAME}
 
 /* x rows per tile (the W tile is 128 rows). 216 = 4608 / 22 (rounded up to a multiple of
  * 8): with N a multiple of 3072 the FLUX M = 4608 GEMMs then have a multiple of 4 x 132 tiles.
@@ -592,8 +731,6 @@ static const ws_config *ws_configs(void) {
         WS_CONFIG(216, 5, true, "ws 128x216x64 s5 tma-store"),
         WS_CONFIG(256, 4, true, "ws 128x256x64 s4 tma-store"),
         WS_CONFIG(192, 6, true, "ws 128x192x64 s6 tma-store"),
-        WS_SA(216, "sa 64x432x64 s3 cluster2"),
-        WS_SA(256, "sa 64x512x64 s3 cluster2"),
     };
     return c;
 }
@@ -619,7 +756,7 @@ extern "C" int fq_cuda_gemm4_ws_prepare(void) {
                     cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
                 if (e != cudaSuccess) return (int)e;
             }
-    return fq_cuda_gemm4_sa_prepare();
+    return (int)cudaSuccess;
 }
 
 /* FQ_WS_PROBE=n (bench only, builds with FQ_WS_PROBES; the results are then WRONG): see
@@ -648,12 +785,7 @@ typedef struct {
 /* cfg names an existing tile configuration, not a retired one (or 0, the plan's choice) */
 static bool ws_cfg_ok(int cfg) {
     const int ci = (cfg & 15) - 1;
-    return ci < FQ_GEMM4_WS_CONFIGS && (ci < 0 || ws_configs()[ci].fn[0][0] != NULL || ws_configs()[ci].sa);
-}
-/* cfg names a gemm4_sa configuration (K split bits ignored: it never splits) */
-static const ws_config *ws_sa_config(int cfg) {
-    const int ci = (cfg & 15) - 1;
-    return ci >= 0 && ci < FQ_GEMM4_WS_CONFIGS && ws_configs()[ci].sa ? &ws_configs()[ci] : NULL;
+    return ci < FQ_GEMM4_WS_CONFIGS && (ci < 0 || ws_configs()[ci].fn[0][0] != NULL);
 }
 
 /* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose,
@@ -725,13 +857,12 @@ static size_t ws_plan_bytes(const ws_plan &p, const fq_lin4_weight *w, const fq_
 }
 
 extern "C" size_t fq_cuda_gemm4_ws_workspace(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
-    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg) || ws_sa_config(cfg)) return 0;
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg)) return 0;
     return ws_plan_bytes(ws_plan_for(w, io, sm_count, cfg), w, io, sm_count);
 }
 
-int fq_ws_tmap_2d(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64_t inner, uint64_t outer,
-                  uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swz) {
-    if (!g_encode) return (int)cudaErrorInitializationError;
+static int ws_encode(CUtensorMap *map, CUtensorMapDataType dt, void *ptr, uint64_t inner, uint64_t outer,
+                     uint64_t stride_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swz) {
     const cuuint64_t dims[2] = {inner, outer}, strides[1] = {stride_bytes};
     const cuuint32_t box[2] = {box_inner, box_outer}, estr[2] = {1, 1};
     CUresult r = g_encode(map, dt, 2, ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, swz,
@@ -744,8 +875,6 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     if (!fq_cuda_gemm4_ws_supported(w, io) || !ws_cfg_ok(cfg)) return (int)cudaErrorInvalidValue;
     if (!g_encode) return (int)cudaErrorInitializationError; /* fq_cuda_gemm4_ws_prepare not called */
     if (io->m <= 0) return (int)cudaSuccess;
-    const ws_config *sa = ws_sa_config(cfg);
-    if (sa) return fq_cuda_gemm4_sa(w, io, e, sa->bx, sm_count, stream);
     const int64_t sms = sm_count > 0 ? sm_count : 132;
     ws_plan p = ws_plan_for(w, io, sm_count, cfg);
     const size_t need = ws_plan_bytes(p, w, io, sm_count);
@@ -756,11 +885,11 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     }
     const ws_config *c = &ws_configs()[p.ci];
     CUtensorMap tmx, tmw;
-    int rc = fq_ws_tmap_2d(&tmx, io->x_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    int rc = ws_encode(&tmx, io->x_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                        (void *)io->x, (uint64_t)w->k, (uint64_t)io->m, (uint64_t)w->k * 2, WS_BK, (uint32_t)c->bx,
                        CU_TENSOR_MAP_SWIZZLE_128B);
     if (!rc)
-        rc = fq_ws_tmap_2d(&tmw, CU_TENSOR_MAP_DATA_TYPE_UINT8, (void *)w->packed, (uint64_t)w->k / 2, (uint64_t)w->n,
+        rc = ws_encode(&tmw, CU_TENSOR_MAP_DATA_TYPE_UINT8, (void *)w->packed, (uint64_t)w->k / 2, (uint64_t)w->n,
                        (uint64_t)w->k / 2, WS_BK / 2, WS_ROWS, CU_TENSOR_MAP_SWIZZLE_NONE);
     if (rc) return rc;
     /* TS configurations store y (bf16/f16) with TMA when nothing is split and its rows
@@ -770,7 +899,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     const int tma_y = c->ts && p.splits == 1 && (io->y_dtype == FQ_BF16 || io->y_dtype == FQ_F16) && w->n % 8 == 0 &&
                       ((uintptr_t)io->y & 15) == 0;
     if (tma_y) {
-        rc = fq_ws_tmap_2d(&tmy, io->y_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        rc = ws_encode(&tmy, io->y_dtype == FQ_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                        io->y, (uint64_t)w->n, (uint64_t)io->m, (uint64_t)w->n * 2, 64, (uint32_t)c->bx,
                        CU_TENSOR_MAP_SWIZZLE_128B);
         if (rc) return rc;
@@ -824,7 +953,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
 }
 
 extern "C" int fq_cuda_gemm4_ws_streamk(const fq_lin4_weight *w, const fq_lin4_io *io, int sm_count, int cfg) {
-    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg) || ws_sa_config(cfg)) return 0;
+    if (!fq_cuda_gemm4_ws_supported(w, io) || io->m <= 0 || !ws_cfg_ok(cfg)) return 0;
     return ws_plan_for(w, io, sm_count, cfg).streamk;
 }
 

@@ -205,9 +205,7 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
  * pipeline, W decoded exactly like dequantize into wgmma A registers. Same
  * requirements as gemm4_wgmma. cfg: low 4 bits = tile configuration (0 = choose,
  * 1..4: 256/216/192/128 x rows per tile, 5: 216 with 7 stages, 6 and 7: retired (an
- * error), 8..10: 216/256/192 with the output stored by TMA, 11 and 12: gemm4_sa
- * (gemm4_sa_sm90.cu: 64 W rows decoded once for 432/512 x rows, clusters of two CTAs,
- * never split: bits 4..7 ignored)), bits 4..7 = K splits (0 =
+ * error), 8..10: 216/256/192 with the output stored by TMA), bits 4..7 = K splits (0 =
  * choose, 15 = stream-K: every CTA the same
  * share of the tile-major K tiles, split tiles summed in a fixed order); with a split
  * or stream-K the f32 partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with
@@ -216,8 +214,7 @@ const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
  * launch at a time may use them. fq_cuda_gemm4_ws_prepare (once per device, before
  * the first launch there) sets the shared-memory limits and looks up
  * cuTensorMapEncodeTiled. */
-#define FQ_GEMM4_WS_CONFIGS 12
-#define FQ_GEMM4_WS_FIRST_SA 11 /* gemm4_sa from here on */
+#define FQ_GEMM4_WS_CONFIGS 10
 #define FQ_GEMM4_WS_MAX_SMS 1024
 int fq_cuda_gemm4_ws_built(void);
 int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io);

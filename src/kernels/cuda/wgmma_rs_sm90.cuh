@@ -1,9 +1,8 @@
-/* wgmma.mma_async m64nNk16 for the 4-bit GEMMs (gemm4_sm90.cu, gemm4_ws_sm90.cu,
- * gemm4_sa_sm90.cu), sm_90a: A from registers (fq_wgmma_rs: the lane's four 32-bit words
- * of the m64k16 fragment) or from shared memory (fq_wgmma_ss), B from shared memory
- * through its descriptor (K-major, 128-byte swizzle), N / 2 f32 accumulators per lane
- * in d; acc = 0 overwrites them instead of adding. One template for N = 128, 192, 216,
- * 256 and bf16/f16 operands. Inline asm needs every
+/* wgmma.mma_async m64nNk16 for the 4-bit GEMMs (gemm4_sm90.cu, gemm4_ws_sm90.cu),
+ * sm_90a: A from registers (the lane's four 32-bit words of the m64k16 fragment),
+ * B from shared memory through its descriptor (K-major, 128-byte swizzle), N / 2
+ * f32 accumulators per lane in d; acc = 0 overwrites them instead of adding. One
+ * template for N = 128, 192, 216, 256 and bf16/f16 operands. Inline asm needs every
  * operand named in a string literal, so the macros below spell the lists out. */
 #ifndef FQ_WGMMA_RS_SM90_CUH
 #define FQ_WGMMA_RS_SM90_CUH
@@ -68,32 +67,6 @@ FQ_WG_RS(__half, "f16", 192)
 FQ_WG_RS(__half, "f16", 216)
 FQ_WG_RS(__half, "f16", 256)
 #undef FQ_WG_RS
-
-/* The same with A from shared memory too (gemm4_sa_sm90.cu): da is A's descriptor (K-major,
- * 128-byte swizzle, like B's), no transposes. */
-#define FQ_WG_SST_128 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-#define FQ_WG_SSP_128 "%66"
-#define FQ_WG_SST_216 "}, %108, %109, p, 1, 1, 0, 0;\n}\n"
-#define FQ_WG_SSP_216 "%110"
-#define FQ_WG_SST_256 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-#define FQ_WG_SSP_256 "%130"
-template <typename T, int N>
-__device__ __forceinline__ void fq_wgmma_ss(float *d, uint64_t da, uint64_t db, uint32_t acc);
-#define FQ_WG_SS(T, TS, N)                                                                                      \
-    template <>                                                                                                  \
-    __device__ __forceinline__ void fq_wgmma_ss<T, N>(float *d, uint64_t da, uint64_t db, uint32_t acc) {       \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FQ_WG_SSP_##N ", 0;\n"                                 \
-                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TS "." TS " {" FQ_WG_S_##N FQ_WG_SST_##N    \
-                     : FQ_WG_D_##N                                                                               \
-                     : "l"(da), "l"(db), "r"(acc));                                                              \
-    }
-FQ_WG_SS(__nv_bfloat16, "bf16", 128)
-FQ_WG_SS(__nv_bfloat16, "bf16", 216)
-FQ_WG_SS(__nv_bfloat16, "bf16", 256)
-FQ_WG_SS(__half, "f16", 128)
-FQ_WG_SS(__half, "f16", 216)
-FQ_WG_SS(__half, "f16", 256)
-#undef FQ_WG_SS
 
 static __device__ __forceinline__ void fq_wgmma_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void fq_wgmma_commit(void) {
