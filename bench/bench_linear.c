@@ -66,7 +66,8 @@ typedef struct {
     int64_t n, k, m;
     char impl[48];
     double us, us_blas, us_dq, tflops, wgbps, ratio, w_copy;
-    int target_ok; /* -1: no target */
+    double dq_bound; /* the most dequantize + cuBLASLt can reach, x cuBLASLt (CUDA rows; NAN elsewhere) */
+    int target_ok;   /* -1: no target */
 } bl_row;
 
 typedef struct {
@@ -197,11 +198,11 @@ static void write_json(const char *path, const bl_rows *rs) {
         fprintf(f,
                 "    {\"n\": %lld, \"k\": %lld, \"m\": %lld, \"impl\": \"%s\", \"us\": %s, \"us_cublas_bf16\": %s, "
                 "\"us_dequant_cublas\": %s, \"x_cublas\": %s, \"tflops\": %s, \"weight_gbps\": %s, "
-                "\"weight_over_copy\": %s, \"target\": \"%s\"}%s\n",
+                "\"weight_over_copy\": %s, \"dequant_bound_x_cublas\": %s, \"target\": \"%s\"}%s\n",
                 (long long)r->n, (long long)r->k, (long long)r->m, r->impl, jnum(b[0], 32, r->us, 3),
                 jnum(b[1], 32, r->us_blas, 3), jnum(b[2], 32, r->us_dq, 3), jnum(b[3], 32, r->ratio, 4),
                 jnum(b[4], 32, r->tflops, 3), jnum(b[5], 32, r->wgbps, 2), jnum(b[6], 32, r->w_copy, 4),
-                target_text(r->target_ok), i + 1 < rs->n ? "," : "");
+                jnum(b[7], 32, r->dq_bound, 4), target_text(r->target_ok), i + 1 < rs->n ? "," : "");
     }
     fprintf(f, "  ]\n}\n");
     fclose(f);
@@ -285,6 +286,7 @@ static int bench_cpu(fq_ctx *ctx, const bl_shape *shapes, int nshapes, const int
             r.us_dq = tt[1];
             r.us_blas = NAN;
             r.ratio = NAN;
+            r.dq_bound = NAN;
             r.tflops = 2.0 * (double)m * (double)n * (double)k / (r.us * 1e6);
             r.wgbps = (double)wb / (r.us * 1e3);
             r.w_copy = rs->copy_gbps > 0 ? r.wgbps / rs->copy_gbps : 0;
@@ -927,14 +929,18 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
             r.wgbps = (double)wbytes / (us * 1e3);
             r.w_copy = rs->copy_gbps > 0 ? r.wgbps / rs->copy_gbps : 0;
             r.target_ok = target_for(m, r.ratio, r.w_copy);
+            /* dequantize + cuBLASLt is at best cuBLASLt plus the dequantize pass at the copy
+             * bandwidth: the packed weight read, its bf16 copy written (docs/linear-cuda.md) */
+            const double us_dq_pass = (double)(wbytes + bbytes) / (rs->copy_gbps * 1e3);
+            r.dq_bound = rs->copy_gbps > 0 ? us_blas / (us_blas + us_dq_pass) : NAN;
             add_row(rs, &r);
             char sh[32];
             snprintf(sh, sizeof sh, "%lldx%lld", (long long)n, (long long)k);
             printf("%-12s %5lld %-17s %10.2f %10.2f %10.2f %7.3f %8.1f %8.1f %7.3f %s   (cublas: %.1f TFLOP/s, W %.1f "
-                   "GB/s)\n",
+                   "GB/s; dq+blas bound %.3fx)\n",
                    sh, (long long)m, r.impl, us, us_blas, us_dq, r.ratio, r.tflops, r.wgbps, r.w_copy,
                    target_text(r.target_ok), 2.0 * (double)m * (double)n * (double)k / (us_blas * 1e6),
-                   (double)bbytes / (us_blas * 1e3));
+                   (double)bbytes / (us_blas * 1e3), r.dq_bound);
             fflush(stdout);
             if (sweep) sweep_case(&g, &oa, nv == 3 ? &ba : NULL, iters, reps, us_blas, m, n, k);
             if (ceiling && m == 1) ceiling_case(&g, &oa, wbytes, iters, reps, rs->copy_gbps);
