@@ -659,13 +659,19 @@ static void test_selection(fq_ctx *ctx) {
     hweight_free(&w);
 }
 
+static int g_ws_streamk_ran; /* a forced stream-K gemm4_ws launch succeeded on cuda:0 */
+
 /* gemm4_ws's stream-K flags must be zero after every launch (the next launch's owners
- * wait for them to be raised). */
+ * wait for them to be raised). Once a stream-K launch has run, the flags must exist:
+ * a missing set is a failure, not a reason to skip. */
 static void ws_flags_zero(fq_ctx *ctx, const char *after) {
     fq_cuda_dev *d = NULL;
-    if (fq_cuda_dev_get(ctx, 0, &d) != FQ_OK || !d->lin_flags.ptr) return;
+    const int have = fq_cuda_dev_get(ctx, 0, &d) == FQ_OK && d->lin_flags.ptr;
+    CHECK(have || !g_ws_streamk_ran, "no gemm4_ws flags on cuda:0 after %s, though stream-K ran", after);
+    if (!have) return;
     const size_t n = 2 * FQ_GEMM4_WS_MAX_SMS;
     int *h = calloc(n, sizeof(int));
+    CHECK(h != NULL, "out of host memory reading the gemm4_ws flags");
     if (!h) return;
     const cudaError_t e = cudaMemcpy(h, d->lin_flags.ptr, n * sizeof(int), cudaMemcpyDeviceToHost);
     CHECK(e == cudaSuccess, "reading the gemm4_ws flags: %s", cudaGetErrorString(e));
@@ -796,6 +802,7 @@ static void test_ws_exact(fq_ctx *ctx) {
             if (!can) break;
             fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, sels[si]), &w, &x, NULL, ydt, &y);
             CHECK(r == FQ_OK, "gemm4_ws identity: %s", fq_ctx_error(ctx));
+            if (r == FQ_OK && (sels[si] & 0xf0) == 0xf0) g_ws_streamk_ran = 1;
             if (r == FQ_OK) {
                 int64_t bad = -1;
                 for (int64_t i = 0; i < k * n && bad < 0; i++) {
