@@ -29,19 +29,24 @@
  * Usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE]
  *                     [--m 1,2,16,...] [--shapes NxK,...] [--fp4] [--no-dq]
  *                     [--no-rotate] [--sweep] [--quick] [--impl NAME] [--ceiling] [--l2]
- *                     [--dsmem]
+ *                     [--dsmem] [--power S]
  * (--impl: sweep only that implementation's configurations, e.g. gemm4_ws;
  *  --variants impl:cfg,...: sweep only these selections, e.g. gemv4_bulk:0x1;
  *  --ceiling: at M = 1, also a kernel that only reads the weight's bytes, three
  *  ways, and a copy of them, in the same rounds as ours: the floor for M = 1;
  *  --l2: first, how fast L2 hands a 1.5 MB L2-resident range to the SMs, several ways;
  *  --dsmem: first, how fast CTAs exchange 96 KB through a cluster's shared memory and
- *  through global memory)
+ *  through global memory;
+ *  --power S: after each case's timing, every body of the comparison (and each swept
+ *  variant) replayed without pause for S seconds: energy per call from NVML's energy
+ *  counter, mean power, mean SM clock and the share of samples with the clock held
+ *  down by the power limit - on a power-capped card, less energy per call is speed)
  * (also: fluxq bench linear ...) */
 #include "core/core.h"
 #include "core/qtensor.h"
 #ifdef FQ_HAVE_CUDA
 #include "core/cuda_device.h"
+#include "core/gpu_power.h"
 #include "kernels/cuda/linear_cuda.h"
 #include "ops/linear_internal.h"
 
@@ -403,6 +408,96 @@ static double bl_time(bl_gpu *g, int iters, int reps, bl_body body, void *arg) {
     return us;
 }
 
+/* --power: seconds each body is replayed for (0: off), and the card's NVML handle. */
+static double g_power_s;
+static fq_gpu_power *g_power;
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Replays t's graph back to back (two replays in flight) for g_power_s seconds after a
+ * warm-up of a third of that, and prints one line: time and energy per call (NVML's
+ * energy counter read before and after), mean power, and from samples taken at most
+ * every 20 ms between replays the mean SM clock and the share of samples in which the
+ * power limit held the clock down. */
+static void bl_power_line(bl_gpu *g, int iters, bl_timed *t, const char *name, double macs) {
+    fq_cuda_guard gd;
+    if (fq_cuda_guard_enter(g->ctx, g->dev, &gd) != FQ_OK) return;
+    cudaStream_t st = g->d->stream;
+    cudaEvent_t ev[3] = {NULL, NULL, NULL};
+    int ok = 1;
+    for (int i = 0; i < 3; i++) ok = ok && cudaEventCreateWithFlags(&ev[i], cudaEventDisableTiming) == cudaSuccess;
+    bl_warm(g, t);
+    bl_capture(g, iters, t);
+    if (!ok || !t->ok || !t->exec) {
+        printf("    power %-34s failed (%s)\n", name, !ok ? "cudaEventCreate" : "no graph");
+        ok = 0;
+    }
+    fq_gpu_power_sample s0, s1, s;
+    double mhz = 0, t0 = 0, t1 = 0;
+    long samples = 0, capped = 0, replays = 0;
+    for (int phase = 0; ok && phase < 2; phase++) { /* 0: warm-up, 1: measured */
+        const double dur = phase ? g_power_s : g_power_s / 3.0;
+        if (phase) {
+            if (fq_gpu_power_read(g->ctx, g_power, &s0) != FQ_OK) {
+                printf("    power %-34s failed (%s)\n", name, fq_ctx_error(g->ctx));
+                ok = 0;
+                break;
+            }
+            t0 = mono_s();
+        }
+        const double start = mono_s();
+        double last = start;
+        long n = 0;
+        cudaError_t e = cudaSuccess;
+        for (;;) {
+            if (e == cudaSuccess) e = cudaGraphLaunch(t->exec, st);
+            if (e == cudaSuccess) e = cudaEventRecord(ev[n % 3], st);
+            n++;
+            if (e == cudaSuccess && n >= 2) e = cudaEventSynchronize(ev[(n - 2) % 3]);
+            if (e != cudaSuccess) break;
+            const double now = mono_s();
+            if (phase && now - last >= 0.02 && fq_gpu_power_read(g->ctx, g_power, &s) == FQ_OK) {
+                last = now;
+                samples++;
+                mhz += s.sm_mhz;
+                if (s.reasons & FQ_GPU_SLOW_SW_POWER_CAP) capped++;
+            }
+            if (now - start >= dur) break;
+        }
+        if (e == cudaSuccess) e = cudaEventSynchronize(ev[(n - 1) % 3]);
+        if (e != cudaSuccess) {
+            printf("    power %-34s failed (%s)\n", name, cudaGetErrorString(e));
+            ok = 0;
+            break;
+        }
+        if (phase) {
+            t1 = mono_s();
+            replays = n;
+            if (fq_gpu_power_read(g->ctx, g_power, &s1) != FQ_OK) {
+                printf("    power %-34s failed (%s)\n", name, fq_ctx_error(g->ctx));
+                ok = 0;
+            }
+        }
+    }
+    if (ok) {
+        const double calls = (double)replays * iters, secs = t1 - t0;
+        const double mj = (double)(s1.energy_mj - s0.energy_mj);
+        printf("    power %-34s %9.2f us/call %7.1f W %9.4f mJ/call %7.3f pJ/MAC  SM %5.0f MHz  power-capped %3.0f%%\n",
+               name, secs * 1e6 / calls, mj / secs * 1e-3, mj / calls, mj * 1e9 / (calls * macs),
+               samples ? mhz / samples : 0.0, samples ? 100.0 * capped / samples : 0.0);
+        fflush(stdout);
+    }
+    if (t->exec) cudaGraphExecDestroy(t->exec);
+    t->exec = NULL;
+    for (int i = 0; i < 3; i++)
+        if (ev[i]) cudaEventDestroy(ev[i]);
+    fq_cuda_guard_exit(&gd);
+}
+
 typedef struct {
     fq_qtensor **w;
     int nw;
@@ -646,6 +741,10 @@ static void sweep_case(bl_gpu *g, ours_arg *oa, blas_arg *ba, int iters, int rep
                    us_blas / us, 2.0 * (double)m * (double)n * (double)k / (us * 1e6), us_blas,
                    ba ? ", same rounds" : "");
             if (impl == FQ_LIN4_GEMM_WS && getenv("FQ_WS_STAMPS")) ws_timeline(g, oa);
+            if (g_power_s > 0) {
+                bl_timed tp = {body_ours, oa, NULL, 0};
+                bl_power_line(g, iters, &tp, name, (double)m * (double)n * (double)k);
+            }
         }
     }
     oa->sel = FQ_LINEAR_AUTO;
@@ -846,6 +945,22 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
     rs->copy_gbps = copy_bandwidth(&g);
     printf("card: %s (%s, sm_%d%d, %d SMs)   D2D copy: %.1f GB/s (read + written)\n", rs->card, rs->device,
            g.d->cc_major, g.d->cc_minor, g.d->sm_count, rs->copy_gbps);
+    if (g_power_s > 0) {
+        char bus[32];
+        if (fq_cuda_guard_enter(ctx, dev, &gd) != FQ_OK) return 1;
+        const cudaError_t e = cudaDeviceGetPCIBusId(bus, (int)sizeof bus, dev);
+        fq_cuda_guard_exit(&gd);
+        if (e != cudaSuccess) {
+            fprintf(stderr, "bench_linear: --power: cudaDeviceGetPCIBusId: %s\n", cudaGetErrorString(e));
+            return 1;
+        }
+        if (fq_gpu_power_open(ctx, bus, &g_power) != FQ_OK) {
+            fprintf(stderr, "bench_linear: --power: %s\n", fq_ctx_error(ctx));
+            return 1;
+        }
+        printf("power: each body replayed %.1f s after %.1f s of warm-up; enforced power limit %.0f W\n", g_power_s,
+               g_power_s / 3.0, fq_gpu_power_limit_mw(g_power) * 1e-3);
+    }
     if (probes & 1) l2_case(&g);
     if (probes & 2) dsmem_case(&g);
     printf("weights: %s, blocksize 64%s; x, y bf16; %d calls per graph, median of %d replays%s\n", fp4 ? "FP4" : "NF4",
@@ -942,6 +1057,13 @@ static int bench_gpu(fq_ctx *ctx, int dev, const bl_shape *shapes, int nshapes, 
                    target_text(r.target_ok), 2.0 * (double)m * (double)n * (double)k / (us_blas * 1e6),
                    (double)bbytes / (us_blas * 1e3), r.dq_bound);
             fflush(stdout);
+            if (g_power_s > 0) {
+                char nm[64];
+                snprintf(nm, sizeof nm, "ours (%s)", r.impl);
+                const char *names[3] = {nm, "dequantize + cuBLASLt", "cuBLASLt bf16"};
+                for (int v = 0; v < nv; v++)
+                    bl_power_line(&g, iters, &tv[v], names[v], (double)m * (double)n * (double)k);
+            }
             if (sweep) sweep_case(&g, &oa, nv == 3 ? &ba : NULL, iters, reps, us_blas, m, n, k);
             if (ceiling && m == 1) ceiling_case(&g, &oa, wbytes, iters, reps, rs->copy_gbps);
             blas_teardown(&ba);
@@ -1032,6 +1154,12 @@ int fq_bench_linear(int argc, char **argv) {
         else if (!strcmp(a, "--impl") && i + 1 < argc) {
             g_sweep_only = argv[++i];
             sweep = 1;
+        } else if (!strcmp(a, "--power") && i + 1 < argc) {
+            g_power_s = atof(argv[++i]);
+            if (!(g_power_s > 0 && g_power_s <= 600)) {
+                fprintf(stderr, "bench_linear: --power takes seconds in (0, 600]\n");
+                return 2;
+            }
         } else if (!strcmp(a, "--variants") && i + 1 < argc) {
             if (parse_variants(argv[++i]) <= 0) {
                 fprintf(stderr, "bench_linear: bad --variants (impl:cfg,...)\n");
@@ -1044,7 +1172,8 @@ int fq_bench_linear(int argc, char **argv) {
         else {
             printf("usage: bench_linear [--device cuda:N|cpu] [--iters N] [--reps N] [--json FILE] [--m 1,16,...]\n"
                    "                    [--shapes NxK,...] [--fp4] [--no-dq] [--no-rotate] [--sweep] [--quick]\n"
-                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling] [--l2] [--dsmem]\n");
+                   "                    [--impl NAME] [--variants impl:cfg,...] [--ceiling] [--l2] [--dsmem]\n"
+                   "                    [--power SECONDS]\n");
             return strcmp(a, "--help") && strcmp(a, "-h") ? 2 : 0;
         }
     }
@@ -1075,11 +1204,20 @@ int fq_bench_linear(int argc, char **argv) {
     bl_rows rs;
     memset(&rs, 0, sizeof rs);
     int rc;
+#ifdef FQ_HAVE_CUDA
+    if (dev.type == FQ_DEVICE_CPU && g_power_s > 0) {
+        fprintf(stderr, "bench_linear: --power reads a GPU's energy counter; it needs --device cuda:N\n");
+        fq_ctx_free(ctx);
+        return 2;
+    }
+#endif
     if (dev.type == FQ_DEVICE_CPU) rc = bench_cpu(ctx, shapes, nshapes, ms, nms, iters, fp4, dq, &rs);
     else {
 #ifdef FQ_HAVE_CUDA
         rc = bench_gpu(ctx, dev.index, shapes, nshapes, ms, nms, iters, reps, fp4, dq, rotate, sweep, ceiling, probes,
                        &rs);
+        fq_gpu_power_close(g_power);
+        g_power = NULL;
 #else
         (void)rotate, (void)sweep, (void)reps, (void)ceiling, (void)probes;
         fprintf(stderr, "bench_linear: built without CUDA\n");
