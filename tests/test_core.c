@@ -1,6 +1,7 @@
 /* Core: devices, dtypes, tensors, errors, the allocator's failure injection. */
 #include "check.h"
 #include "core/core.h"
+#include "core/gpu_power.h"
 #include "core/qtensor.h"
 
 #include <string.h>
@@ -65,6 +66,16 @@ int main(void) {
     s = fq_tensor_create(ctx, FQ_CPU, FQ_F32, 2, shape, &t);
     CHECK(s == FQ_ERR_OUT_OF_MEMORY && t == NULL, "injected OOM -> %s", fq_status_str(s));
     CHECK(strstr(fq_ctx_error(ctx), "out of memory") != NULL, "message: %s", fq_ctx_error(ctx));
+
+    /* The benchmarks' power readings: a bus id no GPU has is refused with a message (no
+     * driver: NVML itself is missing, also an error), never a handle. */
+    fq_gpu_power *pw = (fq_gpu_power *)&s; /* must be cleared */
+    s = fq_gpu_power_open(ctx, "ffff:ff:1f.7", &pw);
+    CHECK((s == FQ_ERR_NO_DEVICE || s == FQ_ERR_UNSUPPORTED) && pw == NULL, "gpu power, bogus bus id -> %s",
+          fq_status_str(s));
+    CHECK(strstr(fq_ctx_error(ctx), "gpu power") != NULL, "message: %s", fq_ctx_error(ctx));
+    CHECK(fq_gpu_power_open(ctx, NULL, &pw) == FQ_ERR_INVALID_ARG, "gpu power, NULL bus id");
+    fq_gpu_power_close(NULL);
 
     fq_ctx_free(ctx);
     return check_summary("test_core");
