@@ -126,12 +126,14 @@ typedef struct {
     fq_quant_type qt;
     int nested;
     int64_t n, k, bs;
-    float *wdq; /* [n*k] dequantized as bitsandbytes defines it */
+    float *wdq;   /* [n*k] dequantized as bitsandbytes defines it */
+    float *wfast; /* [n*k] bf16(bf16(code) * bf16(absmax)): gemm4_ws's fast decode */
     fq_qtensor *q;
 } hweight;
 
 static void hweight_free(hweight *h) {
     free(h->wdq);
+    free(h->wfast);
     fq_qtensor_free(h->q);
     memset(h, 0, sizeof *h);
 }
@@ -150,7 +152,8 @@ static int make_weight(fq_ctx *ctx, fq_device dev, fq_quant_type qt, int nested,
     uint8_t *qabs = malloc((size_t)nb + 1);
     float *nabs = malloc((size_t)nnb * 4 + 4);
     h->wdq = malloc((size_t)numel * 4 + 4);
-    int ok = packed && absmax && qabs && nabs && h->wdq;
+    h->wfast = malloc((size_t)numel * 4 + 4);
+    int ok = packed && absmax && qabs && nabs && h->wdq && h->wfast;
     if (ok) {
         for (int64_t i = 0; i < (numel + 1) / 2; i++) packed[i] = (uint8_t)rnd();
         const float offset = 0.2f + 0.3f * rnd_unit();
@@ -168,6 +171,7 @@ static int make_weight(fq_ctx *ctx, fq_device dev, fq_quant_type qt, int nested,
             if (nested) am = am + offset;
             volatile float w = qm[nib] * am;
             h->wdq[f] = w;
+            h->wfast[f] = from_bf16(to_bf16(from_bf16(to_bf16(qm[nib])) * from_bf16(to_bf16(am))));
         }
         fq_qtensor_info info;
         memset(&info, 0, sizeof info);
@@ -379,7 +383,13 @@ static int compare(const char *what, const hweight *w, const hact *x, const hbia
 }
 
 /* Weight rounding of an implementation for x's dtype. */
-static double weight_roundoff(fq_lin4_impl impl, fq_dtype xdt) {
+/* sel: the selection that ran; gemm4_ws's fast decode (configurations 11-14, and the plain
+ * automatic choice with bf16 x) rounds W three times - the code and the absmax to bf16,
+ * then their product - as bitsandbytes' inference kernel does: three unit roundoffs. */
+static double weight_roundoff(fq_lin4_impl impl, fq_dtype xdt, int sel) {
+    const int cfg = sel >= FQ_LIN4_EXACT ? (sel - FQ_LIN4_EXACT) % 256 : -1;
+    if (impl == FQ_LIN4_GEMM_WS && xdt == FQ_BF16 && ((cfg >= 0 && (cfg & 15) >= 11) || sel == FQ_LINEAR_AUTO))
+        return 3.0 * unit_roundoff(xdt);
     switch (impl) {
     case FQ_LIN4_GEMV_SIMPLE:
     case FQ_LIN4_GEMV_WIN: return 0.0; /* W never rounded: code * absmax enters the f32 sums as is */
@@ -450,7 +460,7 @@ static void run_and_check(fq_ctx *ctx, int sel, const char *what, fq_lin4_impl i
     CHECK(s == FQ_OK, "%s: %s", what, fq_ctx_error(ctx));
     if (s != FQ_OK) return;
     const size_t yb = (size_t)(x->m * w->n) * fq_dtype_size(ydt);
-    compare(what, w, x, b, r, ydt, y0, weight_roundoff(impl, x->dt));
+    compare(what, w, x, b, r, ydt, y0, weight_roundoff(impl, x->dt, sel));
     s = run_linear(ctx, 0, sel, w, x, b, ydt, &y1);
     CHECK(s == FQ_OK && memcmp(y0, y1, yb) == 0, "%s: a second run differs (M=%lld N=%lld K=%lld)", what,
           (long long)x->m, (long long)w->n, (long long)w->k);
@@ -547,6 +557,8 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
                     }
                     if (impl == FQ_LIN4_GEMM_WS && ((code & 15) == 6 || (code & 15) == 7))
                         continue; /* retired numbers (the q4 loop, removed in session 10; test_selection) */
+                    if (impl == FQ_LIN4_GEMM_WS && (code & 15) >= 11 && xdt != FQ_BF16)
+                        continue; /* the fast decode is bf16 only (test_selection) */
                     snprintf(what, sizeof what, "%s cfg %d", fq_lin4_impl_name(impl), code);
                     run_and_check(ctx, FQ_LIN4_SELECT(impl, code), what, impl, &w, &x, with_bias ? &b : NULL, &r, ydt);
                 }
@@ -581,17 +593,66 @@ static void test_shape(fq_ctx *ctx, const shape_t *sh, int *counter) {
     }
 }
 
+/* What the automatic choices compute at 256 rows (gemm4_ws, bf16 x, f32 y): the plain one
+ * the weights bitsandbytes' inference kernel forms, bf16(bf16(code) * bf16(absmax)), the
+ * exact one dequantize's, bf16(code * absmax). The two differ by ~1e-3 relative, the f32
+ * sums by ~1e-6: each result must sit on its own reference (rows 0..7 checked). */
+static void test_auto_rounding(fq_ctx *ctx, const hweight *w) {
+    const int64_t m = 256, n = w->n, k = w->k, rows = 8;
+    hact x;
+    fq_tensor *yt = NULL;
+    int64_t ys[2] = {m, n};
+    if (!make_act(ctx, 1, FQ_BF16, m, k, 0, &x)) return;
+    int can = fq_tensor_create(ctx, FQ_CUDA(0), FQ_F32, 2, ys, &yt) == FQ_OK &&
+              fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, x.t[0], w->q, yt);
+    fq_tensor_free(yt);
+    double *ref[2] = {calloc((size_t)(rows * n), sizeof(double)), calloc((size_t)(rows * n), sizeof(double))};
+    for (int64_t i = 0; can && ref[0] && ref[1] && i < rows; i++)
+        for (int64_t j = 0; j < n; j++) {
+            double sf = 0, se = 0;
+            for (int64_t c = 0; c < k; c++) {
+                const double xv = x.v[i * k + c];
+                sf += xv * w->wfast[j * k + c];
+                se += xv * from_bf16(to_bf16(w->wdq[j * k + c]));
+            }
+            ref[0][i * n + j] = sf;
+            ref[1][i * n + j] = se;
+        }
+    static const int sels[2] = {FQ_LINEAR_AUTO, FQ_LIN4_AUTO_EXACT};
+    for (int t = 0; can && ref[0] && ref[1] && t < 2; t++) {
+        unsigned char *y = NULL;
+        const fq_status s = run_linear(ctx, 0, sels[t], (hweight *)w, &x, NULL, FQ_F32, &y);
+        CHECK(s == FQ_OK, "auto rounding run %d: %s", t, fq_ctx_error(ctx));
+        if (s != FQ_OK) continue;
+        double num[2] = {0, 0}, den = 0;
+        for (int64_t e = 0; e < rows * n; e++) {
+            const double v = decode1(FQ_F32, y, e);
+            for (int r = 0; r < 2; r++) num[r] += (v - ref[r][e]) * (v - ref[r][e]);
+            den += ref[t][e] * ref[t][e];
+        }
+        const double own = sqrt(num[t] / den), other = sqrt(num[1 - t] / den);
+        CHECK(own < 1e-4 && other > 5e-4, "%s choice at M = 256: rel err %.3g against its rounding, %.3g against the "
+              "other", t ? "exact" : "plain", own, other);
+        free(y);
+    }
+    free(ref[0]);
+    free(ref[1]);
+    hact_free(&x);
+}
+
 /* The automatic choice at large M on weights of more than 2^24 elements: gemm4_ws (where
  * it can run) from 192 up to 512 rows when K > N, up to 640 when N >= K, dequantize +
- * cuBLASLt above (bench/results/bench_linear_m768_h100_2026-11-27_session9.txt). */
+ * cuBLASLt above (bench/results/bench_linear_m768_h100_2026-11-27_session9.txt); with
+ * bf16 x and the fast decode (the plain choice) up to 640 / 768 rows
+ * (gemm4_ws_fast_range_h100_2026-11-28_session13.txt). */
 static void test_auto_choice_large_m(fq_ctx *ctx) {
     static const int64_t nk[2][2] = {{4096, 4160}, {4160, 4096}}; /* 17039360 > 2^24 weights */
-    static const int64_t ms[5] = {256, 512, 513, 640, 641};
+    static const int64_t ms[7] = {256, 512, 513, 640, 641, 768, 769};
     for (int v = 0; v < 2; v++) {
-        const int64_t n = nk[v][0], k = nk[v][1], ws_max = k > n ? 512 : 640;
+        const int64_t n = nk[v][0], k = nk[v][1], ws_max = k > n ? 640 : 768, ws_max_exact = k > n ? 512 : 640;
         hweight w;
         if (!make_weight(ctx, FQ_CUDA(0), FQ_QUANT_NF4, 1, n, k, 64, &w)) return;
-        for (int i = 0; i < 5; i++) {
+        for (int i = 0; i < 7; i++) {
             fq_tensor *xt = NULL, *yt = NULL;
             int64_t xs[2] = {ms[i], k}, ys[2] = {ms[i], n};
             if (fq_tensor_create(ctx, FQ_CUDA(0), FQ_BF16, 2, xs, &xt) == FQ_OK &&
@@ -601,10 +662,22 @@ static void test_auto_choice_large_m(fq_ctx *ctx) {
                 const fq_lin4_impl want = ms[i] <= ws_max ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
                 CHECK(got == want, "auto choice at M = %lld, %lldx%lld: %s, expected %s", (long long)ms[i],
                       (long long)n, (long long)k, fq_lin4_impl_name(got), fq_lin4_impl_name(want));
+                /* bf16 x: the plain choice lets gemm4_ws decode fast, the exact one does not */
+                int cfg = -1;
+                ctx->linear_kernel = FQ_LIN4_AUTO_EXACT;
+                const fq_lin4_impl gx = fq_linear4_cuda_choice_cfg(ctx, xt, w.q, yt, &cfg);
+                ctx->linear_kernel = FQ_LINEAR_AUTO;
+                const fq_lin4_impl want_x = ms[i] <= ws_max_exact ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
+                CHECK(gx == want_x && cfg == 0, "exact choice at M = %lld: %s cfg 0x%x", (long long)ms[i],
+                      fq_lin4_impl_name(gx), cfg);
+                (void)fq_linear4_cuda_choice_cfg(ctx, xt, w.q, yt, &cfg);
+                CHECK(want != FQ_LIN4_GEMM_WS || cfg == FQ_GEMM4_WS_FAST_OK, "auto choice at M = %lld: cfg 0x%x",
+                      (long long)ms[i], cfg);
             }
             fq_tensor_free(xt);
             fq_tensor_free(yt);
         }
+        if (v == 0) test_auto_rounding(ctx, &w);
         hweight_free(&w);
     }
 }
@@ -636,6 +709,16 @@ static void test_selection(fq_ctx *ctx) {
             y = NULL;
         }
         hact_free(&xb);
+    }
+    /* the fast-decode configurations multiply in bf16: f16 x is refused, naming the kernel */
+    hact xh;
+    if (make_act(ctx, 1, FQ_F16, 64, 256, 0, &xh)) {
+        s = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, 11), &w, &xh, NULL, FQ_F16, &y);
+        CHECK(s != FQ_OK && strstr(fq_ctx_error(ctx), "gemm4_ws") != NULL, "gemm4_ws fast decode with f16 x: %s",
+              s == FQ_OK ? "accepted" : fq_ctx_error(ctx));
+        free(y);
+        y = NULL;
+        hact_free(&xh);
     }
     fq_tensor *yt = NULL;
     int64_t ys[2] = {4, 64};
@@ -791,8 +874,14 @@ static void test_ws_exact(fq_ctx *ctx) {
          * (256 rows: 6, 6 and 4 of the 16 K tiles; 192 rows: 8 and 8; the TMA store is
          * off with a split) */
         static const int sels[6] = {1 << 4, 4 << 4, 8 | 1 << 4, 9 | 0xf0, 9 | 3 << 4, 3 | 2 << 4};
-        for (int si = 0; s == FQ_OK && si < 6; si++) {
-            const fq_dtype ydt = si < 2 ? FQ_F32 : xdt;
+        /* bf16 x: the fast-decode configurations (216 rows with the TMA store, 256 rows
+         * stream-K, 128 rows with 3 K splits and f32 y) against bf16(bf16(code) x
+         * bf16(absmax)), bit for bit */
+        static const int fast_sels[3] = {11 | 1 << 4, 12 | 0xf0, 14 | 3 << 4};
+        const int nsel = xdt == FQ_BF16 ? 9 : 6;
+        for (int si = 0; s == FQ_OK && si < nsel; si++) {
+            const int fast = si >= 6, sel = fast ? fast_sels[si - 6] : sels[si];
+            const fq_dtype ydt = si < 2 || si == 8 ? FQ_F32 : xdt;
             unsigned char *y = NULL;
             fq_tensor *yt = NULL;
             int64_t ys[2] = {k, n};
@@ -800,21 +889,22 @@ static void test_ws_exact(fq_ctx *ctx) {
                       fq_linear4_cuda_can_run(ctx, FQ_LIN4_GEMM_WS, x.t[0], w.q, yt);
             fq_tensor_free(yt);
             if (!can) break;
-            fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, sels[si]), &w, &x, NULL, ydt, &y);
+            fq_status r = run_linear(ctx, 0, FQ_LIN4_SELECT(FQ_LIN4_GEMM_WS, sel), &w, &x, NULL, ydt, &y);
             CHECK(r == FQ_OK, "gemm4_ws identity: %s", fq_ctx_error(ctx));
-            if (r == FQ_OK && (sels[si] & 0xf0) == 0xf0) g_ws_streamk_ran = 1;
+            if (r == FQ_OK && (sel & 0xf0) == 0xf0) g_ws_streamk_ran = 1;
             if (r == FQ_OK) {
                 int64_t bad = -1;
                 for (int64_t i = 0; i < k * n && bad < 0; i++) {
                     const int64_t mm = i / n, nn = i % n;
-                    float want = w.wdq[nn * k + mm];
-                    want = xdt == FQ_BF16 ? from_bf16(to_bf16(want)) : from_f16(to_f16(want));
+                    float want = fast ? w.wfast[nn * k + mm] : w.wdq[nn * k + mm];
+                    if (!fast) want = xdt == FQ_BF16 ? from_bf16(to_bf16(want)) : from_f16(to_f16(want));
                     const float got = (float)decode1(ydt, y, i);
                     if (got != want && !(got == 0 && want == 0)) bad = i;
                 }
-                CHECK(bad < 0, "gemm4_ws W rounding differs from dequantize at (m=%lld, n=%lld) %s%s bs=%lld x=%s "
-                      "cfg 0x%x y=%s", (long long)(bad / n), (long long)(bad % n), fq_quant_type_name(qt),
-                      nested ? "+dq" : "", (long long)bs, fq_dtype_name(xdt), sels[si], fq_dtype_name(ydt));
+                CHECK(bad < 0, "gemm4_ws W rounding differs from %s at (m=%lld, n=%lld) %s%s bs=%lld x=%s "
+                      "cfg 0x%x y=%s", fast ? "the fast decode's" : "dequantize", (long long)(bad / n),
+                      (long long)(bad % n), fq_quant_type_name(qt), nested ? "+dq" : "", (long long)bs,
+                      fq_dtype_name(xdt), sel, fq_dtype_name(ydt));
             }
             free(y);
         }

@@ -14,7 +14,8 @@
  *   M > 16    below LIN_DQ_MIN_M rows (and up to 320 rows when K >= 4N)
  *             gemm4_wgmma on sm_90 (when built), else gemm4_mma on sm_80+, when
  *             they support the operands; from LIN_DQ_MIN_M to 512 rows (640 when
- *             N >= K) gemm4_ws (sm_90a) on weights of more than 2^24 elements; otherwise
+ *             N >= K) gemm4_ws (sm_90a) on weights of more than 2^24 elements - with
+ *             bf16 x its fast decode, up to 640 rows (768 when N >= K); otherwise
  *             dequantize + cuBLASLt, which is faster there (so the automatic choice
  *             never loses to it).
  * ctx->linear_kernel forces a family (FQ_LINEAR_GEMV / GEMM / DEQUANT_BLAS);
@@ -50,9 +51,14 @@
  * five large FLUX shapes against 0.58-0.62x for dequantize + cuBLASLt; at 640 rows
  * dequantize + cuBLASLt is faster where K > N (3072x12288: 103 vs 115-121 us) and
  * gemm4_ws still where N >= K (21504x3072: 162-165 vs 185 us; 12288x3072 about even);
- * from 768 rows on dequantize + cuBLASLt is as fast or faster except on 21504x3072. */
+ * from 768 rows on dequantize + cuBLASLt is as fast or faster except on 21504x3072.
+ * With bf16 x and the fast decode (session 13, bench/results/gemm4_ws_fast_range_h100_*):
+ * at 640 rows faster where K > N too (3072x12288: 90 vs 106 us), at 768 where N >= K
+ * (21504x3072: 176 vs 211 us), not where K > N (3072x15360: 164 vs 150 us). */
 #define LIN_WS_MAX_M 640
 #define LIN_WS_MAX_M_KBIG 512
+#define LIN_WS_FAST_MAX_M 768
+#define LIN_WS_FAST_MAX_M_KBIG 640
 #define LIN_WS_MIN_NK ((int64_t)1 << 24) /* ... for weights larger than this (smaller: dequantize + cuBLASLt) */
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
@@ -196,7 +202,7 @@ static fq_lin4_impl best_gemv_exact(const fq_cuda_dev *d, const lin_op *op, int 
 
 /* Automatic choice for M > LIN_GEMV_MAX_M: the fused GEMM where it beats dequantize
  * + cuBLASLt on the H100 (bench/results/bench_linear_h100_*.txt), else the latter. */
-static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
+static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op, int fast) {
     fq_lin4_impl k = best_gemm(d, op);
     if (k == FQ_LIN4_NONE) return FQ_LIN4_DEQUANT_BLAS;
     /* H100 (2026-11-27): gemm4_wgmma / gemm4_mma win below ~192 rows; at 256 rows only
@@ -209,7 +215,8 @@ static fq_lin4_impl auto_gemm(const fq_cuda_dev *d, const lin_op *op) {
      * and 3072x4096, the two shapes of at most 2^24 weights, which therefore take it, and
      * above the limits (bench/results/bench_linear_m512_h100_2026-11-27_session9.txt,
      * bench_linear_m768_h100_2026-11-27_session9.txt). */
-    const int64_t ws_max = op->w.k > op->w.n ? LIN_WS_MAX_M_KBIG : LIN_WS_MAX_M;
+    const int64_t ws_max = fast ? (op->w.k > op->w.n ? LIN_WS_FAST_MAX_M_KBIG : LIN_WS_FAST_MAX_M)
+                                : (op->w.k > op->w.n ? LIN_WS_MAX_M_KBIG : LIN_WS_MAX_M);
     if (m >= LIN_DQ_MIN_M && m <= ws_max && can_run(d, FQ_LIN4_GEMM_WS, op))
         return op->w.n * op->w.k > LIN_WS_MIN_NK ? FQ_LIN4_GEMM_WS : FQ_LIN4_DEQUANT_BLAS;
     if (m < LIN_DQ_MIN_M || (m <= 320 && op->w.k >= 4 * op->w.n)) return k;
@@ -246,7 +253,7 @@ static fq_lin4_impl choose(fq_ctx *ctx, const fq_cuda_dev *d, int sel, const lin
     }
     if (sel == FQ_LIN4_AUTO_EXACT) {
         fq_lin4_impl k = op->io.m <= LIN_GEMV_MAX_M ? best_gemv_exact(d, op, cfg) : FQ_LIN4_NONE;
-        return k != FQ_LIN4_NONE ? k : auto_gemm(d, op);
+        return k != FQ_LIN4_NONE ? k : auto_gemm(d, op, 0);
     }
     switch (sel) {
     case FQ_LINEAR_GEMV: return best_gemv(d, op);
@@ -258,7 +265,13 @@ static fq_lin4_impl choose(fq_ctx *ctx, const fq_cuda_dev *d, int sel, const lin
     default: break;
     }
     if (op->io.m <= LIN_GEMV_MAX_M) return best_gemv(d, op);
-    return auto_gemm(d, op);
+    /* gemm4_ws with bf16 x: the fast decode, bitsandbytes' own inference rounding of W
+     * (2-17 % faster at 256 rows on the H100, 12-22 % at 512; FQ_LIN4_AUTO_EXACT keeps
+     * dequantize's rounding) */
+    const int fast = op->io.x_dtype == FQ_BF16;
+    const fq_lin4_impl k = auto_gemm(d, op, fast);
+    if (k == FQ_LIN4_GEMM_WS && fast) *cfg = FQ_GEMM4_WS_FAST_OK;
+    return k;
 }
 
 /* ---- dequantize + cuBLASLt ---------------------------------------------------------- */
@@ -511,13 +524,19 @@ static int64_t rows_of(const fq_tensor *x) {
     return k ? x->numel / k : 0;
 }
 
-fq_lin4_impl fq_linear4_cuda_choice(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *y) {
+fq_lin4_impl fq_linear4_cuda_choice_cfg(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *y,
+                                        int *cfg) {
     lin_op op;
     fq_cuda_dev *d;
+    *cfg = 0;
     if (make_op(ctx, x, w, NULL, (fq_tensor *)y, rows_of(x), &op) != FQ_OK) return FQ_LIN4_NONE;
     if (fq_cuda_dev_get(ctx, op.device, &d) != FQ_OK) return FQ_LIN4_NONE;
+    return choose(ctx, d, ctx->linear_kernel, &op, cfg);
+}
+
+fq_lin4_impl fq_linear4_cuda_choice(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w, const fq_tensor *y) {
     int cfg;
-    return choose(ctx, d, ctx->linear_kernel, &op, &cfg);
+    return fq_linear4_cuda_choice_cfg(ctx, x, w, y, &cfg);
 }
 
 int fq_linear4_cuda_can_run(fq_ctx *ctx, fq_lin4_impl k, const fq_tensor *x, const fq_qtensor *w,

@@ -20,7 +20,10 @@
  * groups are pending: the previous K tile's groups have retired, so its
  * fragment set is free and its stage is handed back (the "empty" mbarrier, one
  * arrival per consumer warpgroup), while this K tile's groups keep the tensor
- * cores busy during the next decode.
+ * cores busy during the next decode. The fast configurations (bf16 x only) decode a
+ * byte instead as its bf16 code pair, looked up in a 32 KB table, times the bf16 absmax
+ * pair in one bf16x2 multiply: bitsandbytes' inference-kernel rounding, not
+ * dequantize's, in fewer than half the instructions (at 700 W that is clock).
  *
  * CTAs are persistent: tile t = blockIdx.x + i * gridDim.x, tiles ordered N
  * fastest (the CTAs running together share x tiles in L2), then M, then K split.
@@ -115,16 +118,18 @@ typedef struct {
 
 
 
-template <int BX, int S, bool TS> struct ws_cfg {
+template <int BX, int S, bool TS, bool FAST> struct ws_cfg {
     static constexpr int X_STAGE = BX * 128;            /* bytes; BX % 8 == 0 => a multiple of 1024 */
     static constexpr int W_STAGE = WS_ROWS * WS_BK / 2; /* 4096 */
     static constexpr int STAGE = X_STAGE + W_STAGE;
     /* TS: two output tiles (one per consumer warpgroup) of BX rows x 64 16-bit values,
      * 128-byte swizzled, after the stages (1024-aligned) */
     static constexpr int OUT = TS ? 2 * BX * 128 : 0;
+    /* FAST: the byte -> code pair table (fq_tbl_build, 32 copies), after the output tiles */
+    static constexpr int TBL = FAST ? FQ_TBL_WORDS * 4 : 0;
     static constexpr int SMEM =
-        1024 /* alignment slack */ + S * STAGE + OUT + S * WS_ROWS * 4 + 2 * S * 8 + (16 + 256) * 4;
-    static_assert((S * STAGE + OUT + S * WS_ROWS * 4) % 256 == 0, "the code table must be 256-byte aligned");
+        1024 /* alignment slack */ + S * STAGE + OUT + TBL + S * WS_ROWS * 4 + 2 * S * 8 + (16 + 256) * 4;
+    static_assert((S * STAGE + OUT + TBL + S * WS_ROWS * 4) % 256 == 0, "the code table must be 256-byte aligned");
 };
 
 #if defined(FQ_BUILD_SM90A)
@@ -460,24 +465,37 @@ template <typename T>
 static __device__ __forceinline__ uint32_t ws_dec_pair(uint32_t tb, uint32_t H, uint32_t L, int j, float am) {
     return fq_mma_t<T>::pack(fq_lin4_mul_ftz(ws_code(H, tb, j), am), fq_lin4_mul_ftz(ws_code(L, tb, j), am));
 }
+
+/* The fast decode (FAST configurations, bf16 only): the byte of word w that this lane
+ * owns (sel = 0x4440 | t4) picks its code pair, already bf16, from the lane's copy of
+ * the pair table (tl = table + 4 lane), and one bf16x2 multiply by the bf16 absmax pair
+ * scales both: bf16(bf16(code) * bf16(absmax)), the rounding of bitsandbytes' own
+ * 4-bit inference kernels rather than dequantize's. */
+static __device__ __forceinline__ uint32_t ws_fast_pair(uint32_t tl, uint32_t w, uint32_t sel, uint32_t am2) {
+    uint32_t v, r;
+    asm("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(__byte_perm(w, 0u, sel) * 128u + tl));
+    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(v), "r"(am2));
+    return r;
+}
 #endif /* FQ_WS_DEVICE */
 
-template <typename T, int BX, int S, bool NESTED, bool TS>
+template <typename T, int BX, int S, bool NESTED, bool TS, bool FAST>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     gemm4_ws_kernel(const __grid_constant__ CUtensorMap tmx, const __grid_constant__ CUtensorMap tmw,
                     const __grid_constant__ CUtensorMap tmy, const ws_args a) {
 #ifdef FQ_WS_DEVICE
-    typedef ws_cfg<BX, S, TS> C;
+    typedef ws_cfg<BX, S, TS, FAST> C;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = fq_smem_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u;
     uint8_t *sm = smem_raw + (base - raw);
     const uint32_t out_a = base + S * C::STAGE;            /* TS: [2][BX][128 bytes] */
-    float *am_s = (float *)(sm + S * C::STAGE + C::OUT); /* [S][WS_ROWS] */
+    const uint32_t tbl_a = base + S * C::STAGE + C::OUT; /* FAST: [256][32] code pairs */
+    float *am_s = (float *)(sm + S * C::STAGE + C::OUT + C::TBL); /* [S][WS_ROWS] */
     /* the 16 codes at a 256-byte aligned address (ws_dec_pair forms lookups with one PRMT),
      * then the 256 nested codes, then the mbarriers */
-    const uint32_t qm_a = base + S * C::STAGE + C::OUT + S * WS_ROWS * 4;
-    float *qm_s = (float *)(sm + S * C::STAGE + C::OUT + S * WS_ROWS * 4);
+    const uint32_t qm_a = base + S * C::STAGE + C::OUT + C::TBL + S * WS_ROWS * 4;
+    float *qm_s = (float *)(sm + S * C::STAGE + C::OUT + C::TBL + S * WS_ROWS * 4);
     float *code_s = qm_s + 16;
     const uint32_t full0 = qm_a + (16 + 256) * 4, empty0 = full0 + 8 * S;
 
@@ -495,6 +513,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+    if (FAST) {
+        fq_tbl_build<T>((uint32_t *)(sm + S * C::STAGE + C::OUT), qm_s);
+        __syncthreads();
+    }
 
     if (warp < 4) {
         /* ---- producer warpgroup ---- */
@@ -584,6 +606,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
      * groups the warpgroup waits until at most 4 are pending, which frees the set and
      * the x stage of the previous K tile. */
     const uint32_t sel = (uint32_t)t4 | (uint32_t)(t4 + 4) << 4;
+    const uint32_t fsel = 0x4440u | (uint32_t)t4, tl = tbl_a + 4u * (uint32_t)lane; /* FAST */
     uint32_t af[2][4][4];
     ws_item c = ws_first(a, total);
     /* stage of item c.it, its full-barrier parity, and the previous item's stage, kept
@@ -615,6 +638,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                     for (int h = 0; h < 2; h++) {
                         f[s][2 * h] = wa[2 * s + h] & 0x3f3f3f3fu;
                         f[s][2 * h + 1] = wb[2 * s + h] & 0x3f3f3f3fu;
+                    }
+            } else if (FAST) {
+                /* byte t4 of word w = 2 s + h holds this lane's two weights of k16 step s, half h */
+                const uint32_t wa[8] = {pa0.x, pa0.y, pa0.z, pa0.w, pa1.x, pa1.y, pa1.z, pa1.w};
+                const uint32_t wb[8] = {pb0.x, pb0.y, pb0.z, pb0.w, pb1.x, pb1.y, pb1.z, pb1.w};
+                const uint32_t a2 = fq_mma_t<T>::pack(amA, amA), b2 = fq_mma_t<T>::pack(amB, amB);
+#pragma unroll
+                for (int s = 0; s < 4; s++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        f[s][2 * h] = ws_fast_pair(tl, wa[2 * s + h], fsel, a2);
+                        f[s][2 * h + 1] = ws_fast_pair(tl, wb[2 * s + h], fsel, b2);
                     }
             } else {
                 /* byte t4 of word w = 2 s + h holds this lane's two weights of k16 step s, half
@@ -698,17 +733,22 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 typedef void (*ws_kernel_fn)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const ws_args);
 typedef struct {
     int bx, smem, ts;
-    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested]; NULL: a retired number */
+    ws_kernel_fn fn[2][2]; /* [f16 = 0, bf16 = 1][nested]; NULL: a retired number (or f16 x, fast) */
     const char *name;
 } ws_config;
 
-#define WS_CONFIG(BX, S, TS, NAME)                                                                             \
-    {BX,                                                                                                       \
-     ws_cfg<BX, S, TS>::SMEM,                                                                                  \
-     TS,                                                                                                       \
-     {{gemm4_ws_kernel<__half, BX, S, false, TS>, gemm4_ws_kernel<__half, BX, S, true, TS>},                   \
-      {gemm4_ws_kernel<__nv_bfloat16, BX, S, false, TS>, gemm4_ws_kernel<__nv_bfloat16, BX, S, true, TS>}},    \
+/* the two nestings of one kernel: [plain absmax, nested] */
+#define WS_FNS(T, BX, S, TS, FAST) \
+    {gemm4_ws_kernel<T, BX, S, false, TS, FAST>, gemm4_ws_kernel<T, BX, S, true, TS, FAST>}
+#define WS_CONFIG(BX, S, TS, NAME)                                                                          \
+    {BX,                                                                                                    \
+     ws_cfg<BX, S, TS, false>::SMEM,                                                                        \
+     TS,                                                                                                    \
+     {WS_FNS(__half, BX, S, TS, false), WS_FNS(__nv_bfloat16, BX, S, TS, false)},                           \
      NAME}
+/* the fast decode (bf16 x only; see ws_fast_pair) */
+#define WS_CONFIG_FAST(BX, S, TS, NAME)                                                                     \
+    {BX, ws_cfg<BX, S, TS, true>::SMEM, TS, {{NULL, NULL}, WS_FNS(__nv_bfloat16, BX, S, TS, true)}, NAME}
 /* a number no longer in use (kept so that the others keep theirs) */
 #define WS_RETIRED(NAME) {0, 0, 0, {{NULL, NULL}, {NULL, NULL}}, NAME}
 
@@ -731,6 +771,10 @@ static const ws_config *ws_configs(void) {
         WS_CONFIG(216, 5, true, "ws 128x216x64 s5 tma-store"),
         WS_CONFIG(256, 4, true, "ws 128x256x64 s4 tma-store"),
         WS_CONFIG(192, 6, true, "ws 128x192x64 s6 tma-store"),
+        WS_CONFIG_FAST(216, 4, true, "ws 128x216x64 s4 tma-store fast"),
+        WS_CONFIG_FAST(256, 3, true, "ws 128x256x64 s3 tma-store fast"),
+        WS_CONFIG_FAST(192, 5, true, "ws 128x192x64 s5 tma-store fast"),
+        WS_CONFIG_FAST(128, 9, false, "ws 128x128x64 s9 fast"),
     };
     return c;
 }
@@ -750,8 +794,8 @@ extern "C" int fq_cuda_gemm4_ws_prepare(void) {
     }
     const ws_config *c = ws_configs();
     for (int i = 0; i < FQ_GEMM4_WS_CONFIGS; i++)
-        for (int t = 0; t < 2 && c[i].fn[0][0]; t++)
-            for (int n = 0; n < 2; n++) {
+        for (int t = 0; t < 2; t++)
+            for (int n = 0; n < 2 && c[i].fn[t][n]; n++) {
                 cudaError_t e =
                     cudaFuncSetAttribute(c[i].fn[t][n], cudaFuncAttributeMaxDynamicSharedMemorySize, c[i].smem);
                 if (e != cudaSuccess) return (int)e;
@@ -785,7 +829,7 @@ typedef struct {
 /* cfg names an existing tile configuration, not a retired one (or 0, the plan's choice) */
 static bool ws_cfg_ok(int cfg) {
     const int ci = (cfg & 15) - 1;
-    return ci < FQ_GEMM4_WS_CONFIGS && (ci < 0 || ws_configs()[ci].fn[0][0] != NULL);
+    return ci < FQ_GEMM4_WS_CONFIGS && (ci < 0 || ws_configs()[ci].fn[1][0] != NULL);
 }
 
 /* cfg: low 4 bits = tile configuration (0 = choose), bits 4..7 = K splits (0 = choose,
@@ -801,10 +845,13 @@ static ws_plan ws_plan_for(const fq_lin4_weight *w, const fq_lin4_io *io, int sm
     int want_splits = (cfg >> 4) & 15;
     ws_plan best = {0, 1, (int)ktiles, 0};
     double best_cost = -1;
-    /* automatic: 256/216/192 x rows with the TMA-stored output, 128 rows (H100, session 6) */
-    static const int ws_auto_ci[WS_AUTO_CONFIGS] = {8, 7, 9, 3};
+    /* automatic: 256/216/192 x rows with the TMA-stored output, 128 rows (H100, session 6);
+     * with FQ_GEMM4_WS_FAST_OK and bf16 x the same tiles with the fast decode (one stage
+     * fewer for the pair table; session 13) */
+    static const int ws_auto_ci[2][WS_AUTO_CONFIGS] = {{8, 7, 9, 3}, {11, 10, 12, 13}};
+    const int fast = (cfg & FQ_GEMM4_WS_FAST_OK) && io->x_dtype == FQ_BF16;
     for (int ai = 0; ai < (want_ci >= 0 ? 1 : WS_AUTO_CONFIGS); ai++) {
-        const int ci = want_ci >= 0 ? want_ci : ws_auto_ci[ai];
+        const int ci = want_ci >= 0 ? want_ci : ws_auto_ci[fast][ai];
         const int64_t bx = ws_configs()[ci].bx, mt = ws_cdiv(io->m, bx);
         const int64_t tiles = ws_cdiv(w->n, WS_ROWS) * mt;
         /* stream-K: chosen automatically for one or two x tiles only - with more, a CTA's
@@ -923,6 +970,7 @@ extern "C" int fq_cuda_gemm4_ws(const fq_lin4_weight *w, const fq_lin4_io *io, c
     const int64_t total = (int64_t)a.nt * a.mt * a.splits;
     unsigned grid = (unsigned)(total < sms ? total : sms);
     const ws_kernel_fn fn = c->fn[io->x_dtype == FQ_BF16 ? 1 : 0][w->nested ? 1 : 0];
+    if (!fn) return (int)cudaErrorInvalidValue; /* a fast configuration with f16 x */
     cudaError_t err;
     if (p.streamk) {
         a.streamk = 1;

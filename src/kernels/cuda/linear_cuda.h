@@ -202,19 +202,25 @@ int fq_cuda_gemm4_wgmma(const fq_lin4_weight *w, const fq_lin4_io *io, const fq_
 const char *fq_cuda_gemm4_wgmma_config_name(int cfg);
 
 /* Warp-specialized large-M GEMM (sm_90a only; gemm4_ws_sm90.cu): TMA + mbarrier
- * pipeline, W decoded exactly like dequantize into wgmma A registers. Same
+ * pipeline, W decoded into wgmma A registers - exactly like dequantize, or in the
+ * fast configurations as bf16(bf16(code) * bf16(absmax)), the rounding of
+ * bitsandbytes' 4-bit inference kernel (bf16 x only). Same
  * requirements as gemm4_wgmma. cfg: low 4 bits = tile configuration (0 = choose,
  * 1..4: 256/216/192/128 x rows per tile, 5: 216 with 7 stages, 6 and 7: retired (an
- * error), 8..10: 216/256/192 with the output stored by TMA), bits 4..7 = K splits (0 =
+ * error), 8..10: 216/256/192 with the output stored by TMA, 11..14: fast decode,
+ * 216/256/192 with the TMA store and 128), bits 4..7 = K splits (0 =
  * choose, 15 = stream-K: every CTA the same
- * share of the tile-major K tiles, split tiles summed in a fixed order); with a split
+ * share of the tile-major K tiles, split tiles summed in a fixed order), bit 8
+ * (FQ_GEMM4_WS_FAST_OK, with tile 0) = the plan chooses among the fast
+ * configurations when x is bf16; with a split
  * or stream-K the f32 partials go to ws (fq_cuda_gemm4_ws_workspace bytes; with
  * less, K is not split). Stream-K also needs flags: 2 x FQ_GEMM4_WS_MAX_SMS ints,
  * zero before the first launch, zero again after each (the kernel resets them); one
  * launch at a time may use them. fq_cuda_gemm4_ws_prepare (once per device, before
  * the first launch there) sets the shared-memory limits and looks up
  * cuTensorMapEncodeTiled. */
-#define FQ_GEMM4_WS_CONFIGS 10
+#define FQ_GEMM4_WS_CONFIGS 14
+#define FQ_GEMM4_WS_FAST_OK 0x100
 #define FQ_GEMM4_WS_MAX_SMS 1024
 int fq_cuda_gemm4_ws_built(void);
 int fq_cuda_gemm4_ws_supported(const fq_lin4_weight *w, const fq_lin4_io *io);
@@ -284,6 +290,9 @@ const char *fq_lin4_impl_name(fq_lin4_impl k);
  * under ctx's current kernel choice (FQ_LIN4_NONE with a message if none can). */
 fq_lin4_impl fq_linear4_cuda_choice(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w,
                                     const fq_tensor *y);
+/* The same, and the configuration passed to the kernel (its cfg argument) in *cfg. */
+fq_lin4_impl fq_linear4_cuda_choice_cfg(fq_ctx *ctx, const fq_tensor *x, const fq_qtensor *w,
+                                        const fq_tensor *y, int *cfg);
 /* 1 if implementation k can run these operands on w's device. */
 int fq_linear4_cuda_can_run(fq_ctx *ctx, fq_lin4_impl k, const fq_tensor *x, const fq_qtensor *w,
                             const fq_tensor *y);
