@@ -633,6 +633,8 @@ static void test_auto_rounding(fq_ctx *ctx, const hweight *w) {
         const double own = sqrt(num[t] / den), other = sqrt(num[1 - t] / den);
         CHECK(own < 1e-4 && other > 5e-4, "%s choice at M = 256: rel err %.3g against its rounding, %.3g against the "
               "other", t ? "exact" : "plain", own, other);
+        printf("auto rounding, %s choice (%lldx%lld, M = 256): rel err %.2g against its own weights, %.2g against the "
+               "other's\n", t ? "exact" : "plain", (long long)n, (long long)k, own, other);
         free(y);
     }
     free(ref[0]);
