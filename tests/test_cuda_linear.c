@@ -382,10 +382,10 @@ static int compare(const char *what, const hweight *w, const hact *x, const hbia
     return ok;
 }
 
-/* Weight rounding of an implementation for x's dtype. */
-/* sel: the selection that ran; gemm4_ws's fast decode (configurations 11-14, and the plain
- * automatic choice with bf16 x) rounds W three times - the code and the absmax to bf16,
- * then their product - as bitsandbytes' inference kernel does: three unit roundoffs. */
+/* Weight rounding of an implementation for x's dtype, sel the selection that ran.
+ * gemm4_ws's fast decode (configurations 11-14, and the plain automatic choice with bf16
+ * x) rounds W three times - the code and the absmax to bf16, then their product - as
+ * bitsandbytes' inference kernel does: three unit roundoffs. */
 static double weight_roundoff(fq_lin4_impl impl, fq_dtype xdt, int sel) {
     const int cfg = sel >= FQ_LIN4_EXACT ? (sel - FQ_LIN4_EXACT) % 256 : -1;
     if (impl == FQ_LIN4_GEMM_WS && xdt == FQ_BF16 && ((cfg >= 0 && (cfg & 15) >= 11) || sel == FQ_LINEAR_AUTO))
