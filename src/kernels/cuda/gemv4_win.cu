@@ -12,8 +12,12 @@
  * Decode. A lane's 32 elements lie in one absmax block (blocksize >= 32, the
  * block grid is aligned to 32 elements and so is a lane's first element). Each
  * byte is looked up in a shared-memory table of f32 pairs (code[first],
- * code[second]): 32 copies of the 256 entries, lane l reading copy l, so a warp's
- * LDS.64 never conflicts, and the offset is one PRMT (the table sits at offset 0).
+ * code[second]): 16 copies of the 256 entries, lane l reading copy l % 16 (a warp's
+ * LDS.64 is served per half-warp, so it never conflicts), the byte taken out by
+ * one PRMT and the address formed by one LEA. Until session 14 the table had 32
+ * copies (64 KB); half of it is 0-2 % faster at M = 1 and 1-4 % at M = 2 on the H100
+ * with the same instruction count (a 64 KB table at a 64 KB-aligned address, its
+ * address one PRMT, was 2-5 % slower at M = 1; docs/linear-cuda-history.md).
  * The lane sums code * x in f32 (four chains) and multiplies the sum by its
  * block's absmax (rebuilt from the nested state with dequantize's own roundings).
  * The weight is therefore never rounded: the result is a f32 dot product of x with
@@ -30,8 +34,9 @@
  * first two batches of W loads; the decode table; griddepcontrol.wait; x. The weight
  * is read before the wait only when it is ready (fully written before this launch was
  * enqueued, fq_lin4_weight.ready), so a call starts streaming while the previous
- * kernel finishes; otherwise the wait comes first. One block per SM (64 KB of table);
- * rows split evenly over the blocks. In the main loop each row slot takes the warp's
+ * kernel finishes; otherwise the wait comes first. One block per SM (16 warps of 128
+ * registers fill the register file; two 8-warp blocks on small weights); rows split
+ * evenly over the blocks. In the main loop each row slot takes the warp's
  * next row, in the source, before the row it holds is decoded (1-6 % faster at M = 1,
  * 7-9 % at M = 2 than reloading a whole batch after its sums). The SASS places those
  * loads after the decode of all the batch's rows either way (ptxas reuses the rows'
@@ -55,7 +60,7 @@
 
 #define GW_WIN_ELEMS 1024 /* one warp load: 32 lanes x 32 elements (16 bytes) */
 #define GW_MAX_K 16384
-#define GW_TBL_BYTES (256 * 32 * 8) /* f32 pairs, 32 copies */
+#define GW_TBL_BYTES (256 * 16 * 8) /* f32 pairs, 16 copies */
 #define GW_PART_CAP (32 << 10)      /* bytes of per-window row sums per block */
 
 typedef struct {
@@ -128,31 +133,29 @@ static __device__ __forceinline__ void gw_load_x(const void *x, int dt, int64_t 
     }
 }
 
-/* The decode table: entry b (a byte, two nibbles), copy l at word pair b * 32 + l;
+/* The decode table: entry b (a byte, two nibbles), copy c at word pair b * 16 + c;
  * thread writes are rotated over the 16-byte columns so that a store phase covers
  * distinct banks. The caller syncs before (qm_s) and after. */
 static __device__ __forceinline__ void gw_build_table(uint2 *tbl, const float *qm_s) {
-    for (int i = threadIdx.x; i < 256 * 16; i += blockDim.x) {
-        const int b = i >> 4, c = (i + b) & 15; /* 16-byte column c holds copies 2c, 2c+1 */
+    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+        const int b = i >> 3, c = (i + b) & 7; /* 16-byte column c holds copies 2c, 2c+1 */
         const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
-        *(uint4 *)(tbl + b * 32 + 2 * c) = make_uint4(first, second, first, second);
+        *(uint4 *)(tbl + b * 16 + 2 * c) = make_uint4(first, second, first, second);
     }
 }
 
 /* (code of the byte's first element, code of its second) from the lane's copy of the
- * table at shared address tbase (offset 0 of the dynamic shared memory) */
-static __device__ __forceinline__ float2 gw_pair(uint32_t tbase, uint32_t lane8, uint32_t wd, int byte) {
-    /* byte 0: lane8's low byte; byte 1: wd's byte `byte`; bytes 2, 3: lane8's zero bytes */
-    const uint32_t off = __byte_perm(wd, lane8, 0x5504u | ((uint32_t)byte << 4));
+ * table; lbase = the table's shared address + 8 * (lane % 16) */
+static __device__ __forceinline__ float2 gw_pair(uint32_t lbase, uint32_t wd, int byte) {
+    const uint32_t addr = lbase + (__byte_perm(wd, 0u, 0x4440u | (uint32_t)byte) << 7); /* PRMT, LEA */
     float2 v; /* a shared-space address (a generic pointer costs a window-base add too) */
-    asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(tbase + off));
+    asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
     return v;
 }
 
 /* One row's 16 bytes (the lane's 32 elements) against x, in four f32 chains. */
 template <int M>
-static __device__ __forceinline__ void gw_dot(uint4 w, uint32_t tbase, uint32_t lane8, const float (&xf)[M][32],
-                                              float (&s)[M][4]) {
+static __device__ __forceinline__ void gw_dot(uint4 w, uint32_t lbase, const float (&xf)[M][32], float (&s)[M][4]) {
 #pragma unroll
     for (int m = 0; m < M; m++) s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
     const uint32_t wd[4] = {w.x, w.y, w.z, w.w};
@@ -160,7 +163,7 @@ static __device__ __forceinline__ void gw_dot(uint4 w, uint32_t tbase, uint32_t 
     for (int j = 0; j < 4; j++)
 #pragma unroll
         for (int by = 0; by < 4; by++) {
-            const float2 c = gw_pair(tbase, lane8, wd[j], by);
+            const float2 c = gw_pair(lbase, wd[j], by);
             const int i = 8 * j + 2 * by, ch = 2 * (by & 1); /* four chains */
 #pragma unroll
             for (int m = 0; m < M; m++) {
@@ -219,9 +222,7 @@ template <bool NESTED, int M, int U, int ORD>
 __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) uint8_t gw_sm[];
-    /* the table is at offset 0 of the dynamic shared memory: a lookup's byte
-     * offset, (byte << 8) | 8 * lane, is one PRMT */
-    uint2 *tbl = (uint2 *)gw_sm;                      /* [256][32] f32 pairs */
+    uint2 *tbl = (uint2 *)gw_sm;                      /* [256][16] f32 pairs */
     float *code_s = (float *)(gw_sm + GW_TBL_BYTES);  /* nested map, 256 */
     float *qm_s = code_s + 256;                       /* 16 codes */
     float *part = qm_s + 16;                          /* [rows of the block][M][wins] */
@@ -312,7 +313,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
     }
     __syncthreads();
 
-    const uint32_t lane8 = 8u * (uint32_t)lane, tbase = fq_smem_addr(gw_sm);
+    const uint32_t lbase = fq_smem_addr(gw_sm) + 8u * (uint32_t)(lane & 15);
 
     /* compute cursor */
     int64_t rc = rb0 + ro;
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(512, 1) gemv4_win_kernel(gw_args a) {
             const gw_row cur = b[u];
             if (ORD == GW_ORD_BEFORE) issue1(b[u]);
             float s[M][4];
-            gw_dot<M>(cur.w, tbase, lane8, xf, s);
+            gw_dot<M>(cur.w, lbase, xf, s);
             float am = cur.am;
             if (NESTED) am = __fadd_rn(fq_lin4_mul_ftz(code_s[cur.q], am), a.w.offset);
 #pragma unroll
