@@ -134,11 +134,11 @@ static __device__ __forceinline__ void gw_load_x(const void *x, int dt, int64_t 
 }
 
 /* The decode table: entry b (a byte, two nibbles), copy c at word pair b * 16 + c;
- * thread writes are rotated over the 16-byte columns so that a store phase covers
- * distinct banks. The caller syncs before (qm_s) and after. */
+ * eight neighbouring threads store one 128-byte entry, so a store phase covers every
+ * bank once. The caller syncs before (qm_s) and after. */
 static __device__ __forceinline__ void gw_build_table(uint2 *tbl, const float *qm_s) {
     for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-        const int b = i >> 3, c = (i + b) & 7; /* 16-byte column c holds copies 2c, 2c+1 */
+        const int b = i >> 3, c = i & 7; /* 16-byte column c holds copies 2c, 2c+1 */
         const uint32_t first = __float_as_uint(qm_s[b >> 4]), second = __float_as_uint(qm_s[b & 15]);
         *(uint4 *)(tbl + b * 16 + 2 * c) = make_uint4(first, second, first, second);
     }
