@@ -613,6 +613,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
      * as counters (c.it % S and c.it / S cost a division per K tile) */
     uint32_t st = 0, ph = 0, pst = S - 1;
     const uint64_t desc0 = fq_wgmma_desc(base); /* + (stage offset + 32 k16) / 16 below */
+    uint32_t sink = 0;                          /* bench probe 4 only */
     while (c.valid) {
         const ws_item tile = c;
         if (cw == 0) WS_STAMP(a, 1 + 4 * seg);
@@ -685,6 +686,15 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                     fq_wgmma_rs<T, BX>(acc, f[s][0], f[s][1], f[s][2], f[s][3], xd + 2 * s, (nk > 0 || s > 0) ? 1u : 0u);
                     fq_wgmma_commit();
                 }
+            } else {
+                /* bench probe 4: the fragments go into sink (added to the tile after its K
+                 * loop), so that the decode is not dead code, and the warpgroup meets at its
+                 * barrier, which the wgmma instructions otherwise do: without it the leader
+                 * (whose arrival frees the stage) ran stages ahead of its other warps, and a
+                 * warp left two phases behind waited at the end for a phase that never came */
+#pragma unroll
+                for (int s = 0; s < 4; s++) sink ^= f[s][0] ^ f[s][1] ^ f[s][2] ^ f[s][3];
+                ws_wg_sync(cw);
             }
             /* the previous K tile's groups retired: its fragment set and x stage are free (this
              * K tile's 4 groups keep the tensor cores busy while the next one is decoded) */
@@ -703,6 +713,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         while (ktile(af[0]) && ktile(af[1])) {
         }
         fq_wgmma_wait<0>();
+        if (probe_nomma) acc[0] += __uint_as_float(sink & 1u);
         if (leader) mbar_arrive(empty0 + 8 * pst);
         if (cw == 0) WS_STAMP(a, 2 + 4 * seg);
         if (a.streamk && tile.kt > 0) { /* the rest of a tile another CTA owns */
